@@ -1,0 +1,68 @@
+"""prefopt: preference-optimization and RLHF objectives for causal language models.
+
+The top-level namespace is curated and cheap: ``import prefopt`` loads torch and the pure-loss machinery only.
+Names that need ``transformers``, ``peft`` or ``datasets`` (the LoRA wrapper, data loading, the real model)
+are resolved lazily on first access.
+
+>>> import prefopt as po
+>>> "dpo" in po.available_losses() or po.available_losses() == []
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from prefopt.registry import available_losses, get_loss, get_spec, register_loss
+from prefopt.types import LossOutput, PairLogps, UnpairedLogps
+
+__version__ = "0.1.0"
+
+# name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "LoraPolicy": "prefopt.policy",
+    "token_logps": "prefopt.logprobs",
+    "seq_sum": "prefopt.logprobs",
+    "seq_mean": "prefopt.logprobs",
+    "seq_len": "prefopt.logprobs",
+    "load_preferences": "prefopt.data",
+    "load_pointwise": "prefopt.data",
+    "load_unpaired": "prefopt.data",
+    "pairs_from_pointwise": "prefopt.data",
+    "PreferenceCollator": "prefopt.data",
+    "PromptCollator": "prefopt.data",
+    "UnpairedCollator": "prefopt.data",
+    "load_builtin_pairs": "prefopt.data",
+    "load_smollm2": "prefopt.models",
+    "masked": "prefopt.masked",
+    "rl": "prefopt.rl",
+    "bond": "prefopt.bond",
+    "losses": "prefopt.losses",
+}
+
+__all__ = [
+    "LossOutput",
+    "PairLogps",
+    "UnpairedLogps",
+    "__version__",
+    "available_losses",
+    "get_loss",
+    "get_spec",
+    "register_loss",
+    *sorted(_LAZY),
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefopt' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.rsplit(".", 1)[-1] == name else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

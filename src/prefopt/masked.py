@@ -1,0 +1,86 @@
+"""Masked reductions with one mask convention: a bool ``mask``, True = "this element counts".
+
+Why these exist: the gradient of a mean over a *local* batch depends on how the batch was split. To get the
+same gradient whether a global batch is processed whole, in micro-batches with gradient accumulation, or
+across data-parallel ranks, divide every micro-batch's *sum* by the same *global* count::
+
+    n_tokens = completion_mask.sum()                      # over the whole global batch (all-reduce it under DDP)
+    for micro in micro_batches:
+        loss = token_mean(per_token_loss, micro.mask, num_tokens=n_tokens)   # Σ over micro / N_global
+        loss.backward()                                   # gradients add up to the whole-batch gradient
+
+(Under DDP, which averages gradients over ``W`` ranks, multiply by ``W`` or pass ``num_tokens / W``.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten", "seq_mean", "token_mean"]
+
+
+def _check_mask(x: Tensor, mask: Tensor, name: str = "mask") -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    if mask.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(x.shape)}")
+    return mask
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``Σ x·m`` over ``dim`` (all dims if None). Masked-out values never propagate NaN/inf."""
+    _check_mask(x, mask)
+    z = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return z.sum() if dim is None else z.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``Σ x·m / Σ m`` over ``dim``; where ``Σ m = 0`` the result is 0 (not NaN)."""
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence token mean of a ``(b, t)`` tensor, then the mean over sequences (GRPO's original rule)."""
+    return masked_mean(x, mask, dim=-1).mean()
+
+
+def token_mean(x: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = None) -> Tensor:
+    """``Σ x·m / N`` where ``N`` is ``num_tokens`` (a *global* count) or, if None, ``Σ m`` locally.
+
+    Passing the global batch's token count makes micro-batch and multi-rank gradients add up exactly to
+    the whole-batch gradient (see the module docstring).
+    """
+    total = masked_sum(x, mask)
+    if num_tokens is None:
+        return total / mask.sum().clamp(min=1).to(total.dtype)
+    if isinstance(num_tokens, (int, float)) and num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return total / torch.as_tensor(num_tokens, dtype=total.dtype, device=total.device)
+
+
+def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
+    """Variance of the masked elements (Bessel-corrected if ``unbiased`` and more than one element)."""
+    mean = masked_mean(x, mask)
+    centred = (x - mean) ** 2
+    var = masked_sum(centred, mask)
+    n = mask.sum().to(x.dtype)
+    denom = (n - 1) if unbiased else n
+    return var / denom.clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x − mean) / sqrt(var + eps)`` over masked elements (mean added back if not ``shift_mean``).
+
+    Masked-out positions are returned as 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
