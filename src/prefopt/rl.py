@@ -1,0 +1,382 @@
+"""Online-RL building blocks: GAE, leave-one-out and group advantages, KL estimators, KL-penalized rewards.
+
+Every function here is pure, works on tensors, and validates its inputs eagerly (a bad argument raises an
+error that names it). They are meant to be called once per rollout, between sampling and the loss, so they
+also check that rewards are finite (one device synchronization per call).
+
+Shapes: ``(b, t)`` per-token tensors with a bool ``mask`` (True = this token counts; prompt and padding are
+False, on either side), ``(b,)`` per-sequence tensors, ``(prompts, k)`` grouped rewards where row ``i`` holds
+the ``k`` completions sampled for prompt ``i``.
+
+Half-precision inputs are computed in float32; float32/float64 are kept.
+
+See ``docs/rl.md`` for the equations in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from prefopt.masked import masked_whiten
+from prefopt.types import check_finite, check_tensor
+
+__all__ = [
+    "PenalizedRewards",
+    "gae",
+    "group_advantages",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "last_valid_index",
+    "rloo_advantages",
+    "whiten",
+]
+
+KLEstimator = Literal["k1", "k2", "k3"]
+_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_float(name: str, x: object, *, ndim: int | None = None) -> Tensor:
+    t = check_tensor(name, x, ndim=ndim)
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t
+
+
+def _check_mask(name: str, mask: object, shape: torch.Size, like: str) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but {like} has shape {tuple(shape)}")
+    return mask
+
+
+def _same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+
+
+def _check_unit_interval(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_finite_where(name: str, x: Tensor, mask: Tensor | None = None) -> None:
+    if mask is not None:
+        x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    check_finite(name, x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GAE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    r"""Generalized advantage estimation over the valid tokens of each row (Schulman et al. 2016, Eq. 16).
+
+    With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token)::
+
+        δ_t = r_t + γ·V_{t'} − V_t            (V_{t'} := 0 after the last valid token: no bootstrap)
+        Â_t = δ_t + γλ·Â_{t'}                 = Σ_l (γλ)^l δ_{t+l}  over valid tokens
+        Ĝ_t = Â_t + V_t                       (the λ-return, the value target)
+
+    Masked positions are skipped, not treated as zero-reward steps, so left padding, right padding and
+    holes inside a row all give the same numbers as slicing out the valid tokens. ``λ = 0`` gives the TD error
+    ``δ_t``; ``λ = γ = 1`` gives ``Σ_{s≥t} r_s − V_t`` (Monte-Carlo return minus value).
+
+    Args:
+        rewards: ``(b, t)`` per-token rewards; values at masked positions are ignored. For RLHF put the
+            terminal score at the last valid token (see :func:`kl_penalized_rewards`).
+        values: ``(b, t)`` value predictions ``V_t = V(x, y_<t)`` (ignored where masked).
+        mask: ``(b, t)`` bool, True on the tokens that are actions.
+        gamma: discount in [0, 1] (default 1.0, TRL's PPO default).
+        lam: GAE λ in [0, 1] (default 0.95, TRL's PPO default).
+
+    Returns:
+        ``(advantages, returns)``, both ``(b, t)`` and exactly 0 where ``mask`` is False. They carry the
+        autograd graph of the inputs; detach them before using them as policy-gradient weights.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong dtype/shape, non-bool mask, γ or λ outside [0, 1],
+        non-finite rewards or values at valid positions.
+    """
+    rewards = _as_float("rewards", rewards, ndim=2)
+    values = _as_float("values", values, ndim=2)
+    _same_shape("values", values, "rewards", rewards)
+    mask = _check_mask("mask", mask, rewards.shape, "rewards")
+    gamma = _check_unit_interval("gamma", gamma)
+    lam = _check_unit_interval("lam", lam)
+    _check_finite_where("rewards", rewards, mask)
+    _check_finite_where("values", values, mask)
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+
+    b, t = rewards.shape
+    zero = rewards.new_zeros(b)
+    next_value, next_adv = zero, zero
+    out: list[Tensor] = [zero] * t
+    for i in range(t - 1, -1, -1):
+        m = mask[:, i]
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        adv = delta + (gamma * lam) * next_adv
+        out[i] = torch.where(m, adv, zero)
+        next_value = torch.where(m, values[:, i], next_value)
+        next_adv = torch.where(m, adv, next_adv)
+    advantages = torch.stack(out, dim=1) if t > 0 else rewards.new_zeros(b, 0)
+    returns = torch.where(mask, advantages + values, torch.zeros((), dtype=dtype))
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sequence-level advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grouped_rewards(rewards: object, name: str, *, min_group: int) -> Tensor:
+    r = _as_float(name, rewards)
+    if r.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (prompts, k): row i holds the k completions of prompt i; got shape {tuple(r.shape)}"
+        )
+    if r.shape[1] < min_group:
+        raise ValueError(
+            f"{name} has groups of size {r.shape[1]} (shape {tuple(r.shape)}); need at least {min_group} "
+            "completions per prompt for a baseline from the other samples"
+        )
+    check_finite(name, r)
+    return r
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", Eq. 9).
+
+    For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``::
+
+        A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j  =  k/(k−1) · (R_i − R̄)
+
+    Properties: ``Σ_i A_i = 0`` per prompt; adding a constant to a prompt's rewards leaves ``A`` unchanged;
+    ``k = 2`` gives ``A = ±(R_1 − R_2)``. The baseline of sample ``i`` does not depend on ``R_i``, so the
+    policy gradient stays unbiased.
+
+    Args:
+        rewards: ``(prompts, k)``, ``k ≥ 2``. For KL-in-the-reward RLOO pass
+            ``score − β·Σ_t k1_t`` (see :func:`kl_penalized_rewards`).
+
+    Returns:
+        ``(prompts, k)`` advantages (same dtype; float32 for half-precision input).
+
+    Raises:
+        ValueError: ``rewards`` not 2-D, ``k = 1`` (no other sample to form the baseline), non-finite values.
+    """
+    r = _grouped_rewards(rewards, "rewards", min_group=2)
+    k = r.shape[1]
+    return (r - r.mean(dim=1, keepdim=True)) * (k / (k - 1))
+
+
+def group_advantages(rewards: Tensor, *, scale_std: bool = True, eps: float = 1e-4) -> Tensor:
+    r"""GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, §4.1.2 "outcome supervision").
+
+    For each prompt's group of ``G`` rewards::
+
+        A_i = (r_i − mean(r)) / (std(r) + eps)      if scale_std      (std with Bessel's correction, as TRL)
+        A_i =  r_i − mean(r)                         otherwise         (Dr. GRPO, Liu et al. 2025)
+
+    A group whose rewards are all equal gets advantages of **exactly 0** (never NaN, even with ``eps = 0``):
+    it carries no learning signal. The advantage is broadcast to every token of completion ``i`` by the loss.
+
+    Args:
+        rewards: ``(prompts, G)``, ``G ≥ 2``.
+        scale_std: divide by the group's standard deviation (default True, TRL ``scale_rewards="group"``).
+        eps: added to the std (default 1e-4, TRL's constant); must be ≥ 0.
+
+    Returns:
+        ``(prompts, G)`` advantages; each row sums to 0, and with ``eps = 0`` and ``scale_std`` each
+        non-constant row has unit Bessel standard deviation.
+
+    Raises:
+        ValueError: not 2-D, ``G = 1`` (Bessel std undefined, and the advantage would always be 0),
+        negative ``eps``, non-finite rewards. TypeError: ``scale_std`` not a bool.
+    """
+    if not isinstance(scale_std, bool):
+        raise TypeError(f"scale_std must be a bool, got {type(scale_std).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    r = _grouped_rewards(rewards, "rewards", min_group=2)
+    constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    centred = torch.where(constant, zero, r - r.mean(dim=1, keepdim=True))
+    if not scale_std:
+        return centred
+    std = r.std(dim=1, keepdim=True, correction=1).expand_as(r)
+    denom = torch.where(constant, torch.ones((), dtype=r.dtype, device=r.device), std + eps)
+    return centred / denom
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    r"""Masked whitening ``(x − μ)/sqrt(σ² + eps)`` over the valid elements (μ, σ² over all of them).
+
+    Used for PPO advantages (``shift_mean=True``) and rewards (``shift_mean=False`` keeps the mean, as TRL's
+    PPO does for rewards). Thin validated wrapper around :func:`prefopt.masked.masked_whiten` (Bessel
+    variance); masked positions become 0. ``mask=None`` means every element counts.
+    """
+    x = _as_float("x", x)
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    mask = _check_mask("mask", mask, x.shape, "x")
+    if not isinstance(shift_mean, bool):
+        raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: KLEstimator = "k1") -> Tensor:
+    r"""Per-token Monte-Carlo estimates of ``KL(π ‖ π_ref)`` from tokens sampled from ``π`` (Schulman 2020).
+
+    With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``::
+
+        k1 = l                    unbiased, can be negative, high variance
+        k2 = ½·l²                 biased, ≥ 0, low variance
+        k3 = q − 1 − log q        unbiased, ≥ 0   (computed as expm1(−l) + l for accuracy near l = 0)
+
+    Gradients when the estimate is used as a *loss* (samples fixed, differentiated w.r.t. ``θ`` in
+    ``log π_θ``), in expectation over ``y ~ π``:
+
+    * ``∇k1 = ∇log π`` → mean **0**: k1 in the loss penalizes nothing (use k1 in the *reward* instead).
+    * ``∇k2 = l·∇log π`` → mean ``Σ_y ∇π·l = ∇ KL(π ‖ π_ref)``: the reverse-KL gradient.
+    * ``∇k3 = (1 − q)·∇log π`` → mean ``−Σ_y π_ref ∇log π = ∇ KL(π_ref ‖ π)``: the **forward** KL gradient
+      (what GRPO's β·k3 term optimizes, although its value estimates the reverse KL).
+
+    The tests check these three statements exactly on a categorical distribution by enumeration.
+
+    Args:
+        logp: per-token policy log-probs (any shape; ``(b, t)`` usually).
+        ref_logp: reference log-probs, same shape.
+        estimator: ``"k1"`` (default, TRL PPO/RLOO), ``"k2"`` or ``"k3"`` (GRPO).
+
+    Returns:
+        Elementwise estimate, same shape (float32 for half-precision input). Not masked: multiply or reduce
+        with a mask yourself. k3 overflows to ``+inf`` (never NaN) when ``l < −88`` in float32.
+    """
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
+    logp = _as_float("logp", logp)
+    ref_logp = _as_float("ref_logp", ref_logp)
+    _same_shape("ref_logp", ref_logp, "logp", logp)
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """``(b,)`` long: the index of the last True of each row of a ``(b, t)`` bool mask.
+
+    Raises ``ValueError`` naming ``mask`` if a row has no True (no token to carry a terminal reward).
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
+        got = (
+            f"dtype {mask.dtype}, shape {tuple(mask.shape)}"
+            if isinstance(mask, Tensor)
+            else type(mask).__name__
+        )
+        raise TypeError(f"mask must be a 2-D bool tensor, got {got}")
+    has_any = mask.any(dim=1)
+    if not bool(has_any.all()):
+        rows = torch.nonzero(~has_any).flatten().tolist()
+        raise ValueError(f"mask has rows with no valid token: {rows[:10]}")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).amax(dim=1)
+
+
+@dataclass(frozen=True)
+class PenalizedRewards:
+    """Output of :func:`kl_penalized_rewards` (all detached).
+
+    Attributes:
+        token_rewards: ``(b, t)`` per-token rewards for :func:`gae` (PPO); 0 where masked.
+        sequence_rewards: ``(b,)`` ``Σ_t token_rewards`` = ``score − β·Σ_t k_t`` (or just ``score``): the
+            return for REINFORCE / RLOO / GRPO advantages.
+        kl: ``(b, t)`` per-token KL estimate (0 where masked), for logging or for a KL-in-the-loss term.
+    """
+
+    token_rewards: Tensor
+    sequence_rewards: Tensor
+    kl: Tensor
+
+
+def kl_penalized_rewards(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.05,
+    estimator: KLEstimator = "k1",
+    kl_in_reward: bool = True,
+) -> PenalizedRewards:
+    r"""Per-token RLHF rewards with the KL penalty in the reward (PPO / RLOO style) or left to the loss.
+
+    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO)::
+
+        r_t = −β·k_t + 1[t = T_last]·score          (T_last = last valid token of the row)
+        R   = Σ_t r_t = score − β·Σ_t k_t
+
+    The penalty enters the *return*, so it is weighted by the advantage and (for PPO) discounted by GAE;
+    use ``estimator="k1"`` here (its reward value is unbiased; its gradient as a loss would be useless).
+
+    ``kl_in_reward=False`` (GRPO, Shao et al. 2024 Eq. 3): ``r_t = 1[t = T_last]·score`` only; add ``β·k3``
+    per token to the *loss* instead (``grpo(..., ref_logp=..., beta=...)``), where it is differentiated.
+    ``kl`` is returned in both cases for logging.
+
+    Args:
+        scores: ``(b,)`` reward-model / programmatic scores of the whole completion.
+        logp: ``(b, t)`` log-probs of the sampling policy (``old_logp``), ref_logp: ``(b, t)`` reference.
+        mask: ``(b, t)`` bool completion mask (left or right padding); every row needs one valid token.
+        beta: KL coefficient ≥ 0 (default 0.05, TRL's PPO ``kl_coef`` / RLOO ``beta``).
+        estimator: KL estimator for the penalty (default ``"k1"``).
+        kl_in_reward: the switch described above.
+
+    Returns:
+        :class:`PenalizedRewards` (detached: rewards are constants for the policy gradient).
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if not isinstance(kl_in_reward, bool):
+        raise TypeError(f"kl_in_reward must be a bool, got {type(kl_in_reward).__name__}")
+    scores = _as_float("scores", scores, ndim=1)
+    logp = _as_float("logp", logp, ndim=2)
+    mask = _check_mask("mask", mask, logp.shape, "logp")
+    if scores.shape[0] != logp.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} rows but logp has {logp.shape[0]}")
+    check_finite("scores", scores)
+    kl = kl_estimate(logp.detach(), _as_float("ref_logp", ref_logp).detach(), estimator=estimator)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    kl = torch.where(mask, kl, zero)
+    _check_finite_where("kl (from logp and ref_logp)", kl, mask)
+    last = last_valid_index(mask)
+    terminal = torch.zeros_like(kl)
+    terminal[torch.arange(kl.shape[0], device=kl.device), last] = scores.detach().to(kl.dtype)
+    token_rewards = terminal - beta * kl if kl_in_reward else terminal
+    return PenalizedRewards(token_rewards=token_rewards, sequence_rewards=token_rewards.sum(dim=1), kl=kl)

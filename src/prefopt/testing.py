@@ -1,0 +1,89 @@
+"""Tiny, offline building blocks for tests, examples and the ``--tiny`` demo: no downloads.
+
+- :func:`char_tokenizer` — a character-level ``PreTrainedTokenizerFast`` (printable ASCII + newline) with
+  ``<pad>``, ``<eos>`` and a minimal ChatML-style chat template.
+- :func:`tiny_causal_lm` — a randomly initialised, seeded causal LM of a given architecture family.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+__all__ = ["TINY_CHAT_TEMPLATE", "char_tokenizer", "tiny_causal_lm"]
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer; ids 0..2 are ``<pad>``, ``<eos>``, ``<unk>``; role tags are tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_causal_lm(
+    arch: str = "llama",
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    **overrides: Any,
+) -> Any:
+    """A tiny random causal LM (``llama``, ``gpt2``, ``qwen2``, ``mistral``, ``gpt_neox`` or ``gemma``), in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tie_word_embeddings,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+    }
+    if arch == "gpt2":
+        cfg = dict(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512)
+    elif arch == "gpt_neox":
+        cfg = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=512,
+        )
+    elif arch in ("llama", "qwen2", "mistral", "gemma"):
+        cfg = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=512,
+        )
+        if arch == "gemma":
+            cfg["head_dim"] = hidden_size // 4
+    else:
+        raise ValueError(f"arch must be one of llama, gpt2, qwen2, mistral, gpt_neox, gemma; got {arch!r}")
+    config = AutoConfig.for_model(arch, **common, **cfg, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model

@@ -1,0 +1,535 @@
+"""Tests for the policy-gradient losses: reinforce, rloo, grpo, ppo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prefopt as po
+from prefopt import rl
+from prefopt.losses.policy_gradient import grpo, ppo, reinforce, rloo
+from prefopt.masked import seq_mean, token_mean
+
+F64 = torch.float64
+
+
+def right_mask(lengths: list[int], t: int) -> torch.Tensor:
+    return torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def grads_wrt(fn, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(x).sum(), x)
+    return g
+
+
+def test_registered_in_family():
+    assert set(po.available_losses("policy_gradient")) == {"reinforce", "rloo", "grpo", "ppo"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REINFORCE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reinforce_no_baseline_hand_values_and_grad():
+    logp = torch.tensor([[-1.0, -2.0, 5.0], [-0.5, -0.5, -0.5]], dtype=F64, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    r = torch.tensor([2.0, -1.0], dtype=F64)
+    out = reinforce(logp, mask, r)
+    torch.testing.assert_close(out.loss, torch.tensor([6.0, -1.5], dtype=F64), rtol=0, atol=0)
+    out.loss.sum().backward()
+    expected = torch.tensor([[-2.0, -2.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(logp.grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out.metrics["seq_logp"], torch.tensor([-3.0, -1.5], dtype=F64))
+
+
+def test_reinforce_value_baselines_match_loop():
+    gen = torch.Generator().manual_seed(0)
+    b, t = 3, 5
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    mask = right_mask([5, 2, 4], t)
+    r = torch.randn(b, generator=gen, dtype=F64)
+    v_seq = torch.randn(b, generator=gen, dtype=F64)
+    v_tok = torch.randn(b, t, generator=gen, dtype=F64)
+    c = 0.3
+    out_s = reinforce(logp, mask, r, v_seq, value_coef=c)
+    out_t = reinforce(logp, mask, r, v_tok, value_coef=c)
+    for i in range(b):
+        idx = [j for j in range(t) if mask[i, j]]
+        s = sum(float(logp[i, j]) for j in idx)
+        exp_s = -(float(r[i]) - float(v_seq[i])) * s + c * (float(r[i]) - float(v_seq[i])) ** 2
+        pg_t = -sum(float(logp[i, j]) * (float(r[i]) - float(v_tok[i, j])) for j in idx)
+        vl_t = sum((float(r[i]) - float(v_tok[i, j])) ** 2 for j in idx)
+        assert math.isclose(float(out_s.loss[i]), exp_s, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(float(out_t.loss[i]), pg_t + c * vl_t, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(float(out_t.metrics["value_loss"][i]), vl_t, rel_tol=1e-12)
+
+
+def test_reinforce_value_gradients_and_zero_value_loss():
+    gen = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(2, 3, generator=gen, dtype=F64)).requires_grad_()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    r = torch.tensor([1.0, -2.0], dtype=F64)
+    v = torch.tensor([0.25, 0.5], dtype=F64, requires_grad=True)
+    out = reinforce(logp, mask, r, v, value_coef=2.0)
+    out.loss.sum().backward()
+    # the policy term sees sg(R − V): ∂/∂ℓ_t = −(R − V); the value term: ∂/∂V = −2·c·(R − V)
+    torch.testing.assert_close(logp.grad, -(r - v.detach()).unsqueeze(1).expand(2, 3), rtol=0, atol=1e-15)
+    torch.testing.assert_close(v.grad, -4.0 * (r - v.detach()), rtol=0, atol=1e-15)
+    at_target = reinforce(logp, mask, r, r.clone(), value_coef=1.0)
+    assert (at_target.metrics["value_loss"] == 0).all() and (at_target.metrics["pg_loss"] == 0).all()
+    tok = reinforce(logp, mask, r, r.unsqueeze(1).expand(2, 3).clone())
+    assert (tok.metrics["value_loss"] == 0).all()
+
+
+def test_reinforce_baseline_leaves_expected_gradient_unchanged_exactly():
+    """On a categorical 'one-token LM': Σ_y π(y) ∇[−(R(y) − b)·log π(y)] does not depend on b."""
+    k = 5
+    theta0 = torch.randn(k, generator=torch.Generator().manual_seed(2), dtype=F64)
+    rewards = torch.arange(k, dtype=F64)
+    grads = []
+    for b in (None, 3.7):
+        theta = theta0.clone().requires_grad_(True)
+        logp = torch.log_softmax(theta, 0).unsqueeze(1)  # every outcome as a length-1 sequence
+        mask = torch.ones(k, 1, dtype=torch.bool)
+        values = None if b is None else torch.full((k,), b, dtype=F64)
+        out = reinforce(logp, mask, rewards, values, value_coef=0.0)
+        weights = logp.exp().detach().squeeze(1)
+        (g,) = torch.autograd.grad((weights * out.loss).sum(), theta)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    theta = theta0.clone().requires_grad_(True)
+    (g_true,) = torch.autograd.grad(-(torch.softmax(theta, 0) * rewards).sum(), theta)
+    torch.testing.assert_close(grads[0], g_true, rtol=1e-12, atol=1e-14)  # = −∇E[R]
+
+
+def test_reinforce_gradcheck():
+    """The policy term uses sg(R − V), so the numerical derivative in V is only meaningful where the policy
+    term vanishes (log-probs 0); in logp the loss is an ordinary function."""
+    gen = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(2, 4, generator=gen, dtype=F64)).requires_grad_()
+    vals = torch.randn(2, 4, generator=gen, dtype=F64, requires_grad=True)
+    vseq = torch.randn(2, generator=gen, dtype=F64, requires_grad=True)
+    mask = right_mask([4, 2], 4)
+    r = torch.randn(2, generator=gen, dtype=F64)
+    zero = torch.zeros(2, 4, dtype=F64)
+    for v in (vals, vseq):
+        assert torch.autograd.gradcheck(
+            lambda a, v=v: reinforce(a, mask, r, v.detach(), value_coef=0.5).loss, (logp,)
+        )
+        assert torch.autograd.gradcheck(lambda x: reinforce(zero, mask, r, x, value_coef=0.5).loss, (v,))
+
+
+def test_reinforce_bad_input():
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="mask"):
+        reinforce(lp, m.float(), torch.zeros(2))
+    with pytest.raises(ValueError, match="rewards"):
+        reinforce(lp, m, torch.zeros(3))
+    with pytest.raises(ValueError, match="values"):
+        reinforce(lp, m, torch.zeros(2), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+        reinforce(lp, m, torch.tensor([0.0, float("nan")]), check_finite=True)
+    with pytest.raises(ValueError, match="value_coef"):
+        reinforce(lp, m, torch.zeros(2), value_coef=-1.0)
+
+
+@pytest.mark.parametrize("method", ["reinforce", "rloo"])
+def test_reinforce_loop_on_categorical_raises_reward(method):
+    """A one-token LM (logits over K items) trained on a programmatic reward learns to pick the best item."""
+    k, batch, steps = 8, 16, 150
+    reward_table = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.0, 1.0, 0.3, 0.0])  # item 5 is best
+    theta = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.5)
+    gen = torch.Generator().manual_seed(4)
+
+    def expected_reward() -> float:
+        return float((torch.softmax(theta.detach(), 0) * reward_table).sum())
+
+    start = expected_reward()
+    for _ in range(steps):
+        logp_all = torch.log_softmax(theta, 0)
+        y = torch.multinomial(logp_all.exp().detach(), batch, replacement=True, generator=gen)
+        logp = logp_all[y].unsqueeze(1)
+        mask = torch.ones(batch, 1, dtype=torch.bool)
+        if method == "reinforce":
+            out = po.get_loss("reinforce")(logp, mask, reward_table[y])
+        else:
+            out = po.get_loss("rloo")(logp, mask, reward_table[y].view(batch // 4, 4))
+        opt.zero_grad()
+        out.loss.mean().backward()
+        opt.step()
+    assert start < 0.21
+    assert expected_reward() > 0.9
+    assert int(theta.argmax()) == 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RLOO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_rloo_k2_hand_values():
+    logp = torch.tensor([[-1.0, -1.0], [-2.0, 0.0], [-0.5, -0.5], [-3.0, -1.0]], dtype=F64)
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    rewards = torch.tensor([[1.0, 4.0], [2.0, 2.0]], dtype=F64)
+    out = rloo(logp, mask, rewards)
+    # A = ±(R1 − R2): (−3, 3), (0, 0); S = (−2, −2, −1, −4); L = −A·S
+    torch.testing.assert_close(out.metrics["advantages"], torch.tensor([-3.0, 3.0, 0.0, 0.0], dtype=F64))
+    torch.testing.assert_close(out.loss, torch.tensor([-6.0, 6.0, 0.0, 0.0], dtype=F64), rtol=0, atol=0)
+
+
+def test_rloo_clipped_form_same_gradient_on_policy_and_clips():
+    gen = torch.Generator().manual_seed(5)
+    logp = -torch.rand(6, 3, generator=gen, dtype=F64)
+    mask = right_mask([3, 3, 2, 1, 3, 2], 3)
+    rewards = torch.randn(2, 3, generator=gen, dtype=F64)
+    g_plain = grads_wrt(lambda x: rloo(x, mask, rewards).loss, logp)
+    g_clip = grads_wrt(lambda x: rloo(x, mask, rewards, x.detach(), clip=0.2).loss, logp)
+    torch.testing.assert_close(g_clip, g_plain, rtol=1e-12, atol=1e-14)
+    # off-policy: shift old log-probs so every sequence ratio is e^{±1}: positive-A rows with ρ = e clip
+    adv = rl.rloo_advantages(rewards).reshape(-1)
+    old = logp.clone()
+    old[:, 0] -= torch.where(adv > 0, 1.0, -1.0).to(F64)  # ρ = e for A > 0, 1/e for A < 0: all clipped
+    out = rloo(logp, mask, rewards, old)
+    assert (out.metrics["clipped"] == 1).all()
+    g = grads_wrt(lambda x: rloo(x, mask, rewards, old).loss, logp)
+    assert (g == 0).all()
+
+
+def test_rloo_gradcheck_and_bad_input():
+    gen = torch.Generator().manual_seed(6)
+    logp = (-torch.rand(4, 3, generator=gen, dtype=F64)).requires_grad_()
+    mask = right_mask([3, 1, 2, 3], 3)
+    rewards = torch.randn(2, 2, generator=gen, dtype=F64)
+    old = logp.detach() - 0.05
+    assert torch.autograd.gradcheck(lambda x: rloo(x, mask, rewards).loss, (logp,))
+    assert torch.autograd.gradcheck(lambda x: rloo(x, mask, rewards, old).loss, (logp,))
+    with pytest.raises(ValueError, match="rewards has groups of size 1"):
+        rloo(logp, mask, rewards.reshape(4, 1))
+    with pytest.raises(ValueError, match="rewards has shape"):
+        rloo(logp, mask, torch.zeros(3, 2, dtype=F64))
+    with pytest.raises(ValueError, match="rewards must be 2-D"):
+        rloo(logp, mask, torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+        rloo(logp, mask, torch.tensor([[0.0, 1.0], [float("inf"), 0.0]], dtype=F64))
+    with pytest.raises(ValueError, match="old_logp"):
+        rloo(logp, mask, rewards, old[:, :2])
+    with pytest.raises(ValueError, match="clip"):
+        rloo(logp, mask, rewards, clip=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_grpo_ratio_one_gives_minus_advantage():
+    gen = torch.Generator().manual_seed(7)
+    logp = -torch.rand(3, 4, generator=gen, dtype=F64)
+    mask = right_mask([4, 2, 3], 4)
+    adv = torch.randn(3, generator=gen, dtype=F64)
+    out = grpo(logp, logp, adv, mask)
+    torch.testing.assert_close(
+        out.loss, torch.where(mask, -adv.unsqueeze(1), 0.0).expand(3, 4), rtol=0, atol=0
+    )
+    out_none = grpo(logp, None, adv, mask)
+    torch.testing.assert_close(out_none.loss, out.loss, rtol=0, atol=0)
+    # gradient of −A·ρ at ρ = 1 is −A per valid token
+    g = grads_wrt(lambda x: grpo(x, None, adv, mask).loss, logp)
+    torch.testing.assert_close(g, torch.where(mask, -adv.unsqueeze(1), 0.0).expand(3, 4), rtol=0, atol=1e-15)
+
+
+def test_grpo_clip_higher_gradients_per_token():
+    # log-ratios chosen away from the clip boundaries; ε_low = 0.2, ε_high = 0.28
+    log_ratio = torch.tensor([[0.1, 0.22, 0.3, -0.1, -0.3], [0.1, 0.22, 0.3, -0.1, -0.3]], dtype=F64)
+    adv = torch.tensor([1.5, -0.7], dtype=F64)
+    old = torch.full((2, 5), -1.0, dtype=F64)
+    logp = old + log_ratio
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    g = grads_wrt(lambda x: grpo(x, old, adv, mask, epsilon_low=0.2, epsilon_high=0.28).loss, logp)
+    rho = log_ratio.exp()
+    expected = torch.zeros(2, 5, dtype=F64)
+    for i in range(2):
+        for j in range(5):
+            a, p = float(adv[i]), float(rho[i, j])
+            clipped = (a > 0 and p > 1.28) or (a < 0 and p < 0.8)
+            expected[i, j] = 0.0 if clipped else -a * p
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
+    assert g[0, 1] != 0 and g[0, 2] == 0  # ρ = e^0.22 ≈ 1.246 passes with ε_high, clipped with ε = 0.2
+    g_sym = grads_wrt(lambda x: grpo(x, old, adv, mask).loss, logp)
+    assert g_sym[0, 1] == 0
+    out = grpo(logp, old, adv, mask, epsilon_low=0.2, epsilon_high=0.28)
+    torch.testing.assert_close(out.metrics["clip_high"], torch.tensor([0.2, 0.0], dtype=F64))
+    torch.testing.assert_close(out.metrics["clip_low"], torch.tensor([0.0, 0.2], dtype=F64))
+
+
+def test_grpo_kl_term_is_beta_k3():
+    gen = torch.Generator().manual_seed(8)
+    logp = -torch.rand(2, 3, generator=gen, dtype=F64)
+    ref = -torch.rand(2, 3, generator=gen, dtype=F64)
+    mask = right_mask([3, 2], 3)
+    adv = torch.randn(2, generator=gen, dtype=F64)
+    base = grpo(logp, None, adv, mask).loss
+    with_kl = grpo(logp, None, adv, mask, ref, beta=0.04).loss
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    torch.testing.assert_close(with_kl - base, torch.where(mask, 0.04 * k3, 0.0), rtol=1e-12, atol=1e-15)
+    g = grads_wrt(lambda x: grpo(x, None, torch.zeros(2, dtype=F64), mask, ref, beta=1.0).loss, logp)
+    torch.testing.assert_close(g, torch.where(mask, 1 - torch.exp(ref - logp), 0.0), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="ref_logp is required"):
+        grpo(logp, None, adv, mask, beta=0.1)
+
+
+def test_grpo_aggregations_match_explicit_formulas_and_micro_batches():
+    gen = torch.Generator().manual_seed(9)
+    b, t = 4, 6
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    old = logp + 0.1 * torch.randn(b, t, generator=gen, dtype=F64)
+    mask = right_mask([6, 1, 3, 5], t)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    raw = grpo(logp, old, adv, mask).loss
+    L = 10
+    explicit = {
+        "grpo": sum(float(raw[i][mask[i]].sum()) / int(mask[i].sum()) for i in range(b)) / b,
+        "dapo": float(raw.sum()) / int(mask.sum()),
+        "dr_grpo": float(raw.sum()) / (b * L),
+    }
+    for agg, val in explicit.items():
+        got = grpo(logp, old, adv, mask, aggregation=agg, max_length=L).loss
+        assert math.isclose(float(got.sum()), val, rel_tol=1e-12), agg
+        assert (got[~mask] == 0).all()
+    assert math.isclose(float(seq_mean(raw, mask)), explicit["grpo"], rel_tol=1e-12)
+    assert math.isclose(float(token_mean(raw, mask)), explicit["dapo"], rel_tol=1e-12)
+    # micro-batches with global counts add up to the whole-batch objective (and gradient)
+    n_tok, n_seq = mask.sum(), b
+    for agg in ("grpo", "dapo", "dr_grpo"):
+        whole = grads_wrt(lambda x, a=agg: grpo(x, old, adv, mask, aggregation=a, max_length=L).loss, logp)
+        parts = [
+            grads_wrt(
+                lambda x, a=agg, s=s: (
+                    grpo(x, old[s], adv[s], mask[s], None, n_tok, n_seq, aggregation=a, max_length=L).loss
+                ),
+                logp[s],
+            )
+            for s in (slice(0, 1), slice(1, 4))
+        ]
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-15)
+
+
+def test_grpo_per_token_advantages_and_gradcheck():
+    gen = torch.Generator().manual_seed(10)
+    logp = (-torch.rand(2, 3, generator=gen, dtype=F64)).requires_grad_()
+    old = logp.detach() + 0.05 * torch.randn(2, 3, generator=gen, dtype=F64)
+    ref = -torch.rand(2, 3, generator=gen, dtype=F64)
+    mask = right_mask([3, 2], 3)
+    adv = torch.randn(2, generator=gen, dtype=F64)
+    a = grpo(logp, old, adv, mask).loss
+    b = grpo(logp, old, adv.unsqueeze(1).expand(2, 3).clone(), mask).loss
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for agg in ("none", "grpo", "dapo", "dr_grpo"):
+        assert torch.autograd.gradcheck(
+            lambda x, g=agg: grpo(x, old, adv, mask, ref, beta=0.1, aggregation=g, max_length=4).loss, (logp,)
+        )
+
+
+def test_grpo_bad_input_and_hyperparameters():
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.zeros(2)
+    with pytest.raises(ValueError, match="dr_grpo' needs the hyperparameter max_length"):
+        grpo(lp, None, adv, m, aggregation="dr_grpo")
+    with pytest.raises(ValueError, match="aggregation"):
+        po.get_loss("grpo", aggregation="sum")
+    with pytest.raises(ValueError, match="epsilon_high"):
+        po.get_loss("grpo", epsilon_high=-0.1)
+    with pytest.raises(ValueError, match="epsilon_low"):
+        po.get_loss("grpo", epsilon_low=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        po.get_loss("grpo", beta=-1.0)
+    with pytest.raises(ValueError, match="advantages"):
+        grpo(lp, None, torch.zeros(3), m)
+    with pytest.raises(TypeError, match="mask"):
+        grpo(lp, None, adv, m.long())
+    with pytest.raises(ValueError, match="old_logp"):
+        grpo(lp, torch.zeros(2, 4), adv, m)
+    with pytest.raises(ValueError, match="num_tokens must be positive"):
+        grpo(lp, None, adv, m, None, 0, aggregation="dapo")
+    with pytest.raises(ValueError, match="advantages has 1 non-finite"):
+        grpo(lp, None, torch.tensor([0.0, float("nan")]), m, check_finite=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_ppo_ratio_one_gives_minus_advantage():
+    gen = torch.Generator().manual_seed(11)
+    logp = -torch.rand(2, 4, generator=gen, dtype=F64)
+    mask = right_mask([4, 3], 4)
+    adv = torch.randn(2, 4, generator=gen, dtype=F64)
+    out = ppo(logp, logp, adv, mask)
+    torch.testing.assert_close(out.loss, torch.where(mask, -adv, 0.0), rtol=0, atol=0)
+    assert float(out.metrics["approx_kl"]) == 0 and float(out.metrics["clip_frac"]) == 0
+    assert float(out.metrics["ratio"]) == 1
+
+
+def test_ppo_clip_removes_gradient_exactly_where_it_should():
+    gen = torch.Generator().manual_seed(12)
+    b, t, eps = 6, 8, 0.2
+    old = -torch.rand(b, t, generator=gen, dtype=F64) * 3
+    log_ratio = (torch.rand(b, t, generator=gen, dtype=F64) - 0.5) * 1.2  # ρ in [0.55, 1.82]
+    near = ((log_ratio.exp() - 1).abs() - eps).abs() < 1e-3
+    log_ratio[near] += 0.01  # keep away from the kinks
+    logp = old + log_ratio
+    adv = torch.randn(b, t, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.8
+    g = grads_wrt(lambda x: ppo(x, old, adv, mask, clip=eps).loss, logp)
+    expected = torch.zeros(b, t, dtype=F64)
+    n_clipped = 0
+    for i in range(b):
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            a, p = float(adv[i, j]), math.exp(float(log_ratio[i, j]))
+            if (a > 0 and p > 1 + eps) or (a < 0 and p < 1 - eps):
+                n_clipped += 1
+            else:
+                expected[i, j] = -a * p
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
+    assert 3 < n_clipped < int(mask.sum()) - 3  # both regimes are exercised
+    out = ppo(logp, old, adv, mask, clip=eps)
+    assert math.isclose(float(out.metrics["clip_frac"]), n_clipped / int(mask.sum()), rel_tol=1e-12)
+    lr = log_ratio[mask]
+    assert math.isclose(float(out.metrics["approx_kl"]), float(0.5 * (lr**2).mean()), rel_tol=1e-12)
+
+
+def test_ppo_dual_clip():
+    old = torch.zeros(1, 4, dtype=F64)
+    logp = torch.log(torch.tensor([[4.0, 2.0, 0.5, 4.0]], dtype=F64))
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0]], dtype=F64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    out = ppo(logp, old, adv, mask, clip=0.2, dual_clip=3.0)
+    # A<0: ρ=4 > c → −c·A = 3; ρ=2 → −A·ρ = 2; ρ=0.5 < 0.8 → −A·0.8 = 0.8; A>0, ρ=4 → −1.2
+    torch.testing.assert_close(out.loss, torch.tensor([[3.0, 2.0, 0.8, -1.2]], dtype=F64), rtol=1e-12, atol=0)
+    g = grads_wrt(lambda x: ppo(x, old, adv, mask, clip=0.2, dual_clip=3.0).loss, logp)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 2.0, 0.0, 0.0]], dtype=F64), rtol=1e-12, atol=0)
+    assert math.isclose(float(out.metrics["dual_clip_frac"]), 0.25)
+    no_dual = ppo(logp, old, adv, mask, clip=0.2)
+    assert float(no_dual.loss[0, 0]) == 4.0
+    with pytest.raises(ValueError, match="dual_clip"):
+        po.get_loss("ppo", dual_clip=1.0)
+
+
+def test_ppo_value_loss():
+    zeros = torch.zeros(1, 4, dtype=F64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    ret = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=F64)
+    old_v = torch.tensor([[0.0, 0.0, 0.9, 2.0]], dtype=F64)
+    v = torch.tensor([[1.0, 0.1, 1.2, 1.0]], dtype=F64)
+    out = ppo(zeros, zeros, zeros, mask, v, old_v, ret, vf_coef=1.0, value_clip=0.2)
+    # V^clip = (0.2, 0.1, 1.1, 1.8): vf = ½·max((V−G)², (V^c−G)²) = ½·(0.64, 0.81, 0.04, 0.64)
+    torch.testing.assert_close(
+        out.loss, torch.tensor([[0.32, 0.405, 0.02, 0.32]], dtype=F64), rtol=1e-12, atol=0
+    )
+    g = grads_wrt(lambda x: ppo(zeros, zeros, zeros, mask, x, old_v, ret, vf_coef=1.0).loss, v)
+    # token 0: clipped side dominates → 0; token 1: inside the clip range → V − G; token 2: unclipped dominates;
+    # token 3: clipped side dominates → 0
+    torch.testing.assert_close(g, torch.tensor([[0.0, -0.9, 0.2, 0.0]], dtype=F64), rtol=1e-12, atol=1e-15)
+    assert math.isclose(float(out.metrics["value_clip_frac"]), 0.5)
+    # V = Ĝ gives zero value loss when unclipped, or clipped with V inside the trust region around V_old ...
+    at_target = ppo(zeros, zeros, zeros, mask, ret.clone(), ret.clone(), ret)
+    assert (at_target.loss == 0).all() and float(at_target.metrics["value_loss"]) == 0
+    at_target = ppo(zeros, zeros, zeros, mask, ret.clone(), None, ret, value_clip=None)
+    assert (at_target.loss == 0).all()
+    # ... but the clipped loss is pessimistic: V = Ĝ far from V_old still pays ½(V^clip − Ĝ)²
+    far = ppo(zeros, zeros, zeros, mask, ret.clone(), old_v, ret, vf_coef=1.0)
+    torch.testing.assert_close(
+        far.loss, torch.tensor([[0.32, 0.32, 0.0, 0.32]], dtype=F64), rtol=1e-12, atol=0
+    )
+    unclipped = ppo(zeros, zeros, zeros, mask, v, None, ret, vf_coef=1.0, value_clip=None)
+    torch.testing.assert_close(unclipped.loss, 0.5 * (v - ret) ** 2, rtol=0, atol=0)
+
+
+def test_ppo_entropy_bonus_and_gradcheck():
+    gen = torch.Generator().manual_seed(13)
+    logp = (-torch.rand(2, 3, generator=gen, dtype=F64)).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(2, 3, generator=gen, dtype=F64)
+    adv = torch.randn(2, 3, generator=gen, dtype=F64)
+    mask = right_mask([3, 2], 3)
+    v = torch.randn(2, 3, generator=gen, dtype=F64, requires_grad=True)
+    old_v = v.detach() + 0.1 * torch.randn(2, 3, generator=gen, dtype=F64)
+    ret = torch.randn(2, 3, generator=gen, dtype=F64)
+    ent = torch.rand(2, 3, generator=gen, dtype=F64, requires_grad=True)
+    base = ppo(logp, old, adv, mask).loss
+    with_ent = ppo(logp, old, adv, mask, entropy=ent, ent_coef=0.01).loss
+    torch.testing.assert_close(with_ent - base, torch.where(mask, -0.01 * ent, 0.0), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ppo(a, old, adv, mask, b, old_v, ret, c, ent_coef=0.01, dual_clip=2.0).loss,
+        (logp, v, ent),
+    )
+    with pytest.raises(ValueError, match="entropy is required"):
+        ppo(logp, old, adv, mask, ent_coef=0.1)
+
+
+def test_ppo_bad_input():
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="mask"):
+        ppo(lp, lp, lp, m.float())
+    with pytest.raises(ValueError, match="old_logp"):
+        ppo(lp, torch.zeros(3, 3), lp, m)
+    with pytest.raises(ValueError, match="returns is required"):
+        ppo(lp, lp, lp, m, lp)
+    with pytest.raises(ValueError, match="old_values is required"):
+        ppo(lp, lp, lp, m, lp, None, lp)
+    with pytest.raises(ValueError, match="clip"):
+        po.get_loss("ppo", clip=0.0)
+    with pytest.raises(ValueError, match="vf_coef"):
+        po.get_loss("ppo", vf_coef=-1)
+    with pytest.raises(ValueError, match="advantages has 1 non-finite"):
+        bad = lp.clone()
+        bad[0, 0] = float("inf")
+        ppo(lp, lp, bad, m, check_finite=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.floats(-1e4, -1.0),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    st.integers(0, 2**31 - 1),
+)
+def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    old = (torch.rand(b, t, generator=gen, dtype=F64) * floor).to(dtype)
+    logp = (old.double() + (torch.rand(b, t, generator=gen, dtype=F64) - 0.5) * 4).to(dtype)  # |log ρ| ≤ 2
+    ref = (torch.rand(b, t, generator=gen, dtype=F64) * floor).to(dtype)
+    adv = torch.randn(b, t, generator=gen, dtype=F64).to(dtype)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    out_dtype = F64 if dtype == F64 else torch.float32
+    for out in (
+        po.get_loss("ppo", dual_clip=3.0)(logp, old, adv, mask),
+        po.get_loss("grpo", beta=0.04, aggregation="dapo")(logp, old, adv[:, 0], mask, ref),
+    ):
+        assert out.loss.shape == (b, t) and out.loss.dtype == out_dtype
+        assert not torch.isnan(out.loss).any()
+        assert (out.loss[~mask] == 0).all()
+        for v in out.metrics.values():
+            assert not torch.isnan(v).any()
+    # with the dual clip, even an astronomically large ratio gives a finite loss
+    huge = ppo(
+        torch.zeros(1, 2),
+        torch.full((1, 2), -1e4),
+        torch.tensor([[-1.0, 1.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        dual_clip=3.0,
+    )
+    assert torch.isfinite(huge.loss).all()

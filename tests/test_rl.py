@@ -1,0 +1,479 @@
+"""Tests for prefopt.rl: GAE, RLOO / group advantages, whitening, KL estimators, KL-penalized rewards."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefopt import rl
+from prefopt.masked import masked_whiten
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers / oracles
+# ----------------------------------------------------------------------------------------------------------
+
+
+def random_mask(b: int, t: int, gen: torch.Generator, kind: str) -> torch.Tensor:
+    """Right-padded, left-padded or holey bool masks with at least one valid token per row."""
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i in range(b):
+        n = int(torch.randint(1, t + 1, (1,), generator=gen))
+        if kind == "right":
+            mask[i, :n] = True
+        elif kind == "left":
+            mask[i, t - n :] = True
+        else:
+            mask[i] = torch.rand(t, generator=gen) < 0.6
+            mask[i, int(torch.randint(0, t, (1,), generator=gen))] = True
+    return mask
+
+
+def gae_oracle(rewards, values, mask, gamma, lam):
+    """Per row, slice out the valid tokens and apply the textbook double sum Σ_l (γλ)^l δ_{t+l}."""
+    b, t = rewards.shape
+    adv = torch.zeros(b, t, dtype=F64)
+    for i in range(b):
+        idx = [j for j in range(t) if mask[i, j]]
+        r = [float(rewards[i, j]) for j in idx]
+        v = [float(values[i, j]) for j in idx]
+        n = len(idx)
+        deltas = [r[s] + gamma * (v[s + 1] if s + 1 < n else 0.0) - v[s] for s in range(n)]
+        for s in range(n):
+            adv[i, idx[s]] = sum((gamma * lam) ** k * deltas[s + k] for k in range(n - s))
+    return adv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GAE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_gae_hand_derived():
+    r = torch.tensor([[0.0, 0.0, 1.0]], dtype=F64)
+    v = torch.tensor([[0.5, 0.2, 0.3]], dtype=F64)
+    m = torch.ones(1, 3, dtype=torch.bool)
+    adv, ret = rl.gae(r, v, m, gamma=0.9, lam=0.8)
+    # δ2 = 1 − .3 = .7 ; δ1 = .9·.3 − .2 = .07 ; δ0 = .9·.2 − .5 = −.32 ; γλ = .72
+    a2, a1 = 0.7, 0.07 + 0.72 * 0.7
+    a0 = -0.32 + 0.72 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]], dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, adv + v, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.7), (0.5, 0.0), (1.0, 1.0), (0.0, 0.3)])
+def test_gae_matches_loop_oracle(kind, gamma, lam):
+    gen = torch.Generator().manual_seed(
+        1000 * ["right", "left", "holes"].index(kind) + int(100 * gamma + 10 * lam)
+    )
+    b, t = 4, 7
+    rewards = torch.randn(b, t, generator=gen, dtype=F64)
+    values = torch.randn(b, t, generator=gen, dtype=F64)
+    mask = random_mask(b, t, gen, kind)
+    adv, ret = rl.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    expected = gae_oracle(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, torch.where(mask, expected + values, 0.0), rtol=1e-12, atol=1e-12)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_lambda0_is_td_error():
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(3, 6, generator=gen, dtype=F64)
+    v = torch.randn(3, 6, generator=gen, dtype=F64)
+    m = torch.ones(3, 6, dtype=torch.bool)
+    m[1, 4:] = False  # right padding on one row
+    gamma = 0.8
+    adv, _ = rl.gae(r, v, m, gamma=gamma, lam=0.0)
+    next_v = torch.cat([v[:, 1:], torch.zeros(3, 1, dtype=F64)], dim=1)
+    next_v = torch.where(torch.cat([m[:, 1:], torch.zeros(3, 1, dtype=torch.bool)], dim=1), next_v, 0.0)
+    td = torch.where(m, r + gamma * next_v - v, 0.0)
+    torch.testing.assert_close(adv, td, rtol=0, atol=1e-12)
+
+
+def test_gae_lambda1_gamma1_is_return_minus_value():
+    gen = torch.Generator().manual_seed(2)
+    r = torch.randn(3, 6, generator=gen, dtype=F64)
+    v = torch.randn(3, 6, generator=gen, dtype=F64)
+    m = torch.ones(3, 6, dtype=torch.bool)
+    m[2, :2] = False  # left padding on one row
+    adv, ret = rl.gae(r, v, m, gamma=1.0, lam=1.0)
+    rm = torch.where(m, r, 0.0)
+    mc_return = rm.flip(1).cumsum(1).flip(1)  # Σ_{s ≥ t} r_s
+    torch.testing.assert_close(adv, torch.where(m, mc_return - v, 0.0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, torch.where(m, mc_return, 0.0), rtol=0, atol=1e-12)
+
+
+def test_gae_left_and_right_padding_agree_and_garbage_is_ignored():
+    gen = torch.Generator().manual_seed(3)
+    core_r = torch.randn(1, 4, generator=gen, dtype=F64)
+    core_v = torch.randn(1, 4, generator=gen, dtype=F64)
+    pad = torch.full((1, 3), float("nan"), dtype=F64)  # NaN garbage under the mask must not leak
+    right_r, right_v = torch.cat([core_r, pad], 1), torch.cat([core_v, pad], 1)
+    left_r, left_v = torch.cat([pad, core_r], 1), torch.cat([pad, core_v], 1)
+    right_m = torch.tensor([[True] * 4 + [False] * 3])
+    left_m = right_m.flip(1)
+    a_r, g_r = rl.gae(right_r, right_v, right_m, gamma=0.95, lam=0.9)
+    a_l, g_l = rl.gae(left_r, left_v, left_m, gamma=0.95, lam=0.9)
+    a_c, g_c = rl.gae(core_r, core_v, torch.ones(1, 4, dtype=torch.bool), gamma=0.95, lam=0.9)
+    torch.testing.assert_close(a_r[:, :4], a_c, rtol=0, atol=0)
+    torch.testing.assert_close(a_l[:, 3:], a_c, rtol=0, atol=0)
+    torch.testing.assert_close(g_l[:, 3:], g_c, rtol=0, atol=0)
+    assert torch.isfinite(a_r).all() and torch.isfinite(a_l).all() and torch.isfinite(g_r).all()
+
+
+def test_gae_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    r = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 5, generator=gen, dtype=F64, requires_grad=True)
+    m = random_mask(2, 5, gen, "holes")
+    assert torch.autograd.gradcheck(lambda r_, v_: rl.gae(r_, v_, m, gamma=0.9, lam=0.8), (r, v))
+
+
+def test_gae_half_precision_is_computed_in_float32():
+    r = torch.zeros(2, 3, dtype=torch.bfloat16)
+    r[:, -1] = 1
+    adv, _ = rl.gae(r, torch.zeros_like(r), torch.ones(2, 3, dtype=torch.bool), gamma=1.0, lam=1.0)
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv, torch.ones(2, 3))
+
+
+def test_gae_bad_input():
+    r = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="mask"):
+        rl.gae(r, r, m.long())
+    with pytest.raises(ValueError, match="values"):
+        rl.gae(r, torch.zeros(2, 4), m)
+    with pytest.raises(ValueError, match="mask"):
+        rl.gae(r, r, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rewards"):
+        rl.gae(torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="gamma"):
+        rl.gae(r, r, m, gamma=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        rl.gae(r, r, m, lam=-0.1)
+    bad = r.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="rewards"):
+        rl.gae(bad, r, m)
+    with pytest.raises(ValueError, match="values"):
+        rl.gae(r, bad.clone().fill_(float("inf")), m)
+    with pytest.raises(TypeError, match="rewards"):
+        rl.gae(torch.zeros(2, 3, dtype=torch.long), r, m)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RLOO advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rloo_oracle(rewards):
+    out = torch.zeros_like(rewards, dtype=F64)
+    p, k = rewards.shape
+    for i in range(p):
+        for j in range(k):
+            others = [float(rewards[i, m]) for m in range(k) if m != j]
+            out[i, j] = float(rewards[i, j]) - sum(others) / len(others)
+    return out
+
+
+def test_rloo_matches_loop_and_sums_to_zero():
+    gen = torch.Generator().manual_seed(5)
+    r = torch.randn(5, 4, generator=gen, dtype=F64)
+    a = rl.rloo_advantages(r)
+    torch.testing.assert_close(a, rloo_oracle(r), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.sum(1), torch.zeros(5, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_rloo_k2_and_shift_invariance():
+    r = torch.tensor([[1.0, 3.5], [-2.0, 0.25]], dtype=F64)
+    a = rl.rloo_advantages(r)
+    torch.testing.assert_close(a, torch.tensor([[-2.5, 2.5], [-2.25, 2.25]], dtype=F64), rtol=0, atol=0)
+    shifts = torch.tensor([[10.0], [-7.0]], dtype=F64)
+    torch.testing.assert_close(rl.rloo_advantages(r + shifts), a, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(2, 6),
+    st.floats(-1e4, 1e4),
+    st.integers(0, 2**31 - 1),
+)
+def test_rloo_properties(prompts, k, shift, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(prompts, k, generator=gen, dtype=F64)
+    a = rl.rloo_advantages(r)
+    assert a.shape == (prompts, k)
+    torch.testing.assert_close(a.sum(1), torch.zeros(prompts, dtype=F64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(rl.rloo_advantages(r + shift), a, rtol=0, atol=1e-8)
+    torch.testing.assert_close(a, rloo_oracle(r), rtol=0, atol=1e-12)
+
+
+def test_rloo_bad_input():
+    with pytest.raises(ValueError, match=r"rewards has groups of size 1"):
+        rl.rloo_advantages(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="rewards must be 2-D"):
+        rl.rloo_advantages(torch.zeros(4))
+    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+        rl.rloo_advantages(torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(TypeError, match="rewards"):
+        rl.rloo_advantages([[1.0, 2.0]])  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# group (GRPO) advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_match_statistics_module():
+    rows = [[1.0, 2.0, 4.0, 8.0], [0.0, 1.0, 0.0, 1.0]]
+    a = rl.group_advantages(torch.tensor(rows, dtype=F64), eps=1e-4)
+    for i, row in enumerate(rows):
+        mu, sd = statistics.mean(row), statistics.stdev(row)  # stdev = Bessel-corrected
+        for j, x in enumerate(row):
+            assert math.isclose(float(a[i, j]), (x - mu) / (sd + 1e-4), rel_tol=1e-12)
+    a_ns = rl.group_advantages(torch.tensor(rows, dtype=F64), scale_std=False)
+    torch.testing.assert_close(a_ns[0], torch.tensor([-2.75, -1.75, 0.25, 4.25], dtype=F64), rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 8), st.floats(1e-3, 1e4), st.integers(0, 2**31 - 1))
+def test_group_advantages_zero_sum_unit_bessel_std(prompts, g, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(prompts, g, generator=gen, dtype=F64) * scale
+    a = rl.group_advantages(r, eps=0.0)
+    torch.testing.assert_close(a.sum(1), torch.zeros(prompts, dtype=F64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(a.std(1, correction=1), torch.ones(prompts, dtype=F64), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("value", [0.1, -3.3, 1e6, 0.0])
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_group_advantages_equal_rewards_give_exact_zero(value, eps, dtype):
+    r = torch.tensor([[value] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]], dtype=dtype)
+    for scale_std in (True, False):
+        a = rl.group_advantages(r, scale_std=scale_std, eps=eps)
+        assert torch.isfinite(a).all()
+        assert (a[0] == 0).all()
+        assert (a[1] != 0).sum() == 4  # the middle one is exactly the mean
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(ValueError, match="rewards has groups of size 1"):
+        rl.group_advantages(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="eps"):
+        rl.group_advantages(torch.zeros(2, 3), eps=-1.0)
+    with pytest.raises(TypeError, match="scale_std"):
+        rl.group_advantages(torch.zeros(2, 3), scale_std="group")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+        rl.group_advantages(torch.tensor([[0.0, float("nan"), 1.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whitening
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_whiten_masked_moments_and_reuse():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, generator=gen, dtype=F64) * 3 + 2
+    m = random_mask(3, 5, gen, "holes")
+    w = rl.whiten(x, m, eps=0.0)
+    torch.testing.assert_close(w, masked_whiten(x, m, eps=0.0), rtol=0, atol=0)
+    vals = w[m]
+    torch.testing.assert_close(vals.mean(), torch.tensor(0.0, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(vals.std(correction=1), torch.tensor(1.0, dtype=F64), rtol=1e-12, atol=0)
+    assert (w[~m] == 0).all()
+    keep = rl.whiten(x, m, shift_mean=False, eps=0.0)
+    torch.testing.assert_close(keep[m].mean(), x[m].mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rl.whiten(x, eps=0.0), masked_whiten(x, torch.ones_like(m), eps=0.0))
+    with pytest.raises(TypeError, match="mask"):
+        rl.whiten(x, m.float())
+    with pytest.raises(ValueError, match="eps"):
+        rl.whiten(x, m, eps=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL estimators
+# ----------------------------------------------------------------------------------------------------------
+
+K = 6
+
+
+def categorical(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(K, generator=gen, dtype=F64)
+    ref = torch.log_softmax(torch.randn(K, generator=gen, dtype=F64), 0)
+    return theta, ref
+
+
+def test_kl_estimators_hand_values():
+    lp = torch.tensor([-1.0, -2.0, -0.5], dtype=F64)
+    ref = torch.tensor([-1.5, -1.0, -0.5], dtype=F64)
+    log_ratio = [0.5, -1.0, 0.0]
+    torch.testing.assert_close(rl.kl_estimate(lp, ref, estimator="k1"), torch.tensor(log_ratio, dtype=F64))
+    torch.testing.assert_close(
+        rl.kl_estimate(lp, ref, estimator="k2"), torch.tensor([0.125, 0.5, 0.0], dtype=F64)
+    )
+    k3 = [math.exp(-x) - 1 + x for x in log_ratio]
+    torch.testing.assert_close(rl.kl_estimate(lp, ref, estimator="k3"), torch.tensor(k3, dtype=F64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_k1_k3_unbiased_exactly_by_enumeration(seed):
+    theta, ref = categorical(seed)
+    logp = torch.log_softmax(theta, 0)
+    p = logp.exp()
+    kl = float((p * (logp - ref)).sum())
+    for est in ("k1", "k3"):
+        expectation = float((p * rl.kl_estimate(logp, ref, estimator=est)).sum())
+        assert math.isclose(expectation, kl, rel_tol=1e-12, abs_tol=1e-14), est
+    k2_mean = float((p * rl.kl_estimate(logp, ref, estimator="k2")).sum())
+    assert not math.isclose(k2_mean, kl, rel_tol=1e-3)  # k2 is biased (sanity: the check can fail)
+
+
+def test_k1_k3_unbiased_monte_carlo():
+    theta, ref = categorical(7)
+    logp = torch.log_softmax(theta, 0)
+    p = logp.exp()
+    kl = float((p * (logp - ref)).sum())
+    n = 200_000
+    gen = torch.Generator().manual_seed(123)
+    y = torch.multinomial(p, n, replacement=True, generator=gen)
+    for est in ("k1", "k3"):
+        k = rl.kl_estimate(logp, ref, estimator=est)
+        var = float((p * k**2).sum()) - kl**2  # exact variance of one sample, by enumeration
+        se = math.sqrt(var / n)
+        mean = float(k[y].mean())
+        assert abs(mean - kl) < 4 * se, (est, mean, kl, se)
+        assert 4 * se < 0.1 * kl  # the tolerance is tight relative to the quantity tested
+
+
+def test_kl_estimator_gradients_exact_on_a_categorical():
+    """Samples fixed, weights π detached: E_π[∇k1] = 0, E_π[∇k2] = ∇KL(π‖ref), E_π[∇k3] = ∇KL(ref‖π)."""
+    theta0, ref = categorical(11)
+    results = {}
+    for est in ("k1", "k2", "k3"):
+        theta = theta0.clone().requires_grad_(True)
+        logp = torch.log_softmax(theta, 0)
+        weights = logp.exp().detach()
+        (g,) = torch.autograd.grad((weights * rl.kl_estimate(logp, ref, estimator=est)).sum(), theta)
+        results[est] = g
+    theta = theta0.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, 0)
+    (g_rev,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)
+    theta = theta0.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, 0)
+    (g_fwd,) = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta)
+    torch.testing.assert_close(results["k1"], torch.zeros(K, dtype=F64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(results["k2"], g_rev, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results["k3"], g_fwd, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(g_rev, g_fwd, atol=1e-3)  # the two KL directions differ here
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e4, 0.0), min_size=1, max_size=8),
+    st.lists(st.floats(-1e4, 0.0), min_size=8, max_size=8),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_k3_nonnegative_never_nan(lp, ref, dtype):
+    a = torch.tensor(lp, dtype=dtype)
+    b = torch.tensor(ref[: len(lp)], dtype=dtype)
+    for est in ("k2", "k3"):
+        k = rl.kl_estimate(a, b, estimator=est)
+        assert not torch.isnan(k).any()
+        assert (k >= 0).all()
+        assert k.dtype == (F64 if dtype == F64 else torch.float32)
+    k3 = rl.kl_estimate(a, b, estimator="k3")
+    small = (a.double() - b.double()).abs() < 50
+    assert torch.isfinite(k3[small]).all()
+
+
+def test_kl_estimate_gradcheck_and_bad_input():
+    lp = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ref = torch.randn(2, 3, dtype=F64)
+    for est in ("k1", "k2", "k3"):
+        assert torch.autograd.gradcheck(lambda x, e=est: rl.kl_estimate(x, ref, estimator=e), (lp,))
+    with pytest.raises(ValueError, match="estimator"):
+        rl.kl_estimate(lp, ref, estimator="k4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ref_logp"):
+        rl.kl_estimate(lp, ref[:, :2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL-penalized rewards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_kl_penalized_rewards_hand_case_left_and_right_padding():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [0.0, -1.0, -1.0, -1.0]], dtype=F64)
+    ref = torch.tensor([[-1.5, -1.0, -3.0, 0.0], [0.0, -2.0, -1.0, -0.5]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    scores = torch.tensor([2.0, -1.0], dtype=F64)
+    out = rl.kl_penalized_rewards(scores, logp, ref, mask, beta=0.1)
+    k1 = torch.tensor([[0.5, -1.0, 0.0, 0.0], [0.0, 1.0, 0.0, -0.5]], dtype=F64)
+    expected = -0.1 * k1
+    expected[0, 2] += 2.0  # last valid token of the right-padded row
+    expected[1, 3] += -1.0  # last valid token of the left-padded row
+    torch.testing.assert_close(out.kl, k1, rtol=0, atol=0)
+    torch.testing.assert_close(out.token_rewards, expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(out.sequence_rewards, scores - 0.1 * k1.sum(1), rtol=0, atol=1e-15)
+
+    in_loss = rl.kl_penalized_rewards(scores, logp, ref, mask, beta=0.1, kl_in_reward=False)
+    terminal = torch.zeros(2, 4, dtype=F64)
+    terminal[0, 2], terminal[1, 3] = 2.0, -1.0
+    torch.testing.assert_close(in_loss.token_rewards, terminal, rtol=0, atol=0)
+    torch.testing.assert_close(in_loss.sequence_rewards, scores, rtol=0, atol=0)
+
+    # GAE with γ = λ = 1 and zero values on these rewards: every token's advantage is the rest of the return
+    adv, _ = rl.gae(out.token_rewards, torch.zeros_like(logp), mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv[0, 0], out.sequence_rewards[0])
+    torch.testing.assert_close(adv[1, 1], out.sequence_rewards[1])
+
+
+def test_kl_penalized_rewards_k3_and_detached():
+    logp = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ref = torch.randn(2, 3, dtype=F64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = rl.kl_penalized_rewards(torch.zeros(2, dtype=F64), logp, ref, mask, beta=0.5, estimator="k3")
+    torch.testing.assert_close(out.kl, rl.kl_estimate(logp.detach(), ref, estimator="k3"))
+    assert not out.token_rewards.requires_grad and not out.sequence_rewards.requires_grad
+
+
+def test_last_valid_index_matches_loop():
+    gen = torch.Generator().manual_seed(8)
+    for kind in ("right", "left", "holes"):
+        m = random_mask(6, 9, gen, kind)
+        expected = [max(j for j in range(9) if m[i, j]) for i in range(6)]
+        assert rl.last_valid_index(m).tolist() == expected
+
+
+def test_kl_penalized_rewards_bad_input():
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    s = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta"):
+        rl.kl_penalized_rewards(s, lp, lp, m, beta=-0.1)
+    with pytest.raises(ValueError, match="scores"):
+        rl.kl_penalized_rewards(torch.zeros(3), lp, lp, m)
+    with pytest.raises(ValueError, match="scores has 1 non-finite"):
+        rl.kl_penalized_rewards(torch.tensor([0.0, float("nan")]), lp, lp, m)
+    with pytest.raises(TypeError, match="mask"):
+        rl.kl_penalized_rewards(s, lp, lp, m.int())
+    m2 = m.clone()
+    m2[1] = False
+    with pytest.raises(ValueError, match="mask has rows with no valid token"):
+        rl.kl_penalized_rewards(s, lp, lp, m2)
+    with pytest.raises(ValueError, match="ref_logp"):
+        rl.kl_penalized_rewards(s, lp, torch.zeros(2, 4), m)
