@@ -1,0 +1,133 @@
+"""Bad-row bookkeeping shared by the loaders and the collators.
+
+A *bad row* is skipped, never silently repaired. Every skip is counted under a short machine-readable
+reason (see :data:`REASONS`) together with the index of the row, so that a user can look the row up.
+Loaders return an immutable :class:`LoadReport`; collators keep a running, mutable :class:`SkipTally`
+(``collator.stats``) whose :meth:`SkipTally.snapshot` gives a :class:`LoadReport` as well.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = ["REASONS", "BadRowError", "LoadReport", "SkipTally"]
+
+#: Every reason a row can be skipped for, with its meaning (documented in ``docs/data.md``).
+REASONS: Mapping[str, str] = MappingProxyType(
+    {
+        "missing_field": "a required field is absent, None, or not of the expected type",
+        "identical": "chosen and rejected are the same text",
+        "missing_marker": "implicit-prompt format: the assistant marker does not occur in chosen or rejected",
+        "prompt_mismatch": "chosen and rejected do not share the same prompt",
+        "empty_completion": "a completion is empty or whitespace only",
+        "bad_messages": "conversational format: messages are not a list of {role, content} string dicts",
+        "last_not_assistant": "conversational format: the completion does not start with an assistant message",
+        "template_not_prefix": "conversational format: the rendered prompt is not a prefix of the rendered dialogue",
+        "bad_label": "pointwise/unpaired format: the label is not a finite number or a bool",
+        "empty_prompt": "collator: the prompt tokenizes to zero tokens (the first completion token would have no context)",
+        "empty_completion_after_truncation": "collator: no completion token is left after truncation",
+        "identical_after_truncation": "collator: chosen and rejected token ids are equal after truncation",
+        "duplicate_pair": "pairs_from_pointwise: the same (prompt, chosen, rejected) triple was already formed",
+    }
+)
+
+_MAX_INDICES = 5
+
+
+class BadRowError(Exception):
+    """Internal signal raised while parsing one row; carries a reason from :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:  # pragma: no cover - programming error
+            raise KeyError(f"unknown bad-row reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What happened to the rows of one load (or of everything a collator has seen so far).
+
+    Attributes:
+        format: the detected or requested format (``"explicit"``, ``"implicit"``, ``"conversational"``,
+            ``"pointwise"``, ``"unpaired"``, ``"pairs_from_pointwise"``, ``"collator"``).
+        n_rows: rows read from the source.
+        n_kept: rows in the result.
+        skipped: reason → number of rows skipped for it.
+        first_indices: reason → the first (at most 5) row indices skipped for it, 0-based in the source.
+        first_details: reason → a human-readable detail of the first skipped row.
+    """
+
+    format: str
+    n_rows: int
+    n_kept: int
+    skipped: Mapping[str, int] = field(default_factory=dict)
+    first_indices: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    first_details: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        """Total number of skipped rows (``n_rows - n_kept`` for loaders)."""
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """One line: ``"implicit: kept 2339 of 2354 rows; skipped 15 (identical: 2 [rows 5, 9], ...)"``."""
+        head = f"{self.format}: kept {self.n_kept} of {self.n_rows} rows"
+        if not self.skipped:
+            return head
+        parts = []
+        for reason, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+            idx = ", ".join(str(i) for i in self.first_indices.get(reason, ()))
+            more = ", ..." if count > len(self.first_indices.get(reason, ())) else ""
+            parts.append(f"{reason}: {count} [rows {idx}{more}]")
+        return f"{head}; skipped {self.n_skipped} ({'; '.join(parts)})"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class SkipTally:
+    """Mutable running counter of skipped rows (used by collators across batches).
+
+    Attributes:
+        rows_seen: rows handed to the owner so far.
+        rows_kept: rows that made it into an output.
+        skipped: ``Counter`` reason → count.
+    """
+
+    def __init__(self, format: str) -> None:
+        self.format = format
+        self.rows_seen = 0
+        self.rows_kept = 0
+        self.skipped: Counter[str] = Counter()
+        self._indices: dict[str, list[int]] = {}
+        self._details: dict[str, str] = {}
+
+    def skip(self, reason: str, index: int, detail: str = "") -> None:
+        """Record one skipped row."""
+        if reason not in REASONS:  # pragma: no cover - programming error
+            raise KeyError(f"unknown bad-row reason {reason!r}")
+        self.skipped[reason] += 1
+        lst = self._indices.setdefault(reason, [])
+        if len(lst) < _MAX_INDICES:
+            lst.append(index)
+        self._details.setdefault(reason, detail)
+
+    def snapshot(self) -> LoadReport:
+        """An immutable :class:`LoadReport` of the counts so far."""
+        return LoadReport(
+            format=self.format,
+            n_rows=self.rows_seen,
+            n_kept=self.rows_kept,
+            skipped=MappingProxyType(dict(self.skipped)),
+            first_indices=MappingProxyType({k: tuple(v) for k, v in self._indices.items()}),
+            first_details=MappingProxyType(dict(self._details)),
+        )
+
+    def reset(self) -> None:
+        """Forget everything counted so far."""
+        self.__init__(self.format)  # type: ignore[misc]

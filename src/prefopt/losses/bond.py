@@ -1,0 +1,239 @@
+"""BOND and J-BOND losses (Sessa et al., "BOND: Aligning LLMs with Best-of-N Distillation", arXiv 2407.14622).
+
+Both losses are *surrogates*: pure functions of per-sequence log-probs and rewards whose autograd gradient,
+averaged over a batch of samples, is an unbiased estimate of the gradient of a divergence. The expectations
+they estimate are stated in each docstring and checked exactly (by enumeration) on a categorical policy in
+``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N helpers are in
+:mod:`prefopt.bond`. The primary text's equation numbers could not be checked; section/algorithm numbers
+follow a secondary transcription.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefopt.bond import jbond_reward, log_empirical_quantile
+from prefopt.registry import Check, between, ge, one_of, register_loss
+from prefopt.types import LossOutput, check_tensor
+
+__all__ = ["bond", "jbond"]
+
+
+def _int_ge(lo: int) -> Check:
+    return Check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"an integer >= {lo}")
+
+
+def _floor_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return v in ("half", "smoothed")
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
+_FLOOR_CHECK = Check(_floor_ok, "'half', 'smoothed' or a number in (0, 1]")
+
+
+def _check_batch(name: str, x: Any, b: int | None) -> Tensor:
+    check_tensor(name, x, ndim=1)
+    if b is not None and x.shape[0] != b:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape ({b},); they must match")
+    return x
+
+
+def _baseline(ret: Tensor, kind: str) -> Tensor:
+    """Leave-one-out batch mean ``B_i = (Σ_j R_j − R_i)/(b − 1)`` (``kind='loo'``) or 0 (``'none'``)."""
+    if kind == "none":
+        return torch.zeros_like(ret)
+    b = ret.shape[0]
+    if b < 2:
+        raise ValueError(
+            f"baseline='loo' needs at least 2 samples in the batch (logp has {b}); pass baseline='none'"
+        )
+    return (ret.sum() - ret) / (b - 1)
+
+
+@register_loss(
+    "bond",
+    needs_reference=True,
+    family="bond",
+    checks={
+        "n": _int_ge(1),
+        "beta": between(0, 1),
+        "quantile_floor": _FLOOR_CHECK,
+        "baseline": one_of("loo", "none"),
+    },
+)
+def bond(
+    logp: Tensor,
+    ref_logp: Tensor,
+    reward: Tensor,
+    ref_rewards: Tensor,
+    best_logp: Tensor,
+    *,
+    n: int = 8,
+    beta: float = 0.5,
+    quantile_floor: str | float = "half",
+    baseline: str = "loo",
+) -> LossOutput:
+    """Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
+
+    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples)::
+
+        log p̂_i = log p̂_≤(y_i)            empirical quantile of reward_i among the k ref_rewards (floored)
+        R_i     = sg[(N−1)·log p̂_i − (logp_i − ref_logp_i)]          the return  ("bond/return")
+        B_i     = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0  (baseline='none')
+        loss_i  = (1−β)·(−best_logp_i)  +  β·(−(R_i − B_i)·logp_i)
+                   └── forward KL ──┘      └──── backward KL ────┘
+
+    Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
+    **multiplied by (N−1)**, so that ``β`` weighs two KL divergences on the same scale. With the exact
+    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` (:func:`prefopt.bond.practical_bond_target`), the expected
+    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is::
+
+        (1−β)·∇KL(π_BoN ‖ π_θ)  +  β·∇KL(π_θ ‖ π̃)
+
+    (the baseline does not change it: ``E[∇log π] = 0`` and ``B_i`` is independent of ``y_i``). So
+    ``β = 0`` is SFT on Best-of-N samples and converges to ``π_BoN``; ``β = 1`` converges to ``π̃``, not
+    ``π_BoN``, because the practical reward drops the tie/collision term (B) of ``r_BOND``; ``0 < β < 1``
+    converges to ``argmin_π (1−β)·KL(π_BoN‖π) + β·KL(π‖π̃)``. The empirical quantile adds a further bias
+    (``E log p̂ ≠ log p`` and the floor). Divide ``β``'s term by ``N−1`` to recover the unscaled convention.
+
+    Args:
+        logp: ``(b,)`` policy log-prob ``S_θ(y)`` of its own sample (sum over completion tokens).
+        ref_logp: ``(b,)`` reference log-prob ``S_ref(y)`` of the same sample (enters the return only).
+        reward: ``(b,)`` reward of the policy sample.
+        ref_rewards: ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the quantile pool;
+            it may be the Best-of-N pool itself, :attr:`prefopt.bond.BestOfN.rewards`).
+        best_logp: ``(b,)`` policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample.
+        n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
+        beta: Jeffreys weight in ``[0, 1]`` (0 = forward only, 1 = backward only; default 0.5 as recommended).
+        quantile_floor: floor for ``p̂ = 0`` (see :func:`prefopt.bond.empirical_quantile`; default ``'half'``
+            = ``1/(2k)``).
+        baseline: ``'loo'`` (leave-one-out mean return of the other samples in the batch; needs ``b >= 2``)
+            or ``'none'``.
+
+    Returns:
+        :class:`LossOutput` with an unreduced ``(b,)`` loss and metrics (all ``(b,)``, detached):
+        ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage`` (``R − B``),
+        ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
+        ``kl/bon_backward`` (``logp − ref_logp − (N−1)·log p̂``, a one-sample estimate of ``KL(π_θ‖π_BoN)``
+        with (B) dropped; equals ``−R``), ``loss/forward`` (``−best_logp``), ``loss/backward``
+        (``−(R − B)·logp``).
+    """
+    check_tensor("logp", logp, ndim=1)
+    b = logp.shape[0]
+    _check_batch("ref_logp", ref_logp, b)
+    _check_batch("best_logp", best_logp, b)
+    check_tensor("reward", reward, ndim=1, floating=False)
+    if reward.shape[0] != b:
+        raise ValueError(f"reward has shape {tuple(reward.shape)} but logp has shape ({b},); they must match")
+    check_tensor("ref_rewards", ref_rewards, ndim=2, floating=False)
+    if ref_rewards.shape[0] != b:
+        raise ValueError(f"ref_rewards has shape {tuple(ref_rewards.shape)} but logp has shape ({b},)")
+
+    log_q = log_empirical_quantile(reward, ref_rewards, floor=quantile_floor).to(logp.dtype)
+    kl_ref = (logp - ref_logp).detach()
+    ret = (n - 1) * log_q - kl_ref
+    adv = ret - _baseline(ret, baseline)
+    forward = -best_logp
+    backward = -adv * logp
+    loss = (1 - beta) * forward + beta * backward
+    metrics = {
+        "bond/log_quantile": log_q.detach(),
+        "bond/return": ret.detach(),
+        "bond/advantage": adv.detach(),
+        "kl/ref": kl_ref,
+        "kl/bon_backward": (-ret).detach(),
+        "loss/forward": forward.detach(),
+        "loss/backward": backward.detach(),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+@register_loss(
+    "jbond",
+    needs_reference=False,
+    family="bond",
+    checks={
+        "beta": between(0, 1),
+        "gamma": ge(0),
+        "strict": one_of(True, False),
+        "baseline": one_of("loo", "none"),
+    },
+)
+def jbond(
+    logp: Tensor,
+    anchor_logp: Tensor,
+    reward: Tensor,
+    anchor_rewards: Tensor,
+    best_anchor_logp: Tensor,
+    *,
+    beta: float = 0.5,
+    gamma: float = 0.0,
+    strict: bool = True,
+    baseline: str = "loo",
+) -> LossOutput:
+    """J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
+
+    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties)::
+
+        r_J,i  = −log 16 · 1[r(y_i) < min(r(y'_1), r(y'_2))]     ("≤" with strict=False, the appendix form)
+        R_i    = sg[r_J,i − (logp_i − anchor_logp_i)]              β_BOND = 1/(N−1) = 1 for N = 2
+        B_i    = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0
+        loss_i = (1−β)·(−best_anchor_logp_i) + β·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
+
+    With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``::
+
+        (1−β)·∇KL(BoN_2(π_anchor) ‖ π_θ) + β·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
+
+    where ``π̃_J ∝ π_anchor·exp(E[r_J | y])`` and ``E[r_J | y] = −log 16·(1 − p_≤(y))²`` (quantile under
+    ``π_anchor``; ``p_<`` for ``strict=False``) — equal to ``log p_≤`` at the median, an approximation
+    elsewhere. The ``γ`` term is the single-sample score-function estimator of ``∇KL(π_θ‖π_anchor)`` (the
+    paper does not specify its estimator). The caller updates the anchor, e.g. with
+    :func:`prefopt.bond.ema_update_` or ``LoraPolicy.update_anchor_``.
+
+    Args:
+        logp: ``(b,)`` policy log-prob of its own sample.
+        anchor_logp: ``(b,)`` anchor log-prob of the same sample.
+        reward: ``(b,)`` reward of the policy sample.
+        anchor_rewards: ``(b, 2)`` rewards of the two anchor samples.
+        best_anchor_logp: ``(b,)`` policy log-prob of the better anchor sample.
+        beta: Jeffreys weight in ``[0, 1]`` (default 0.5).
+        gamma: extra KL-to-anchor weight ``>= 0`` (default 0).
+        strict: ``True`` = "<" (main text), ``False`` = "≤" (appendix).
+        baseline: ``'loo'`` (needs ``b >= 2``) or ``'none'``.
+
+    Returns:
+        :class:`LossOutput`, ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``), ``jbond/return``,
+        ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``, ``loss/backward``,
+        ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
+    """
+    check_tensor("logp", logp, ndim=1)
+    b = logp.shape[0]
+    _check_batch("anchor_logp", anchor_logp, b)
+    _check_batch("best_anchor_logp", best_anchor_logp, b)
+    check_tensor("reward", reward, ndim=1, floating=False)
+    if reward.shape[0] != b:
+        raise ValueError(f"reward has shape {tuple(reward.shape)} but logp has shape ({b},); they must match")
+    check_tensor("anchor_rewards", anchor_rewards, ndim=2, floating=False)
+
+    r_j = jbond_reward(reward, anchor_rewards, strict=strict).to(logp.dtype)
+    kl_anchor = (logp - anchor_logp).detach()
+    ret = r_j - kl_anchor
+    adv = ret - _baseline(ret, baseline)
+    forward = -best_anchor_logp
+    backward = -adv * logp
+    kl_reg = gamma * kl_anchor * logp
+    loss = (1 - beta) * forward + beta * backward + kl_reg
+    metrics = {
+        "jbond/reward": r_j.detach(),
+        "jbond/return": ret.detach(),
+        "jbond/advantage": adv.detach(),
+        "kl/anchor": kl_anchor,
+        "loss/forward": forward.detach(),
+        "loss/backward": backward.detach(),
+        "loss/kl_reg": kl_reg.detach(),
+    }
+    return LossOutput(loss=loss, metrics=metrics)
