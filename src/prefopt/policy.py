@@ -1,0 +1,634 @@
+r"""One backbone for a LoRA policy, its frozen reference and a moving (EMA) anchor.
+
+:class:`LoraPolicy` wraps a Hugging Face causal LM with peft LoRA and serves three distributions from a single
+set of backbone weights ``W0`` (per adapted linear layer, in ``nn.Linear`` layout ``(out, in)``):
+
+=================================  ===========================================================================
+``policy.model(...)``              the trainable policy, ``W = W0 + s·B_p·A_p`` (peft adapter ``"default"``,
+                                   ``s = lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA)
+``with policy.reference(): ...``   all adapters disabled, exactly ``W = W0`` (requires ``bias="none"``)
+``with policy.anchor(): ...``      a frozen second adapter ``"anchor"``: ``W = W0 + ΔW_a``, ``ΔW_a = B_a·A_a``
+=================================  ===========================================================================
+
+The anchor is an exponential moving average of the policy's *effective weight change*
+``ΔW_p = s·B_p·A_p`` (never of ``A`` and ``B`` separately: the product of averages is not the average of
+products). :meth:`LoraPolicy.update_anchor_` applies, per adapted layer,
+
+.. math::
+
+    ΔW_a \leftarrow d\,ΔW_a + (1-d)\,ΔW_p
+                 = \underbrace{[\,d\,B_a,\ (1-d)\,s\,B_p\,]}_{m×k}\ \underbrace{\begin{bmatrix}A_a\\A_p\end{bmatrix}}_{k×n},
+    \qquad k = r_a + r_p,
+
+which is exact at rank ``k`` and is re-compressed to ``r_a`` (``anchor_rank``) with a thin QR of both stacked
+factors and an SVD of the small ``k×k`` core (:func:`ema_low_rank`). Truncating the SVD is the best rank-``r_a``
+approximation (Eckart–Young); its relative Frobenius error is read off the discarded singular values and
+returned. With J-BOND's notation (Sessa et al. 2024, arXiv 2407.14622, Algorithm 2:
+``θ_anchor ← (1−η)·θ_anchor + η·θ``) the decay is ``d = 1 − η``; for LoRA the EMA is taken on ``ΔW``, which is
+what the full-weight EMA of the paper means for a frozen backbone.
+
+PE-RLHF (Sidahmed et al. 2024, arXiv 2403.10704) puts adapters on every attention projection; the
+default here is ``target_modules="all-linear"`` instead (every linear / ``Conv1D`` layer except the output
+head), because it needs no per-architecture module names (Llama ``q_proj``… vs GPT-2 ``c_attn``…) and is the
+more common choice for preference tuning. Pass a ``LoraConfig`` to choose the attention-only layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import peft
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+__all__ = [
+    "ANCHOR_ADAPTER",
+    "POLICY_ADAPTER",
+    "VALUE_ADAPTER",
+    "AnchorUpdate",
+    "LoraPolicy",
+    "ParameterCounts",
+    "default_lora_config",
+    "ema_low_rank",
+]
+
+POLICY_ADAPTER = "default"
+ANCHOR_ADAPTER = "anchor"
+VALUE_ADAPTER = "critic"  # not "value": that is a module name in some architectures (BERT-style attention)
+_META_FILE = "prefopt_policy.json"
+_TENSOR_FILE = "prefopt_policy.safetensors"
+_FORMAT_VERSION = 1
+# init_lora_weights values that leave the backbone untouched (PiSSA/OLoRA/CorDA/LoftQ/EVA/... rewrite W0 or
+# change the adapter's structure, so "adapters disabled" would no longer be the original model).
+_SAFE_INITS = (True, False, "gaussian")
+
+
+def default_lora_config() -> peft.LoraConfig:
+    """The default policy adapter: ``r=8, lora_alpha=16`` (scale 2), ``target_modules="all-linear"``,
+    ``lora_dropout=0``, ``bias="none"``, ``task_type="CAUSAL_LM"``."""
+    return peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass(frozen=True)
+class AnchorUpdate:
+    """What :meth:`LoraPolicy.update_anchor_` discarded when re-compressing the anchor to ``anchor_rank``.
+
+    ``max_relative_error``: ``max_l ‖discarded_l‖_F / ‖ΔW_l‖_F`` over adapted layers ``l`` (0 where
+    ``ΔW_l = 0``). ``total_relative_error``: ``sqrt(Σ_l ‖discarded_l‖²_F / Σ_l ‖ΔW_l‖²_F)``. Here ``ΔW_l`` is
+    the exact (untruncated) EMA of this step, so both are errors of *this* update only; they add up over
+    updates at most linearly (each old error is damped by ``decay`` at every later step).
+    """
+
+    max_relative_error: float
+    total_relative_error: float
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """``trainable``: elements of parameters with ``requires_grad`` (policy adapter, critic adapter, value
+    head); ``total``: all elements (backbone, all adapters, value head); ``fraction = trainable / total``."""
+
+    trainable: int
+    total: int
+    fraction: float
+
+
+def ema_low_rank(
+    b_anchor: Tensor,
+    a_anchor: Tensor,
+    b_policy: Tensor,
+    a_policy: Tensor,
+    *,
+    decay: float,
+    scale: float | Tensor = 1.0,
+    rank: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Rank-``rank`` factors of ``decay·B_a·A_a + (1−decay)·scale·B_p·A_p`` (one EMA step on ``ΔW``).
+
+    Shapes (leading batch dimensions ``...`` allowed, shared by all inputs): ``b_anchor (..., m, r_a)``,
+    ``a_anchor (..., r_a, n)``, ``b_policy (..., m, r_p)``, ``a_policy (..., r_p, n)``; ``scale`` a float or a
+    tensor broadcastable to ``(..., 1, 1)``.
+
+    Method: with ``L = [decay·B_a, (1−decay)·scale·B_p]`` ``(m, k)`` and ``R = [A_a; A_p]`` ``(k, n)``,
+    ``k = r_a + r_p``, ``L R`` is the exact EMA. Thin QR ``L = Q_1 R_1``, ``Rᵀ = Q_2 R_2``, SVD of the small core
+    ``R_1 R_2ᵀ = U S Vᵀ`` give ``L R = (Q_1 U) S (Q_2 V)ᵀ``; keeping the leading ``rank`` singular triplets is
+    the best rank-``rank`` approximation in Frobenius norm (Eckart–Young). The kept part is split evenly,
+    ``B = Q_1 U_{:r} S_{:r}^{1/2}``, ``A = S_{:r}^{1/2} V_{:r}ᵀ Q_2ᵀ``. Cost ``O((m + n) k² + k³)``, no
+    ``m×n`` matrix is formed.
+
+    Returns ``(b_new (..., m, rank), a_new (..., rank, n), discarded_sq (...), total_sq (...))`` where
+    ``discarded_sq = Σ_{i>rank} S_i²`` and ``total_sq = Σ_i S_i² = ‖exact EMA‖²_F``. If fewer than ``rank``
+    singular values exist (``min(m, n, k) < rank``) the factors are zero-padded. Computed in the inputs' dtype
+    (pass float32/float64).
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    left = torch.cat([decay * b_anchor, (1.0 - decay) * scale * b_policy], dim=-1)  # (..., m, k)
+    right = torch.cat([a_anchor, a_policy], dim=-2)  # (..., k, n)
+    q1, r1 = torch.linalg.qr(left)  # (..., m, p1), (..., p1, k)
+    q2, r2 = torch.linalg.qr(right.mT)  # (..., n, p2), (..., p2, k)
+    u, s, vh = torch.linalg.svd(r1 @ r2.mT, full_matrices=False)  # (..., p1, q), (..., q), (..., q, p2)
+    keep = min(rank, s.shape[-1])
+    root = s[..., :keep].sqrt()
+    b_new = (q1 @ u[..., :keep]) * root.unsqueeze(-2)
+    a_new = root.unsqueeze(-1) * (vh[..., :keep, :] @ q2.mT)
+    if keep < rank:
+        b_new = torch.cat([b_new, b_new.new_zeros(*b_new.shape[:-1], rank - keep)], dim=-1)
+        a_new = torch.cat([a_new, a_new.new_zeros(*a_new.shape[:-2], rank - keep, a_new.shape[-1])], dim=-2)
+    sq = s.square()
+    return b_new, a_new, sq[..., keep:].sum(-1), sq.sum(-1)
+
+
+def _tuner(peft_model: peft.PeftModel) -> Any:
+    """The peft ``LoraModel`` inside a ``PeftModel`` (typed ``Any``: mypy sees ``Tensor | Module``)."""
+    return peft_model.base_model
+
+
+def _check_config(cfg: Any) -> None:
+    """Refuse LoRA settings under which "adapters disabled" is not the base model or the anchor is ill-defined."""
+    if not isinstance(cfg, peft.LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig or None, got {type(cfg).__name__}")
+    if cfg.bias != "none":
+        raise ValueError(
+            f'lora_config.bias must be "none" (got {cfg.bias!r}): a trained bias stays active when adapters are '
+            "disabled, so reference() would not be the base model"
+        )
+    if cfg.modules_to_save:
+        raise ValueError(
+            f"lora_config.modules_to_save must be empty (got {cfg.modules_to_save!r}): fully trained module "
+            "copies are not low-rank and cannot be averaged into the anchor adapter"
+        )
+    if getattr(cfg, "trainable_token_indices", None):
+        raise ValueError("lora_config.trainable_token_indices is not supported (the anchor would ignore it)")
+    if cfg.init_lora_weights not in _SAFE_INITS:
+        raise ValueError(
+            f"lora_config.init_lora_weights must be one of {_SAFE_INITS} (got {cfg.init_lora_weights!r}): "
+            "other initializations rewrite the backbone or change the adapter's form"
+        )
+    for flag in ("use_dora", "lora_bias", "use_qalora"):
+        if getattr(cfg, flag, False):
+            raise ValueError(f"lora_config.{flag}=True is not supported: the anchor is an EMA of ΔW = s·B·A")
+    for field in ("layer_replication", "target_parameters", "alora_invocation_tokens"):
+        if getattr(cfg, field, None):
+            raise ValueError(f"lora_config.{field} is not supported by LoraPolicy")
+    if cfg.task_type not in (None, "CAUSAL_LM", peft.TaskType.CAUSAL_LM):
+        raise ValueError(f'lora_config.task_type must be None or "CAUSAL_LM", got {cfg.task_type!r}')
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise ValueError(f"lora_config.r must be a positive int, got {cfg.r!r}")
+
+
+def _check_target_names(model: nn.Module, cfg: peft.LoraConfig) -> None:
+    """Every name in a list/set ``target_modules`` must match at least one module (peft only needs one)."""
+    targets = cfg.target_modules
+    if targets is None or isinstance(targets, str):
+        return  # None: peft's per-architecture default; a str is "all-linear" or a regex (peft checks it)
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"lora_config.target_modules: {sorted(missing)} match no module of the model; "
+            f"linear module names here include {linear[:12]}"
+        )
+
+
+class LoraPolicy(nn.Module):
+    """A LoRA policy whose backbone also serves the reference model and an EMA anchor (see module docstring).
+
+    Args:
+        model: a Hugging Face causal LM (``PreTrainedModel``). It is wrapped **in place** (peft swaps its
+            linear layers for LoRA layers); keep no other reference to it. An existing ``PeftModel`` (or a
+            model with injected adapters) is refused: merge it (``merge_and_unload()``) or pass its base model.
+            The wrapper takes ``model``'s train/eval mode (new LoRA dropout modules follow it).
+        lora_config: the policy adapter's ``peft.LoraConfig`` (copied, never mutated);
+            ``None`` → :func:`default_lora_config`. Must have ``bias="none"``, no ``modules_to_save``, plain
+            LoRA (no DoRA/variants) and an initialization that leaves the backbone untouched.
+        anchor_rank: rank ``r_a`` of the anchor adapter; default ``2 × r`` (``r`` = largest policy rank,
+            ``rank_pattern`` included). With ``r_a ≥ 2r`` the anchor EMA stays accurate for a policy that
+            drifts smoothly (see ``docs/policy.md``).
+        value_head: add an ``nn.Linear(hidden_size, 1)`` (float32; float64 for a float64 model) on the
+            backbone's final hidden state for :meth:`values` (shares the backbone; by default also the
+            policy adapter).
+        value_adapter: give the value model its own LoRA adapter ``"critic"`` (same config as the policy,
+            trainable, initialized like it), as in PE-RLHF where the value model is a LoRA model of the same
+            size and rank. :meth:`values` then runs the backbone with ``W0 + s·B_v·A_v`` and the value loss
+            trains only the critic adapter and the head. Needs ``value_head=True``.
+
+    Attributes: ``model`` (the ``peft.PeftModel``; its forward is the policy), ``value_head``
+    (``nn.Linear`` or ``None``), ``anchor_rank``, ``lora_config`` (the resolved policy config).
+
+    The anchor adapter has ``lora_dropout=0`` and scale 1 (``lora_alpha = r_a``), and starts at ``ΔW_a = 0``
+    (anchor == reference). Only the policy adapter (and the critic adapter and value head, if any) has
+    ``requires_grad=True``.
+    Not thread-safe: the contexts switch layer state of the shared backbone.
+    """
+
+    model: peft.PeftModel
+    value_head: nn.Linear | None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lora_config: peft.LoraConfig | None = None,
+        *,
+        anchor_rank: int | None = None,
+        value_head: bool = False,
+        value_adapter: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, peft.PeftModel):
+            raise TypeError(
+                "model is already a peft.PeftModel; pass the base model instead (e.g. "
+                "model.merge_and_unload() to keep a trained adapter as part of the reference, or "
+                "model.get_base_model() after unloading) — LoraPolicy adds its own adapters"
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise TypeError("model already contains peft adapter layers; pass a model without adapters")
+        was_training = model.training
+        cfg = default_lora_config() if lora_config is None else copy.deepcopy(lora_config)
+        _check_config(cfg)
+        if anchor_rank is not None and (
+            isinstance(anchor_rank, bool) or not isinstance(anchor_rank, int) or anchor_rank < 1
+        ):
+            raise ValueError(f"anchor_rank must be a positive int or None, got {anchor_rank!r}")
+        if not isinstance(value_head, bool):
+            raise TypeError(f"value_head must be a bool, got {type(value_head).__name__}")
+        if not isinstance(value_adapter, bool):
+            raise TypeError(f"value_adapter must be a bool, got {type(value_adapter).__name__}")
+        if value_adapter and not value_head:
+            raise ValueError("value_adapter=True needs value_head=True")
+        _check_target_names(model, cfg)
+        policy_rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
+        self.anchor_rank: int = 2 * policy_rank if anchor_rank is None else anchor_rank
+
+        try:
+            peft_model = peft.get_peft_model(model, cfg, adapter_name=POLICY_ADAPTER)
+        except ValueError as err:
+            if "target module" in str(err).lower():
+                raise ValueError(f"lora_config.target_modules={cfg.target_modules!r}: {err}") from err
+            raise
+        try:
+            self.lora_config: peft.LoraConfig = peft_model.peft_config[POLICY_ADAPTER]  # type: ignore[assignment]
+            self._check_layers(peft_model, (POLICY_ADAPTER,))
+            anchor_cfg = peft.LoraConfig(
+                r=self.anchor_rank,
+                lora_alpha=self.anchor_rank,
+                use_rslora=False,
+                lora_dropout=0.0,
+                bias="none",
+                target_modules=copy.deepcopy(self.lora_config.target_modules),
+                exclude_modules=copy.deepcopy(self.lora_config.exclude_modules),
+                layers_to_transform=copy.deepcopy(self.lora_config.layers_to_transform),
+                layers_pattern=copy.deepcopy(self.lora_config.layers_pattern),
+                fan_in_fan_out=self.lora_config.fan_in_fan_out,
+                init_lora_weights=True,
+                inference_mode=True,
+            )
+            peft_model.add_adapter(ANCHOR_ADAPTER, anchor_cfg)
+            adapters: tuple[str, ...] = (POLICY_ADAPTER, ANCHOR_ADAPTER)
+            if value_adapter:
+                peft_model.add_adapter(VALUE_ADAPTER, copy.deepcopy(self.lora_config))
+                adapters += (VALUE_ADAPTER,)
+            _tuner(peft_model).set_adapter(POLICY_ADAPTER)
+            self._check_layers(peft_model, adapters)
+        except Exception:
+            _tuner(peft_model).unload()  # give the caller back an un-wrapped model
+            raise
+        self.model = peft_model
+        # typed Any: peft's layers expose ModuleDicts that mypy sees as ``Tensor | Module``
+        self._layers: list[tuple[str, Any]] = [
+            (name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLinear)
+        ]
+        with torch.no_grad():
+            for _, layer in self._layers:
+                layer.lora_A[ANCHOR_ADAPTER].weight.zero_()
+                layer.lora_B[ANCHOR_ADAPTER].weight.zero_()
+                layer.scaling[ANCHOR_ADAPTER] = 1.0
+        self.value_head = None
+        if value_head:
+            hidden = self._hidden_size()
+            ref_param = next(peft_model.parameters())
+            head_dtype = torch.promote_types(ref_param.dtype, torch.float32)  # fp32, or fp64 for fp64 models
+            self.value_head = nn.Linear(hidden, 1, device=ref_param.device, dtype=head_dtype)
+        self.value_adapter = value_adapter
+        # Flags: backbone and anchor frozen; policy adapter, critic adapter and value head trainable.
+        trainable = (f".{POLICY_ADAPTER}.", f".{VALUE_ADAPTER}.")
+        for name, p in self.named_parameters():
+            p.requires_grad_(
+                ("lora_" in name and any(t in name for t in trainable)) or name.startswith("value_head.")
+            )
+        self._mode = "policy"
+        # new modules (peft wrappers, LoRA dropout, head) start in train mode: follow the given model's mode
+        self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_layers(peft_model: peft.PeftModel, adapters: tuple[str, ...]) -> None:
+        tuner_layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+        if not tuner_layers:
+            raise ValueError("lora_config.target_modules matched no module")
+        for name, m in tuner_layers:
+            if type(m) is not LoraLinear:
+                raise ValueError(
+                    f"lora_config.target_modules: module {name!r} became a {type(m).__name__}; LoraPolicy "
+                    "supports LoRA on linear / Conv1D layers only (not embeddings, convolutions, quantized layers)"
+                )
+            for adapter in adapters:
+                if adapter not in m.lora_A:
+                    raise RuntimeError(f"adapter {adapter!r} missing on layer {name!r}")
+                if adapter in m.lora_variant:
+                    raise ValueError(
+                        f"lora_config: layer {name!r} uses a LoRA variant; only plain LoRA works"
+                    )
+
+    def _hidden_size(self) -> int:
+        config = getattr(self.model.get_base_model(), "config", None)
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if config is not None and isinstance(getattr(config, key, None), int):
+                return int(getattr(config, key))
+        raise ValueError("value_head=True needs model.config.hidden_size (or n_embd / d_model)")
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The policy forward (same as ``self.model(*args, **kwargs)``)."""
+        return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _switch(self, mode: str, no_grad: bool) -> Iterator[None]:
+        if self._mode != "policy":
+            raise RuntimeError(f"cannot enter {mode}() inside {self._mode}(): the contexts do not nest")
+        if any(layer.merged for _, layer in self._layers):
+            raise RuntimeError(
+                "an adapter is merged into the backbone; unmerge it before using reference()/anchor()"
+            )
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+
+        def restore_flags() -> None:
+            for p, flag in flags:
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+
+        tuner = _tuner(self.model)
+        try:
+            # peft's switches also flip requires_grad; put every flag back at once, before any forward.
+            if mode == "reference":
+                tuner.disable_adapter_layers()
+            else:
+                tuner.set_adapter(ANCHOR_ADAPTER if mode == "anchor" else VALUE_ADAPTER)
+            restore_flags()
+            self._mode = mode
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                yield
+        finally:
+            if mode == "reference":
+                tuner.enable_adapter_layers()
+            tuner.set_adapter(POLICY_ADAPTER)
+            restore_flags()
+            self._mode = "policy"
+
+    def reference(self, *, no_grad: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Context in which ``self.model`` is exactly the base model (all adapters off, ``W = W0``).
+
+        ``no_grad=True`` (default) also enters ``torch.no_grad()``: reference forwards are meant to be
+        constants. With ``no_grad=False`` and gradient checkpointing, do the backward inside the context
+        (a recomputation outside it would use the policy). ``requires_grad`` flags are unchanged inside and
+        after; the state is restored on exceptions. The contexts do not nest (``RuntimeError``).
+        """
+        return self._switch("reference", no_grad)
+
+    def anchor(self, *, no_grad: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Context in which ``self.model`` is the EMA anchor, ``W = W0 + B_a·A_a`` (adapter ``"anchor"``).
+
+        Same contract as :meth:`reference` (``no_grad`` default True, flags untouched, restored on
+        exceptions, no nesting). The anchor adapter has no dropout, so anchor forwards are deterministic.
+        """
+        return self._switch("anchor", no_grad)
+
+    @property
+    def mode(self) -> str:
+        """``"policy"``, ``"reference"`` or ``"anchor"`` (``"critic"`` only inside :meth:`values`): which
+        weights ``self.model`` computes with now."""
+        return self._mode
+
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, backbone_grad: bool = True
+    ) -> Tensor:
+        """Value estimates ``(b, t)`` in the head's dtype (float32; float64 for a float64 model): ``values[:, i] = w·h_i + c`` with ``h_i`` the backbone's final
+        hidden state at position ``i`` (after the last norm, having read ``input_ids[:, :i+1]``).
+
+        Without a critic adapter the backbone runs with the current mode's weights (the policy outside the
+        contexts), so a value loss also trains the policy adapter unless ``backbone_grad=False`` (hidden
+        states computed under ``no_grad``; only the head gets gradients). With ``value_adapter=True`` it runs
+        with the critic adapter (and must be called outside the contexts); the value loss then trains the
+        critic adapter and the head only. Positions are not masked; apply your completion mask.
+        """
+        if self.value_head is None:
+            raise RuntimeError("values() needs LoraPolicy(..., value_head=True)")
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must be a (b, t) tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
+            )
+        if attention_mask is not None and (
+            not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+        ):
+            raise ValueError("attention_mask must be a tensor with the shape of input_ids")
+        if self.value_adapter and self._mode != "policy":
+            raise RuntimeError(f"values() with a critic adapter called inside {self._mode}()")
+        base = self.model.get_base_model()
+        backbone: Any = base.base_model
+        critic = self._switch("critic", False) if self.value_adapter else contextlib.nullcontext()
+        with critic, contextlib.nullcontext() if backbone_grad else torch.no_grad():
+            if backbone is not base:
+                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            else:
+                out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                hidden = out.hidden_states[-1]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    # ------------------------------------------------------------------------------------------------ anchor
+    @torch.no_grad()
+    def update_anchor_(self, decay: float) -> AnchorUpdate:
+        r"""One EMA step of the anchor on every adapted layer: ``ΔW_a ← decay·ΔW_a + (1−decay)·s·B_p·A_p``.
+
+        ``decay=1`` leaves the anchor bit-for-bit unchanged; ``decay=0`` copies the policy (exactly, by
+        writing ``[s·B_p, 0]`` and ``[A_p; 0]``, when ``anchor_rank ≥ r``). Otherwise see
+        :func:`ema_low_rank` (float32 or better; the result is cast back to the adapter dtype). Layers with
+        equal shapes are processed as one batch. J-BOND's ``η`` is ``1 − decay``.
+
+        Returns an :class:`AnchorUpdate` with the relative Frobenius norm of what the rank truncation dropped.
+        """
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
+            raise ValueError(f"decay must be a finite real number in [0, 1], got {decay!r}")
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if self._mode != "policy":
+            raise RuntimeError(f"update_anchor_() called inside {self._mode}()")
+        n_layers = len(self._layers)
+        if decay == 1.0:
+            return AnchorUpdate(0.0, 0.0, n_layers)
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for _, layer in self._layers:
+            b_p = layer.lora_B[POLICY_ADAPTER].weight
+            a_p = layer.lora_A[POLICY_ADAPTER].weight
+            b_a = layer.lora_B[ANCHOR_ADAPTER].weight
+            key = (tuple(b_p.shape), tuple(a_p.shape), tuple(b_a.shape), b_p.dtype, b_a.dtype, b_p.device)
+            groups.setdefault(key, []).append(layer)
+        ratios: list[Tensor] = []
+        disc_total: list[Tensor] = []
+        norm_total: list[Tensor] = []
+        for layers in groups.values():
+            b_a_w = [layer.lora_B[ANCHOR_ADAPTER].weight for layer in layers]
+            a_a_w = [layer.lora_A[ANCHOR_ADAPTER].weight for layer in layers]
+            dtype = torch.promote_types(b_a_w[0].dtype, torch.float32)
+            b_p = torch.stack([layer.lora_B[POLICY_ADAPTER].weight for layer in layers]).to(dtype)
+            a_p = torch.stack([layer.lora_A[POLICY_ADAPTER].weight for layer in layers]).to(dtype)
+            scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
+            scale = scale.to(b_p.device).view(-1, 1, 1)
+            r_p, r_a = a_p.shape[-2], self.anchor_rank
+            if decay == 0.0 and r_a >= r_p:
+                b_new = torch.cat([scale * b_p, b_p.new_zeros(*b_p.shape[:-1], r_a - r_p)], dim=-1)
+                a_new = torch.cat([a_p, a_p.new_zeros(a_p.shape[0], r_a - r_p, a_p.shape[-1])], dim=-2)
+                disc = b_p.new_zeros(len(layers))
+                total = b_p.new_ones(len(layers))
+            else:
+                b_new, a_new, disc, total = ema_low_rank(
+                    torch.stack(b_a_w).to(dtype),
+                    torch.stack(a_a_w).to(dtype),
+                    b_p,
+                    a_p,
+                    decay=decay,
+                    scale=scale,
+                    rank=r_a,
+                )
+            for i in range(len(layers)):
+                b_a_w[i].copy_(b_new[i])
+                a_a_w[i].copy_(a_new[i])
+            ratios.append(torch.where(total > 0, disc / total.clamp_min(1e-300), 0.0).sqrt().to("cpu"))
+            disc_total.append(disc.sum().to("cpu", torch.float64))
+            norm_total.append(total.sum().to("cpu", torch.float64))
+        all_norm = float(torch.stack(norm_total).sum())
+        total_rel = math.sqrt(float(torch.stack(disc_total).sum()) / all_norm) if all_norm > 0 else 0.0
+        return AnchorUpdate(float(torch.cat(ratios).max()), total_rel, n_layers)
+
+    def delta_weights(self, adapter: str = POLICY_ADAPTER) -> dict[str, Tensor]:
+        """Materialized ``ΔW`` per adapted layer (``(out, in)``, ``nn.Linear`` layout, float32, detached):
+        ``scale·B·A`` of ``adapter`` (``"default"``, ``"anchor"`` or ``"critic"``). For inspection and tests; ``O(m·n)`` each."""
+        names = (POLICY_ADAPTER, ANCHOR_ADAPTER, *((VALUE_ADAPTER,) if self.value_adapter else ()))
+        if adapter not in names:
+            raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
+        out = {}
+        for name, layer in self._layers:
+            b = layer.lora_B[adapter].weight.detach().float()
+            a = layer.lora_A[adapter].weight.detach().float()
+            out[name] = float(layer.scaling[adapter]) * (b @ a)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ params
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters with ``requires_grad`` (policy adapter, critic adapter, value head), in
+        ``named_parameters`` order: hand these to the optimizer (split them for separate learning rates)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Element counts; see :class:`ParameterCounts`."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return ParameterCounts(trainable, total, trainable / total if total else 0.0)
+
+    # ------------------------------------------------------------------------------------------------ export
+    def merged_model(self) -> nn.Module:
+        """A plain (non-peft) copy of the model with the policy adapter merged, ``W0 + s·B_p·A_p``.
+
+        Costs one deep copy of the backbone; this policy is left untouched and usable."""
+        if self._mode != "policy":
+            raise RuntimeError(f"merged_model() called inside {self._mode}()")
+        clone = copy.deepcopy(self.model)
+        _tuner(clone).delete_adapter(ANCHOR_ADAPTER)
+        if self.value_adapter:
+            _tuner(clone).delete_adapter(VALUE_ADAPTER)
+        return clone.merge_and_unload(adapter_names=[POLICY_ADAPTER])
+
+    def _saved_state(self) -> dict[str, Tensor]:
+        keep = (f".{POLICY_ADAPTER}.", f".{ANCHOR_ADAPTER}.", f".{VALUE_ADAPTER}.")
+        return {
+            k: v.detach().contiguous()
+            for k, v in self.state_dict().items()
+            if (("lora_" in k) and any(s in k for s in keep)) or k.startswith("value_head.")
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the policy adapter (peft format: ``adapter_config.json``, ``adapter_model.safetensors``;
+        loadable with ``peft.PeftModel.from_pretrained``), plus ``prefopt_policy.safetensors`` (both adapters
+        and the value head, exact) and ``prefopt_policy.json`` (anchor rank, value head flag)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(str(directory), selected_adapters=[POLICY_ADAPTER])
+        save_file(self._saved_state(), os.path.join(directory, _TENSOR_FILE))
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "anchor_rank": self.anchor_rank,
+            "value_head": self.value_head is not None,
+            "value_adapter": self.value_adapter,
+        }
+        with open(os.path.join(directory, _META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> LoraPolicy:
+        """Rebuild a policy saved with :meth:`save` on ``base_model`` (the same backbone weights as at save
+        time; wrapped in place). Every saved tensor is restored exactly; a missing or unexpected tensor
+        raises ``ValueError``."""
+        from safetensors.torch import load_file
+
+        meta_path = os.path.join(directory, _META_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"directory has no {_META_FILE}: {directory}")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported {_META_FILE} format_version {meta.get('format_version')!r}")
+        cfg = peft.LoraConfig.from_pretrained(str(directory))
+        policy = cls(
+            base_model,
+            cfg,
+            anchor_rank=int(meta["anchor_rank"]),
+            value_head=bool(meta["value_head"]),
+            value_adapter=bool(meta.get("value_adapter", False)),
+        )
+        saved = load_file(os.path.join(directory, _TENSOR_FILE))
+        expected = policy._saved_state()
+        if set(saved) != set(expected):
+            missing = sorted(set(expected) - set(saved))[:5]
+            extra = sorted(set(saved) - set(expected))[:5]
+            raise ValueError(f"saved tensors do not match the model: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for k, v in expected.items():
+                if v.shape != saved[k].shape:
+                    raise ValueError(
+                        f"saved tensor {k} has shape {tuple(saved[k].shape)}, expected {tuple(v.shape)}"
+                    )
+                v.copy_(saved[k])
+        return policy
