@@ -203,23 +203,15 @@ def test_token_mean_rejects_nonpositive_count():
 
 
 # ------------------------------------------------------------------------------------------------------
-# known contract defects (see the report): strict xfail so they flag when fixed
+# contract defects found in review (fixed); these tests keep them fixed
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="masked.py bug: a tensor num_tokens == 0 is not rejected (returns inf)"
-)
 def test_token_mean_rejects_zero_tensor_count():
     with pytest.raises(ValueError, match="num_tokens"):
         masked.token_mean(X, M, num_tokens=torch.tensor(0.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="masked.py bug: masked_var/masked_whiten compute (x - mean) on masked-out positions, so a NaN/inf "
-    "there makes every gradient NaN (0 * NaN in backward), unlike masked_sum/masked_mean",
-)
 @pytest.mark.parametrize("fn", [masked.masked_var, masked.masked_whiten])
 def test_masked_out_nan_does_not_poison_var_whiten_gradient(fn):
     x = torch.tensor([1.0, 2.0, float("nan")], dtype=torch.float64, requires_grad=True)

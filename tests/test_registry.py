@@ -229,39 +229,25 @@ def test_upcast_can_be_disabled(isolated):
 
 
 # ------------------------------------------------------------------------------------------------------
-# known contract defects (see the report): strict xfail so they flag when fixed
+# contract defects found in review (fixed); these tests keep them fixed
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="registry.py bug: a PairLogps passed by keyword skips the check_finite check"
-)
 def test_check_finite_for_keyword_dataclass():
     nan = torch.tensor([0.0, float("nan"), 0.0])
     with pytest.raises(ValueError, match="ref_chosen"):
         reg.get_loss("dpo")(logps=PairLogps(Z, Z, nan, Z), check_finite=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.py: BoundLoss.__call__ with a hyperparameter gives Python's 'multiple values' TypeError "
-    "instead of a clear error",
-)
 def test_bound_loss_rejects_call_time_hyperparameter_clearly():
     with pytest.raises((TypeError, ValueError), match="hyperparameter"):
         reg.get_loss("dpo")(PairLogps(Z, Z, Z, Z), beta=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="registry.py: numpy float32 hyperparameters are rejected as out of range"
-)
 def test_numpy_float32_hyperparameter_accepted():
     np = pytest.importorskip("numpy")
     reg.get_loss("dpo", beta=np.float32(0.1))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="registry.py: one_of(True, False) accepts 1 and one_of(0, 1) accepts True"
-)
 def test_one_of_distinguishes_bool_from_int():
     assert not one_of(True, False).predicate(1)

@@ -122,10 +122,6 @@ def test_unpaired_logps_valid_and_bad():
     assert up.logp.dtype == torch.float32 and up.desirable.dtype == torch.bool
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="types.py bug: UnpairedLogps.length is not type-checked (AttributeError, not a named error)",
-)
 def test_unpaired_length_type_checked():
     with pytest.raises(TypeError, match="length"):
         UnpairedLogps(Z, Z, torch.tensor([True, False, True]), length=[1, 2, 3])
@@ -143,3 +139,9 @@ def test_loss_output():
         LossOutput(loss=1.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="loss must be a floating-point"):
         LossOutput(loss=torch.zeros(2, dtype=torch.long))
+
+
+def test_pair_fields_must_share_a_device():
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(ValueError, match="ref_chosen is on meta"):
+        PairLogps(Z, Z, meta, Z)

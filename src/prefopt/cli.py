@@ -1,6 +1,47 @@
-"""Command-line entry point (placeholder while the foundation lands)."""
+"""The ``prefopt`` command line: ``prefopt demo`` (more subcommands land with their features)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="a short offline tour on SmolLM2-135M-Instruct and built-in pairs")
+    demo.add_argument("--out", default="prefopt-out", help="output folder for figures (default: prefopt-out)")
+    demo.add_argument("--steps", type=int, default=20, help="training steps per loss (default: 20)")
+    demo.add_argument(
+        "--losses", default=None, help="comma-separated registry names (default: dpo + a remedy)"
+    )
+    demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, for tests)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("prefopt")
-    return 0
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from prefopt.demo import run_demo
+
+        losses = [s.strip() for s in args.losses.split(",") if s.strip()] if args.losses else None
+        try:
+            run_demo(
+                args.out,
+                steps=args.steps,
+                losses=losses,
+                tiny=args.tiny,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"prefopt demo: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return 1  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -58,14 +58,24 @@ def token_mean(x: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = N
     total = masked_sum(x, mask)
     if num_tokens is None:
         return total / mask.sum().clamp(min=1).to(total.dtype)
-    if isinstance(num_tokens, (int, float)) and num_tokens <= 0:
-        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    if isinstance(num_tokens, (int, float)):
+        if not num_tokens > 0:
+            raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    elif isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens must be a scalar, got shape {tuple(num_tokens.shape)}")
+        if num_tokens.device.type == "cpu" and not bool(num_tokens > 0):
+            raise ValueError(f"num_tokens must be positive, got {float(num_tokens)}")
+    else:
+        raise TypeError(f"num_tokens must be a number or a scalar tensor, got {type(num_tokens).__name__}")
     return total / torch.as_tensor(num_tokens, dtype=total.dtype, device=total.device)
 
 
 def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
     """Variance of the masked elements (Bessel-corrected if ``unbiased`` and more than one element)."""
     mean = masked_mean(x, mask)
+    # zero the masked-out entries *before* any arithmetic so a NaN/inf there cannot reach the gradient
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     centred = (x - mean) ** 2
     var = masked_sum(centred, mask)
     n = mask.sum().to(x.dtype)
@@ -80,6 +90,7 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     """
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -63,7 +63,7 @@ def _convert(gguf: Path, target: Path) -> None:
     config.quantization_config = None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = LlamaForCausalLM(config)
+    plain = LlamaForCausalLM(config)  # type: ignore[arg-type]
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # the tied head may be reported missing; anything else is a real mismatch
     real_missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +66,8 @@ class Check:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 def gt(lo: float) -> Check:
@@ -93,8 +95,12 @@ def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fals
 
 
 def one_of(*choices: Any) -> Check:
-    """``value in choices``."""
-    return Check(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+    """``value`` equals one of ``choices`` (bools and numbers are not interchangeable: ``True != 1`` here)."""
+
+    def pred(v: Any) -> bool:
+        return any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in choices)
+
+    return Check(pred, "one of " + ", ".join(repr(c) for c in choices))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,24 +137,23 @@ class LossSpec:
         return merged
 
     def check_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, finite: bool) -> None:
+        """Reject a missing reference and (with ``finite``) NaN/inf inputs, positional or keyword."""
+        names = _positional_names(self.fn)
+        labelled = [(names[i] if i < len(names) else f"argument {i}", a) for i, a in enumerate(args)]
+        labelled += list(kwargs.items())
         if self.needs_reference:
-            for arg in args:
+            for _, arg in labelled:
                 if isinstance(arg, PairLogps) and not arg.has_reference:
                     raise ValueError(
                         f"{self.name} needs reference log-probs: PairLogps.ref_chosen and "
                         "PairLogps.ref_rejected are None"
                     )
         if finite:
-            names = _positional_names(self.fn)
-            for i, arg in enumerate(args):
-                label = names[i] if i < len(names) else f"argument {i}"
+            for label, arg in labelled:
                 if isinstance(arg, _TensorFields):
                     arg.check_finite()
                 elif isinstance(arg, Tensor):
                     check_finite(label, arg)
-            for key, arg in kwargs.items():
-                if isinstance(arg, Tensor):
-                    check_finite(key, arg)
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -261,6 +266,12 @@ class BoundLoss:
         return self.spec.needs_reference
 
     def __call__(self, *args: Any, check_finite: bool = False, **kwargs: Any) -> LossOutput:
+        late = sorted(set(kwargs) & set(self.spec.defaults))
+        if late:
+            raise TypeError(
+                f"{self.name}: hyperparameter(s) {', '.join(late)} are bound by get_loss(); pass them there "
+                f"(get_loss({self.name!r}, {late[0]}=...)), not when calling the loss"
+            )
         self.spec.check_inputs(args, kwargs, finite=check_finite)
         args = tuple(_upcast_arg(a) for a in args)
         kwargs = {k: _upcast_arg(v) for k, v in kwargs.items()}

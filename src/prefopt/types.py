@@ -107,6 +107,8 @@ class PairLogps(_TensorFields):
                     f"{name} has shape {tuple(value.shape)} but chosen has shape {tuple(shape)}; "
                     "every field of PairLogps must be (b,)"
                 )
+            if value.device != self.chosen.device:
+                raise ValueError(f"{name} is on {value.device} but chosen is on {self.chosen.device}")
         if (self.ref_chosen is None) != (self.ref_rejected is None):
             raise ValueError("ref_chosen and ref_rejected must be given together (or both None)")
         if (self.chosen_len is None) != (self.rejected_len is None):
@@ -158,6 +160,8 @@ class UnpairedLogps(_TensorFields):
         check_tensor("logp", self.logp, ndim=1)
         check_tensor("ref_logp", self.ref_logp, ndim=1)
         check_tensor("desirable", self.desirable, floating=False)
+        if self.length is not None:
+            check_tensor("length", self.length, floating=False)
         if self.desirable.dtype != torch.bool:
             raise TypeError(f"desirable must be a bool tensor, got dtype {self.desirable.dtype}")
         for name in ("ref_logp", "desirable", "length"):
