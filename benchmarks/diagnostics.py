@@ -1,0 +1,207 @@
+"""Benchmark the gradient-entanglement diagnostics against the naive loops and a training step.
+
+Side by side in one run, A/B alternating, medians over ``--repeats``:
+
+* ``report``  — :func:`prefopt.diagnostics.entanglement` on ``B`` pairs (one forward + one backward with
+  per-row hooks, plus the reference forward);
+* ``step``    — one DPO training step on the same batch (reference forward, policy forward+backward of the
+  DPO loss, AdamW step);
+* ``loop``    — the naive per-pair report: reference forward, policy forward, ``2B`` backward passes on the
+  retained graph, flattened gradients, inner products by hand;
+* ``token``   — :func:`prefopt.diagnostics.token_gradient_correlation` on one pair of length ``--token-len``;
+* ``token_loop`` — one forward of the pair, one backward per completion token, cosines by hand.
+
+Ratios: ``report_vs_step = report / step`` (goal ≤ 3), ``speedup_vs_loop = loop / report`` (goal ≥ 4),
+``token_speedup_vs_loop = token_loop / token`` (goal ≥ 10).
+
+    python benchmarks/diagnostics.py --json out.json          # small-but-not-tiny Llama + LoRA, CPU
+    python benchmarks/diagnostics.py --real                   # SmolLM2-135M-Instruct (prefopt.models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import peft
+import torch
+
+from prefopt.diagnostics import entanglement, token_gradient_correlation
+from prefopt.logprobs import seq_sum, token_logps
+from prefopt.policy import LoraPolicy
+from prefopt.registry import get_loss
+from prefopt.types import PairLogps
+
+
+def build(args: argparse.Namespace) -> tuple[LoraPolicy, int]:
+    if args.real:
+        from prefopt.models import load_smollm2
+
+        model = load_smollm2()
+        vocab = int(model.config.vocab_size)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * args.hidden,
+            max_position_embeddings=1024,
+        )
+        model = LlamaForCausalLM(cfg)
+        vocab = args.vocab
+    model.eval()
+    lora = peft.LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+    )
+    return LoraPolicy(model, lora), vocab
+
+
+def make_batch(b: int, t: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2 * b, t), generator=g)
+    prompt = t // 2
+    ids[b:, :prompt] = ids[:b, :prompt]
+    cm = torch.zeros(2 * b, t, dtype=torch.bool)
+    cm[:, prompt:] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": cm}
+
+
+def seq(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return seq_sum(
+        token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]),
+        batch["completion_mask"],
+    )
+
+
+def train_step(policy: LoraPolicy, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    b = batch["input_ids"].shape[0] // 2
+    with policy.reference():
+        ref = seq(policy.model, batch)
+    s = seq(policy.model, batch)
+    out = get_loss("dpo", beta=0.1)(
+        PairLogps(chosen=s[:b], rejected=s[b:], ref_chosen=ref[:b], ref_rejected=ref[b:])
+    )
+    out.loss.mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def loop_report(policy: LoraPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    params = policy.trainable_parameters()
+    b = batch["input_ids"].shape[0] // 2
+    with policy.reference():
+        seq(policy.model, batch)
+    s = seq(policy.model, batch)
+    rows = []
+    for i in range(2 * b):
+        gi = torch.autograd.grad(s[i], params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in gi]).double())
+    gr = torch.stack(rows)
+    return (gr[:b] * gr[b:]).sum(1)
+
+
+def token_loop(policy: LoraPolicy, batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
+    params = policy.trainable_parameters()
+    b = batch["input_ids"].shape[0] // 2
+    rows = [index, index + b]
+    sub = {k: v[rows] for k, v in batch.items()}
+    lp = token_logps(policy.model, sub["input_ids"], sub["attention_mask"], sub["completion_mask"])
+    grads = []
+    for r in (0, 1):
+        for t in sub["completion_mask"][r].nonzero().flatten().tolist():
+            gi = torch.autograd.grad(lp[r, t], params, retain_graph=True)
+            grads.append(torch.cat([g.reshape(-1) for g in gi]).double())
+    gr = torch.stack(grads)
+    n = gr.norm(dim=1)
+    return (gr @ gr.T) / (n[:, None] * n[None])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--token-len", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the random Llama")
+    ap.add_argument("--json", type=str, default=None, help="write the figures to this path")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    policy, vocab = build(args)
+    batch = make_batch(args.pairs, args.seq_len, vocab, seed=0)
+    tbatch = make_batch(1, args.token_len, vocab, seed=1)
+    # lr = 0: the step does all its work but leaves the adapter unchanged, so every timed call sees the same point
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0, weight_decay=0.0)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "report": lambda: entanglement(policy, batch),
+        "step": lambda: train_step(policy, batch, opt),
+        "loop": lambda: loop_report(policy, batch),
+        "token": lambda: token_gradient_correlation(policy, tbatch, 0),
+        "token_loop": lambda: token_loop(policy, tbatch, 0),
+    }
+    fns["report"]()  # warm-up (first-call overheads)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    first: dict[str, Any] = {}
+    for rep_i in range(args.repeats):
+        order = list(fns) if rep_i % 2 == 0 else list(reversed(fns))  # A/B alternating
+        for k in order:
+            t0 = time.perf_counter()
+            out = fns[k]()
+            times[k].append(time.perf_counter() - t0)
+            first.setdefault(k, out)
+    # sanity: the fast paths equal the loops on this model
+    rep, inner = first["report"], first["loop"]
+    err = float(((rep.inner - inner).abs() / inner.abs().clamp(min=1e-12)).max())
+    tw = first["token"].matrix.shape[0]
+    terr = float((first["token"].matrix - first["token_loop"][:tw, tw:]).abs().max())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "config": {
+            "model": "SmolLM2-135M-Instruct"
+            if args.real
+            else f"Llama h{args.hidden} L{args.layers} V{vocab}",
+            "pairs": args.pairs,
+            "seq_len": args.seq_len,
+            "token_len": args.token_len,
+            "rank": args.rank,
+            "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+        },
+        "median_s": med,
+        "report_vs_step": med["report"] / med["step"],
+        "speedup_vs_loop": med["loop"] / med["report"],
+        "token_speedup_vs_loop": med["token_loop"] / med["token"],
+        "max_rel_err_inner": err,
+        "max_abs_err_token_cos": terr,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

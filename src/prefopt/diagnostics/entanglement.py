@@ -1,0 +1,433 @@
+r"""Gradient entanglement of pairwise preference losses: per-pair gradient geometry and first-order predictions.
+
+Yuan, Zeng, Wu, Wang, Wang & Leqi 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
+Entanglement" (arXiv 2410.13828). Notation: ``S_w = log π_θ(y_w|x)``, ``S_l = log π_θ(y_l|x)`` (sums over
+completion tokens), ``∇_w = ∇_θ S_w``, ``∇_l = ∇_θ S_l``. For any pairwise loss ``L(S_w, S_l, ...)`` define the
+weights at the current point
+
+.. math::
+
+    d_w = -\partial L/\partial S_w, \qquad d_l = \partial L/\partial S_l
+
+(DPO: ``d_w = d_l = β σ(−β h)``). One SGD step of size ``η`` on this pair alone, ``θ⁺ = θ − η ∇_θ L =
+θ + η (d_w ∇_w − d_l ∇_l)``, changes the two log-probs to first order by
+
+.. math::
+
+    δS_w ≈ η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩), \qquad δS_l ≈ η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²).
+
+So the chosen log-prob falls iff ``⟨∇_w,∇_l⟩ > (d_w/d_l) ‖∇_w‖²`` and the rejected one rises iff
+``⟨∇_w,∇_l⟩ > (d_l/d_w) ‖∇_l‖²``; for ``d_w = d_l`` the step is "ideal" iff
+``⟨∇_w,∇_l⟩ ≤ min(‖∇_w‖², ‖∇_l‖²)`` (the ``ratio`` field below ``≤ 1``). Both failures at once would need
+``⟨∇_w,∇_l⟩² > ‖∇_w‖²‖∇_l‖²``, impossible by Cauchy–Schwarz. (These conditions are derived here — see
+``docs/entanglement.md`` — and checked numerically by :func:`entanglement` with ``verify=True``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prefopt.diagnostics.pergrad import Method, per_row_gradients, resolve_params
+from prefopt.registry import get_loss
+from prefopt.types import PairLogps
+
+__all__ = [
+    "EntanglementReport",
+    "check_pair_batch",
+    "entanglement",
+    "first_order_changes",
+    "loss_weights",
+    "resolve_model",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small pure pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def first_order_changes(
+    chosen_weight: Tensor,
+    rejected_weight: Tensor,
+    chosen_sqnorm: Tensor,
+    rejected_sqnorm: Tensor,
+    inner: Tensor,
+    *,
+    eta: float,
+) -> tuple[Tensor, Tensor]:
+    r"""``(δS_w, δS_l)`` to first order after ``θ⁺ = θ + η (d_w ∇_w − d_l ∇_l)``; all inputs ``(b,)``.
+
+    ``δS_w = η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)``, ``δS_l = η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²)``.
+    """
+    dw = eta * (chosen_weight * chosen_sqnorm - rejected_weight * inner)
+    dl = eta * (chosen_weight * inner - rejected_weight * rejected_sqnorm)
+    return dw, dl
+
+
+def loss_weights(loss_fn: Any, logps: PairLogps) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_w, d_l, loss)`` = ``(−∂L/∂S_w, ∂L/∂S_l, L)`` of a pairwise loss at ``logps``, per pair ``(b,)``.
+
+    Computed by autograd on the loss as a function of detached leaf copies of ``S_w`` and ``S_l`` (float64),
+    so it works for any registered pairwise loss whose pair ``i`` depends on pair ``i`` only.
+    """
+    s_w = logps.chosen.detach().double().requires_grad_(True)
+    s_l = logps.rejected.detach().double().requires_grad_(True)
+
+    def opt(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.detach().double() if torch.is_floating_point(x) else x.detach()
+
+    leaf = PairLogps(
+        chosen=s_w,
+        rejected=s_l,
+        ref_chosen=opt(logps.ref_chosen),
+        ref_rejected=opt(logps.ref_rejected),
+        chosen_len=opt(logps.chosen_len),
+        rejected_len=opt(logps.rejected_len),
+    )
+    with torch.enable_grad():
+        out = loss_fn(leaf)
+        loss = out.loss
+        if loss.shape != s_w.shape:
+            raise ValueError(
+                f"loss {getattr(loss_fn, 'name', loss_fn)!r} returned shape {tuple(loss.shape)}; the entanglement "
+                f"diagnostics need one loss value per pair {tuple(s_w.shape)}"
+            )
+        g_w, g_l = torch.autograd.grad(loss.sum(), (s_w, s_l), allow_unused=True)
+    g_w = torch.zeros_like(s_w) if g_w is None else g_w
+    g_l = torch.zeros_like(s_l) if g_l is None else g_l
+    return -g_w.detach(), g_l.detach(), loss.detach()
+
+
+def resolve_model(policy_or_model: Any) -> tuple[nn.Module, Any]:
+    """``(model, policy)``: a ``LoraPolicy``-like object (``.model`` + ``.reference()``) gives its peft model
+    and itself; a plain ``nn.Module`` gives ``(module, None)``."""
+    if hasattr(policy_or_model, "reference") and isinstance(
+        getattr(policy_or_model, "model", None), nn.Module
+    ):
+        return policy_or_model.model, policy_or_model
+    if isinstance(policy_or_model, nn.Module):
+        return policy_or_model, None
+    raise TypeError(
+        f"policy_or_model must be a prefopt.LoraPolicy or a torch.nn.Module, got {type(policy_or_model).__name__}"
+    )
+
+
+def check_pair_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """Validate a collated preference batch; return ``(input_ids, attention_mask, completion_mask, B)``.
+
+    Raises ``TypeError``/``KeyError``/``ValueError`` naming the offending key: not a dict, a missing key, an
+    odd or zero row count, a non-bool completion mask, a shape mismatch, or a row with no completion token.
+    """
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    for key in ("input_ids", "completion_mask"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+    ids, cm, am = batch["input_ids"], batch["completion_mask"], batch.get("attention_mask")
+    if not isinstance(ids, Tensor) or ids.ndim != 2:
+        raise ValueError("batch['input_ids'] must be a (2B, T) tensor")
+    rows = ids.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"batch['input_ids'] must have an even, non-zero number of rows (B chosen then B rejected), got {rows}"
+        )
+    if not isinstance(cm, Tensor) or cm.dtype != torch.bool:
+        raise TypeError(
+            f"batch['completion_mask'] must be a bool tensor, got {getattr(cm, 'dtype', type(cm))}"
+        )
+    if cm.shape != ids.shape:
+        raise ValueError(
+            f"batch['completion_mask'] has shape {tuple(cm.shape)} but input_ids has {tuple(ids.shape)}"
+        )
+    if am is not None and (not isinstance(am, Tensor) or am.shape != ids.shape):
+        raise ValueError("batch['attention_mask'] must be a tensor shaped like input_ids")
+    empty = (~cm.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        b = rows // 2
+        what = ", ".join(f"row {r} ({'chosen' if r < b else 'rejected'} of pair {r % b})" for r in empty[:5])
+        raise ValueError(f"batch['completion_mask'] has an empty completion (no True) in {what}")
+    return ids, am, cm, rows // 2
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside (dropout off ⇒ deterministic forwards, no activation checkpointing), restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _seq_logps(model: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> Tensor:
+    from prefopt.logprobs import seq_sum, token_logps
+
+    lp = token_logps(model, ids, am, cm)
+    assert isinstance(lp, Tensor)
+    return seq_sum(lp, cm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntanglementReport:
+    r"""Per-pair gradient geometry of a batch; every tensor field is ``(B,)`` float64 (flags: bool).
+
+    Attributes:
+        inner: ``⟨∇_w, ∇_l⟩``.
+        chosen_sqnorm / rejected_sqnorm: ``‖∇_w‖²`` / ``‖∇_l‖²``.
+        cosine: ``⟨∇_w,∇_l⟩ / (‖∇_w‖ ‖∇_l‖)`` (NaN if a gradient is exactly zero).
+        ratio: ``⟨∇_w,∇_l⟩ / min(‖∇_w‖², ‖∇_l‖²)``; ``> 1`` means entangled for equal weights (NaN if the
+            smaller norm is 0).
+        chosen_weight / rejected_weight: ``d_w = −∂L/∂S_w`` and ``d_l = ∂L/∂S_l`` at the current point.
+        pred_dchosen / pred_drejected: first-order ``δS_w``, ``δS_l`` after one SGD step of size ``eta`` on
+            the pair's own loss (see the module docstring).
+        chosen_falls / rejected_rises: ``pred_dchosen < 0`` / ``pred_drejected > 0``.
+        chosen_logp / rejected_logp: ``S_w``, ``S_l`` at the current point; ref_chosen / ref_rejected the
+            reference values used for the loss (zeros when ``reference == "none"``).
+        loss: the per-pair loss value.
+        measured_dchosen / measured_drejected: with ``verify=True``, the change actually measured after
+            taking the step (per pair, from the same point); else None.
+        eta, loss_name, reference (``"policy"``, ``"given"`` or ``"none"``), num_params (elements
+        differentiated), fallback (parameter names whose per-row gradients used the slow loop).
+    """
+
+    inner: Tensor
+    chosen_sqnorm: Tensor
+    rejected_sqnorm: Tensor
+    cosine: Tensor
+    ratio: Tensor
+    chosen_weight: Tensor
+    rejected_weight: Tensor
+    pred_dchosen: Tensor
+    pred_drejected: Tensor
+    chosen_falls: Tensor
+    rejected_rises: Tensor
+    chosen_logp: Tensor
+    rejected_logp: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    loss: Tensor
+    measured_dchosen: Tensor | None
+    measured_drejected: Tensor | None
+    eta: float
+    loss_name: str
+    reference: str
+    num_params: int
+    fallback: tuple[str, ...]
+
+    @property
+    def chosen_grad_norm(self) -> Tensor:
+        """``‖∇_w‖`` ``(B,)`` — the input ``chosen_grad_norm`` of the ``pairwise_normalized`` loss."""
+        return self.chosen_sqnorm.sqrt()
+
+    @property
+    def rejected_grad_norm(self) -> Tensor:
+        """``‖∇_l‖`` ``(B,)``."""
+        return self.rejected_sqnorm.sqrt()
+
+    def summary(self) -> dict[str, float]:
+        """Batch means / fractions as plain floats (for logging)."""
+        out = {
+            "cosine/mean": float(self.cosine.nanmean()),
+            "ratio/mean": float(self.ratio.nanmean()),
+            "inner/mean": float(self.inner.mean()),
+            "chosen_sqnorm/mean": float(self.chosen_sqnorm.mean()),
+            "rejected_sqnorm/mean": float(self.rejected_sqnorm.mean()),
+            "chosen_falls/frac": float(self.chosen_falls.double().mean()),
+            "rejected_rises/frac": float(self.rejected_rises.double().mean()),
+        }
+        if self.measured_dchosen is not None and self.measured_drejected is not None:
+            out["measured_chosen_falls/frac"] = float((self.measured_dchosen < 0).double().mean())
+            out["measured_rejected_rises/frac"] = float((self.measured_drejected > 0).double().mean())
+        return out
+
+
+def _ref_from_arg(ref_logps: Any, b: int) -> tuple[Tensor, Tensor]:
+    if isinstance(ref_logps, PairLogps):
+        return ref_logps.chosen.detach(), ref_logps.rejected.detach()
+    if isinstance(ref_logps, Tensor):
+        if ref_logps.shape != (2 * b,):
+            raise ValueError(
+                f"ref_logps must have shape ({2 * b},) (chosen rows then rejected), got {tuple(ref_logps.shape)}"
+            )
+        return ref_logps[:b].detach(), ref_logps[b:].detach()
+    if isinstance(ref_logps, tuple) and len(ref_logps) == 2:
+        c, r = ref_logps
+        if not (isinstance(c, Tensor) and isinstance(r, Tensor) and c.shape == (b,) and r.shape == (b,)):
+            raise ValueError(f"ref_logps=(ref_chosen, ref_rejected) must be two ({b},) tensors")
+        return c.detach(), r.detach()
+    raise TypeError(
+        "ref_logps must be a PairLogps, a (2B,) tensor or a (ref_chosen, ref_rejected) tuple, "
+        f"got {type(ref_logps).__name__}"
+    )
+
+
+def entanglement(
+    policy_or_model: Any,
+    batch: dict[str, Tensor],
+    *,
+    loss: str = "dpo",
+    eta: float = 1e-3,
+    params: Iterable[Any] | None = None,
+    verify: bool = False,
+    ref_logps: Any = None,
+    method: Method = "auto",
+    **loss_hparams: Any,
+) -> EntanglementReport:
+    r"""Per-pair gradient inner products, norms and first-order log-prob changes for a preference batch.
+
+    Args:
+        policy_or_model: a :class:`prefopt.LoraPolicy` (reference log-probs from ``policy.reference()``) or a
+            causal LM ``nn.Module`` (peft or plain).
+        batch: ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)`` (optional), bool ``completion_mask``
+            ``(2B, T)``; rows ``0..B−1`` chosen, ``B..2B−1`` rejected.
+        loss: a registered pairwise loss name (default ``"dpo"``); ``loss_hparams`` are its hyperparameters.
+        eta: SGD step size ``η > 0`` of the prediction (and of the verification step).
+        params: parameters (or names) to differentiate; default every parameter with ``requires_grad``
+            (the LoRA adapter of a ``LoraPolicy``).
+        verify: also take the step, pair by pair, and measure ``δS_w``, ``δS_l`` (parameters are restored
+            exactly afterwards). Costs one forward+backward and one forward per pair.
+        ref_logps: reference sequence log-probs for a plain model: a ``PairLogps`` (its ``chosen`` /
+            ``rejected``), a ``(2B,)`` tensor or a ``(ref_chosen, ref_rejected)`` tuple. Without it and without
+            a policy, ``S_ref = 0`` (reference-free; ``reference="none"`` in the report).
+        method: per-row gradient method (see :func:`prefopt.diagnostics.pergrad.per_row_gradients`).
+
+    Cost: one forward and one backward of the ``2B`` rows (per-row gradients by hooks on ``nn.Linear``
+    layers), plus one reference forward. The model runs in ``eval()`` mode (dropout off) and is left as found.
+
+    Returns: :class:`EntanglementReport`.
+    """
+    model, policy = resolve_model(policy_or_model)
+    ids, am, cm, b = check_pair_batch(batch)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
+    loss_fn = get_loss(loss, **loss_hparams)
+    named = resolve_params(model, params)
+
+    with eval_mode(model):
+        if ref_logps is not None:
+            ref_w, ref_l = _ref_from_arg(ref_logps, b)
+            reference = "given"
+        elif policy is not None:
+            with policy.reference():
+                ref = _seq_logps(model, ids, am, cm).detach()
+            ref_w, ref_l = ref[:b], ref[b:]
+            reference = "policy"
+        else:
+            ref_w = ids.new_zeros(b, dtype=torch.float64)
+            ref_l = ids.new_zeros(b, dtype=torch.float64)
+            reference = "none"
+        rg = per_row_gradients(model, lambda: _seq_logps(model, ids, am, cm), 2 * b, named, method=method)
+        lens = cm.sum(dim=1)
+        seq = rg.values.double()
+        logps = PairLogps(
+            chosen=seq[:b],
+            rejected=seq[b:],
+            ref_chosen=ref_w.double(),
+            ref_rejected=ref_l.double(),
+            chosen_len=lens[:b],
+            rejected_len=lens[b:],
+        )
+        d_w, d_l, loss_val = loss_weights(loss_fn, logps)
+        idx = torch.arange(b)
+        inner = rg.gram[idx, idx + b]
+        nw = rg.gram[idx, idx]
+        nl = rg.gram[idx + b, idx + b]
+        pred_w, pred_l = first_order_changes(d_w, d_l, nw, nl, inner, eta=float(eta))
+        measured_w = measured_l = None
+        if verify:
+            measured_w, measured_l = _verify(model, named, loss_fn, ids, am, cm, logps, float(eta))
+
+    denom = (nw * nl).sqrt()
+    nan = torch.full_like(inner, float("nan"))
+    cosine = torch.where(denom > 0, inner / denom.clamp(min=1e-300), nan)
+    small = torch.minimum(nw, nl)
+    ratio = torch.where(small > 0, inner / small.clamp(min=1e-300), nan)
+    return EntanglementReport(
+        inner=inner,
+        chosen_sqnorm=nw,
+        rejected_sqnorm=nl,
+        cosine=cosine,
+        ratio=ratio,
+        chosen_weight=d_w,
+        rejected_weight=d_l,
+        pred_dchosen=pred_w,
+        pred_drejected=pred_l,
+        chosen_falls=pred_w < 0,
+        rejected_rises=pred_l > 0,
+        chosen_logp=seq[:b],
+        rejected_logp=seq[b:],
+        ref_chosen=ref_w.double(),
+        ref_rejected=ref_l.double(),
+        loss=loss_val,
+        measured_dchosen=measured_w,
+        measured_drejected=measured_l,
+        eta=float(eta),
+        loss_name=loss,
+        reference=reference,
+        num_params=sum(p.numel() for _, p in named),
+        fallback=rg.fallback,
+    )
+
+
+def _verify(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    loss_fn: Any,
+    ids: Tensor,
+    am: Tensor | None,
+    cm: Tensor,
+    logps: PairLogps,
+    eta: float,
+) -> tuple[Tensor, Tensor]:
+    """Take ``θ ← θ − η ∇_θ L_i`` for each pair ``i`` alone, measure ``δS_w, δS_l``, restore ``θ`` bit-exactly."""
+    params = [p for _, p in named]
+    saved = [p.detach().clone() for p in params]
+    b = ids.shape[0] // 2
+    out_w, out_l = [], []
+    try:
+        for i in range(b):
+            rows = torch.tensor([i, i + b], device=ids.device)
+            sub_ids, sub_cm = ids[rows], cm[rows]
+            sub_am = None if am is None else am[rows]
+            with torch.enable_grad():
+                s = _seq_logps(model, sub_ids, sub_am, sub_cm)
+                assert logps.ref_chosen is not None and logps.ref_rejected is not None
+                assert logps.chosen_len is not None and logps.rejected_len is not None
+                pl = PairLogps(
+                    chosen=s[:1],
+                    rejected=s[1:],
+                    ref_chosen=logps.ref_chosen[i : i + 1].to(s.dtype),
+                    ref_rejected=logps.ref_rejected[i : i + 1].to(s.dtype),
+                    chosen_len=logps.chosen_len[i : i + 1],
+                    rejected_len=logps.rejected_len[i : i + 1],
+                )
+                li = loss_fn(pl).loss.sum()
+                grads = torch.autograd.grad(li, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if g is not None:
+                        p.sub_(eta * g.to(p.dtype))
+                s_new = _seq_logps(model, sub_ids, sub_am, sub_cm)
+                for p, keep in zip(params, saved, strict=True):
+                    p.copy_(keep)
+            delta = s_new.double() - s.detach().double()
+            out_w.append(delta[0])
+            out_l.append(delta[1])
+    finally:
+        with torch.no_grad():
+            for p, keep in zip(params, saved, strict=True):
+                p.copy_(keep)
+    return torch.stack(out_w), torch.stack(out_l)

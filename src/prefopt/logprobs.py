@@ -1,0 +1,698 @@
+"""Per-token log-probabilities of a causal LM with a chunked LM head, and sequence reductions.
+
+The naive way to get per-token log-probs, ``log_softmax(model(ids).logits).gather(-1, ids[:, 1:])``, keeps a
+``(rows, tokens, vocab)`` float32 tensor alive for backward (several, in fact: the logits, the log-softmax
+output and their gradients). For 8 × 512 tokens and a 128k vocabulary that is 2 GB *per copy*.
+:func:`token_logps` instead runs the model's **backbone** only, gathers the hidden states of the positions
+that count (``completion_mask``), and applies the LM head chunk by chunk inside a custom
+:class:`torch.autograd.Function` that saves for backward only the hidden states and the targets (head
+trainable) or one ``d``-vector per token (head frozen) — never a vocabulary-sized tensor.
+
+For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``), bias ``b`` and targets ``y``::
+
+    a = h Wᵀ + b                          raw head output            (c, V)
+    s = κ · a                             model's logit scale κ (Cohere ``logit_scale``, 1/Granite ``logits_scaling``)
+    z = σ · tanh(s / σ)   (if softcap)    Gemma-2/3 ``final_logit_softcapping`` σ
+    z ← z / τ                             sampling temperature τ
+    ℓ = z_y − logsumexp(z)                log p(y | prefix), computed in float32
+    H = logsumexp(z) − Σ_v p_v z_v        entropy of the predicting distribution (optional)
+
+Backward uses ``∂ℓ/∂z = e_y − p`` and ``∂H/∂z = −p ⊙ (log p + H)``, then the chain rule
+``∂z/∂a = (κ/τ)·(1 − tanh²(s/σ))`` (``κ/τ`` without a softcap). When the head weight needs a gradient
+(tied embeddings being trained, full fine-tuning) the chunk's logits are recomputed in backward. When it does
+not (LoRA on the backbone, the common case here), the per-token vectors ``u = (∂ℓ/∂z ⊙ ∂z/∂a) W`` (and the
+entropy analogue) are formed in the forward pass, so backward is just ``grad_h = g·u`` and no logits are ever
+recomputed: the price is one ``(n, d)`` float32 buffer.
+
+Reference for the quantity itself: the sequence log-likelihood ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` of
+DPO (Rafailov et al., 2023, arXiv 2305.18290, Eq. 7 uses it through the log-ratio). The chunked head is an
+engineering device (cf. "fused linear cross-entropy" in Liger-Kernel, Hsu et al., 2024, arXiv 2410.10989),
+not a change of the quantity: results equal the naive path up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from prefopt.masked import masked_mean, masked_sum
+from prefopt.types import PairLogps, check_tensor
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "LogitTransform",
+    "chunked_head_logps",
+    "logit_transform",
+    "pair_seq_logps",
+    "seq_len",
+    "seq_mean",
+    "seq_sum",
+    "token_logps",
+]
+
+#: Default number of completion tokens per LM-head chunk (tuned by ``benchmarks/logprobs.py``, see
+#: ``docs/logprobs.md``): one chunk of a 128k-vocabulary head is ``1024 × 128000 × 4 B ≈ 0.5 GB`` of fp32.
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logit scaling / soft-capping declared by a model's config
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """The map from the raw LM-head output ``a`` to the model's logits: ``z = softcap(scale · a)``.
+
+    Attributes:
+        scale: multiplies the raw head output (``1.0`` = none).
+        softcap: ``σ`` of ``σ·tanh(x/σ)`` applied after the scale, or ``None`` for no soft-capping.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"LogitTransform.scale must be a finite positive number, got {self.scale}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            raise ValueError(
+                f"LogitTransform.softcap must be a finite positive number or None, got {self.softcap}"
+            )
+
+
+_GRANITE_LIKE = {
+    "granite",
+    "granitemoe",
+    "granitemoeshared",
+    "granitemoehybrid",
+    "granite_swa",
+    "granitemoe_swa",
+    "minicpm3",  # divides the hidden state before a bias-free head: the same thing
+}
+# attribute -> {model_type: +1 (multiply) | -1 (divide)}; read from transformers 5.23's modeling_*.py files.
+_SCALE_RULES: dict[str, dict[str, int]] = {
+    "logit_scale": {"cohere": 1, "cohere2": 1, "cohere2_moe": 1, "cohere_compass": 1},
+    "logits_scaling": {**dict.fromkeys(_GRANITE_LIKE, -1), "hyperclovax": 1},
+    "lm_head_multiplier": {"falcon_h1": 1},
+    "output_multiplier": {"muse_spark": 1},
+}
+_SOFTCAP_ATTR = "final_logit_softcapping"
+# names that look like an output-logit scale/cap but are about attention, routers, initialisation, ...
+_LOOKALIKE = re.compile(r"attn|attention|router|init|contrastive|time|max_|aux")
+_SUSPICIOUS = re.compile(r"(logit.*(scal|cap|mult|temp))|(lm_head.*mult)|(^output_multiplier$)")
+
+
+def _is_identity(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (int, float)) and float(value) == 1.0)
+
+
+def logit_transform(config: Any) -> LogitTransform:
+    """The :class:`LogitTransform` a Hugging Face model ``config`` declares for its final logits.
+
+    Handled (each checked against the model's own forward in ``tests/test_logprobs.py``):
+    ``final_logit_softcapping`` (Gemma-2/3, any model type: ``σ·tanh(z/σ)``), ``logit_scale`` (Cohere:
+    ``z·s``), ``logits_scaling`` (Granite / MiniCPM3: ``z/s``; HyperCLOVA X: ``z·s``), ``lm_head_multiplier``
+    (Falcon-H1: ``z·m``), ``output_multiplier`` (MuseSpark: ``z·m`` before the soft-cap).
+
+    Raises:
+        ValueError: if the config declares a non-trivial logit scale/cap this function does not know how
+            the model applies (an unknown attribute, or a known one on an unknown ``model_type``), rather
+            than return log-probs of the wrong distribution.
+    """
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        text = get_text()
+        if text is not None and text is not config:
+            configs.append(text)
+    model_type = str(getattr(config, "model_type", ""))
+    scale = 1.0
+    softcap: float | None = None
+    seen: set[str] = set()
+    for cfg in configs:
+        attrs = dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
+        for name, value in attrs.items():
+            if name in seen:
+                continue
+            if name == _SOFTCAP_ATTR:
+                seen.add(name)
+                if value is not None:
+                    softcap = float(value)
+                continue
+            if name in _SCALE_RULES:
+                seen.add(name)
+                if _is_identity(value):
+                    continue
+                types = _SCALE_RULES[name]
+                if model_type not in types:
+                    raise ValueError(
+                        f"model config (model_type={model_type!r}) declares {name}={value!r}, but prefopt does "
+                        f"not know how this model type applies it (known for {sorted(types)}); refusing to "
+                        "return log-probs of a possibly wrong distribution"
+                    )
+                scale = scale * float(value) if types[model_type] > 0 else scale / float(value)
+                continue
+            if _SUSPICIOUS.search(name) and not _LOOKALIKE.search(name) and not _is_identity(value):
+                raise ValueError(
+                    f"model config (model_type={model_type!r}) declares {name}={value!r}, which looks like a "
+                    "scaling or soft-capping of the output logits that prefopt.logprobs does not handle"
+                )
+    return LogitTransform(scale=scale, softcap=softcap)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The chunked LM head as a custom autograd function
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(h: Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs (exact gradchecks), float32 otherwise (bf16/fp16/fp32)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def _chunk_pass(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    scale: float,
+    softcap: float | None,
+    tau: float,
+    want_entropy: bool,
+    g_logp: Tensor | None = None,
+    g_ent: Tensor | None = None,
+    split: bool = False,
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """One chunk: log-probs, entropies and (optionally) gradients w.r.t. the raw head output ``a``.
+
+    Works in place on as few ``(c, V)`` buffers as possible (one without soft-cap or entropy). Returns
+    ``(logp, entropy or None, dz_list)`` where ``dz_list`` is ``[]`` (no gradient wanted), ``[∂(g_logp·ℓ +
+    g_ent·H)/∂a]`` or, with ``split=True``, the unit-weight directions ``[∂ℓ/∂a (, ∂H/∂a)]``.
+    """
+    acc = _acc_dtype(h)
+    a = nn.functional.linear(h, weight, bias)
+    if a.dtype != acc:
+        a = a.to(acc)
+    const = scale / tau  # ∂z/∂a without the soft-cap factor
+    chain: Tensor | None = None
+    if softcap is None:
+        z = a.mul_(const) if const != 1.0 else a
+    else:
+        t = a.mul_(scale / softcap).tanh_()
+        z = t * (softcap / tau)
+        chain = t.mul_(t).neg_().add_(1.0)  # 1 − tanh², reusing the buffer
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    m = z.amax(1, keepdim=True)
+    z.sub_(m)
+    e = z.exp() if want_entropy else z.exp_()
+    s = e.sum(1, keepdim=True)
+    log_s = s.log()
+    logp = zy - (m + log_s).squeeze(1)
+    p = e.div_(s)
+    ent: Tensor | None = None
+    logp_all: Tensor | None = None
+    if want_entropy:
+        logp_all = z.sub_(log_s)
+        ent = -torch.bmm(p[:, None, :], logp_all[:, :, None]).reshape(-1)
+    want = split or g_logp is not None or (want_entropy and g_ent is not None)
+    if not want:
+        return logp, ent, []
+
+    def finish(dz: Tensor) -> Tensor:
+        if chain is not None:
+            dz.mul_(chain)
+        return dz.mul_(const) if const != 1.0 else dz
+
+    q: Tensor | None = None  # −∂H/∂z = p ⊙ (log p + H), in the log-prob buffer
+    if want_entropy and logp_all is not None and ent is not None and (split or g_ent is not None):
+        q = logp_all.add_(ent[:, None]).mul_(p)
+    if split:
+        ones = torch.ones_like(logp)
+        dz_lp = p.neg_().scatter_add_(1, y[:, None], ones[:, None])
+        out = [finish(dz_lp)]
+        if q is not None:
+            out.append(finish(q.neg_()))
+        return logp, ent, out
+    if g_logp is not None:
+        g = g_logp.to(acc)
+        dz = p.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        if q is not None and g_ent is not None:
+            dz.addcmul_(q, g_ent.to(acc)[:, None], value=-1.0)
+    else:
+        assert q is not None and g_ent is not None
+        dz = q.mul_(-g_ent.to(acc)[:, None])
+    return logp, ent, [finish(dz)]
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        scale: float,
+        softcap: float | None,
+        tau: float,
+        chunk_size: int,
+        want_entropy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        # Head frozen and only h needs a gradient: form grad_h's directions now, backward is then g·u.
+        precompute = need_h and not need_w and not need_b
+        acc = _acc_dtype(h)
+        logp = h.new_empty(n, dtype=acc)
+        ent = h.new_empty(n if want_entropy else 0, dtype=acc)
+        u = h.new_empty((n, h.shape[1]) if precompute else (0,), dtype=acc)
+        v = h.new_empty((n, h.shape[1]) if (precompute and want_entropy) else (0,), dtype=acc)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            lp_c, ent_c, dzs = _chunk_pass(
+                h[sl], weight, bias, targets[sl], scale, softcap, tau, want_entropy, split=precompute
+            )
+            logp[sl] = lp_c
+            if ent_c is not None:
+                ent[sl] = ent_c
+            if precompute:
+                u[sl] = dzs[0].to(weight.dtype) @ weight
+                if want_entropy:
+                    v[sl] = dzs[1].to(weight.dtype) @ weight
+            del dzs
+        ctx.meta = (scale, softcap, tau, chunk_size, want_entropy, precompute)
+        if precompute:
+            ctx.save_for_backward(u, v)
+        else:
+            ctx.save_for_backward(h, weight, bias, targets)
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: Tensor | None, g_ent: Tensor | None):  # type: ignore[override]
+        scale, softcap, tau, chunk_size, want_entropy, precompute = ctx.meta
+        if not want_entropy:
+            g_ent = None
+        nones = (None,) * 6
+        if precompute:
+            u, v = ctx.saved_tensors
+            grad = torch.zeros_like(u)
+            if g_logp is not None:
+                grad.addcmul_(u, g_logp.to(u.dtype)[:, None])
+            if g_ent is not None:
+                grad.addcmul_(v, g_ent.to(v.dtype)[:, None])
+            return grad, None, None, *nones
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = _acc_dtype(h)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        if g_logp is None and g_ent is None:
+            return grad_h, grad_w, grad_b, *nones
+        n = h.shape[0]
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            _, _, dzs = _chunk_pass(
+                h[sl],
+                weight,
+                bias,
+                targets[sl],
+                scale,
+                softcap,
+                tau,
+                want_entropy,
+                g_logp=None if g_logp is None else g_logp[sl],
+                g_ent=None if g_ent is None else g_ent[sl],
+            )
+            dz = dzs[0]
+            if grad_h is not None:
+                grad_h[sl] = dz.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.t(), h[sl].to(acc))
+            if grad_b is not None:
+                grad_b.add_(dz.sum(0))
+            del dz, dzs
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+            *nones,
+        )
+
+
+def _check_chunk_size(chunk_size: Any) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_temperature(temperature: Any) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def chunked_head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    transform: LogitTransform | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``ℓ_i = log softmax(z_i)[y_i]`` with ``z_i = softcap(κ·(W h_i + b))/τ``, without keeping ``(n, V)`` logits.
+
+    Args:
+        hidden: ``(n, d)`` hidden states (any float dtype; gradients flow back to it).
+        weight: ``(V, d)`` LM-head weight (gets a gradient if it requires one, e.g. tied embeddings).
+        targets: ``(n,)`` integer token ids in ``[0, V)``.
+        bias: optional ``(V,)`` head bias.
+        transform: the model's :class:`LogitTransform` (default: none).
+        temperature: ``τ > 0`` dividing the final logits (default 1).
+        chunk_size: rows of ``hidden`` per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        return_entropy: also return ``H_i = −Σ_v p_iv log p_iv`` (differentiable).
+
+    Returns:
+        float32 ``(n,)`` log-probs, or ``(logp, entropy)``.
+    """
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("targets", targets, ndim=1, floating=False)
+    if targets.dtype == torch.bool or torch.is_floating_point(targets) or torch.is_complex(targets):
+        raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden has width {hidden.shape[1]} but weight has shape {tuple(weight.shape)}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} entries but hidden has {hidden.shape[0]} rows")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {weight.shape[0]} rows")
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    tr = transform or LogitTransform()
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) (the vocabulary size)")
+    targets = targets.long()
+    logp, ent = _ChunkedHeadLogps.apply(
+        hidden, weight, bias, targets, tr.scale, tr.softcap, tau, chunk_size, return_entropy
+    )
+    return (logp.float(), ent.float()) if return_entropy else logp.float()
+
+
+def _module_head_logps(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    tr: LogitTransform,
+    tau: float,
+    chunk_size: int,
+    return_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Fallback for heads that are not a plain ``nn.Linear`` (LoRA-wrapped, modules_to_save, ...).
+
+    Calls the head module on chunks under non-reentrant activation checkpointing, so each chunk's logits are
+    freed after the forward and recomputed during backward. Slower (a second head forward) but generic.
+    """
+
+    def one(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        a = head(h).to(_acc_dtype(h))
+        s = a * tr.scale if tr.scale != 1.0 else a
+        if tr.softcap is not None:
+            s = torch.tanh(s / tr.softcap) * tr.softcap
+        z = s / tau if tau != 1.0 else s
+        lsm = torch.log_softmax(z, dim=-1)
+        lp = lsm.gather(1, y[:, None]).squeeze(1)
+        ent = -(lsm.exp() * lsm).sum(-1) if return_entropy else lp.new_zeros(0)
+        return lp, ent
+
+    parts_lp, parts_ent = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(one, hidden[sl], targets[sl], use_reentrant=False)
+        else:
+            lp, ent = one(hidden[sl], targets[sl])
+        parts_lp.append(lp)
+        parts_ent.append(ent)
+    if not parts_lp:  # nothing counts: still connect the (empty) result to the head's parameters
+        lp, ent = one(hidden[:0], targets[:0])
+        return lp, (ent if return_entropy else None)
+    lp_all = torch.cat(parts_lp)
+    return lp_all, (torch.cat(parts_ent) if return_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token_logps on a model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    # a peft PeftModel: unwrap to the transformers model; the LoRA layers stay injected in it
+    if callable(get_base) and type(model).__module__.startswith("peft"):
+        model = get_base()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}"
+        )
+    if not hasattr(model, "base_model_prefix") or not callable(getattr(model, "get_output_embeddings", None)):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel with an LM head (or a peft model wrapping one); "
+            f"{type(model).__name__} has no base_model_prefix/get_output_embeddings"
+        )
+    return model
+
+
+def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module, Any]:
+    base: Any = _unwrap(model)
+    backbone = getattr(base, str(base.base_model_prefix), None)
+    head = base.get_output_embeddings()
+    if backbone is None or backbone is base or head is None:
+        raise TypeError(
+            f"cannot split {type(base).__name__} into backbone and LM head "
+            f"(base_model_prefix={base.base_model_prefix!r}, output embeddings={type(head).__name__})"
+        )
+    return backbone, head, base.config
+
+
+def _check_inputs(
+    input_ids: Any, attention_mask: Any, completion_mask: Any
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    check_tensor("input_ids", input_ids, ndim=2, floating=False)
+    if input_ids.dtype == torch.bool or torch.is_floating_point(input_ids) or torch.is_complex(input_ids):
+        raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2, floating=False)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        if torch.is_floating_point(attention_mask) or torch.is_complex(attention_mask):
+            raise TypeError(
+                f"attention_mask must be an integer or bool tensor, got dtype {attention_mask.dtype}"
+            )
+    if completion_mask is not None:
+        check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
+        if completion_mask.dtype != torch.bool:
+            raise TypeError(
+                f"completion_mask must be a bool tensor (True = this token counts), got dtype {completion_mask.dtype}"
+            )
+        if completion_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"completion_mask has shape {tuple(completion_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        if completion_mask.shape[1] and bool(completion_mask[:, 0].any()):
+            raise ValueError(
+                "completion_mask is True at position 0, which has no prefix to be predicted from; "
+                "completion_mask[:, i] refers to input_ids[:, i] and position 0 is always a prompt token"
+            )
+        if attention_mask is not None and bool((completion_mask & ~attention_mask.bool()).any()):
+            raise ValueError("completion_mask is True where attention_mask is 0 (a padding token)")
+    return input_ids, attention_mask, completion_mask
+
+
+def token_logps(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probs ``ℓ[:, i] = log p(input_ids[:, i] | input_ids[:, :i])`` of a causal LM.
+
+    Runs the model's backbone once, then its LM head (with the config's logit scaling / soft-capping and
+    ``temperature``) over the positions that count only, in chunks of ``chunk_size`` tokens, through
+    :func:`chunked_head_logps` — no ``(b, t, V)`` logits tensor is kept for backward. Gradients reach the
+    backbone (LoRA adapters included) and the head weight when it requires grad (tied embeddings).
+    If the head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), a slower generic path calls the head
+    module per chunk under activation checkpointing; the results are the same.
+
+    Args:
+        model: a transformers causal LM (``PreTrainedModel`` with ``base_model_prefix`` and
+            ``get_output_embeddings()``), or a peft ``PeftModel`` wrapping one.
+        input_ids: ``(b, t)`` integer token ids.
+        attention_mask: ``(b, t)`` 0/1 (int or bool) or None (all ones); passed to the backbone as is.
+        completion_mask: ``(b, t)`` bool, True where token ``i`` counts; must be False at ``i = 0``.
+            None: every position ``i ≥ 1`` counts.
+        chunk_size: completion tokens per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        return_entropy: also return the per-token entropy ``H[:, i] = −Σ_v p(v | input_ids[:, :i]) log p(…)``.
+        temperature: ``τ > 0``; the final logits are divided by it (sampling log-probs). Default 1.
+
+    Returns:
+        float32 ``(b, t)`` log-probs, 0 at ``i = 0`` and where ``completion_mask`` is False; with
+        ``return_entropy`` the tuple ``(logp, entropy)`` in the same layout.
+    """
+    input_ids, attention_mask, completion_mask = _check_inputs(input_ids, attention_mask, completion_mask)
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    backbone, head, config = _backbone_and_head(model)
+    tr = logit_transform(config)
+    b, t = input_ids.shape
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    if (
+        vocab is not None
+        and input_ids.numel()
+        and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab)
+    ):
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary size)")
+
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if t < 2:
+        zero = hidden.new_zeros(b, t, dtype=torch.float32) + 0.0 * hidden.sum()
+        return (zero, zero.clone()) if return_entropy else zero
+    sel = (
+        torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
+        if completion_mask is None
+        else completion_mask[:, 1:]
+    )
+    flat = sel.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    h_sel = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    y_sel = input_ids[:, 1:].reshape(-1).index_select(0, idx).long()
+
+    ent_sel: Tensor | None
+    if type(head) is nn.Linear:
+        res = chunked_head_logps(
+            h_sel,
+            head.weight,
+            y_sel,
+            head.bias,
+            transform=tr,
+            temperature=tau,
+            chunk_size=chunk_size,
+            return_entropy=return_entropy,
+        )
+        lp_sel, ent_sel = res if isinstance(res, tuple) else (res, None)
+    else:
+        lp_sel, ent_sel = _module_head_logps(head, h_sel, y_sel, tr, tau, chunk_size, return_entropy)
+
+    def scatter(vals: Tensor) -> Tensor:
+        dense = vals.new_zeros(b * (t - 1)).index_put((idx,), vals)
+        return torch.cat([vals.new_zeros(b, 1), dense.view(b, t - 1)], dim=1)
+
+    logp = scatter(lp_sel.float())
+    if return_entropy:
+        assert ent_sel is not None
+        return logp, scatter(ent_sel.float())
+    return logp
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sequence reductions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(logp: Any, mask: Any) -> None:
+    check_tensor("logp", logp, ndim=2)
+    check_tensor("mask", mask, ndim=2, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    if mask.shape != logp.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but logp has shape {tuple(logp.shape)}")
+
+
+def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:
+    """``S(y) = Σ_t m_t ℓ_t`` per row: ``(b, t)`` log-probs and bool mask → ``(b,)``."""
+    _check_pair(logp, mask)
+    return masked_sum(logp, mask, dim=-1)
+
+
+def seq_mean(logp: Tensor, mask: Tensor) -> Tensor:
+    """``Ā(y) = S(y) / |y|`` per row → ``(b,)``; 0 for a row with no counted token.
+
+    (Not :func:`prefopt.masked.seq_mean`, which further averages over rows to a scalar.)
+    """
+    _check_pair(logp, mask)
+    return masked_mean(logp, mask, dim=-1)
+
+
+def seq_len(mask: Tensor) -> Tensor:
+    """``|y| = Σ_t m_t`` per row of a ``(b, t)`` bool mask → ``(b,)`` int64."""
+    check_tensor("mask", mask, ndim=2, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    return mask.sum(dim=-1)
+
+
+def pair_seq_logps(
+    model: Any,
+    batch: dict[str, Tensor],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> PairLogps:
+    """Chosen / rejected sequence log-probs and lengths of a collated preference batch, in one forward.
+
+    ``batch`` holds ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)`` and bool ``completion_mask``
+    ``(2B, T)``; rows ``0..B-1`` are the chosen sequences and ``B..2B-1`` the rejected ones.
+
+    Returns:
+        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``) and
+        ``chosen_len``/``rejected_len`` ``= |y|`` (int64), no reference fields.
+    """
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    for key in ("input_ids", "completion_mask"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+    ids = batch["input_ids"]
+    check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
+    if ids.shape[0] % 2 or ids.shape[0] == 0:
+        raise ValueError(
+            f"batch['input_ids'] must have an even, non-zero number of rows (B chosen then B rejected), "
+            f"got {ids.shape[0]}"
+        )
+    mask = batch["completion_mask"]
+    logp = token_logps(
+        model, ids, batch.get("attention_mask"), mask, chunk_size=chunk_size, temperature=temperature
+    )
+    assert isinstance(logp, Tensor)
+    s = seq_sum(logp, mask)
+    n = seq_len(mask)
+    half = ids.shape[0] // 2
+    return PairLogps(chosen=s[:half], rejected=s[half:], chosen_len=n[:half], rejected_len=n[half:])

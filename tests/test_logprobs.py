@@ -1,0 +1,677 @@
+"""Tests for prefopt.logprobs: the chunked LM head against the naive full-logits path on tiny models."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import transformers as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from prefopt.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    LogitTransform,
+    chunked_head_logps,
+    logit_transform,
+    pair_seq_logps,
+    seq_len,
+    seq_mean,
+    seq_sum,
+    token_logps,
+)
+from prefopt.types import PairLogps
+
+peft = pytest.importorskip("peft")
+
+V = 96
+COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+
+
+def _configs() -> dict[str, Callable[[], tf.PretrainedConfig]]:
+    return {
+        "llama-untied": lambda: tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **COMMON),
+        "llama-tied": lambda: tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **COMMON),
+        "gpt2-tied": lambda: tf.GPT2Config(
+            vocab_size=V, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        ),
+        "qwen2-tied": lambda: tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **COMMON),
+        "mistral-untied": lambda: tf.MistralConfig(num_key_value_heads=2, **COMMON),
+        "neox-untied": lambda: tf.GPTNeoXConfig(**COMMON),
+        "gemma-tied": lambda: tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **COMMON),
+        "gemma2-softcap": lambda: tf.Gemma2Config(
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.5, **COMMON
+        ),
+        "gemma3-softcap": lambda: tf.Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=1.5, **COMMON
+        ),
+        "cohere-scale": lambda: tf.CohereConfig(num_key_value_heads=2, logit_scale=0.37, **COMMON),
+        "granite-scaling": lambda: tf.GraniteConfig(num_key_value_heads=2, logits_scaling=0.4, **COMMON),
+        "hyperclovax-scaling": lambda: tf.HyperCLOVAXConfig(
+            num_key_value_heads=2, logits_scaling=2.5, **COMMON
+        ),
+    }
+
+
+CONFIGS = _configs()
+
+
+def make_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tf.PreTrainedModel:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    # scale the weights up a little so log-probs are not all ≈ −log V (a stronger test of the head maths)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model.to(dtype).eval()
+
+
+def naive_logps(model, ids, attn=None, mask=None, temperature=1.0, entropy=False):
+    """The obvious oracle: full logits → log_softmax in fp32 → gather; zero at 0 and outside the mask."""
+    logits = model(input_ids=ids, attention_mask=attn).logits.float() / temperature
+    lsm = torch.log_softmax(logits[:, :-1], dim=-1)
+    lp = lsm.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    lp = torch.cat([lp.new_zeros(ids.shape[0], 1), lp], dim=1)
+    ent = torch.cat([lp.new_zeros(ids.shape[0], 1), -(lsm.exp() * lsm).sum(-1)], dim=1)
+    if mask is not None:
+        lp = torch.where(mask, lp, torch.zeros_like(lp))
+        ent = torch.where(mask, ent, torch.zeros_like(ent))
+    return (lp, ent) if entropy else lp
+
+
+def random_batch(b=3, t=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    attn = torch.ones(b, t, dtype=torch.long)
+    attn[1, -2:] = 0  # right padding on row 1
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[0, 3:] = True
+    mask[1, 4 : t - 2] = True
+    mask[2, 1:] = True
+    return ids, attn, mask
+
+
+class HiddenCapture:
+    """Forward hook on the backbone: keeps ``last_hidden_state`` with ``retain_grad`` for gradient checks."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.backbone = getattr(base, base.base_model_prefix)
+        self.hidden: list[Tensor] = []
+
+    def __enter__(self):
+        def hook(_module, _args, out):
+            h = out.last_hidden_state
+            h.retain_grad()
+            self.hidden.append(h)
+
+        self.handle = self.backbone.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def grads_of(model, fn, weights):
+    """Gradients of ``Σ weights·fn()`` w.r.t. every trainable parameter and w.r.t. the backbone output."""
+    model.zero_grad(set_to_none=True)
+    with HiddenCapture(model) as cap:
+        out = fn()
+    (out * weights).sum().backward()
+    assert len(cap.hidden) == 1
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, cap.hidden[0].grad.detach().clone()
+
+
+def assert_same_grads(g_fast, g_naive, atol=1e-5, rtol=1e-4):
+    assert g_fast.keys() == g_naive.keys()
+    assert len(g_fast) > 0
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], atol=atol, rtol=rtol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# equality with the naive path across architectures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_naive_values_and_grads(name):
+    model = make_model(name)
+    ids, attn, mask = random_batch()
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(5))
+    fast, g_fast, h_fast = grads_of(model, lambda: token_logps(model, ids, attn, mask, chunk_size=4), w)
+    slow, g_slow, h_slow = grads_of(model, lambda: naive_logps(model, ids, attn, mask), w)
+    # the test is meaningful: log-probs are far from uniform and vary
+    assert fast[mask].std() > 0.3
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert (fast[~mask] == 0).all()
+    torch.testing.assert_close(h_fast, h_slow, atol=1e-6, rtol=1e-4)
+    assert_same_grads(g_fast, g_slow)
+
+
+def test_logit_scaling_actually_matters():
+    """If the transform were ignored the Gemma-2/Cohere/Granite log-probs would differ a lot (the test above bites)."""
+    for name in ("gemma2-softcap", "cohere-scale", "granite-scaling", "hyperclovax-scaling"):
+        model = make_model(name)
+        ids, _, _ = random_batch()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        with torch.no_grad():
+            h = getattr(base, base.base_model_prefix)(input_ids=ids).last_hidden_state
+            raw = torch.log_softmax(base.get_output_embeddings()(h).float(), -1)[:, :-1]
+            raw = raw.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            ours = token_logps(model, ids)[:, 1:]
+        assert (raw - ours).abs().max() > 0.05, name
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gemma2-softcap"])
+def test_float64_model_matches_tightly(name):
+    model = make_model(name, dtype=torch.float64)
+    ids, attn, mask = random_batch()
+    w = torch.randn(ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fast, g_fast, h_fast = grads_of(model, lambda: token_logps(model, ids, attn, mask, chunk_size=3), w)
+    slow, g_slow, h_slow = grads_of(model, lambda: naive_logps(model, ids, attn, mask), w)
+    # fp32 output, fp64 internals up to the head: agree to fp32 rounding of the output
+    torch.testing.assert_close(fast.double(), slow.double(), atol=1e-6, rtol=0)
+    assert_same_grads(g_fast, g_slow, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_fast, h_slow, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 1000, DEFAULT_CHUNK_SIZE])
+def test_chunk_size_edge_cases(chunk):
+    model = make_model("llama-untied")
+    ids, attn, mask = random_batch()  # 6 + 3 + 8 = 17 counted tokens: 2, 5 and 7 do not divide it
+    assert int(mask[:, 1:].sum()) == 17
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    fast, g_fast, _ = grads_of(model, lambda: token_logps(model, ids, attn, mask, chunk_size=chunk), w)
+    slow, g_slow, _ = grads_of(model, lambda: naive_logps(model, ids, attn, mask), w)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert_same_grads(g_fast, g_slow)
+
+
+def test_no_completion_mask_counts_every_position_after_the_first():
+    model = make_model("qwen2-tied")
+    ids, attn, _ = random_batch()
+    lp = token_logps(model, ids, attn, chunk_size=5)
+    ref = naive_logps(model, ids, attn)
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
+    assert (lp[:, 0] == 0).all() and (lp[:, 1:] < 0).all()
+
+
+def test_temperature_and_entropy_match_naive():
+    model = make_model("gemma2-softcap")
+    ids, attn, mask = random_batch()
+    w1 = torch.randn(ids.shape, generator=torch.Generator().manual_seed(7))
+    w2 = torch.randn(ids.shape, generator=torch.Generator().manual_seed(8))
+
+    def fast():
+        lp, ent = token_logps(model, ids, attn, mask, chunk_size=4, return_entropy=True, temperature=0.7)
+        return torch.stack([lp, ent])
+
+    def slow():
+        return torch.stack(naive_logps(model, ids, attn, mask, temperature=0.7, entropy=True))
+
+    w = torch.stack([w1, w2])
+    f, g_f, h_f = grads_of(model, fast, w)
+    s, g_s, h_s = grads_of(model, slow, w)
+    torch.testing.assert_close(f, s, atol=1e-5, rtol=0)
+    assert (f[1][mask] > 0).all() and (f[1][mask] <= math.log(V) + 1e-5).all()
+    torch.testing.assert_close(h_f, h_s, atol=1e-6, rtol=1e-4)
+    assert_same_grads(g_f, g_s)
+    # temperature changes the answer (so the comparison above is not vacuous)
+    plain = token_logps(model, ids, attn, mask)
+    assert (plain - f[0]).abs().max() > 1e-2
+
+
+def test_entropy_with_frozen_head_precompute_path():
+    """Head frozen → the grad directions are precomputed in forward; entropy gradient must still be right."""
+    model = make_model("llama-untied")
+    model.get_output_embeddings().weight.requires_grad_(False)
+    ids, attn, mask = random_batch()
+    w = torch.randn(2, *ids.shape, generator=torch.Generator().manual_seed(9))
+    f, g_f, h_f = grads_of(
+        model,
+        lambda: torch.stack(token_logps(model, ids, attn, mask, chunk_size=3, return_entropy=True)),
+        w,
+    )
+    s, g_s, h_s = grads_of(model, lambda: torch.stack(naive_logps(model, ids, attn, mask, entropy=True)), w)
+    torch.testing.assert_close(f, s, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_f, h_s, atol=1e-6, rtol=1e-4)
+    assert "lm_head.weight" not in g_f
+    assert_same_grads(g_f, g_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "targets"),
+    [
+        ("llama-tied", ["q_proj", "v_proj"]),
+        ("gemma2-softcap", ["q_proj", "v_proj"]),
+        ("neox-untied", ["query_key_value"]),
+        ("gpt2-tied", ["c_attn"]),
+        ("llama-untied", ["q_proj", "lm_head"]),  # LoRA-wrapped head → generic checkpointed path
+        ("cohere-scale", ["v_proj", "lm_head"]),
+    ],
+)
+def test_lora_matches_naive(name, targets):
+    base = make_model(name)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, cfg).eval()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids, attn, mask = random_batch()
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(4))
+    fast, g_fast, h_fast = grads_of(model, lambda: token_logps(model, ids, attn, mask, chunk_size=4), w)
+    slow, g_slow, h_slow = grads_of(model, lambda: naive_logps(model, ids, attn, mask), w)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_fast, h_slow, atol=1e-6, rtol=1e-4)
+    assert_same_grads(g_fast, g_slow)
+    if "lm_head" in targets:
+        assert any("lm_head" in n for n in g_fast)
+    head = model.get_base_model().get_output_embeddings()
+    assert (type(head) is torch.nn.Linear) == ("lm_head" not in targets)  # which path was exercised
+    # adapters disabled gives the base model's log-probs through the same function
+    with model.disable_adapter(), torch.no_grad():
+        ref = token_logps(model, ids, attn, mask)
+    with model.disable_adapter(), torch.no_grad():
+        base_lp = naive_logps(model, ids, attn, mask)
+    torch.testing.assert_close(ref, base_lp, atol=1e-5, rtol=0)
+    assert (ref - fast.detach()).abs().max() > 1e-4  # the adapter does change the answer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: nothing of size (tokens × vocab) is kept for backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _vocab_sized_saved(model, fn) -> list[tuple[int, ...]]:
+    """Shapes of the non-parameter tensors with a vocabulary-sized dimension autograd saves while ``fn`` runs."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() not in params and V in x.shape:
+            shapes.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize("lora_head", [False, True])
+@pytest.mark.parametrize("name", ["llama-untied", "gemma2-softcap"])
+def test_no_vocab_sized_tensor_saved_for_backward(name, lora_head):
+    model = make_model(name)
+    if lora_head:
+        cfg = peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(model, cfg)
+    ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0))
+    naive = _vocab_sized_saved(model, lambda: naive_logps(model, ids))
+    assert (4, 11, V) in naive or (4, 12, V) in naive  # the oracle keeps full logits: the check can fail
+    assert _vocab_sized_saved(model, lambda: token_logps(model, ids, chunk_size=4)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtype, masking, padding invariants
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gemma2-softcap"])
+def test_bf16_model_is_finite_and_close(name):
+    model = make_model(name, dtype=torch.bfloat16)
+    ids, attn, mask = random_batch()
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(6))
+    fast, g_fast, _ = grads_of(model, lambda: token_logps(model, ids, attn, mask, chunk_size=4), w)
+    assert fast.dtype == torch.float32
+    assert torch.isfinite(fast).all() and all(torch.isfinite(g).all() for g in g_fast.values())
+    slow = naive_logps(model, ids, attn, mask).detach()
+    # both use the same bf16 hidden states; only head rounding/accumulation order differs
+    torch.testing.assert_close(fast, slow, atol=0.1, rtol=0.02)
+    assert (fast[mask] < 0).all()
+
+
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_empty_completion_mask_gives_zeros_and_zero_grads(lora_head):
+    model = make_model("llama-tied")
+    if lora_head:  # the generic (checkpointed) head path
+        cfg = peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(model, cfg)
+    ids, attn, _ = random_batch()
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    lp, ent = token_logps(model, ids, attn, mask, return_entropy=True)
+    assert lp.shape == ids.shape and (lp == 0).all() and (ent == 0).all()
+    (lp.sum() + ent.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
+
+
+def test_masking_equals_slicing_and_padding():
+    """A row's log-probs don't depend on other rows, on right padding, or on which tokens are masked."""
+    model = make_model("mistral-untied")
+    ids, attn, mask = random_batch(b=4, t=10)
+    full = token_logps(model, ids, attn, mask, chunk_size=3).detach()
+    for r in range(4):
+        one = token_logps(model, ids[r : r + 1], attn[r : r + 1], mask[r : r + 1]).detach()
+        torch.testing.assert_close(full[r : r + 1], one, atol=1e-5, rtol=0)
+    unmasked = token_logps(model, ids, attn).detach()
+    torch.testing.assert_close(
+        full, torch.where(mask, unmasked, torch.zeros_like(unmasked)), atol=1e-5, rtol=0
+    )
+    # row 1 has 2 padding tokens at the end: the unpadded sequence gives the same log-probs
+    short = token_logps(model, ids[1:2, :-2]).detach()
+    torch.testing.assert_close(unmasked[1:2, :-2], short, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(2, 8),
+    chunk=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    entropy=st.booleans(),
+)
+def test_property_random_masks_match_naive(tiny, b, t, chunk, seed, entropy):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.5
+    mask[:, 0] = False
+    with torch.no_grad():
+        ours = token_logps(tiny, ids, None, mask, chunk_size=chunk, return_entropy=entropy)
+        ref = naive_logps(tiny, ids, None, mask, entropy=entropy)
+    for a, r in zip(ours if entropy else [ours], ref if entropy else [ref]):
+        assert a.shape == (b, t)
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=0)
+        assert (a[~mask] == 0).all()
+
+
+def test_length_one_and_batch_of_one():
+    model = make_model("llama-tied")
+    ids = torch.tensor([[5]])
+    lp = token_logps(model, ids)
+    assert lp.shape == (1, 1) and lp.item() == 0.0
+    lp, ent = token_logps(model, ids, return_entropy=True)
+    assert ent.shape == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the custom autograd function on its own
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _naive_head(h, w, y, b=None, scale=1.0, softcap=None, tau=1.0):
+    a = h @ w.T + (0 if b is None else b)
+    s = a * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    lsm = torch.log_softmax(s / tau, -1)
+    return lsm.gather(-1, y[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+
+
+@pytest.mark.parametrize("head_grad", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 50])
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_gradcheck_float64(head_grad, chunk, softcap):
+    """``torch.autograd.gradcheck`` of the custom Function (fp64 inputs → fp64 internals and outputs).
+
+    ``head_grad=False`` exercises the path that precomputes the hidden-state gradient directions in forward.
+    Log-prob and entropy outputs are both checked (entropy gradient included), with scale, cap and temperature.
+    """
+    from prefopt.logprobs import _ChunkedHeadLogps
+
+    g = torch.Generator().manual_seed(11)
+    n, d, v = 7, 5, 11
+    h = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(v, d, dtype=torch.float64, generator=g, requires_grad=head_grad)
+    b = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=head_grad)
+    y = torch.randint(0, v, (n,), generator=g)
+
+    def f(*xs):
+        ww, bb = (xs[1], xs[2]) if head_grad else (w, b)
+        return _ChunkedHeadLogps.apply(xs[0], ww, bb, y, 1.7, softcap, 0.8, chunk, True)
+
+    inputs = (h, w, b) if head_grad else (h,)
+    lp, ent = f(*inputs)
+    assert lp.dtype == torch.float64
+    lp_ref, ent_ref = _naive_head(h, w, y, b, 1.7, softcap, 0.8)
+    torch.testing.assert_close(lp, lp_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ent, ent_ref, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # log-prob only (entropy gradient absent): still right
+    assert torch.autograd.gradcheck(lambda *xs: f(*xs)[0], inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_public_head_function_returns_float32_and_matches_naive_grads():
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (6,), generator=g)
+    lp = chunked_head_logps(h, w, y, transform=LogitTransform(scale=0.5), chunk_size=4)
+    assert isinstance(lp, Tensor) and lp.dtype == torch.float32
+    ref, _ = _naive_head(h, w, y, scale=0.5)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-6, rtol=0)
+    ours = torch.autograd.grad(lp.sum(), (h, w))
+    theirs = torch.autograd.grad(ref.sum(), (h, w))
+    for a, bb in zip(ours, theirs):
+        torch.testing.assert_close(a, bb, atol=1e-12, rtol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 9),
+    d=st.integers(1, 6),
+    v=st.integers(2, 40),
+    chunk=st.integers(1, 12),
+    magnitude=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+    softcap=st.sampled_from([None, 0.5, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_naive_float64(n, d, v, chunk, magnitude, softcap, seed):
+    """Random shapes, chunkings and logit magnitudes up to ~1e4 (log-probs down to about −1e4)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, dtype=torch.float64, generator=g)
+    w = torch.randn(v, d, dtype=torch.float64, generator=g) * magnitude
+    y = torch.randint(0, v, (n,), generator=g)
+    tr = LogitTransform(softcap=softcap)
+    lp, ent = chunked_head_logps(h, w, y, transform=tr, chunk_size=chunk, return_entropy=True)
+    lp_ref, ent_ref = _naive_head(h, w, y, softcap=softcap)
+    assert lp.shape == (n,) and ent.shape == (n,) and lp.dtype == torch.float32
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    assert (lp <= 0).all()
+    assert (ent >= -1e-5).all() and (ent <= math.log(v) + 1e-4).all()
+    torch.testing.assert_close(lp.double(), lp_ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ent.double(), ent_ref, atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    v=st.integers(2, 64),
+    chunk=st.integers(1, 9),
+    magnitude=st.sampled_from([1.0, 100.0, 3000.0]),
+    seed=st.integers(0, 2**16),
+    frozen=st.booleans(),
+)
+def test_property_bf16_finite_with_finite_grads(n, v, chunk, magnitude, seed, frozen):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, 8, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(v, 8, generator=g) * magnitude).bfloat16().requires_grad_(not frozen)
+    y = torch.randint(0, v, (n,), generator=g)
+    lp = chunked_head_logps(h, w, y, chunk_size=chunk)
+    assert isinstance(lp, Tensor) and lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    lp.sum().backward()
+    assert h.grad is not None and h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad).all()
+    if not frozen:
+        assert w.grad is not None and w.grad.dtype == torch.bfloat16 and torch.isfinite(w.grad).all()
+    # same hidden/weights upcast to fp32 and done naively: the fp32 log-softmax of bf16 logits
+    ref, _ = _naive_head(h.detach().float(), w.detach().float(), y)
+    torch.testing.assert_close(lp, ref, atol=0.02 * magnitude, rtol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logit transforms read from configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_logit_transform_from_configs():
+    assert logit_transform(CONFIGS["llama-tied"]()) == LogitTransform()
+    assert logit_transform(CONFIGS["gemma2-softcap"]()) == LogitTransform(softcap=2.5)
+    assert logit_transform(CONFIGS["cohere-scale"]()) == LogitTransform(scale=0.37)
+    assert logit_transform(CONFIGS["granite-scaling"]()) == LogitTransform(scale=1 / 0.4)
+    assert logit_transform(CONFIGS["hyperclovax-scaling"]()) == LogitTransform(scale=2.5)
+    assert logit_transform(tf.Gemma3TextConfig(**COMMON, head_dim=8)) == LogitTransform()
+
+
+def test_unknown_declared_scaling_raises():
+    cfg = tf.LlamaConfig(num_key_value_heads=2, **COMMON)
+    cfg.logits_soft_cap = 30.0  # what recurrent_gemma declares; unknown to prefopt → refuse
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        logit_transform(cfg)
+    cfg = tf.LlamaConfig(num_key_value_heads=2, **COMMON)
+    cfg.logits_scaling = 4.0  # known name, but llama doesn't use it: multiply or divide? unknown → refuse
+    with pytest.raises(ValueError, match="logits_scaling"):
+        logit_transform(cfg)
+    cfg.logits_scaling = 1.0  # identity is harmless
+    assert logit_transform(cfg) == LogitTransform()
+    cfg = tf.LlamaConfig(num_key_value_heads=2, **COMMON)
+    cfg.attn_logit_softcapping = 50.0  # attention, not output logits: fine
+    assert logit_transform(cfg) == LogitTransform()
+    model = make_model("llama-tied")
+    model.config.logits_soft_cap = 30.0
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        token_logps(model, torch.tensor([[1, 2, 3]]))
+
+
+def test_logit_transform_validates():
+    with pytest.raises(ValueError, match="scale"):
+        LogitTransform(scale=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        LogitTransform(softcap=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model("llama-tied")
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    ids, attn, mask = random_batch()
+    cases = [
+        (dict(input_ids=ids.tolist()), TypeError, "input_ids"),
+        (dict(input_ids=ids.float()), TypeError, "input_ids"),
+        (dict(input_ids=ids[0]), ValueError, "input_ids"),
+        (dict(input_ids=ids, attention_mask=attn[:, :-1]), ValueError, "attention_mask"),
+        (dict(input_ids=ids, attention_mask=attn.float()), TypeError, "attention_mask"),
+        (dict(input_ids=ids, completion_mask=mask.long()), TypeError, "completion_mask"),
+        (dict(input_ids=ids, completion_mask=mask[:, 1:]), ValueError, "completion_mask"),
+        (dict(input_ids=ids, completion_mask=mask[0]), ValueError, "completion_mask"),
+        (dict(input_ids=ids, completion_mask=torch.ones_like(mask)), ValueError, "position 0"),
+        (dict(input_ids=ids, attention_mask=attn, completion_mask=mask | (attn == 0)), ValueError, "padding"),
+        (dict(input_ids=ids + V), ValueError, "input_ids"),
+        (dict(input_ids=ids - V), ValueError, "input_ids"),
+        (dict(input_ids=ids, chunk_size=0), ValueError, "chunk_size"),
+        (dict(input_ids=ids, chunk_size=2.5), ValueError, "chunk_size"),
+        (dict(input_ids=ids, chunk_size=True), ValueError, "chunk_size"),
+        (dict(input_ids=ids, temperature=0.0), ValueError, "temperature"),
+        (dict(input_ids=ids, temperature=-1.0), ValueError, "temperature"),
+        (dict(input_ids=ids, temperature=float("nan")), ValueError, "temperature"),
+        (dict(input_ids=ids, temperature=float("inf")), ValueError, "temperature"),
+        (dict(input_ids=ids, temperature="1"), TypeError, "temperature"),
+        (dict(input_ids=ids, return_entropy=1), TypeError, "return_entropy"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            token_logps(tiny, **kwargs)
+            pytest.fail(f"no error for {match}: {sorted(kwargs)}")
+    with pytest.raises(TypeError, match="model"):
+        token_logps(torch.nn.Linear(3, 3), ids)
+    with pytest.raises(TypeError, match="model"):
+        token_logps("gpt2", ids)
+
+
+def test_chunked_head_validates():
+    h, w, y = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="hidden"):
+        chunked_head_logps(h[:, :2], w, y)
+    with pytest.raises(ValueError, match="targets"):
+        chunked_head_logps(h, w, y[:3])
+    with pytest.raises(ValueError, match="targets"):
+        chunked_head_logps(h, w, y + 2)
+    with pytest.raises(TypeError, match="targets"):
+        chunked_head_logps(h, w, y.float())
+    with pytest.raises(ValueError, match="bias"):
+        chunked_head_logps(h, w, y, torch.zeros(4))
+    with pytest.raises(ValueError, match="weight"):
+        chunked_head_logps(h, w[None], y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequence reductions and preference pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_seq_reductions_against_loops():
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(4, 6, generator=g) * 5
+    lp[0, 0] = float("-inf")  # a masked-out -inf must not leak
+    mask = torch.rand(4, 6, generator=g) > 0.4
+    mask[0, 0] = False
+    mask[3] = False
+    for r in range(4):
+        vals = [lp[r, i].item() for i in range(6) if mask[r, i]]
+        assert seq_sum(lp, mask)[r].item() == pytest.approx(sum(vals), abs=1e-5)
+        assert seq_len(mask)[r].item() == len(vals)
+        expect = sum(vals) / len(vals) if vals else 0.0
+        assert seq_mean(lp, mask)[r].item() == pytest.approx(expect, abs=1e-5)
+    assert seq_len(mask).dtype == torch.int64
+    with pytest.raises(TypeError, match="mask"):
+        seq_sum(lp, mask.float())
+    with pytest.raises(ValueError, match="mask"):
+        seq_mean(lp, mask[:, 1:])
+    with pytest.raises(ValueError, match="logp"):
+        seq_sum(lp[0], mask[0])
+    with pytest.raises(TypeError, match="mask"):
+        seq_len(mask.long())
+
+
+def test_pair_seq_logps_matches_per_row_loop(tiny):
+    ids, attn, mask = random_batch(b=4, t=8, seed=3)
+    batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": mask}
+    out = pair_seq_logps(tiny, batch, chunk_size=3)
+    assert isinstance(out, PairLogps) and not out.has_reference and out.has_lengths
+    for r in range(4):
+        lp = naive_logps(tiny, ids[r : r + 1], attn[r : r + 1], mask[r : r + 1]).detach()
+        total = lp[0][mask[r]].sum().item()
+        got = (out.chosen if r < 2 else out.rejected)[r % 2].item()
+        assert got == pytest.approx(total, abs=1e-4)
+        length = (out.chosen_len if r < 2 else out.rejected_len)[r % 2].item()
+        assert length == int(mask[r].sum())
+    out.chosen.sum().backward()  # differentiable
+    with pytest.raises(ValueError, match="even"):
+        pair_seq_logps(tiny, {"input_ids": ids[:3], "completion_mask": mask[:3]})
+    with pytest.raises(KeyError, match="completion_mask"):
+        pair_seq_logps(tiny, {"input_ids": ids})
+    with pytest.raises(TypeError, match="batch"):
+        pair_seq_logps(tiny, [ids, mask])
