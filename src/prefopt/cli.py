@@ -13,8 +13,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="prefopt-out", help="output folder for figures (default: prefopt-out)")
     demo.add_argument("--steps", type=int, default=20, help="training steps per loss (default: 20)")
     demo.add_argument(
-        "--losses", default=None, help="comma-separated registry names (default: dpo + a remedy)"
+        "--losses", default=None, help="comma-separated pairwise losses (default: dpo,pairwise_normalized)"
     )
+    demo.add_argument("--jbond-steps", type=int, default=8, help="J-BOND steps (default: 8; 0 skips)")
     demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, for tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 losses=losses,
                 tiny=args.tiny,
+                jbond_steps=args.jbond_steps,
                 seed=args.seed,
                 progress=not args.no_progress,
             )
