@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import prefopt as po
 from prefopt import rl
 from prefopt.losses.policy_gradient import grpo, ppo, reinforce, rloo
-from prefopt.masked import seq_mean, token_mean
+from prefopt.masked import mean_of_seq_means, token_mean
 
 F64 = torch.float64
 
@@ -304,7 +304,7 @@ def test_grpo_aggregations_match_explicit_formulas_and_micro_batches():
         got = grpo(logp, old, adv, mask, aggregation=agg, max_length=L).loss
         assert math.isclose(float(got.sum()), val, rel_tol=1e-12), agg
         assert (got[~mask] == 0).all()
-    assert math.isclose(float(seq_mean(raw, mask)), explicit["grpo"], rel_tol=1e-12)
+    assert math.isclose(float(mean_of_seq_means(raw, mask)), explicit["grpo"], rel_tol=1e-12)
     assert math.isclose(float(token_mean(raw, mask)), explicit["dapo"], rel_tol=1e-12)
     # micro-batches with global counts add up to the whole-batch objective (and gradient)
     n_tok, n_seq = mask.sum(), b

@@ -83,7 +83,7 @@ def test_masked_whiten():
 
 def test_seq_mean_hand_value():
     # per-sequence means 1.5 and 30, then their mean
-    assert masked.seq_mean(X, M).item() == pytest.approx((1.5 + 30.0) / 2)
+    assert masked.mean_of_seq_means(X, M).item() == pytest.approx((1.5 + 30.0) / 2)
 
 
 def test_token_mean_hand_values():

@@ -189,12 +189,14 @@ def _chunk_pass(
     g_logp: Tensor | None = None,
     g_ent: Tensor | None = None,
     split: bool = False,
-) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    known: tuple[Tensor, Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
     """One chunk: log-probs, entropies and (optionally) gradients w.r.t. the raw head output ``a``.
 
     Works in place on as few ``(c, V)`` buffers as possible (one without soft-cap or entropy). Returns
-    ``(logp, entropy or None, dz_list)`` where ``dz_list`` is ``[]`` (no gradient wanted), ``[∂(g_logp·ℓ +
+    ``(logp, lse, entropy or None, dz_list)`` where ``dz_list`` is ``[]`` (no gradient wanted), ``[∂(g_logp·ℓ +
     g_ent·H)/∂a]`` or, with ``split=True``, the unit-weight directions ``[∂ℓ/∂a (, ∂H/∂a)]``.
+    ``known=(lse, entropy)`` (from the forward pass) skips recomputing them; ``logp`` is then not computed.
     """
     acc = _acc_dtype(h)
     a = nn.functional.linear(h, weight, bias)
@@ -208,22 +210,33 @@ def _chunk_pass(
         t = a.mul_(scale / softcap).tanh_()
         z = t * (softcap / tau)
         chain = t.mul_(t).neg_().add_(1.0)  # 1 − tanh², reusing the buffer
-    zy = z.gather(1, y[:, None]).squeeze(1)
-    m = z.amax(1, keepdim=True)
-    z.sub_(m)
-    e = z.exp() if want_entropy else z.exp_()
-    s = e.sum(1, keepdim=True)
-    log_s = s.log()
-    logp = zy - (m + log_s).squeeze(1)
-    p = e.div_(s)
     ent: Tensor | None = None
     logp_all: Tensor | None = None
-    if want_entropy:
-        logp_all = z.sub_(log_s)
-        ent = -torch.bmm(p[:, None, :], logp_all[:, :, None]).reshape(-1)
+    if known is None:
+        zy = z.gather(1, y[:, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        z.sub_(m)
+        e = z.exp() if want_entropy else z.exp_()
+        s = e.sum(1, keepdim=True)
+        log_s = s.log()
+        lse = (m + log_s).squeeze(1)
+        logp = zy - lse
+        p = e.div_(s)
+        if want_entropy:
+            logp_all = z.sub_(log_s)
+            ent = -torch.bmm(p[:, None, :], logp_all[:, :, None]).reshape(-1)
+    else:  # backward recompute: log-sum-exp (and entropy) saved by the forward pass; fewer passes over (c, V)
+        lse, ent = known
+        logp = lse  # placeholder: not needed in backward
+        z.sub_(lse[:, None])
+        if want_entropy:
+            logp_all = z
+            p = z.exp()
+        else:
+            p = z.exp_()
     want = split or g_logp is not None or (want_entropy and g_ent is not None)
     if not want:
-        return logp, ent, []
+        return logp, lse, ent, []
 
     def finish(dz: Tensor) -> Tensor:
         if chain is not None:
@@ -239,7 +252,7 @@ def _chunk_pass(
         out = [finish(dz_lp)]
         if q is not None:
             out.append(finish(q.neg_()))
-        return logp, ent, out
+        return logp, lse, ent, out
     if g_logp is not None:
         g = g_logp.to(acc)
         dz = p.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
@@ -248,7 +261,7 @@ def _chunk_pass(
     else:
         assert q is not None and g_ent is not None
         dz = q.mul_(-g_ent.to(acc)[:, None])
-    return logp, ent, [finish(dz)]
+    return logp, lse, ent, [finish(dz)]
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
@@ -272,15 +285,18 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         precompute = need_h and not need_w and not need_b
         acc = _acc_dtype(h)
         logp = h.new_empty(n, dtype=acc)
+        lse = h.new_empty(0 if precompute else n, dtype=acc)
         ent = h.new_empty(n if want_entropy else 0, dtype=acc)
         u = h.new_empty((n, h.shape[1]) if precompute else (0,), dtype=acc)
         v = h.new_empty((n, h.shape[1]) if (precompute and want_entropy) else (0,), dtype=acc)
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
-            lp_c, ent_c, dzs = _chunk_pass(
+            lp_c, lse_c, ent_c, dzs = _chunk_pass(
                 h[sl], weight, bias, targets[sl], scale, softcap, tau, want_entropy, split=precompute
             )
             logp[sl] = lp_c
+            if not precompute:
+                lse[sl] = lse_c
             if ent_c is not None:
                 ent[sl] = ent_c
             if precompute:
@@ -292,7 +308,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         if precompute:
             ctx.save_for_backward(u, v)
         else:
-            ctx.save_for_backward(h, weight, bias, targets)
+            ctx.save_for_backward(h, weight, bias, targets, lse, ent)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -311,7 +327,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             if g_ent is not None:
                 grad.addcmul_(v, g_ent.to(v.dtype)[:, None])
             return grad, None, None, *nones
-        h, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         acc = _acc_dtype(h)
@@ -323,7 +339,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         n = h.shape[0]
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
-            _, _, dzs = _chunk_pass(
+            _, _, _, dzs = _chunk_pass(
                 h[sl],
                 weight,
                 bias,
@@ -334,6 +350,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 want_entropy,
                 g_logp=None if g_logp is None else g_logp[sl],
                 g_ent=None if g_ent is None else g_ent[sl],
+                known=(lse[sl], ent[sl] if want_entropy else None),
             )
             dz = dzs[0]
             if grad_h is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten", "seq_mean", "token_mean"]
+__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten", "mean_of_seq_means", "token_mean"]
 
 
 def _check_mask(x: Tensor, mask: Tensor, name: str = "mask") -> Tensor:
@@ -44,7 +44,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+def mean_of_seq_means(x: Tensor, mask: Tensor) -> Tensor:
     """Per-sequence token mean of a ``(b, t)`` tensor, then the mean over sequences (GRPO's original rule)."""
     return masked_mean(x, mask, dim=-1).mean()
 

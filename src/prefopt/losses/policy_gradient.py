@@ -294,7 +294,7 @@ def grpo(
     ``aggregation``         ``w_{i,t}``                   same as
     ======================  ============================  ==============================================
     ``"none"`` (default)    1                             reduce yourself with ``prefopt.masked``
-    ``"grpo"``              1 / (``|y_i|`` · B)           ``masked.seq_mean(l, mask)`` (paper Eq. 3)
+    ``"grpo"``              1 / (``|y_i|`` · B)           ``masked.mean_of_seq_means(l, mask)`` (paper Eq. 3)
     ``"dapo"``              1 / N                         ``masked.token_mean(l, mask, num_tokens=N)``
     ``"dr_grpo"``           1 / (B · ``max_length``)      Dr. GRPO (Liu et al. 2025), TRL ``dr_grpo``
     ======================  ============================  ==============================================
