@@ -246,6 +246,15 @@ def fsdp_contexts(policy: LoraPolicy) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}  # type: ignore[union-attr]
 
 
+def anchor_after_update(policy: LoraPolicy) -> Tensor:
+    """One EMA step of the anchor (decay 0.5, after the policy's DPO step), then the anchor's log-probs."""
+    policy.update_anchor_(0.5)
+    batch = pair_batch()
+    with policy.anchor():
+        out = token_logps(policy.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    return out.detach().clone()  # type: ignore[union-attr]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -269,6 +278,7 @@ def main() -> None:
         shard_fsdp(policy)
         result["fsdp/contexts"] = fsdp_contexts(policy)
         result["fsdp/dpo"] = run_case("dpo", TokenLogps(policy), policy, rank, world, False)
+        result["fsdp/anchor_after_update"] = anchor_after_update(policy)
         result["fsdp/error"] = None
     except Exception as err:  # reported by the test, which then fails with this message
         import traceback

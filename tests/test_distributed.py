@@ -112,6 +112,18 @@ def test_fsdp2_dpo_step_equals_single_process(results: list[dict[str, Any]], ora
         _check_equal(results[rank]["fsdp/dpo"], oracle["dpo"])
 
 
+def test_fsdp2_anchor_ema_update_equals_single_process(results: list[dict[str, Any]]) -> None:
+    """``update_anchor_`` on FSDP2-sharded LoRA factors (DTensors) equals the single-process update."""
+    policy = w.build_policy()
+    w.run_case("dpo", w.TokenLogps(policy), policy, rank=0, world=1, naive=False)
+    expected = w.anchor_after_update(policy)
+    for rank in (0, 1):
+        assert results[rank]["fsdp/error"] is None, results[rank]["fsdp/error"]
+        torch.testing.assert_close(results[rank]["fsdp/anchor_after_update"], expected, rtol=0, atol=TOL)
+    # the update really moved the anchor (compare with the anchor before it, i.e. the contexts snapshot)
+    assert float((expected - results[0]["fsdp/contexts"]["anchor"]).abs().max()) > 1e-3
+
+
 def _plain_model_with(delta: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The base tiny model (no peft) with ``W0 + ΔW`` written into the named linear layers."""
     model = tiny_causal_lm("llama", vocab_size=w.VOCAB, hidden_size=32, num_layers=2, seed=0).to(w.DTYPE)

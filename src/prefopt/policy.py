@@ -211,6 +211,22 @@ def _check_target_names(model: nn.Module, cfg: peft.LoraConfig) -> None:
         )
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor behind a (possibly FSDP2-sharded) parameter: ``DTensor.full_tensor()`` (a collective
+    all-gather that every rank must reach in the same order) or ``t`` itself."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _write_(dst: Tensor, src: Tensor) -> None:
+    """Copy the whole tensor ``src`` into ``dst``; a sharded ``DTensor`` keeps only its own shard."""
+    if hasattr(dst, "device_mesh") and hasattr(dst, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
+
+
 class LoraPolicy(nn.Module):
     """A LoRA policy whose backbone also serves the reference model and an EMA anchor (see module docstring).
 
@@ -488,22 +504,32 @@ class LoraPolicy(nn.Module):
         n_layers = len(self._layers)
         if decay == 1.0:
             return AnchorUpdate(0.0, 0.0, n_layers)
-        groups: dict[tuple[Any, ...], list[Any]] = {}
-        for _, layer in self._layers:
-            b_p = layer.lora_B[POLICY_ADAPTER].weight
-            a_p = layer.lora_A[POLICY_ADAPTER].weight
-            b_a = layer.lora_B[ANCHOR_ADAPTER].weight
+        # Under FSDP2 the factors are sharded DTensors: gather each whole factor (every rank does the same
+        # work in the same order), compute the EMA on plain tensors, write back each rank's shard.
+        factors = [
+            tuple(
+                _full(getattr(layer, part)[name].weight)
+                for part, name in (
+                    ("lora_B", POLICY_ADAPTER),
+                    ("lora_A", POLICY_ADAPTER),
+                    ("lora_B", ANCHOR_ADAPTER),
+                    ("lora_A", ANCHOR_ADAPTER),
+                )
+            )
+            for _, layer in self._layers
+        ]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for j, (b_p, a_p, b_a, _) in enumerate(factors):
             key = (tuple(b_p.shape), tuple(a_p.shape), tuple(b_a.shape), b_p.dtype, b_a.dtype, b_p.device)
-            groups.setdefault(key, []).append(layer)
+            groups.setdefault(key, []).append(j)
         ratios: list[Tensor] = []
         disc_total: list[Tensor] = []
         norm_total: list[Tensor] = []
-        for layers in groups.values():
-            b_a_w = [layer.lora_B[ANCHOR_ADAPTER].weight for layer in layers]
-            a_a_w = [layer.lora_A[ANCHOR_ADAPTER].weight for layer in layers]
-            dtype = torch.promote_types(b_a_w[0].dtype, torch.float32)
-            b_p = torch.stack([layer.lora_B[POLICY_ADAPTER].weight for layer in layers]).to(dtype)
-            a_p = torch.stack([layer.lora_A[POLICY_ADAPTER].weight for layer in layers]).to(dtype)
+        for idx in groups.values():
+            layers = [self._layers[j][1] for j in idx]
+            dtype = torch.promote_types(factors[idx[0]][2].dtype, torch.float32)
+            b_p = torch.stack([factors[j][0] for j in idx]).to(dtype)
+            a_p = torch.stack([factors[j][1] for j in idx]).to(dtype)
             scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
             scale = scale.to(b_p.device).view(-1, 1, 1)
             r_p, r_a = a_p.shape[-2], self.anchor_rank
@@ -514,17 +540,17 @@ class LoraPolicy(nn.Module):
                 total = b_p.new_ones(len(layers))
             else:
                 b_new, a_new, disc, total = ema_low_rank(
-                    torch.stack(b_a_w).to(dtype),
-                    torch.stack(a_a_w).to(dtype),
+                    torch.stack([factors[j][2] for j in idx]).to(dtype),
+                    torch.stack([factors[j][3] for j in idx]).to(dtype),
                     b_p,
                     a_p,
                     decay=decay,
                     scale=scale,
                     rank=r_a,
                 )
-            for i in range(len(layers)):
-                b_a_w[i].copy_(b_new[i])
-                a_a_w[i].copy_(a_new[i])
+            for i, layer in enumerate(layers):
+                _write_(layer.lora_B[ANCHOR_ADAPTER].weight, b_new[i])
+                _write_(layer.lora_A[ANCHOR_ADAPTER].weight, a_new[i])
             ratios.append(torch.where(total > 0, disc / total.clamp_min(1e-300), 0.0).sqrt().to("cpu"))
             disc_total.append(disc.sum().to("cpu", torch.float64))
             norm_total.append(total.sum().to("cpu", torch.float64))
