@@ -49,3 +49,17 @@ def test_brevity_reward_by_hand():
 
     r = brevity_reward(["Paris.", "it is a city in France", "  Yes!  "])
     assert r.tolist() == pytest.approx([-0.1 + 1.0, -0.6, -0.1 + 1.0])
+
+
+@pytest.mark.slow
+def test_cli_diagnose_is_wired(tmp_path):
+    out = tmp_path / "diag"
+    code = main(["diagnose", "--tiny", "--pairs", "2", "--top-k", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert (out / "pairs.csv").exists() and (out / "pairs.json").exists()
+    assert list(out.glob("*.png"))
+
+
+def test_cli_diagnose_unknown_loss(tmp_path, capsys):
+    assert main(["diagnose", "--tiny", "--loss", "nope", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err

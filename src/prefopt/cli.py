@@ -1,4 +1,4 @@
-"""The ``prefopt`` command line: ``prefopt demo`` (more subcommands land with their features)."""
+"""The ``prefopt`` command line: ``prefopt demo`` (the tour) and ``prefopt diagnose`` (entanglement tables)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, for tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from prefopt.diagnostics.cli import add_diagnose_parser
+
+    add_diagnose_parser(sub)
     return parser
 
 
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prefopt demo: error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "diagnose":
+        from prefopt.diagnostics.cli import run_diagnose
+
+        return run_diagnose(args)
     return 1  # pragma: no cover - argparse rejects unknown commands
 
 
