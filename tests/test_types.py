@@ -145,3 +145,16 @@ def test_pair_fields_must_share_a_device():
     meta = torch.zeros(3, device="meta")
     with pytest.raises(ValueError, match="ref_chosen is on meta"):
         PairLogps(Z, Z, meta, Z)
+
+
+def test_check_mask_names_the_argument():
+    from prefopt.types import check_mask
+
+    good = torch.ones(2, 3, dtype=torch.bool)
+    assert check_mask("m", good, (2, 3), "x") is good
+    with pytest.raises(TypeError, match="m must be a torch.Tensor"):
+        check_mask("m", [[True]], (1, 1), "x")
+    with pytest.raises(TypeError, match="m must be a bool tensor"):
+        check_mask("m", torch.ones(2, 3), (2, 3), "x")
+    with pytest.raises(ValueError, match=r"m has shape \(2, 3\) but x has shape \(3, 2\)"):
+        check_mask("m", good, (3, 2), "x")

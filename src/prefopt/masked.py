@@ -17,22 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefopt.types import check_mask
+
 __all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten", "mean_of_seq_means", "token_mean"]
-
-
-def _check_mask(x: Tensor, mask: Tensor, name: str = "mask") -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = counts), got dtype {mask.dtype}")
-    if mask.shape != x.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(x.shape)}")
-    return mask
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """``Σ x·m`` over ``dim`` (all dims if None). Masked-out values never propagate NaN/inf."""
-    _check_mask(x, mask)
+    check_mask("mask", mask, tuple(x.shape), "x")
     z = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return z.sum() if dim is None else z.sum(dim=dim)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from prefopt.masked import masked_whiten
-from prefopt.types import check_finite, check_tensor
+from prefopt.types import check_finite, check_mask, check_tensor
 
 __all__ = [
     "PenalizedRewards",
@@ -49,16 +49,6 @@ def _as_float(name: str, x: object, *, ndim: int | None = None) -> Tensor:
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     return t
-
-
-def _check_mask(name: str, mask: object, shape: torch.Size, like: str) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = counts), got dtype {mask.dtype}")
-    if mask.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but {like} has shape {tuple(shape)}")
-    return mask
 
 
 def _same_shape(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -117,7 +107,7 @@ def gae(
     rewards = _as_float("rewards", rewards, ndim=2)
     values = _as_float("values", values, ndim=2)
     _same_shape("values", values, "rewards", rewards)
-    mask = _check_mask("mask", mask, rewards.shape, "rewards")
+    mask = check_mask("mask", mask, rewards.shape, "rewards")
     gamma = _check_unit_interval("gamma", gamma)
     lam = _check_unit_interval("lam", lam)
     _check_finite_where("rewards", rewards, mask)
@@ -236,7 +226,7 @@ def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, ep
     x = _as_float("x", x)
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
-    mask = _check_mask("mask", mask, x.shape, "x")
+    mask = check_mask("mask", mask, x.shape, "x")
     if not isinstance(shift_mean, bool):
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -367,7 +357,7 @@ def kl_penalized_rewards(
         raise TypeError(f"kl_in_reward must be a bool, got {type(kl_in_reward).__name__}")
     scores = _as_float("scores", scores, ndim=1)
     logp = _as_float("logp", logp, ndim=2)
-    mask = _check_mask("mask", mask, logp.shape, "logp")
+    mask = check_mask("mask", mask, logp.shape, "logp")
     if scores.shape[0] != logp.shape[0]:
         raise ValueError(f"scores has {scores.shape[0]} rows but logp has {logp.shape[0]}")
     check_finite("scores", scores)

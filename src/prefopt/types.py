@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LossOutput", "PairLogps", "UnpairedLogps", "check_finite", "check_tensor"]
+__all__ = ["LossOutput", "PairLogps", "UnpairedLogps", "check_finite", "check_mask", "check_tensor"]
 
 
 def check_tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool = True) -> Tensor:
@@ -26,6 +26,18 @@ def check_tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool =
     if floating and not torch.is_floating_point(x):
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
+
+
+def check_mask(name: str, mask: Any, shape: tuple[int, ...], like: str) -> Tensor:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``mask`` is a bool tensor of ``shape``
+    (the shape of the tensor called ``like``). The one mask convention: True = "this element counts"."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but {like} has shape {tuple(shape)}")
+    return mask
 
 
 def check_finite(name: str, x: Tensor | None) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 from prefopt.masked import masked_mean
 from prefopt.registry import ge, gt, one_of, register_loss
 from prefopt.rl import kl_estimate, rloo_advantages
-from prefopt.types import LossOutput, check_tensor
+from prefopt.types import LossOutput, check_mask, check_tensor
 
 __all__ = ["grpo", "ppo", "reinforce", "rloo"]
 
@@ -43,16 +43,6 @@ def _tokens(name: str, x: Any, shape: torch.Size | None = None, like: str = "log
     if shape is not None and x.shape != shape:
         raise ValueError(f"{name} has shape {tuple(x.shape)} but {like} has shape {tuple(shape)}")
     return x
-
-
-def _mask(mask: Any, shape: torch.Size) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
-    if mask.shape != shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but logp has shape {tuple(shape)}")
-    return mask
 
 
 def _per_sequence_or_token(name: str, x: Any, shape: torch.Size) -> Tensor:
@@ -123,7 +113,7 @@ def reinforce(
         values), ``advantages`` (``R − V``, mean over valid tokens for per-token values), ``seq_logp``.
     """
     _tokens("logp", logp)
-    mask = _mask(mask, logp.shape)
+    mask = check_mask("mask", mask, logp.shape, "logp")
     check_tensor("rewards", rewards, ndim=1)
     if rewards.shape[0] != logp.shape[0]:
         raise ValueError(f"rewards has shape {tuple(rewards.shape)} but logp has {logp.shape[0]} rows")
@@ -186,7 +176,7 @@ def rloo(
         ``ratio`` (1 when on-policy) and ``clipped`` (1.0 where the clip removed the gradient).
     """
     _tokens("logp", logp)
-    mask = _mask(mask, logp.shape)
+    mask = check_mask("mask", mask, logp.shape, "logp")
     check_tensor("rewards", rewards)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be 2-D (prompts, k), got shape {tuple(rewards.shape)}")
@@ -325,7 +315,7 @@ def grpo(
     """
     _tokens("logp", logp)
     shape = logp.shape
-    mask = _mask(mask, shape)
+    mask = check_mask("mask", mask, shape, "logp")
     old = logp.detach() if old_logp is None else _tokens("old_logp", old_logp, shape).detach()
     adv = _per_sequence_or_token("advantages", advantages, shape).detach().to(logp.dtype)
     if beta > 0 and ref_logp is None:
@@ -454,7 +444,7 @@ def ppo(
     """
     _tokens("logp", logp)
     shape = logp.shape
-    mask = _mask(mask, shape)
+    mask = check_mask("mask", mask, shape, "logp")
     old = _tokens("old_logp", old_logp, shape).detach()
     adv = _per_sequence_or_token("advantages", advantages, shape).detach().to(logp.dtype).expand(shape)
 
