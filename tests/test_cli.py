@@ -16,7 +16,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     )
     assert [r.loss for r in results] == ["dpo", "pairwise_normalized"]
     for r in results:
-        assert len(r.chosen) == len(r.margin) == 3  # before training + 2 steps
+        assert len(r.chosen) == len(r.margin) == 2  # before training + after step 2 (eval_every=2)
+        assert r.eval_steps == [0, 2]
         assert r.margin[0] == 0.0  # policy == reference before training
         assert all(math.isfinite(v) for v in r.chosen + r.rejected + r.margin + r.train_loss)
     # both losses have DPO's value, log 2 at policy == reference, on the first step

@@ -11,7 +11,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a short offline tour on SmolLM2-135M-Instruct and built-in pairs")
     demo.add_argument("--out", default="prefopt-out", help="output folder for figures (default: prefopt-out)")
-    demo.add_argument("--steps", type=int, default=20, help="training steps per loss (default: 20)")
+    demo.add_argument("--steps", type=int, default=16, help="training steps per loss (default: 16)")
     demo.add_argument(
         "--losses", default=None, help="comma-separated pairwise losses (default: dpo,pairwise_normalized)"
     )

@@ -36,6 +36,7 @@ class DemoResult:
     """Per-loss trajectories measured on the held-out pairs (index 0 = before training)."""
 
     loss: str
+    eval_steps: list[int] = field(default_factory=list)  # training step of each held-out evaluation
     chosen: list[float] = field(default_factory=list)  # mean Δ S(y_w) vs the reference
     rejected: list[float] = field(default_factory=list)  # mean Δ S(y_l) vs the reference
     margin: list[float] = field(default_factory=list)  # mean h = ρ_w − ρ_l
@@ -98,7 +99,8 @@ def _record(res: DemoResult, values: tuple[float, float, float, float]) -> None:
 def run_demo(
     out_dir: str | Path = "prefopt-out",
     *,
-    steps: int = 20,
+    steps: int = 16,
+    eval_every: int = 2,
     losses: Sequence[str] | None = None,
     batch_pairs: int = 4,
     lr: float = 5e-4,
@@ -120,6 +122,8 @@ def run_demo(
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     if batch_pairs < 2:
         raise ValueError(f"batch_pairs must be >= 2, got {batch_pairs}")
     if jbond_steps < 0:
@@ -173,10 +177,11 @@ def run_demo(
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
         res = DemoResult(loss=name)
         _record(res, _heldout_eval(policy, held, ref_held))
+        res.eval_steps.append(0)
         g = torch.Generator().manual_seed(seed)
         t1 = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"[3/5] train {name}", disable=not progress, leave=True)
-        for _ in bar:
+        bar = tqdm(total=steps, desc=f"[3/5] train {name}", disable=not progress, leave=True)
+        for step in range(1, steps + 1):
             idx = torch.randperm(len(train_rows), generator=g)[:batch_pairs].tolist()
             batch = collate([train_rows[i] for i in idx])
             with policy.reference():
@@ -199,8 +204,12 @@ def run_demo(
             loss.backward()
             opt.step()
             res.train_loss.append(float(loss.detach()))
-            _record(res, _heldout_eval(policy, held, ref_held))
+            if step % eval_every == 0 or step == steps:
+                _record(res, _heldout_eval(policy, held, ref_held))
+                res.eval_steps.append(step)
+            bar.update(1)
             bar.set_postfix(loss=f"{res.train_loss[-1]:.4f}", margin=f"{res.margin[-1]:+.3f}")
+        bar.close()
         res.seconds = time.perf_counter() - t1
         results.append(res)
 
@@ -414,7 +423,7 @@ def _plot(results: Sequence[DemoResult], jres: JBondResult | None, path: Path) -
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for i, r in enumerate(results):
         color = f"C{i}"
-        x = range(len(r.chosen))
+        x = r.eval_steps
         axes[0].plot(x, r.chosen, color=color, label=f"{r.loss}: chosen")
         axes[0].plot(x, r.rejected, color=color, linestyle="--", label=f"{r.loss}: rejected")
         axes[1].plot(x, r.margin, color=color, label=r.loss)
