@@ -12,7 +12,13 @@ from prefopt.demo import run_demo
 @pytest.mark.slow
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     results, jres = run_demo(
-        tmp_path, steps=2, tiny=True, progress=False, losses=["dpo", "pairwise_normalized"], jbond_steps=2
+        tmp_path,
+        steps=2,
+        tiny=True,
+        progress=False,
+        losses=["dpo", "pairwise_normalized"],
+        jbond_steps=2,
+        threads=1,
     )
     assert [r.loss for r in results] == ["dpo", "pairwise_normalized"]
     for r in results:
@@ -36,7 +42,10 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
 
 
 def test_cli_rejects_unknown_loss(tmp_path, capsys):
-    assert main(["demo", "--tiny", "--steps", "1", "--out", str(tmp_path), "--losses", "nope"]) == 2
+    assert (
+        main(["demo", "--tiny", "--steps", "1", "--out", str(tmp_path), "--losses", "nope", "--threads", "1"])
+        == 2
+    )
     assert "unknown loss" in capsys.readouterr().err
 
 
@@ -64,3 +73,14 @@ def test_cli_diagnose_is_wired(tmp_path):
 def test_cli_diagnose_unknown_loss(tmp_path, capsys):
     assert main(["diagnose", "--tiny", "--loss", "nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("load", "expected"), [(0.0, 2), (0.6, 1), (1.2, 1), (7.5, 1)])
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch, load, expected):
+    import os
+
+    from prefopt.demo import auto_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert auto_threads() == expected

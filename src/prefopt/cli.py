@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--jbond-steps", type=int, default=8, help="J-BOND steps (default: 8; 0 skips)")
     demo.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, for tests)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the cores not already busy)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     from prefopt.diagnostics.cli import add_diagnose_parser
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                 losses=losses,
                 tiny=args.tiny,
                 jbond_steps=args.jbond_steps,
+                threads=args.threads,
                 seed=args.seed,
                 progress=not args.no_progress,
             )
