@@ -1,0 +1,500 @@
+"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
+
+In a preference batch the chosen and the rejected sequence of a pair start with the same prompt, and HH-RLHF
+prompts are often longer than the answers. The duplicated layout of :class:`prefopt.data.PreferenceCollator`
+(``2B`` rows ``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its
+``k`` completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is
+the same function of the parameters::
+
+    ℓ[r, j] = log p(c[r, j] | x_{r mod B}, c[r, <j])       completion row r, completion token j
+
+The first completion token (``j = 0``) is predicted from the hidden state of the prompt's LAST real token; token
+``j ≥ 1`` from the completion's own position ``j − 1``. Log-probs go through
+:func:`prefopt.logprobs.chunked_head_logps` (the model's logit scaling, soft-capping and a temperature are
+honoured), so no ``(rows, tokens, V)`` logits are kept. Two methods:
+
+* ``"packed"`` (default): ONE row per prompt, ``x_i ++ c_i ++ c_{B+i} ++ …`` (real tokens only, right-padded
+  to the longest row), position ids restarting at ``len(x_i)`` for each completion, and a 4-D additive
+  attention mask under which a token sees the prompt and the earlier tokens of its own completion only. Token
+  slots = real tokens + one padding run per row, so it never costs more slots than the duplicated layout.
+* ``"cache"``: the ``B`` prompts once with ``use_cache=True``, the key/value tensors repeated ``k`` times, the
+  ``kB`` completion rows on that cache (mask ``[prompt_mask ; completion_mask]``, ``position_ids = len(x_i) +
+  j``). Gradients reach the prompt forward through the cached tensors. Prompts are padded to the longest prompt
+  and completions to the longest completion, so with uneven lengths (HH-RLHF) it can cost MORE token slots than
+  the duplicated layout (first 4 helpful-base pairs: 2,136 slots vs 1,776 duplicated vs 1,020 packed, for 979 real tokens).
+
+In both, inputs are RIGHT-padded and no query row is ever fully masked (no NaNs from padding).
+
+Exactness (``tests/test_shared_prefix.py``, tiny Llama / Qwen2 / Mistral / Gemma / GPT-2 / GPT-NeoX, LoRA
+included, uneven prompts): float32 per-token log-probs and LoRA gradients within 1e-5 of
+:func:`prefopt.logprobs.token_logps` on the duplicated batch; float64 log-probs within 1e-10 of the naive
+full-logits oracle; float64 gradients within 1e-12 (relative) for GPT-2 / GPT-NeoX and ~3e-8 for the RMSNorm
+models, whose transformers implementation normalizes in float32 even in a float64 model, so gradients merging in
+a different order (the prompt's, summed through the repeated cache instead of over duplicated rows) round
+differently there.
+
+Limits (checked, with a clear error): only model types in :data:`SUPPORTED_MODEL_TYPES` (each tested); a model
+with a sliding attention window shorter than ``prompt length + completion length`` is refused ("cache" applies
+the window to cache indices, which the padding hole shifts; the custom mask of "packed" bypasses the window).
+Nothing here is from a paper: causal attention restricted to (prompt, own completion) is the same computation
+as the duplicated forward; used for the sequence log-likelihoods of DPO
+(Rafailov et al. 2023, arXiv 2305.18290, Eq. 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prefopt.data import PreferenceCollator
+from prefopt.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    _backbone_and_head,
+    _check_chunk_size,
+    _check_temperature,
+    _ChunkedHeadLogps,
+    _module_head_logps,
+    chunked_head_logps,
+    logit_transform,
+    seq_len,
+    seq_sum,
+)
+from prefopt.types import PairLogps, check_tensor
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "SharedPromptCollator",
+    "shared_prompt_pair_logps",
+    "shared_prompt_token_logps",
+    "split_shared_prompt",
+    "unsplit_shared_prompt",
+]
+
+#: Model types whose shared-prompt forward is tested exact against the duplicated forward.
+SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layout conversion
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_right_padded(mask: Tensor) -> Tensor:
+    """Per row: True if the 0/1 mask is ones then zeros (no 1 after a 0)."""
+    m = mask.long()
+    return (
+        (m[:, 1:] <= m[:, :-1]).all(dim=1) if m.shape[1] > 1 else torch.ones_like(m[:, 0], dtype=torch.bool)
+    )
+
+
+def split_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A :class:`~prefopt.data.PreferenceCollator` batch (``2B`` rows ``prompt ++ completion``) → shared layout.
+
+    Args:
+        batch: ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)``, bool ``completion_mask`` ``(2B, T)``
+            and ``prompt_len`` ``(2B,)``, right-padded; row ``B + i`` must have the same prompt ids as row ``i``.
+            Completion tokens are the ``completion_len`` tokens after the prompt (``completion_len``, if absent,
+            is derived from ``attention_mask``).
+
+    Returns:
+        ``prompt_ids`` ``(B, P)`` long and ``prompt_mask`` ``(B, P)`` long (right-padded, ``P = max prompt_len``),
+        ``prompt_len`` ``(B,)``; ``completion_ids`` ``(2B, C)`` long, ``completion_attention_mask`` ``(2B, C)``
+        long, ``completion_mask`` ``(2B, C)`` bool (the input's ``completion_mask`` moved to completion
+        coordinates), ``completion_len`` ``(2B,)``; ``row_index`` is passed through when present.
+
+    Raises:
+        KeyError / ValueError: a missing key, an odd row count, padding not on the right, or chosen and
+            rejected rows whose prompts differ.
+    """
+    for key in ("input_ids", "attention_mask", "completion_mask", "prompt_len"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+    ids, am, cm, plen = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["completion_mask"],
+        batch["prompt_len"],
+    )
+    check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
+    n, t = ids.shape
+    if n == 0 or n % 2:
+        raise ValueError(f"batch['input_ids'] must have an even, non-zero number of rows, got {n}")
+    if am.shape != ids.shape or cm.shape != ids.shape:
+        raise ValueError("batch['attention_mask'] and batch['completion_mask'] must have input_ids' shape")
+    if cm.dtype != torch.bool:
+        raise TypeError(f"batch['completion_mask'] must be bool, got {cm.dtype}")
+    if not bool(_is_right_padded(am).all()):
+        raise ValueError("batch['attention_mask'] must be right-padded (ones then zeros in every row)")
+    plen = plen.long()
+    total = am.long().sum(1)
+    if plen.shape != (n,) or bool((plen < 1).any()) or bool((plen > total).any()):
+        raise ValueError("batch['prompt_len'] must be (2B,) with 1 <= prompt_len <= number of real tokens")
+    clen = batch["completion_len"].long() if "completion_len" in batch else total - plen
+    if bool((plen + clen != total).any()):
+        raise ValueError(
+            "batch['prompt_len'] + batch['completion_len'] must equal the real-token count of each row"
+        )
+    b = n // 2
+    if not torch.equal(plen[:b], plen[b:]):
+        raise ValueError("chosen row i and rejected row B + i must have the same prompt_len")
+    p_max = int(plen.max())
+    cols = torch.arange(p_max, device=ids.device)
+    prompt_mask = (cols[None] < plen[:b, None]).long()
+    prompt_ids = ids[:b, :p_max] * prompt_mask
+    if not torch.equal(ids[b:, :p_max] * prompt_mask, prompt_ids):
+        raise ValueError("chosen row i and rejected row B + i must share the same prompt ids")
+    if bool((cm & (torch.arange(t, device=ids.device)[None] < plen[:, None])).any()):
+        raise ValueError("batch['completion_mask'] is True on a prompt token")
+    c_max = max(int(clen.max()), 1)
+    j = torch.arange(c_max, device=ids.device)
+    src = (plen[:, None] + j[None]).clamp(max=t - 1)
+    c_att = j[None] < clen[:, None]
+    return_ = {
+        "prompt_ids": prompt_ids.long(),
+        "prompt_mask": prompt_mask,
+        "prompt_len": plen[:b].clone(),
+        "completion_ids": (ids.gather(1, src) * c_att).long(),
+        "completion_attention_mask": c_att.long(),
+        "completion_mask": cm.gather(1, src) & c_att,
+        "completion_len": clen.clone(),
+    }
+    if "row_index" in batch:
+        return_["row_index"] = batch["row_index"]
+    return return_
+
+
+def unsplit_shared_prompt(shared: Mapping[str, Tensor], values: Tensor) -> Tensor:
+    """Place ``(kB, C)`` completion-coordinate values into the duplicated ``(kB, P + C)`` layout.
+
+    Row ``r``'s value at completion column ``j`` goes to column ``prompt_len[r mod B] + j``; everything else is 0.
+    This is the inverse of the column shift done by :func:`split_shared_prompt` (used to compare with
+    :func:`prefopt.logprobs.token_logps` on the duplicated batch).
+    """
+    plen = shared["prompt_len"].long()
+    n, c = values.shape
+    b = plen.shape[0]
+    if n % b:
+        raise ValueError(f"values has {n} rows, not a multiple of the {b} prompts")
+    p = int(plen.max())
+    shift = plen.repeat(n // b)
+    out = values.new_zeros(n, p + c)
+    cols = shift[:, None] + torch.arange(c, device=values.device)[None]
+    return out.scatter(1, cols, values)
+
+
+class SharedPromptCollator:
+    """Rows ``{prompt, chosen, rejected}`` → a shared-prompt batch (each prompt once, ``2B`` completion rows).
+
+    Tokenization, truncation and bad-row handling are exactly :class:`prefopt.data.PreferenceCollator`'s (same
+    keyword arguments; the inner collator is ``self.collator``, its counters ``self.stats``); the duplicated
+    batch is then split by :func:`split_shared_prompt`. Keys: ``prompt_ids``, ``prompt_mask``, ``prompt_len``
+    (``B`` rows), ``completion_ids``, ``completion_attention_mask``, ``completion_mask``, ``completion_len``
+    (``2B`` rows, chosen first), ``row_index``. With ``keep_duplicated=True`` the duplicated batch's keys
+    (``input_ids``, ``attention_mask``, …) are kept too, under the prefix ``"dup_"``.
+    """
+
+    def __init__(self, tokenizer: Any, *, keep_duplicated: bool = False, **kwargs: Any) -> None:
+        self.collator = PreferenceCollator(tokenizer, **kwargs)
+        self.keep_duplicated = bool(keep_duplicated)
+
+    @property
+    def stats(self) -> Any:
+        return self.collator.stats
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        dup = self.collator(rows)
+        out = split_shared_prompt(dup)
+        if self.keep_duplicated:
+            out.update({f"dup_{k}": v for k, v in dup.items()})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_ids(name: str, x: Any, ndim: int = 2) -> Tensor:
+    check_tensor(name, x, ndim=ndim, floating=False)
+    if x.dtype == torch.bool or torch.is_floating_point(x) or torch.is_complex(x):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_mask01(name: str, x: Any, shape: torch.Size) -> Tensor:
+    check_tensor(name, x, ndim=2, floating=False)
+    if torch.is_complex(x):
+        raise TypeError(f"{name} must be an integer or bool 0/1 tensor, got dtype {x.dtype}")
+    if x.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but expected {tuple(shape)}")
+    if x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    if not bool(_is_right_padded(x).all()):
+        raise ValueError(f"{name} must be right-padded (ones then zeros in every row)")
+    return x.long()
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 keeps the attribute but turns it off
+        return None
+    return int(window)
+
+
+def _pred_hidden_cache(
+    backbone: nn.Module, prompt_ids: Tensor, pm: Tensor, completion_ids: Tensor, cam: Tensor, k: int
+) -> Tensor:
+    """``(kB, C, d)`` hidden states predicting each completion token: prompt once with ``use_cache=True``, then
+    the completion rows on the prompt's key/value cache repeated ``k`` times."""
+    b, p = prompt_ids.shape
+    c = completion_ids.shape[1]
+    dev = prompt_ids.device
+    plen = pm.sum(1)  # (B,)
+    out_p = backbone(
+        input_ids=prompt_ids,
+        attention_mask=pm,
+        position_ids=torch.arange(p, device=dev)[None].expand(b, p),
+        use_cache=True,
+    )
+    cache = out_p.past_key_values
+    if cache is None:
+        raise ValueError(
+            f"{type(backbone).__name__} returned no key/value cache; cannot share the prompt forward"
+        )
+    from transformers.cache_utils import DynamicCache
+
+    repeated = DynamicCache(
+        ddp_cache_data=[(kk.repeat(k, 1, 1, 1), vv.repeat(k, 1, 1, 1)) for kk, vv, *_ in cache]
+    )
+    out_c = backbone(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([pm.repeat(k, 1), cam], dim=1),
+        position_ids=plen.repeat(k)[:, None] + torch.arange(c, device=dev)[None],
+        past_key_values=repeated,
+        use_cache=True,
+    )
+    h_last = out_p.last_hidden_state[torch.arange(b, device=dev), plen - 1]  # (B, d): predicts token 0
+    # token j = 0 is predicted by the prompt's last position, token j >= 1 by completion position j - 1
+    return torch.cat([h_last.repeat(k, 1)[:, None], out_c.last_hidden_state[:, :-1]], dim=1)
+
+
+def _pred_hidden_packed(
+    backbone: nn.Module, prompt_ids: Tensor, pm: Tensor, completion_ids: Tensor, cam: Tensor, k: int
+) -> Tensor:
+    """``(kB, C, d)`` hidden states predicting each completion token, from ONE packed row per prompt.
+
+    Row ``i`` is ``prompt_i ++ c_i ++ c_{B+i} ++ … ++ c_{(k-1)B+i}`` (real tokens only, right-padded to the
+    longest row), position ids restart at ``len(prompt_i)`` for every completion, and a 4-D additive mask lets
+    a token see the prompt and the earlier tokens of its OWN completion only (causal within segments). Padding
+    slots see only themselves, so no query row is fully masked.
+    """
+    b = prompt_ids.shape[0]
+    n, c = completion_ids.shape
+    dev = prompt_ids.device
+    plen = pm.sum(1).tolist()
+    clen = cam.sum(1).tolist()
+    total = max(plen[i] + sum(clen[j * b + i] for j in range(k)) for i in range(b))
+    ids = torch.zeros(b, total, dtype=torch.long, device=dev)
+    pos = torch.zeros(b, total, dtype=torch.long, device=dev)
+    seg = torch.full((b, total), -1, dtype=torch.long, device=dev)  # 0 prompt, j + 1 completion j, -1 pad
+    src = torch.zeros(n, c, dtype=torch.long, device=dev)  # packed column of the state predicting token j
+    for i in range(b):
+        p_i = plen[i]
+        ids[i, :p_i] = prompt_ids[i, :p_i]
+        pos[i, :p_i] = torch.arange(p_i, device=dev)
+        seg[i, :p_i] = 0
+        col = p_i
+        for j in range(k):
+            r = j * b + i
+            m = clen[r]
+            ids[i, col : col + m] = completion_ids[r, :m]
+            pos[i, col : col + m] = p_i + torch.arange(m, device=dev)
+            seg[i, col : col + m] = j + 1
+            src[r, 0] = p_i - 1
+            src[r, 1:] = (col + torch.arange(c - 1, device=dev)).clamp(max=total - 1)
+            col += m
+    q = torch.arange(total, device=dev)
+    causal = q[:, None] >= q[None, :]  # (L, L): query row, key column
+    key_seg, query_seg = seg[:, None, :], seg[:, :, None]
+    allowed = causal[None] & (key_seg >= 0) & ((key_seg == 0) | (key_seg == query_seg))
+    allowed = allowed | torch.eye(total, dtype=torch.bool, device=dev)[None]
+    dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+    mask = torch.zeros(b, 1, total, total, dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    hidden = out.last_hidden_state  # (B, L, d)
+    pair = torch.arange(n, device=dev) % b
+    return hidden[pair[:, None], src]
+
+
+def shared_prompt_token_logps(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    completion_attention_mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    method: str = "packed",
+) -> Tensor:
+    """Per-token completion log-probs with each prompt run once: ``ℓ[r, j] = log p(c[r,j] | x_{r mod B}, c[r,<j])``.
+
+    Args:
+        model: a transformers causal LM of a type in :data:`SUPPORTED_MODEL_TYPES`, or a peft model wrapping one.
+        prompt_ids: ``(B, P)`` integer ids, right-padded.
+        prompt_mask: ``(B, P)`` 0/1 (int or bool), ones then zeros, at least one real token per row.
+        completion_ids: ``(kB, C)`` integer ids, right-padded; row ``r`` continues prompt ``r mod B``
+            (pairs: ``k = 2``, rows ``0..B-1`` chosen, ``B..2B-1`` rejected).
+        completion_mask: ``(kB, C)`` bool, True where a completion token counts (must be a real token).
+        completion_attention_mask: ``(kB, C)`` 0/1, the real completion tokens (default: ``completion_mask``,
+            which must then be right-padded).
+        chunk_size: completion tokens per LM-head chunk (default :data:`prefopt.logprobs.DEFAULT_CHUNK_SIZE`).
+        temperature: ``τ > 0`` dividing the final logits (default 1).
+        method: ``"packed"`` (default): one row per prompt, ``prompt ++ c_1 ++ … ++ c_k``, with a 4-D mask that
+            hides the other completions and position ids restarting after the prompt — the fewest token slots
+            (no padding between prompt and completion); ``"cache"``: the prompt once with ``use_cache=True``,
+            then the ``kB`` completion rows on its key/value cache repeated ``k`` times. Both are exact.
+
+    Returns:
+        ``(kB, C)`` log-probs, 0 where ``completion_mask`` is False: float32, or float64 for a float64 model
+        (unlike :func:`prefopt.logprobs.token_logps`, which always returns float32). Differentiable w.r.t. every
+        parameter that the prompt or the completion forward uses.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, padding or ids; ``ValueError`` for an
+        unsupported model type or a sliding attention window shorter than ``P + C``.
+    """
+    prompt_ids = _check_ids("prompt_ids", prompt_ids)
+    completion_ids = _check_ids("completion_ids", completion_ids)
+    b, p = prompt_ids.shape
+    n, c = completion_ids.shape
+    if b == 0 or p == 0:
+        raise ValueError(f"prompt_ids must have at least one row and one column, got shape {(b, p)}")
+    if n == 0 or n % b:
+        raise ValueError(
+            f"completion_ids has {n} rows, which is not a positive multiple of the {b} prompt rows "
+            "(row r continues prompt r mod B)"
+        )
+    pm = _check_mask01("prompt_mask", prompt_mask, prompt_ids.shape)
+    if bool((pm[:, 0] == 0).any()):
+        raise ValueError("prompt_mask has a row with no real token (every prompt needs at least one)")
+    check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
+    if completion_mask.dtype != torch.bool:
+        raise TypeError(
+            f"completion_mask must be a bool tensor (True = counts), got dtype {completion_mask.dtype}"
+        )
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            f"completion_mask has shape {tuple(completion_mask.shape)} but completion_ids has "
+            f"{tuple(completion_ids.shape)}"
+        )
+    if completion_attention_mask is None:
+        cam = _check_mask01("completion_mask", completion_mask, completion_ids.shape)
+    else:
+        cam = _check_mask01("completion_attention_mask", completion_attention_mask, completion_ids.shape)
+        if bool((completion_mask & (cam == 0)).any()):
+            raise ValueError("completion_mask is True where completion_attention_mask is 0 (a padding token)")
+
+    backbone, head, config = _backbone_and_head(model)
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"shared_prompt_token_logps does not support model_type={model_type!r} (tested: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}); use prefopt.logprobs.token_logps on the duplicated batch"
+        )
+    window = _sliding_window(config)
+    if window is not None and p + c > window:
+        raise ValueError(
+            f"the model's sliding attention window ({window}) is shorter than prompt_ids.shape[1] + "
+            f"completion_ids.shape[1] = {p + c}; the shared-prompt forward would not be exact"
+        )
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    if method not in ("packed", "cache"):
+        raise ValueError(f"method must be 'packed' or 'cache', got {method!r}")
+    tr = logit_transform(config)
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocabulary size)")
+
+    k = n // b
+    if method == "packed":
+        pred = _pred_hidden_packed(backbone, prompt_ids, pm, completion_ids, cam, k)
+    else:
+        pred = _pred_hidden_cache(backbone, prompt_ids, pm, completion_ids, cam, k)
+    idx = completion_mask.reshape(-1).nonzero().squeeze(1)
+    h_sel = pred.reshape(-1, pred.shape[-1]).index_select(0, idx)
+    y_sel = completion_ids.reshape(-1).index_select(0, idx).long()
+    if type(head) is nn.Linear and h_sel.dtype == torch.float64:
+        # float64 model: keep float64 log-probs (chunked_head_logps rounds its output to float32), so that
+        # gradchecks and float64 comparisons are meaningful
+        lp, _ = _ChunkedHeadLogps.apply(
+            h_sel, head.weight, head.bias, y_sel, tr.scale, tr.softcap, tau, chunk_size, False
+        )
+    elif type(head) is nn.Linear:
+        lp = chunked_head_logps(
+            h_sel, head.weight, y_sel, head.bias, transform=tr, temperature=tau, chunk_size=chunk_size
+        )
+        assert isinstance(lp, Tensor)
+    else:
+        lp, _ = _module_head_logps(head, h_sel, y_sel, tr, tau, chunk_size, False)
+    if lp.dtype != torch.float64:
+        lp = lp.float()
+    dense = lp.new_zeros(n * c).index_put((idx,), lp)
+    return dense.view(n, c)
+
+
+def shared_prompt_pair_logps(
+    model: Any,
+    batch: Mapping[str, Tensor],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    method: str = "packed",
+) -> PairLogps:
+    """Chosen / rejected sequence log-probs of a shared-prompt batch (each prompt run once).
+
+    ``batch`` comes from :class:`SharedPromptCollator` or :func:`split_shared_prompt`: ``prompt_ids`` /
+    ``prompt_mask`` ``(B, P)``, ``completion_ids`` / ``completion_mask`` (and optionally
+    ``completion_attention_mask``) ``(2B, C)``, chosen rows first. Same result as
+    :func:`prefopt.logprobs.pair_seq_logps` on the duplicated batch, up to float rounding.
+
+    Returns:
+        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``, float64 for a
+        float64 model) and
+        ``chosen_len``/``rejected_len`` ``= |y|`` (int64).
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+    b = batch["prompt_ids"].shape[0]
+    if batch["completion_ids"].shape[0] != 2 * b:
+        raise ValueError(
+            f"batch['completion_ids'] must have 2 × {b} rows (chosen then rejected), "
+            f"got {batch['completion_ids'].shape[0]}"
+        )
+    mask = batch["completion_mask"]
+    logp = shared_prompt_token_logps(
+        model,
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        batch["completion_ids"],
+        mask,
+        completion_attention_mask=batch.get("completion_attention_mask"),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        method=method,
+    )
+    s = seq_sum(logp, mask)
+    n = seq_len(mask)
+    return PairLogps(chosen=s[:b], rejected=s[b:], chosen_len=n[:b], rejected_len=n[b:])
