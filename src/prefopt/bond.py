@@ -200,6 +200,12 @@ def bon_distribution(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
         ValueError: ``n < 1``, mismatched shapes, NaN rewards, negative probabilities or probabilities
             that do not sum to 1 (tolerance 1e-5 in float32/float64, 1e-2 in half precision); the result
             sums to ``(Σ ref_probs)^N``, it is not renormalized.
+
+    Best-of-2 of a uniform 3-item reference with distinct rewards is ``((1/3)^2, (2/3)^2 − (1/3)^2, 1 − (2/3)^2)``:
+
+    >>> import torch
+    >>> bon_distribution(torch.full((3,), 1 / 3, dtype=torch.float64), torch.tensor([0.0, 1.0, 2.0]), 2)
+    tensor([0.1111, 0.3333, 0.5556], dtype=torch.float64)
     """
     check_n(n)
     _check_probs("ref_probs", ref_probs)

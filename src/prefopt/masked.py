@@ -46,6 +46,14 @@ def token_mean(x: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = N
 
     Passing the global batch's token count makes micro-batch and multi-rank gradients add up exactly to
     the whole-batch gradient (see the module docstring).
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    >>> m = torch.tensor([[True, True, False], [True, False, False]])
+    >>> token_mean(x, m)                      # (1 + 2 + 3) / 3
+    tensor(2.)
+    >>> token_mean(x[:1], m[:1], num_tokens=3) + token_mean(x[1:], m[1:], num_tokens=3)
+    tensor(2.)
     """
     total = masked_sum(x, mask)
     if num_tokens is None:

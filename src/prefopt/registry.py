@@ -281,6 +281,19 @@ class BoundLoss:
 def get_loss(name: str, **hparams: Any) -> BoundLoss:
     """Look up ``name`` and bind validated keyword-only hyperparameters.
 
+    At policy == reference every margin is 0 and DPO's loss is ``log 2``:
+
+    >>> import torch
+    >>> from prefopt.types import PairLogps
+    >>> dpo = get_loss("dpo", beta=0.1)
+    >>> z = torch.zeros(2)
+    >>> dpo(PairLogps(chosen=z, rejected=z, ref_chosen=z, ref_rejected=z)).loss
+    tensor([0.6931, 0.6931])
+    >>> get_loss("dpo", beta=-1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: dpo: hyperparameter beta=-1.0 is out of range; allowed: a finite number > 0
+
     Raises:
         KeyError: unknown ``name`` (the message lists every available name).
         ValueError: an unknown or out-of-range hyperparameter (the message names it and its allowed range).
