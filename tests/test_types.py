@@ -152,7 +152,7 @@ def test_check_mask_names_the_argument():
 
     good = torch.ones(2, 3, dtype=torch.bool)
     assert check_mask("m", good, (2, 3), "x") is good
-    with pytest.raises(TypeError, match="m must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"m must be a torch\.Tensor"):
         check_mask("m", [[True]], (1, 1), "x")
     with pytest.raises(TypeError, match="m must be a bool tensor"):
         check_mask("m", torch.ones(2, 3), (2, 3), "x")
