@@ -344,3 +344,21 @@ def test_top_k_zero_means_off_and_top_k_truncates(top_k):
         assert int(ranks.max()) >= 50  # near-uniform sampling over 128 tokens, ~160 draws
     else:
         assert int(ranks.max()) < top_k
+
+
+def test_sampling_inside_the_anchor_context_scores_the_anchor_without_a_reference():
+    """J-BOND samples from the anchor: ``reference="auto"`` must not try to nest ``reference()`` there."""
+    policy, _ = perturbed_policy(seed=7)
+    policy.update_anchor_(0.5)  # anchor halfway between reference and policy: a third distribution
+    sampler = HFSampler(policy, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(0)
+    with policy.anchor():
+        r = sampler.generate(left_padded(PROMPTS), n=2)
+        assert policy.mode == "anchor"
+        oracle = token_logps(policy.model, r.input_ids, r.attention_mask, r.completion_mask)
+    assert r.ref_logp is None and r.logp is not None
+    torch.testing.assert_close(r.logp, oracle, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        policy_logp = token_logps(policy.model, r.input_ids, r.attention_mask, r.completion_mask)
+    assert (policy_logp - r.logp).abs().max() > 1e-3  # the anchor's numbers, not the policy's
+    assert policy.mode == "policy"

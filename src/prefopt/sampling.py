@@ -306,8 +306,9 @@ def score_rollout(
         rollout: from :func:`pack_rollout` or a sampler.
         model: a :class:`prefopt.policy.LoraPolicy` or a transformers causal LM (peft models too).
         reference: ``"auto"`` (default): ``policy.reference()`` — the same backbone with adapters off — for a
-            ``LoraPolicy``, none otherwise; a model (a separate frozen reference copy, e.g. for full
-            fine-tuning); or None (no reference log-probs).
+            ``LoraPolicy`` in its policy mode, none otherwise (inside ``policy.anchor()`` the contexts cannot
+            nest, so scoring the anchor's samples gives ``ref_logp=None``); a model (a separate frozen
+            reference copy, e.g. for full fine-tuning); or None (no reference log-probs).
         temperature: the sampling temperature ``τ`` (``log softmax(z/τ)``); the reference is scored at 1,
             the distribution the KL is taken against (as TRL does).
         batch_size: rows per forward (default: all at once).
@@ -326,7 +327,7 @@ def score_rollout(
     if isinstance(reference, str):
         if reference != "auto":
             raise ValueError(f'reference must be "auto", None or a model, got {reference!r}')
-        reference = model if is_policy else None
+        reference = model if is_policy and getattr(model, "mode", "policy") == "policy" else None
     step = batch_size or rollout.batch_size
 
     def run(m: Any) -> Tensor:
