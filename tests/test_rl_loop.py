@@ -27,14 +27,6 @@ from prefopt.testing import char_tokenizer, tiny_causal_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def first_token_prob(policy: LoraPolicy, prompts: dict, token: int) -> float:
     """Exact mean over prompts of π(token | prompt) for the first completion token."""
     with torch.no_grad():
