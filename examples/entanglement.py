@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from prefopt.data import PreferenceCollator, load_builtin_pairs, load_preferences
-from prefopt.diagnostics import EntanglementReport, first_order_changes, loss_weights, per_row_gradients
+from prefopt.diagnostics import EntanglementReport, loss_weights, per_row_gradients
 from prefopt.diagnostics.pergrad import resolve_params
 from prefopt.logprobs import seq_sum, token_logps
 from prefopt.losses.decoupled import shared_token_mask
@@ -144,8 +144,7 @@ def diagnose(
     rg = per_row_gradients(model, forward, 2 * b, named, flat=True)
     assert rg.flat is not None
     gram = rg.flat @ rg.flat.T
-    idx = torch.arange(b)
-    inner, nw, nl = gram[idx, idx + b], gram[idx, idx], gram[idx + b, idx + b]
+    nw, nl = gram.diagonal()[:b], gram.diagonal()[b:]  # ‖∇_w‖², ‖∇_l‖²
     seq = rg.values.double()
     lens = cm.sum(dim=1)
     logps = PairLogps(
@@ -159,29 +158,12 @@ def diagnose(
     weight_loss = loss if loss in SEQ_LOSSES else "dpo"
     fn = pair_loss_fn(weight_loss, beta, (nw.sqrt(), nl.sqrt()))
     d_w, d_l, loss_val = loss_weights(fn, logps)
-    pred_w, pred_l = first_order_changes(d_w, d_l, nw, nl, inner, eta=eta)
-    denom = (nw * nl).sqrt()
-    nan = torch.full_like(inner, float("nan"))
-    small = torch.minimum(nw, nl)
-    report = EntanglementReport(
-        inner=inner,
-        chosen_sqnorm=nw,
-        rejected_sqnorm=nl,
-        cosine=torch.where(denom > 0, inner / denom.clamp(min=1e-300), nan),
-        ratio=torch.where(small > 0, inner / small.clamp(min=1e-300), nan),
-        chosen_weight=d_w,
-        rejected_weight=d_l,
-        pred_dchosen=pred_w,
-        pred_drejected=pred_l,
-        chosen_falls=pred_w < 0,
-        rejected_rises=pred_l > 0,
-        chosen_logp=seq[:b],
-        rejected_logp=seq[b:],
-        ref_chosen=ref_seq[:b].double(),
-        ref_rejected=ref_seq[b:].double(),
-        loss=loss_val,
-        measured_dchosen=None,
-        measured_drejected=None,
+    report = EntanglementReport.from_gram(
+        gram,
+        logps,
+        d_w,
+        d_l,
+        loss_val,
         eta=eta,
         loss_name=weight_loss,
         reference="given",

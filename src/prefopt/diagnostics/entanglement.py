@@ -227,6 +227,63 @@ class EntanglementReport:
     num_params: int
     fallback: tuple[str, ...]
 
+    @classmethod
+    def from_gram(
+        cls,
+        gram: Tensor,
+        logps: PairLogps,
+        d_w: Tensor,
+        d_l: Tensor,
+        loss: Tensor,
+        *,
+        eta: float,
+        loss_name: str,
+        reference: str,
+        num_params: int,
+        fallback: tuple[str, ...] = (),
+        measured_dchosen: Tensor | None = None,
+        measured_drejected: Tensor | None = None,
+    ) -> EntanglementReport:
+        """Assemble a report from the ``(2B, 2B)`` Gram matrix of per-row gradients (rows ``0..B−1`` chosen,
+        ``B..2B−1`` rejected), the pair log-probs and the loss weights ``d_w``, ``d_l`` at the current point:
+        inner products and norms are read off the Gram matrix, cosine/ratio and the first-order predictions
+        (:func:`first_order_changes`) derived from them."""
+        b = gram.shape[0] // 2
+        idx = torch.arange(b, device=gram.device)
+        inner = gram[idx, idx + b]
+        nw = gram[idx, idx]
+        nl = gram[idx + b, idx + b]
+        pred_w, pred_l = first_order_changes(d_w, d_l, nw, nl, inner, eta=eta)
+        nan = torch.full_like(inner, float("nan"))
+        denom = (nw * nl).sqrt()
+        small = torch.minimum(nw, nl)
+        assert logps.ref_chosen is not None and logps.ref_rejected is not None
+        return cls(
+            inner=inner,
+            chosen_sqnorm=nw,
+            rejected_sqnorm=nl,
+            cosine=torch.where(denom > 0, inner / denom.clamp(min=1e-300), nan),
+            ratio=torch.where(small > 0, inner / small.clamp(min=1e-300), nan),
+            chosen_weight=d_w,
+            rejected_weight=d_l,
+            pred_dchosen=pred_w,
+            pred_drejected=pred_l,
+            chosen_falls=pred_w < 0,
+            rejected_rises=pred_l > 0,
+            chosen_logp=logps.chosen,
+            rejected_logp=logps.rejected,
+            ref_chosen=logps.ref_chosen,
+            ref_rejected=logps.ref_rejected,
+            loss=loss,
+            measured_dchosen=measured_dchosen,
+            measured_drejected=measured_drejected,
+            eta=eta,
+            loss_name=loss_name,
+            reference=reference,
+            num_params=num_params,
+            fallback=fallback,
+        )
+
     @property
     def chosen_grad_norm(self) -> Tensor:
         """``‖∇_w‖`` ``(B,)`` — the input ``chosen_grad_norm`` of the ``pairwise_normalized`` loss."""
@@ -341,44 +398,22 @@ def entanglement(
             rejected_len=lens[b:],
         )
         d_w, d_l, loss_val = loss_weights(loss_fn, logps)
-        idx = torch.arange(b)
-        inner = rg.gram[idx, idx + b]
-        nw = rg.gram[idx, idx]
-        nl = rg.gram[idx + b, idx + b]
-        pred_w, pred_l = first_order_changes(d_w, d_l, nw, nl, inner, eta=float(eta))
         measured_w = measured_l = None
         if verify:
             measured_w, measured_l = _verify(model, named, loss_fn, ids, am, cm, logps, float(eta))
-
-    denom = (nw * nl).sqrt()
-    nan = torch.full_like(inner, float("nan"))
-    cosine = torch.where(denom > 0, inner / denom.clamp(min=1e-300), nan)
-    small = torch.minimum(nw, nl)
-    ratio = torch.where(small > 0, inner / small.clamp(min=1e-300), nan)
-    return EntanglementReport(
-        inner=inner,
-        chosen_sqnorm=nw,
-        rejected_sqnorm=nl,
-        cosine=cosine,
-        ratio=ratio,
-        chosen_weight=d_w,
-        rejected_weight=d_l,
-        pred_dchosen=pred_w,
-        pred_drejected=pred_l,
-        chosen_falls=pred_w < 0,
-        rejected_rises=pred_l > 0,
-        chosen_logp=seq[:b],
-        rejected_logp=seq[b:],
-        ref_chosen=ref_w.double(),
-        ref_rejected=ref_l.double(),
-        loss=loss_val,
-        measured_dchosen=measured_w,
-        measured_drejected=measured_l,
+    return EntanglementReport.from_gram(
+        rg.gram,
+        logps,
+        d_w,
+        d_l,
+        loss_val,
         eta=float(eta),
         loss_name=loss,
         reference=reference,
         num_params=sum(p.numel() for _, p in named),
         fallback=rg.fallback,
+        measured_dchosen=measured_w,
+        measured_drejected=measured_l,
     )
 
 
