@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -132,6 +132,19 @@ class _Base:
         return out
 
     # -- bad rows ---------------------------------------------------------------------------------------
+
+    def _start_batch(self, n_rows: int) -> tuple[dict[str, list[int]], Callable[[BadRowError, int], None]]:
+        """Count the batch's rows; return this batch's ``{reason: [batch rows]}`` and a ``bad(err, i)``
+        that records (or, with ``strict``, raises on) a bad row ``i`` of the batch."""
+        offset = self.stats.rows_seen
+        self.stats.rows_seen += n_rows
+        skipped: dict[str, list[int]] = {}
+
+        def bad(err: BadRowError, i: int) -> None:
+            self._bad(err, i, offset)
+            skipped.setdefault(err.reason, []).append(i)
+
+        return skipped, bad
 
     def _bad(self, bad: BadRowError, index: int, offset: int) -> None:
         if self.strict:
@@ -289,14 +302,7 @@ class PreferenceCollator(_CompletionMixin):
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of dicts with prompt/chosen/rejected")
-        offset = self.stats.rows_seen
-        self.stats.rows_seen += len(rows)
-        skipped: dict[str, list[int]] = {}
-
-        def bad(err: BadRowError, i: int) -> None:
-            self._bad(err, i, offset)
-            skipped.setdefault(err.reason, []).append(i)
-
+        skipped, bad = self._start_batch(len(rows))
         texts: list[tuple[int, str, str, str]] = []
         for i, row in enumerate(rows):
             try:
@@ -372,14 +378,7 @@ class UnpairedCollator(_CompletionMixin):
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of dicts with prompt/completion/label")
-        offset = self.stats.rows_seen
-        self.stats.rows_seen += len(rows)
-        skipped: dict[str, list[int]] = {}
-
-        def bad(err: BadRowError, i: int) -> None:
-            self._bad(err, i, offset)
-            skipped.setdefault(err.reason, []).append(i)
-
+        skipped, bad = self._start_batch(len(rows))
         texts: list[tuple[int, str, str, float]] = []
         for i, row in enumerate(rows):
             try:
@@ -454,22 +453,17 @@ class PromptCollator(_Base):
     def __call__(self, rows: Sequence[str | Mapping[str, Any]]) -> dict[str, Any]:
         if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of prompt strings or dicts with a 'prompt'")
-        offset = self.stats.rows_seen
-        self.stats.rows_seen += len(rows)
-        skipped: dict[str, list[int]] = {}
+        skipped, bad = self._start_batch(len(rows))
         texts: list[tuple[int, str]] = []
         for i, row in enumerate(rows):
             try:
                 texts.append((i, row if isinstance(row, str) else _row_str(row, "prompt")))
             except BadRowError as err:
-                self._bad(err, i, offset)
-                skipped.setdefault(err.reason, []).append(i)
+                bad(err, i)
         kept: list[tuple[int, str, list[int]]] = []
         for (i, text), ids in zip(texts, self._prompt_ids([t for _, t in texts])):
             if not ids:
-                empty = BadRowError("empty_prompt", "the prompt tokenizes to zero tokens")
-                self._bad(empty, i, offset)
-                skipped.setdefault(empty.reason, []).append(i)
+                bad(BadRowError("empty_prompt", "the prompt tokenizes to zero tokens"), i)
                 continue
             kept.append((i, text, ids))
         self._finish_batch(len(rows), len(kept), skipped)
