@@ -172,6 +172,10 @@ def main() -> None:
                 save_file(lora, os.path.join(args.out, "lora_state.safetensors"))
         elif accelerator.is_main_process:
             accelerator.unwrap_model(net).policy.save(args.out)
+    # every rank reaches here before the process group is torn down: a rank that exits while gloo threads of
+    # the other are still live aborts with "terminate called without an active exception"
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
