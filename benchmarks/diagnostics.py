@@ -76,10 +76,12 @@ def build(args: argparse.Namespace) -> tuple[LoraPolicy, int]:
     return LoraPolicy(model, lora), vocab
 
 
-def make_batch(b: int, t: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+def make_batch(b: int, t: int, vocab: int, seed: int, prompt: int | None = None) -> dict[str, torch.Tensor]:
+    """``b`` pairs of rows of length ``t`` whose first ``prompt`` tokens (default ``t // 2``) are a shared
+    prompt and the rest the completion."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (2 * b, t), generator=g)
-    prompt = t // 2
+    prompt = t // 2 if prompt is None else prompt
     ids[b:, :prompt] = ids[:b, :prompt]
     cm = torch.zeros(2 * b, t, dtype=torch.bool)
     cm[:, prompt:] = True
@@ -140,7 +142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--token-len", type=int, default=64)
+    ap.add_argument("--token-len", type=int, default=64, help="completion tokens T_w = T_l of the token pair")
+    ap.add_argument("--token-prompt", type=int, default=32, help="prompt tokens before them")
+    ap.add_argument("--token-chunk", type=int, default=None, help="chunk_rows of the token engine")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -161,7 +165,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     policy, vocab = build(args)
     batch = make_batch(args.pairs, args.seq_len, vocab, seed=0)
-    tbatch = make_batch(1, args.token_len, vocab, seed=1)
+    tbatch = make_batch(1, args.token_prompt + args.token_len, vocab, seed=1, prompt=args.token_prompt)
+    tkw = {} if args.token_chunk is None else {"chunk_rows": args.token_chunk}
     # lr = 0: the step does all its work but leaves the adapter unchanged, so every timed call sees the same point
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0, weight_decay=0.0)
 
@@ -169,7 +174,7 @@ def main() -> None:
         "report": lambda: entanglement(policy, batch),
         "step": lambda: train_step(policy, batch, opt),
         "loop": lambda: loop_report(policy, batch),
-        "token": lambda: token_gradient_correlation(policy, tbatch, 0),
+        "token": lambda: token_gradient_correlation(policy, tbatch, 0, **tkw),
         "token_copies": lambda: token_gradient_correlation(policy, tbatch, 0, method="copies"),
         "token_loop": lambda: token_loop(policy, tbatch, 0),
     }
@@ -198,6 +203,7 @@ def main() -> None:
             "pairs": args.pairs,
             "seq_len": args.seq_len,
             "token_len": args.token_len,
+            "token_prompt": args.token_prompt,
             "rank": args.rank,
             "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
             "threads": torch.get_num_threads(),

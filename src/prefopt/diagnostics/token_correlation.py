@@ -20,13 +20,19 @@ offset is shared.
 
 **Computation** (exact, no approximation). The gradient of token ``t`` of a row is a vector–Jacobian product
 (VJP). Default path (``method="vjp"``, used when every selected parameter is the weight/bias of an
-``nn.Linear`` of the backbone called once, e.g. a LoRA adapter): ONE forward of the row with forward hooks
-recording every such layer's input ``x`` ``(T, d_in)`` and output; the per-token head gradients
-``∂ℓ_t/∂h_{t−1}`` for all ``t`` from one pass of the LM head; then the ``n`` VJPs are batched through the backbone
-with ``torch.autograd.grad(..., is_grads_batched=True)`` *with respect to the recorded layer outputs* (not the
-parameters), giving ``G^{(t)}`` ``(T, d_out)`` per layer, and the per-token weight gradient by the outer-product
-identity ``∇_W ℓ_t = Σ_s G^{(t)}_s x_sᵀ`` (Goodfellow 2015, arXiv 1510.01799). The per-token gradients are
-checked to add up to an ordinary backward of ``Σ_t ℓ_t`` (else a warning and the copies path).
+``nn.Linear`` of the backbone called once, e.g. a LoRA adapter): the completion positions in increasing order,
+``chunk_rows`` at a time; for a chunk ending at position ``p``, ONE forward of the causal prefix
+``input_ids[:p]`` (token ``p`` depends on nothing later, so a VJP costs its prefix, not the whole row) with
+forward hooks recording every such layer's input ``x`` ``(p, d_in)`` and output; the per-token head gradients
+``∂ℓ_t/∂h_{t−1}`` of the chunk from one pass of the LM head; then the chunk's VJPs are batched through the
+backbone with ``torch.autograd.grad(..., is_grads_batched=True)`` *with respect to the recorded layer outputs*
+(not the parameters), giving ``G^{(t)}`` ``(p, d_out)`` per layer, and the per-token weight gradient by the
+outer-product identity ``∇_W ℓ_t = Σ_s G^{(t)}_s x_sᵀ`` (Goodfellow 2015, arXiv 1510.01799). The first chunk's
+per-token gradients are checked to add up to an ordinary backward of their sum (else a warning and the copies
+path). Cost: about one backward of its prefix per token, so on a CPU, where a backward is bound by
+arithmetic, the gain over a loop of backward passes on one forward is the work that loop wastes (both rows,
+whole length, the LM head each time) — 2.5–3× in ``benchmarks/diagnostics.py``; where a backward is bound
+by kernel-launch latency (small models on a GPU) batching the VJPs gains more.
 Fallback (``method="copies"``): ``n`` *copies* of the row, copy ``k`` truncated after its token ``t_k`` and
 counting only that token (causality makes later tokens irrelevant), so that one forward and one backward of
 ``Σ_k ℓ_k`` over the copies yields all ``n`` per-token gradients through the per-row identity of
@@ -120,7 +126,7 @@ def per_token_gradients(
     positions: Tensor,
     named_params: list[tuple[str, nn.Parameter]],
     *,
-    chunk_rows: int = 64,
+    chunk_rows: int = 32,
 ) -> tuple[Tensor, Tensor]:
     """``(G, ℓ)``: ``G (n, P)`` float64 gradients of ``log p(input_ids[t_k] | input_ids[:t_k])`` for each
     ``t_k`` in ``positions`` (``(n,)``, each ≥ 1) of the single row ``input_ids`` ``(T,)``, and the ``(n,)``
@@ -166,13 +172,18 @@ def per_token_gradients_vjp(
     positions: Tensor,
     named_params: list[tuple[str, nn.Parameter]],
     *,
-    chunk_rows: int = 64,
+    chunk_rows: int = 32,
 ) -> tuple[Tensor, Tensor] | None:
-    """Same result as :func:`per_token_gradients` by one forward and batched VJPs w.r.t. recorded layer
-    outputs (module docstring), or None when the model/parameters do not fit that path (a selected parameter
-    that is not a backbone ``nn.Linear`` weight/bias called exactly once on a ``(1, T, d)`` input, an LM head
-    that is not a plain ``nn.Linear`` or is itself selected) or the self-check fails (with a warning)."""
-    from prefopt.logprobs import _backbone_and_head, chunked_head_logps, logit_transform
+    """Same result as :func:`per_token_gradients` by forwards of causal prefixes and batched VJPs w.r.t.
+    recorded layer outputs (module docstring), or None when the model/parameters do not fit that path (a
+    selected parameter that is not a backbone ``nn.Linear`` weight/bias called exactly once on a ``(1, T, d)``
+    input, an LM head that is not a plain ``nn.Linear`` or is itself selected) or the self-check fails (with a
+    warning).
+
+    Positions are taken in increasing order, ``chunk_rows`` at a time; a chunk whose last position is ``p``
+    runs the backbone on ``input_ids[:p]`` only (causality: token ``p`` depends on nothing later), so a VJP
+    costs its own prefix, not the whole row."""
+    from prefopt.logprobs import _backbone_and_head, logit_transform
 
     try:
         backbone, head, config = _backbone_and_head(model)
@@ -197,6 +208,50 @@ def per_token_gradients_vjp(
                 mods.append((mod, w, b))
     if owned != pid:
         return None
+    transform = logit_transform(config)
+    order = torch.argsort(positions)
+    sorted_pos = positions[order]
+    n = positions.shape[0]
+    width = sum(m.out_features for m, _, _ in mods)  # output-gradient numbers per token per position
+    flat = torch.empty(n, sum(p.numel() for p in params), dtype=torch.float64, device=input_ids.device)
+    values = torch.empty(n, dtype=torch.float64, device=input_ids.device)
+    lp_dtype = torch.float32
+    s = 0
+    while s < n:
+        k = min(chunk_rows, n - s)
+        while k > 1 and k * width * int(sorted_pos[s + k - 1]) > _VJP_BUDGET:
+            k -= 1
+        pos = sorted_pos[s : s + k]
+        got = _prefix_chunk(
+            backbone, head, transform, mods, params, input_ids, attention_mask, pos, check=s == 0
+        )
+        if got is None:
+            return None
+        flat[order[s : s + k]] = got[0]
+        values[order[s : s + k]] = got[1].double()
+        lp_dtype = got[1].dtype
+        s += k
+    return flat, values.to(lp_dtype)
+
+
+def _prefix_chunk(
+    backbone: nn.Module,
+    head: nn.Linear,
+    transform: Any,
+    mods: list[tuple[nn.Linear, Tensor | None, Tensor | None]],
+    params: list[nn.Parameter],
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    pos: Tensor,
+    *,
+    check: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """Per-token gradients ``(k, P)`` float64 and log-probs ``(k,)`` of the sorted positions ``pos``: one
+    forward of ``input_ids[:pos[-1]]``, one batched VJP of the ``k`` head gradients (see the module docstring),
+    and with ``check`` the self-check against an ordinary backward of their sum."""
+    from prefopt.logprobs import chunked_head_logps
+
+    t = int(pos[-1])
     calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m, _, _ in mods}
 
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -210,77 +265,67 @@ def per_token_gradients_vjp(
     try:
         with torch.enable_grad():
             out = backbone(
-                input_ids=input_ids[None],
-                attention_mask=None if attention_mask is None else attention_mask[None],
+                input_ids=input_ids[None, :t],
+                attention_mask=None if attention_mask is None else attention_mask[None, :t],
                 use_cache=False,
             )
     finally:
         for h in handles:
             h.remove()
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    t = input_ids.shape[0]
     for m, _, _ in mods:
         c = calls[m]
         if len(c) != 1 or c[0][0].ndim != 3 or c[0][0].shape[:2] != (1, t) or not c[0][1].requires_grad:
             return None
-    # per-token head gradients ∂ℓ_k/∂h_{t_k − 1}: rows of the head are independent, one backward gives all
-    h_sel = hidden[0, positions - 1].detach().requires_grad_(True)
+    # per-token head gradients ∂ℓ_k/∂h_{p_k − 1}: rows of the head are independent, one backward gives all
+    h_sel = hidden[0, pos - 1].detach().requires_grad_(True)
     with torch.enable_grad():
-        lp = chunked_head_logps(
-            h_sel, head.weight, input_ids[positions].long(), head.bias, transform=logit_transform(config)
-        )
+        lp = chunked_head_logps(h_sel, head.weight, input_ids[pos].long(), head.bias, transform=transform)
         assert isinstance(lp, Tensor)
         (dh,) = torch.autograd.grad(lp.sum(), h_sel)
-    xs = [calls[m][0][0][0] for m, _, _ in mods]
-    outs = [calls[m][0][1] for m, _, _ in mods]
-    width = sum(o.shape[-1] for o in outs) * t
-    step = max(1, min(chunk_rows, _VJP_BUDGET // max(width, 1)))
-    n = positions.shape[0]
+    k = pos.shape[0]
     d = hidden.shape[-1]
-    rows: list[Tensor] = []
-    cot_sum = hidden.new_zeros(1, t, d)
-    for s in range(0, n, step):
-        k = min(step, n - s)
-        cot = hidden.new_zeros(k, 1, t, d)
-        cot[torch.arange(k), 0, positions[s : s + k] - 1] = dh[s : s + k].to(hidden.dtype)
-        cot_sum += cot.sum(0)
-        gs = torch.autograd.grad(
-            hidden, outs, grad_outputs=cot, is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        per: dict[int, Tensor] = {}
-        for (_, w, b), x, g in zip(mods, xs, gs, strict=True):
-            work = torch.float64 if x.dtype == torch.float64 else torch.float32
-            gk = None if g is None else g[:, 0].to(work)
-            for q in (w, b):
-                if q is None:
-                    continue
-                if gk is None:  # the layer does not reach the log-probs
-                    per[id(q)] = torch.zeros(k, q.numel(), dtype=torch.float64, device=q.device)
-                elif q is w:
-                    per[id(q)] = torch.einsum("nso,si->noi", gk, x.to(work)).reshape(k, -1).double()
-                else:
-                    per[id(q)] = gk.sum(1).double()
-        rows.append(torch.cat([per[id(p)] for p in params], dim=1))
-    flat = torch.cat(rows)
-    # self-check: the per-token gradients add up to an ordinary backward of Σ_k ℓ_k
-    summed = torch.autograd.grad(hidden, params, grad_outputs=cot_sum, allow_unused=True)
-    off = 0
-    for p, g in zip(params, summed, strict=True):
-        total = flat[:, off : off + p.numel()].sum(0).view_as(p)
-        off += p.numel()
-        ref = torch.zeros_like(p) if g is None else g
-        # tolerance 1e-5 of the gradient's scale, also for float64 models: the ordinary backward of several
-        # positions at once differs from the per-position VJPs by ~3e-8 relative there (measured on a float64
-        # Llama; the per-token results themselves equal a loop of backward passes to 1e-16). A structural
-        # error (a weight used outside its module, a missed call) is O(1).
-        if not _summed_close(total, ref):
-            warnings.warn(
-                "per-token gradients by batched VJPs do not add up to the summed gradient; using the copies "
-                "path",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
+    cot = hidden.new_zeros(k, 1, t, d)
+    cot[torch.arange(k), 0, pos - 1] = dh.to(hidden.dtype)
+    outs = [calls[m][0][1] for m, _, _ in mods]
+    gs = torch.autograd.grad(
+        hidden, outs, grad_outputs=cot, is_grads_batched=True, retain_graph=check, allow_unused=True
+    )
+    per: dict[int, Tensor] = {}
+    for (m, w, b), g in zip(mods, gs, strict=True):
+        x = calls[m][0][0][0]
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gk = None if g is None else g[:, 0].to(work)
+        for q in (w, b):
+            if q is None:
+                continue
+            if gk is None:  # the layer does not reach the log-probs
+                per[id(q)] = torch.zeros(k, q.numel(), dtype=torch.float64, device=q.device)
+            elif q is w:
+                per[id(q)] = torch.einsum("nso,si->noi", gk, x.to(work)).reshape(k, -1).double()
+            else:
+                per[id(q)] = gk.sum(1).double()
+    flat = torch.cat([per[id(p)] for p in params], dim=1)
+    if check:
+        # the per-token gradients add up to an ordinary backward of Σ_k ℓ_k
+        summed = torch.autograd.grad(hidden, params, grad_outputs=cot.sum(0), allow_unused=True)
+        off = 0
+        for p, g in zip(params, summed, strict=True):
+            total = flat[:, off : off + p.numel()].sum(0).view_as(p)
+            off += p.numel()
+            ref = torch.zeros_like(p) if g is None else g
+            # tolerance 1e-5 of the gradient's scale, also for float64 models: the ordinary backward of several
+            # positions at once differs from the per-position VJPs by ~3e-8 relative there (measured on a
+            # float64 Llama; the per-token results themselves equal a loop of backward passes to 1e-16). A
+            # structural error (a weight used outside its module, a missed call) is O(1).
+            if not _summed_close(total, ref):
+                warnings.warn(
+                    "per-token gradients by batched VJPs do not add up to the summed gradient; using the "
+                    "copies path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return None
     return flat, lp.detach()
 
 
@@ -306,7 +351,7 @@ def token_gradient_correlation(
     *,
     tokenizer: Any = None,
     params: Iterable[Any] | None = None,
-    chunk_rows: int = 64,
+    chunk_rows: int = 32,
     method: TokenMethod = "auto",
 ) -> TokenCorrelation:
     r"""Cosines between per-token gradients of pair ``index`` of a collated preference batch.
