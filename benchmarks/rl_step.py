@@ -6,9 +6,16 @@ programmatic score → KL-penalized return (``rl.kl_penalized_rewards``) → pol
 (``token_logps``) → ``reinforce`` loss → backward → AdamW step.
 
 * ``lora``: ``LoraPolicy`` (r=8, all-linear); the reference is the same backbone with adapters off; AdamW
-  on the adapter only.
+  on the adapter only. Sampling uses ``HFSampler(merged=True)`` (one merged weight per layer swapped in
+  during ``generate``: the decode steps do not pay the adapter matmuls; behaviour log-probs stay unmerged)
+  unless ``--unmerged-sampling``.
 * ``full``: every parameter trains; the reference is a frozen ``copy.deepcopy`` of the initial model;
   AdamW on all 134.5M parameters.
+
+``--value`` makes it PE-RLHF's REINFORCE *with a learned value baseline* (per-token ``V(x, y_<t)``,
+``reinforce(..., values)``, value coefficient 0.1): ``lora`` reads the values from a critic adapter and scalar
+head on the same backbone (``LoraPolicy(..., value_head=True, value_adapter=True)``); ``full`` from a
+separate value model, a ``deepcopy`` of the backbone plus a scalar head, trained in full.
 
 Completions have a fixed length (``max_new_tokens``) unless ``--natural-eos``: the two configurations'
 policies drift apart after the first update, and with natural EOS their sample lengths (hence sampling time)
@@ -72,16 +79,27 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model, tok = _load(args)
     rss_loaded = _rss_mb()
+    values_fn: Any = None
     if args.config == "lora":
         cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, bias="none")
-        policy: Any = LoraPolicy(model, cfg)
+        policy: Any = LoraPolicy(model, cfg, value_head=args.value, value_adapter=args.value)
         lm, params, reference = policy.model, policy.trainable_parameters(), "auto"
+        if args.value:
+            values_fn = policy.values
     else:
         reference = copy.deepcopy(model).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
         policy = lm = model
         params = [p for p in model.parameters()]
+        if args.value:
+            backbone = copy.deepcopy(model.get_decoder()).train()
+            head = torch.nn.Linear(model.config.hidden_size, 1)
+            params += [*backbone.parameters(), *head.parameters()]
+
+            def values_fn(ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+                return head(backbone(input_ids=ids, attention_mask=am).last_hidden_state).squeeze(-1)
+
         for p in params:
             p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
@@ -96,6 +114,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         temperature=1.0,
         eos_token_id=eos,
+        merged=args.config == "lora" and not args.unmerged_sampling,
     )
     qs = [r["prompt"] for r in load_builtin_pairs()][: args.prompts]
     prompts = PromptCollator(tok)(qs)
@@ -106,7 +125,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         pen = rl.kl_penalized_rewards(scores, roll.logp, roll.ref_logp, roll.completion_mask, beta=0.05)
         lm.train()
         logp = token_logps(lm, roll.input_ids, roll.attention_mask, roll.completion_mask)
-        out = reinforce(logp, roll.completion_mask, pen.sequence_rewards)
+        v_before = None
+        if values_fn is not None:
+            values = values_fn(roll.input_ids, roll.attention_mask)
+            # values[:, i] has read tokens 0..i; the baseline of token t is the value of the state y_<t
+            v_before = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+        out = reinforce(logp, roll.completion_mask, pen.sequence_rewards, v_before, value_coef=0.1)
         opt.zero_grad(set_to_none=True)
         out.loss.mean().backward()
         opt.step()
@@ -146,6 +170,10 @@ def main() -> None:
     ap.add_argument(
         "--natural-eos", action="store_true", help="stop at the tokenizer's EOS (variable lengths)"
     )
+    ap.add_argument("--value", action="store_true", help="REINFORCE with a learned value baseline (PE-RLHF)")
+    ap.add_argument(
+        "--unmerged-sampling", action="store_true", help="LoRA arm samples through the adapters (no merge)"
+    )
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", choices=("lora", "full"), default="lora", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,6 +208,8 @@ def main() -> None:
         "model": "tiny" if args.tiny else "SmolLM2-135M-Instruct",
         "batch": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens},
         "natural_eos": args.natural_eos,
+        "value_baseline": args.value,
+        "lora_merged_sampling": not args.unmerged_sampling,
         "completion_len": {
             c: statistics.mean(x for res in runs[c] for x in res["completion_len"]) for c in runs
         },

@@ -870,3 +870,66 @@ def test_bad_arguments():
             policy.update_anchor_(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="adapter"):
         policy.delta_weights("other")
+
+
+# ------------------------------------------------------------------------------------------- merged()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("adapter", [POLICY_ADAPTER, ANCHOR_ADAPTER])
+def test_merged_is_the_adapter_written_densely_and_restores_w0_exactly(arch, adapter):
+    model = MAKERS[arch](dtype=torch.float64)
+    base = copy.deepcopy(model)
+    policy = LoraPolicy(model, cfg())
+    randomize_policy(policy, seed=2)
+    randomize_adapter(policy, ANCHOR_ADAPTER, seed=5)
+    ids = tokens()
+    deltas = {  # float64 ΔW = s·B·A (delta_weights() rounds to float32)
+        name: float(layer.scaling[adapter]) * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)
+        for name, layer in policy._layers
+    }
+    want = dense_model(base, {k: v.detach() for k, v in deltas.items()})  # oracle: W0 + ΔW in a copy
+    weights = {n: p for n, p in policy.model.named_parameters() if "base_layer.weight" in n}
+    before = {n: p.detach().clone() for n, p in weights.items()}
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        policy_lp = logps(policy.model, ids)
+        with policy.anchor():
+            anchor_lp = logps(policy.model, ids)
+    assert (policy_lp - anchor_lp).abs().max() > 1e-2  # the two adapters differ: the check below can fail
+    with policy.merged(adapter):
+        assert policy.mode == "merged"
+        assert not torch.is_grad_enabled()
+        got = logps(policy.model, ids)
+        # a different tensor is in place (W0 itself is never written)
+        swapped = {n: p for n, p in policy.model.named_parameters() if "base_layer.weight" in n}
+        assert all(swapped[n] is not weights[n] for n in weights)
+    torch.testing.assert_close(got, logps(want, ids), rtol=0, atol=1e-10)
+    torch.testing.assert_close(got, policy_lp if adapter == POLICY_ADAPTER else anchor_lp, rtol=0, atol=1e-10)
+    # after: the very same W0 tensors, bit for bit, flags as before, reference still the base model
+    after = {n: p for n, p in policy.model.named_parameters() if "base_layer.weight" in n}
+    assert all(after[n] is weights[n] and torch.equal(after[n], before[n]) for n in weights)
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    with policy.reference():
+        torch.testing.assert_close(logps(policy.model, ids), logps(base, ids), rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(logps(policy.model, ids), policy_lp)
+
+
+def test_merged_restores_on_exception_refuses_nesting_and_bad_adapter():
+    policy = LoraPolicy(make_llama(), cfg())
+    randomize_policy(policy)
+    ids = tokens()
+    weights = [p for n, p in policy.model.named_parameters() if "base_layer.weight" in n]
+    with torch.no_grad():
+        before = policy.model(input_ids=ids).logits
+    with pytest.raises(KeyError), policy.merged():
+        raise KeyError("boom")
+    assert policy.mode == "policy"
+    assert [p for n, p in policy.model.named_parameters() if "base_layer.weight" in n] == weights
+    with torch.no_grad():
+        assert torch.equal(policy.model(input_ids=ids).logits, before)
+    with policy.reference(), pytest.raises(RuntimeError, match="nest"), policy.merged():
+        pass
+    with policy.merged(), pytest.raises(RuntimeError, match="nest"), policy.anchor():
+        pass
+    with pytest.raises(ValueError, match="adapter"), policy.merged("critic"):
+        pass

@@ -354,3 +354,37 @@ def test_sampling_inside_the_anchor_context_scores_the_anchor_without_a_referenc
         policy_logp = token_logps(policy.model, r.input_ids, r.attention_mask, r.completion_mask)
     assert (policy_logp - r.logp).abs().max() > 1e-3  # the anchor's numbers, not the policy's
     assert policy.mode == "policy"
+
+
+def test_merged_sampling_draws_the_same_tokens_and_scores_unmerged():
+    """``merged=True`` samples the same distribution (float64: the same tokens for the same seed) and the
+    behaviour log-probs still come from the unmerged policy — the function the losses train."""
+    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3).double()
+    policy = LoraPolicy(base, lora_cfg())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    kw = {"max_new_tokens": 8, "eos_token_id": EOS, "pad_token_id": PAD}
+    torch.manual_seed(0)
+    plain = HFSampler(policy, **kw).generate(left_padded(PROMPTS), n=3)
+    torch.manual_seed(0)
+    fast = HFSampler(policy, merged=True, **kw).generate(left_padded(PROMPTS), n=3)
+    assert fast.completion_ids() == plain.completion_ids()
+    assert fast.logp is not None and plain.logp is not None and fast.ref_logp is not None
+    oracle = token_logps(policy.model, fast.input_ids, fast.attention_mask, fast.completion_mask)
+    assert torch.equal(fast.logp, oracle.to(fast.logp.dtype))  # unmerged: bit for bit the training forward
+    assert (fast.logp - fast.ref_logp).abs().max() > 1e-2  # and the policy is not the reference
+    assert policy.mode == "policy"
+
+
+def test_merged_sampling_validates():
+    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3)
+    with pytest.raises(ValueError, match=r"merged=True needs a prefopt\.LoraPolicy"):
+        HFSampler(base, merged=True, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(TypeError, match="merged must be a bool"):
+        HFSampler(LoraPolicy(base, lora_cfg()), merged=1, eos_token_id=EOS, pad_token_id=PAD)
+    policy, _ = perturbed_policy(seed=7)
+    sampler = HFSampler(policy, merged=True, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
+    with policy.anchor(), pytest.raises(RuntimeError, match=r"inside policy\.anchor"):
+        sampler.generate(left_padded(PROMPTS))

@@ -408,7 +408,7 @@ class LoraPolicy(nn.Module):
         tuner = _tuner(self.model)
         try:
             # peft's switches also flip requires_grad; put every flag back at once, before any forward.
-            if mode == "reference":
+            if mode in ("reference", "merged"):
                 tuner.disable_adapter_layers()
             else:
                 tuner.set_adapter(ANCHOR_ADAPTER if mode == "anchor" else VALUE_ADAPTER)
@@ -417,7 +417,7 @@ class LoraPolicy(nn.Module):
             with torch.no_grad() if no_grad else contextlib.nullcontext():
                 yield
         finally:
-            if mode == "reference":
+            if mode in ("reference", "merged"):
                 tuner.enable_adapter_layers()
             tuner.set_adapter(POLICY_ADAPTER)
             restore_flags()
@@ -441,10 +441,44 @@ class LoraPolicy(nn.Module):
         """
         return self._switch("anchor", no_grad)
 
+    @contextlib.contextmanager
+    def merged(self, adapter: str = POLICY_ADAPTER) -> Iterator[None]:
+        """Context in which every adapted layer computes with ONE merged weight ``W0 + s·B·A`` of ``adapter``
+        (``"default"``, the policy, or ``"anchor"``) and the adapters are off: the same function as the
+        policy (or anchor) up to float rounding, at the speed of the plain model — for sampling, where the
+        many small decode steps pay the adapters' extra matmuls every time.
+
+        The merged weights are *new* tensors swapped in for the base weights; on exit (also on exceptions)
+        the original weight tensors are put back, so the reference stays exactly ``W0`` — nothing is
+        merged into and subtracted from ``W0``, which would not round-trip in floating point. Costs one
+        extra copy of the adapted weights while inside. Runs under ``torch.no_grad()``; ``self.mode`` is
+        ``"merged"``; no nesting with the other contexts (``RuntimeError``). Not for sharded (FSDP)
+        weights. Log-probs for the losses should still come from the unmerged policy (that is the function
+        being trained); :class:`prefopt.sampling.HFSampler` does exactly that with ``merged=True``.
+        """
+        names = (POLICY_ADAPTER, ANCHOR_ADAPTER)
+        if adapter not in names:
+            raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
+        with self._switch("merged", True):
+            swapped: list[tuple[nn.Module, nn.Parameter]] = []
+            try:
+                for _, layer in self._layers:
+                    base = layer.get_base_layer()
+                    w0 = base.weight
+                    delta = layer.get_delta_weight(adapter)
+                    base._parameters["weight"] = nn.Parameter(
+                        w0.detach() + delta.to(w0.dtype), requires_grad=False
+                    )
+                    swapped.append((base, w0))
+                yield
+            finally:
+                for base, w0 in reversed(swapped):
+                    base._parameters["weight"] = w0
+
     @property
     def mode(self) -> str:
-        """``"policy"``, ``"reference"`` or ``"anchor"`` (``"critic"`` only inside :meth:`values`): which
-        weights ``self.model`` computes with now."""
+        """``"policy"``, ``"reference"``, ``"anchor"`` or ``"merged"`` (``"critic"`` only inside
+        :meth:`values`): which weights ``self.model`` computes with now."""
         return self._mode
 
     def values(

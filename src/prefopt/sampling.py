@@ -396,6 +396,11 @@ class HFSampler:
         batch_size: sequences per ``generate`` call (after repeating prompts ``n`` times); default all.
         progress: tqdm bar over ``generate`` calls: True, False, or None (default: shown when there are at
             least 4 calls).
+        merged: sample inside :meth:`prefopt.policy.LoraPolicy.merged` (``LoraPolicy`` in its policy mode
+            only): one merged weight per adapted layer instead of base + adapter matmuls at every decode
+            step — faster, one extra copy of the adapted weights during ``generate``, and samples from the
+            policy up to float rounding. Behaviour and reference log-probs are computed unmerged as always,
+            so the losses see exactly the trained function. Default False.
     """
 
     def __init__(
@@ -413,6 +418,7 @@ class HFSampler:
         pad_token_id: int | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
+        merged: bool = False,
     ) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -432,6 +438,11 @@ class HFSampler:
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+        if not isinstance(merged, bool):
+            raise TypeError(f"merged must be a bool, got {type(merged).__name__}")
+        if merged and not _is_lora_policy(model):
+            raise ValueError("merged=True needs a prefopt.LoraPolicy (it merges the policy adapter)")
+        self.merged = merged
         self.model = model
         self.tokenizer = tokenizer
         self.reference = reference
@@ -545,7 +556,13 @@ class HFSampler:
             from tqdm.auto import tqdm
 
             iterator = tqdm(starts, desc="sampling", unit="batch")
-        with torch.no_grad(), _eval_mode(lm):
+        if self.merged and self.model.mode != "policy":
+            raise RuntimeError(
+                f"HFSampler(merged=True) samples the policy adapter; called inside policy.{self.model.mode}() "
+                "(use merged=False there)"
+            )
+        merge = self.model.merged() if self.merged else contextlib.nullcontext()
+        with torch.no_grad(), _eval_mode(lm), merge:
             for s in iterator:
                 out = lm.generate(
                     input_ids=ids[s : s + step], attention_mask=mask[s : s + step], generation_config=cfg
