@@ -44,6 +44,7 @@ keep that under ``2^27`` numbers).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -213,7 +214,15 @@ def per_token_gradients_vjp(
     sorted_pos = positions[order]
     n = positions.shape[0]
     width = sum(m.out_features for m, _, _ in mods)  # output-gradient numbers per token per position
-    flat = torch.empty(n, sum(p.numel() for p in params), dtype=torch.float64, device=input_ids.device)
+    # the model's precision: float64 models give float64 per-token gradients, others float32 (they are
+    # computed in float32 anyway; see token_gradient_correlation for the cosines)
+    work = torch.float64 if any(q.dtype == torch.float64 for q in params) else torch.float32
+    offsets: dict[int, int] = {}
+    total = 0
+    for q in params:
+        offsets[id(q)] = total
+        total += q.numel()
+    flat = torch.empty(n, total, dtype=work, device=input_ids.device)  # rows in sorted-position order
     values = torch.empty(n, dtype=torch.float64, device=input_ids.device)
     lp_dtype = torch.float32
     s = 0
@@ -222,15 +231,28 @@ def per_token_gradients_vjp(
         while k > 1 and k * width * int(sorted_pos[s + k - 1]) > _VJP_BUDGET:
             k -= 1
         pos = sorted_pos[s : s + k]
-        got = _prefix_chunk(
-            backbone, head, transform, mods, params, input_ids, attention_mask, pos, check=s == 0
+        lp = _prefix_chunk(
+            backbone,
+            head,
+            transform,
+            mods,
+            params,
+            offsets,
+            input_ids,
+            attention_mask,
+            pos,
+            flat[s : s + k],
+            check=s == 0,
         )
-        if got is None:
+        if lp is None:
             return None
-        flat[order[s : s + k]] = got[0]
-        values[order[s : s + k]] = got[1].double()
-        lp_dtype = got[1].dtype
+        values[s : s + k] = lp.double()
+        lp_dtype = lp.dtype
         s += k
+    if not bool((order == torch.arange(n, device=order.device)).all()):  # back to the caller's order
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(n, device=order.device)
+        flat, values = flat[inv], values[inv]
     return flat, values.to(lp_dtype)
 
 
@@ -240,15 +262,18 @@ def _prefix_chunk(
     transform: Any,
     mods: list[tuple[nn.Linear, Tensor | None, Tensor | None]],
     params: list[nn.Parameter],
+    offsets: dict[int, int],
     input_ids: Tensor,
     attention_mask: Tensor | None,
     pos: Tensor,
+    out_rows: Tensor,
     *,
     check: bool,
-) -> tuple[Tensor, Tensor] | None:
-    """Per-token gradients ``(k, P)`` float64 and log-probs ``(k,)`` of the sorted positions ``pos``: one
-    forward of ``input_ids[:pos[-1]]``, one batched VJP of the ``k`` head gradients (see the module docstring),
-    and with ``check`` the self-check against an ordinary backward of their sum."""
+) -> Tensor | None:
+    """Writes the per-token gradients of the sorted positions ``pos`` into ``out_rows`` ``(k, P)`` (parameter
+    ``q`` at columns ``offsets[id(q)]…``) and returns their log-probs ``(k,)``: one forward of
+    ``input_ids[:pos[-1]]``, one batched VJP of the ``k`` head gradients (see the module docstring), and with
+    ``check`` the self-check against an ordinary backward of their sum (None if it fails)."""
     from prefopt.logprobs import chunked_head_logps
 
     t = int(pos[-1])
@@ -291,21 +316,21 @@ def _prefix_chunk(
     gs = torch.autograd.grad(
         hidden, outs, grad_outputs=cot, is_grads_batched=True, retain_graph=check, allow_unused=True
     )
-    per: dict[int, Tensor] = {}
+    work = out_rows.dtype
     for (m, w, b), g in zip(mods, gs, strict=True):
-        x = calls[m][0][0][0]
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        gk = None if g is None else g[:, 0].to(work)
+        x = calls[m][0][0][0].to(work)
+        gk = None if g is None else g[:, 0].to(work)  # (k, t, d_out)
         for q in (w, b):
             if q is None:
                 continue
+            block = out_rows[:, offsets[id(q)] : offsets[id(q)] + q.numel()]
             if gk is None:  # the layer does not reach the log-probs
-                per[id(q)] = torch.zeros(k, q.numel(), dtype=torch.float64, device=q.device)
+                block.zero_()
             elif q is w:
-                per[id(q)] = torch.einsum("nso,si->noi", gk, x.to(work)).reshape(k, -1).double()
+                block.view(k, *q.shape).copy_(torch.matmul(gk.transpose(1, 2), x))  # Σ_s G_s x_sᵀ
             else:
-                per[id(q)] = gk.sum(1).double()
-    flat = torch.cat([per[id(p)] for p in params], dim=1)
+                block.copy_(gk.sum(1))
+    flat = out_rows
     if check:
         # the per-token gradients add up to an ordinary backward of Σ_k ℓ_k
         summed = torch.autograd.grad(hidden, params, grad_outputs=cot.sum(0), allow_unused=True)
@@ -326,7 +351,7 @@ def _prefix_chunk(
                     stacklevel=4,
                 )
                 return None
-    return flat, lp.detach()
+    return lp.detach()
 
 
 def _summed_close(a: Tensor, b: Tensor) -> bool:
@@ -398,23 +423,29 @@ def token_gradient_correlation(
                 got = per_token_gradients(model, ids[r], row_am, p, named, chunk_rows=chunk_rows)
             gs.append(got[0])
     gw, gl = gs
-    nw, nl = gw.norm(dim=1), gl.norm(dim=1)
-    cross = gw @ gl.T
+    # one Gram matrix of all T_w + T_l per-token gradients, in their precision (float32 for float32 models:
+    # cosines to ~1e-6), then float64; ⟨∇_w, ∇_l⟩ etc. are sums of its blocks
+    tw = gw.shape[0]
+    g = torch.cat([gw, gl.to(gw.dtype)])
+    gram = (g @ g.T).double()
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    nw, nl = norms[:tw], norms[tw:]
+    cross = gram[:tw, tw:]
     matrix = _cos(cross, nw, nl)
     cw_ids, cl_ids = ids[rows[0], pos[0]], ids[rows[1], pos[1]]
     sw, sl = shared_offsets(cw_ids, cl_ids)
     both = sw[:, None] & sl[None, :]
     k = min(len(cw_ids), len(cl_ids))
     diag = matrix.diagonal()[:k] if k else matrix.new_zeros(0)
-    tot_w, tot_l = gw.sum(0), gl.sum(0)
-    den = float(tot_w.norm() * tot_l.norm())
+    sq_w, sq_l = float(gram[:tw, :tw].sum()), float(gram[tw:, tw:].sum())  # ‖∇_w‖², ‖∇_l‖²
+    den = math.sqrt(max(sq_w, 0.0) * max(sq_l, 0.0))
     summary = {
         "mean_shared": _nanmean(matrix[both]),
         "mean_differing": _nanmean(matrix[~both]),
         "diag_shared": _nanmean(diag[sw[:k]]),
         "diag_differing": _nanmean(diag[~sw[:k]]),
         "mean_all": _nanmean(matrix),
-        "cosine": float(tot_w @ tot_l) / den if den > 0 else float("nan"),
+        "cosine": float(cross.sum()) / den if den > 0 else float("nan"),
         "num_shared": float(sw.sum()),
     }
     tok_w = tok_l = None
@@ -423,8 +454,8 @@ def token_gradient_correlation(
         tok_l = tuple(str(tokenizer.decode([int(t)])) for t in cl_ids)
     return TokenCorrelation(
         matrix=matrix,
-        chosen_matrix=_cos(gw @ gw.T, nw, nw),
-        rejected_matrix=_cos(gl @ gl.T, nl, nl),
+        chosen_matrix=_cos(gram[:tw, :tw], nw, nw),
+        rejected_matrix=_cos(gram[tw:, tw:], nl, nl),
         cross_inner=cross,
         chosen_norms=nw,
         rejected_norms=nl,
