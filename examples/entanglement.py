@@ -41,7 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefopt.data import PreferenceCollator, load_builtin_pairs, load_preferences
+from prefopt.data import (
+    PreferenceCollator,
+    load_builtin_pairs,
+    load_pointwise,
+    load_preferences,
+    pairs_from_pointwise,
+)
 from prefopt.diagnostics import EntanglementReport, loss_weights, per_row_gradients
 from prefopt.diagnostics.pergrad import resolve_params
 from prefopt.logprobs import seq_sum, token_logps
@@ -408,6 +414,12 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Any, list[dict[str, str]]
     from prefopt.models import load_smollm2
 
     data = Path(args.data)
+    if data.is_dir():  # Taskmaster-style pointwise rewards: same-context (good, bad) agent turns
+        files = sorted(str(f) for f in data.glob("reward_*.json"))
+        if not files:
+            raise SystemExit(f"--data: folder {data} has no reward_*.json (Taskmaster pointwise rewards)")
+        model, tok = load_smollm2()
+        return model, tok, [dict(r) for r in pairs_from_pointwise(load_pointwise(files))]
     if not data.is_file():
         raise SystemExit(f"--data: no such file {data} (HH-RLHF jsonl.gz; see ../shared/data/README.md)")
     model, tok = load_smollm2()
@@ -417,7 +429,12 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Any, list[dict[str, str]]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF-style jsonl(.gz) (implicit prompt)")
+    ap.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="HH-RLHF-style jsonl(.gz) (implicit prompt), or a Taskmaster folder of reward_*.json (pointwise "
+        "labels → same-context good/bad pairs, e.g. ../shared/data/taskmaster/coffee)",
+    )
     ap.add_argument("--out", default="runs/entanglement", help="output folder (figures, results.json)")
     ap.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, from {', '.join(LOSSES)}")
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per loss")
