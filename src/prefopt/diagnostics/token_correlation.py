@@ -326,8 +326,9 @@ def _prefix_chunk(
             block = out_rows[:, offsets[id(q)] : offsets[id(q)] + q.numel()]
             if gk is None:  # the layer does not reach the log-probs
                 block.zero_()
-            elif q is w:
-                block.view(k, *q.shape).copy_(torch.matmul(gk.transpose(1, 2), x))  # Σ_s G_s x_sᵀ
+            elif q is w:  # Σ_s G_s x_sᵀ for the k tokens as ONE (k·d_out × t) @ (t × d_in) product
+                o = gk.shape[-1]
+                block.view(k, *q.shape).copy_((gk.transpose(1, 2).reshape(k * o, -1) @ x).view(k, o, -1))
             else:
                 block.copy_(gk.sum(1))
     flat = out_rows
