@@ -9,6 +9,10 @@ Reward (verifiable): prompt "What is a+b? Answer with a number." → 1.0 if the 
 equals ``a + b``, else 0.0 (the last, so that "7 + 5 = 12" counts; a completion cut mid-way usually fails). One policy update per rollout (``old_logp`` = the rollout's behaviour log-probs, so
 the ratio starts at exactly 1).
 
+A fixed held-out set (``--eval-prompts`` problems drawn with a different seed, ``--eval-samples`` samples each at
+the training temperature) is scored before training and every ``--eval-every`` steps: its accuracy is the curve
+to read, since each training step sees different problems.
+
     python examples/grpo_lora.py --steps 20 --out runs/grpo
     python examples/grpo_lora.py --smoke --out /tmp/grpo          # tiny model, 2 steps
 """
@@ -80,9 +84,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (0 = off)")
+    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens, args.threads = 2, 2, 2, 6, 1
+        args.eval_every, args.eval_prompts, args.eval_samples = 1, 2, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -97,16 +105,36 @@ def main() -> None:
     sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, add_special_tokens=False)
 
-    history: list[dict[str, float]] = []
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        problems = make_problems(args.prompts_per_step, rng, args.max_operand)
-        texts = [
+    def render(problems: list[tuple[str, int]]) -> list[str]:
+        return [
             tok.apply_chat_template(
                 [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
             )
             for q, _ in problems
         ]
+
+    held_out = make_problems(args.eval_prompts, random.Random(args.seed + 10_000), args.max_operand)
+    evals: list[dict[str, float]] = []
+
+    def evaluate(step: int) -> None:
+        roll = sampler.generate(collate(render(held_out)), n=args.eval_samples)
+        answers = [held_out[int(k)][1] for k in roll.prompt_index]
+        acc = arithmetic_reward(roll.completions(tok), answers)
+        rec = {
+            "step": step,
+            "held_out_accuracy": float(acc.mean()),
+            "stderr": float(acc.std() / len(acc) ** 0.5),
+        }
+        evals.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    history: list[dict[str, float]] = []
+    if args.eval_every:
+        evaluate(0)
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        problems = make_problems(args.prompts_per_step, rng, args.max_operand)
+        texts = render(problems)
         roll = sampler.generate(collate(texts), n=args.group_size)
         assert roll.logp is not None and roll.ref_logp is not None
         answers = [problems[int(k)][1] for k in roll.prompt_index]
@@ -137,10 +165,12 @@ def main() -> None:
         }
         history.append(rec)
         print(json.dumps(rec), flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            evaluate(step + 1)
     print("sample:", repr(texts[-1][-60:]), "->", repr(roll.completions(tok)[-1][:80]))
 
     with open(os.path.join(args.out, "grpo_lora.json"), "w") as f:
-        json.dump({"args": vars(args), "history": history}, f, indent=2)
+        json.dump({"args": vars(args), "history": history, "held_out": evals}, f, indent=2)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +178,16 @@ def main() -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [h["step"] for h in history]
-    ax[0].plot(steps, [h["reward"] for h in history])
+    ax[0].plot(steps, [h["reward"] for h in history], alpha=0.5, label="training batch")
+    if evals:
+        ax[0].errorbar(
+            [e["step"] for e in evals],
+            [e["held_out_accuracy"] for e in evals],
+            yerr=[e["stderr"] for e in evals],
+            marker="o",
+            label="held-out",
+        )
+    ax[0].legend()
     ax[0].set_title("accuracy (exact answer)")
     ax[0].set_xlabel("step")
     ax[1].plot(steps, [h["kl_k3_per_token"] for h in history])
