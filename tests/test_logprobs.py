@@ -458,15 +458,18 @@ def test_gradcheck_float64(head_grad, chunk, softcap):
     assert torch.autograd.gradcheck(lambda *xs: f(*xs)[0], inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_public_head_function_returns_float32_and_matches_naive_grads():
+def test_public_head_function_keeps_float64_and_matches_naive_grads():
     g = torch.Generator().manual_seed(13)
     h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randint(0, 9, (6,), generator=g)
     lp = chunked_head_logps(h, w, y, transform=LogitTransform(scale=0.5), chunk_size=4)
-    assert isinstance(lp, Tensor) and lp.dtype == torch.float32
+    assert isinstance(lp, Tensor) and lp.dtype == torch.float64  # float64 in, float64 out
     ref, _ = _naive_head(h, w, y, scale=0.5)
-    torch.testing.assert_close(lp.double(), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp, ref, atol=1e-12, rtol=0)
+    lp32 = chunked_head_logps(h.float(), w.float(), y, transform=LogitTransform(scale=0.5), chunk_size=4)
+    assert lp32.dtype == torch.float32
+    torch.testing.assert_close(lp32.double(), ref, atol=1e-5, rtol=0)
     ours = torch.autograd.grad(lp.sum(), (h, w))
     theirs = torch.autograd.grad(ref.sum(), (h, w))
     for a, bb in zip(ours, theirs):
@@ -492,7 +495,7 @@ def test_property_matches_naive_float64(n, d, v, chunk, magnitude, softcap, seed
     tr = LogitTransform(softcap=softcap)
     lp, ent = chunked_head_logps(h, w, y, transform=tr, chunk_size=chunk, return_entropy=True)
     lp_ref, ent_ref = _naive_head(h, w, y, softcap=softcap)
-    assert lp.shape == (n,) and ent.shape == (n,) and lp.dtype == torch.float32
+    assert lp.shape == (n,) and ent.shape == (n,) and lp.dtype == torch.float64
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     assert (lp <= 0).all()
     assert (ent >= -1e-5).all() and (ent <= math.log(v) + 1e-4).all()

@@ -231,10 +231,10 @@ def test_pair_logps_equals_pair_seq_logps_and_grads_reach_prompt_forward(method:
     policy = _lora_policy(dtype=torch.float64, seed=4)
     a = pair_seq_logps(policy.model, dup)
     s = shared_prompt_pair_logps(policy.model, shared, method=method)
-    # pair_seq_logps returns float32 (token_logps rounds to float32), the shared path keeps float64
-    assert a.chosen.dtype == torch.float32 and s.chosen.dtype == torch.float64
-    torch.testing.assert_close(s.chosen, a.chosen.double(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(s.rejected, a.rejected.double(), rtol=1e-6, atol=1e-6)
+    # both paths keep float64 for a float64 model
+    assert a.chosen.dtype == torch.float64 and s.chosen.dtype == torch.float64
+    torch.testing.assert_close(s.chosen, a.chosen, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s.rejected, a.rejected, rtol=1e-9, atol=1e-9)
     naive = _naive_tokens(policy.model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"]).sum(
         1
     )

@@ -14,7 +14,7 @@ For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``),
     s = κ · a                             model's logit scale κ (Cohere ``logit_scale``, 1/Granite ``logits_scaling``)
     z = σ · tanh(s / σ)   (if softcap)    Gemma-2/3 ``final_logit_softcapping`` σ
     z ← z / τ                             sampling temperature τ
-    ℓ = z_y − logsumexp(z)                log p(y | prefix), computed in float32
+    ℓ = z_y − logsumexp(z)                log p(y | prefix), computed in float32 (float64 for float64 models)
     H = logsumexp(z) − Σ_v p_v z_v        entropy of the predicting distribution (optional)
 
 Backward uses ``∂ℓ/∂z = e_y − p`` and ``∂H/∂z = −p ⊙ (log p + H)``, then the chain rule
@@ -406,7 +406,7 @@ def chunked_head_logps(
         return_entropy: also return ``H_i = −Σ_v p_iv log p_iv`` (differentiable).
 
     Returns:
-        float32 ``(n,)`` log-probs, or ``(logp, entropy)``.
+        ``(n,)`` log-probs (float32; float64 for float64 ``hidden``), or ``(logp, entropy)``.
     """
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
@@ -430,7 +430,7 @@ def chunked_head_logps(
     logp, ent = _ChunkedHeadLogps.apply(
         hidden, weight, bias, targets, tr.scale, tr.softcap, tau, chunk_size, return_entropy
     )
-    return (logp.float(), ent.float()) if return_entropy else logp.float()
+    return (logp, ent) if return_entropy else logp  # float32, or float64 for float64 hidden
 
 
 def _module_head_logps(
@@ -578,7 +578,8 @@ def token_logps(
         temperature: ``τ > 0``; the final logits are divided by it (sampling log-probs). Default 1.
 
     Returns:
-        float32 ``(b, t)`` log-probs, 0 at ``i = 0`` and where ``completion_mask`` is False; with
+        ``(b, t)`` log-probs (float32; float64 for a float64 model), 0 at ``i = 0`` and where
+        ``completion_mask`` is False; with
         ``return_entropy`` the tuple ``(logp, entropy)`` in the same layout.
     """
     input_ids, attention_mask, completion_mask = _check_inputs(input_ids, attention_mask, completion_mask)
@@ -600,7 +601,7 @@ def token_logps(
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if t < 2:
-        zero = hidden.new_zeros(b, t, dtype=torch.float32) + 0.0 * hidden.sum()
+        zero = hidden.new_zeros(b, t, dtype=_acc_dtype(hidden)) + 0.0 * hidden.sum()
         return (zero, zero.clone()) if return_entropy else zero
     sel = (
         torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
@@ -632,10 +633,11 @@ def token_logps(
         dense = vals.new_zeros(b * (t - 1)).index_put((idx,), vals)
         return torch.cat([vals.new_zeros(b, 1), dense.view(b, t - 1)], dim=1)
 
-    logp = scatter(lp_sel.float())
+    acc = _acc_dtype(hidden)  # float32, or float64 for a float64 model
+    logp = scatter(lp_sel.to(acc))
     if return_entropy:
         assert ent_sel is not None
-        return logp, scatter(ent_sel.float())
+        return logp, scatter(ent_sel.to(acc))
     return logp
 
 
@@ -689,7 +691,7 @@ def pair_seq_logps(
     ``(2B, T)``; rows ``0..B-1`` are the chosen sequences and ``B..2B-1`` the rejected ones.
 
     Returns:
-        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``) and
+        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``; float64 for a float64 model) and
         ``chosen_len``/``rejected_len`` ``= |y|`` (int64), no reference fields.
     """
     if not isinstance(batch, dict):

@@ -364,7 +364,7 @@ def shared_prompt_token_logps(
 
     Returns:
         ``(kB, C)`` log-probs, 0 where ``completion_mask`` is False: float32, or float64 for a float64 model
-        (unlike :func:`prefopt.logprobs.token_logps`, which always returns float32). Differentiable w.r.t. every
+        (as :func:`prefopt.logprobs.token_logps`). Differentiable w.r.t. every
         parameter that the prompt or the completion forward uses.
 
     Raises:

@@ -201,6 +201,13 @@ class EntanglementReport:
             taking the step (per pair, from the same point); else None.
         eta, loss_name, reference (``"policy"``, ``"given"`` or ``"none"``), num_params (elements
         differentiated), fallback (parameter names whose per-row gradients used the slow loop).
+        gram: ``(2B, 2B)`` inner products of all per-row gradients (rows ``0..B−1`` chosen, then rejected):
+            the cross-pair entries say how a step on one pair moves another.
+        pred_batch_dchosen / pred_batch_drejected: first-order ``δS`` of every row after ONE SGD step of size
+            ``eta`` on the batch-mean loss ``(1/B) Σ_j L_j`` — what a training step does, other pairs
+            included: ``δS = gram · c`` with ``c = (η/B)·[d_w; −d_l]``.
+        measured_batch_dchosen / measured_batch_drejected: with ``verify=True``, the changes measured after
+            that batch step; else None.
     """
 
     inner: Tensor
@@ -226,6 +233,11 @@ class EntanglementReport:
     reference: str
     num_params: int
     fallback: tuple[str, ...]
+    gram: Tensor
+    pred_batch_dchosen: Tensor
+    pred_batch_drejected: Tensor
+    measured_batch_dchosen: Tensor | None = None
+    measured_batch_drejected: Tensor | None = None
 
     @classmethod
     def from_gram(
@@ -243,6 +255,8 @@ class EntanglementReport:
         fallback: tuple[str, ...] = (),
         measured_dchosen: Tensor | None = None,
         measured_drejected: Tensor | None = None,
+        measured_batch_dchosen: Tensor | None = None,
+        measured_batch_drejected: Tensor | None = None,
     ) -> EntanglementReport:
         """Assemble a report from the ``(2B, 2B)`` Gram matrix of per-row gradients (rows ``0..B−1`` chosen,
         ``B..2B−1`` rejected), the pair log-probs and the loss weights ``d_w``, ``d_l`` at the current point:
@@ -258,6 +272,8 @@ class EntanglementReport:
         denom = (nw * nl).sqrt()
         small = torch.minimum(nw, nl)
         assert logps.ref_chosen is not None and logps.ref_rejected is not None
+        coef = (eta / b) * torch.cat([d_w, -d_l]).to(gram.dtype)
+        pred_batch = gram @ coef
         return cls(
             inner=inner,
             chosen_sqnorm=nw,
@@ -282,6 +298,11 @@ class EntanglementReport:
             reference=reference,
             num_params=num_params,
             fallback=fallback,
+            gram=gram,
+            pred_batch_dchosen=pred_batch[:b],
+            pred_batch_drejected=pred_batch[b:],
+            measured_batch_dchosen=measured_batch_dchosen,
+            measured_batch_drejected=measured_batch_drejected,
         )
 
     @property
@@ -305,9 +326,16 @@ class EntanglementReport:
             "chosen_falls/frac": float(self.chosen_falls.double().mean()),
             "rejected_rises/frac": float(self.rejected_rises.double().mean()),
         }
+        out["batch_chosen_falls/frac"] = float((self.pred_batch_dchosen < 0).double().mean())
+        out["batch_rejected_rises/frac"] = float((self.pred_batch_drejected > 0).double().mean())
         if self.measured_dchosen is not None and self.measured_drejected is not None:
             out["measured_chosen_falls/frac"] = float((self.measured_dchosen < 0).double().mean())
             out["measured_rejected_rises/frac"] = float((self.measured_drejected > 0).double().mean())
+        if self.measured_batch_dchosen is not None and self.measured_batch_drejected is not None:
+            out["measured_batch_chosen_falls/frac"] = float((self.measured_batch_dchosen < 0).double().mean())
+            out["measured_batch_rejected_rises/frac"] = float(
+                (self.measured_batch_drejected > 0).double().mean()
+            )
         return out
 
 
@@ -354,8 +382,9 @@ def entanglement(
         eta: SGD step size ``η > 0`` of the prediction (and of the verification step).
         params: parameters (or names) to differentiate; default every parameter with ``requires_grad``
             (the LoRA adapter of a ``LoraPolicy``).
-        verify: also take the step, pair by pair, and measure ``δS_w``, ``δS_l`` (parameters are restored
-            exactly afterwards). Costs one forward+backward and one forward per pair.
+        verify: also take the step, pair by pair, and measure ``δS_w``, ``δS_l``, and the SGD step on the
+            batch-mean loss and measure every row's change (parameters are restored exactly afterwards).
+            Costs one forward+backward and one forward per pair, plus one of each for the batch.
         ref_logps: reference sequence log-probs for a plain model: a ``PairLogps`` (its ``chosen`` /
             ``rejected``), a ``(2B,)`` tensor or a ``(ref_chosen, ref_rejected)`` tuple. Without it and without
             a policy, ``S_ref = 0`` (reference-free; ``reference="none"`` in the report).
@@ -398,9 +427,10 @@ def entanglement(
             rejected_len=lens[b:],
         )
         d_w, d_l, loss_val = loss_weights(loss_fn, logps)
-        measured_w = measured_l = None
+        measured_w = measured_l = batch_w = batch_l = None
         if verify:
             measured_w, measured_l = _verify(model, named, loss_fn, ids, am, cm, logps, float(eta))
+            batch_w, batch_l = _verify_batch(model, named, loss_fn, ids, am, cm, logps, float(eta))
     return EntanglementReport.from_gram(
         rg.gram,
         logps,
@@ -414,7 +444,48 @@ def entanglement(
         fallback=rg.fallback,
         measured_dchosen=measured_w,
         measured_drejected=measured_l,
+        measured_batch_dchosen=batch_w,
+        measured_batch_drejected=batch_l,
     )
+
+
+def _verify_batch(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    loss_fn: Any,
+    ids: Tensor,
+    am: Tensor | None,
+    cm: Tensor,
+    logps: PairLogps,
+    eta: float,
+) -> tuple[Tensor, Tensor]:
+    """Take ``θ ← θ − η ∇_θ (1/B) Σ_j L_j`` on the whole batch, measure every row's ``δS``, restore ``θ``."""
+    params = [p for _, p in named]
+    saved = [p.detach().clone() for p in params]
+    b = ids.shape[0] // 2
+    try:
+        with torch.enable_grad():
+            s = _seq_logps(model, ids, am, cm)
+            assert logps.ref_chosen is not None and logps.ref_rejected is not None
+            pl = PairLogps(
+                chosen=s[:b],
+                rejected=s[b:],
+                ref_chosen=logps.ref_chosen.to(s.dtype),
+                ref_rejected=logps.ref_rejected.to(s.dtype),
+                chosen_len=logps.chosen_len,
+                rejected_len=logps.rejected_len,
+            )
+            grads = torch.autograd.grad(loss_fn(pl).loss.mean(), params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.sub_(eta * g.to(p.dtype))
+            delta = _seq_logps(model, ids, am, cm).double() - s.detach().double()
+    finally:
+        with torch.no_grad():
+            for p, keep in zip(params, saved, strict=True):
+                p.copy_(keep)
+    return delta[:b], delta[b:]
 
 
 def _verify(
