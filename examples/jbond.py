@@ -548,9 +548,19 @@ def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # x range: the Best-of-N points and J-BOND; a run that drifts far beyond (reward hacking at a weak KL
+    # coefficient) is drawn clipped at the right edge, with its real KL written next to it
+    bon_max = max((b["kl_bound"] for b in results["bon"]), default=1.0)
+    jb_max = max((h["kl"] for h in results["runs"].get("jbond", [])), default=0.0)
+    x_max = 1.25 * max(bon_max, jb_max, 0.5)
     for name, hist in results["runs"].items():
-        xs = [h["kl"] for h in hist]
+        xs = [min(h["kl"], x_max) for h in hist]
         ys = [h["quantile"] for h in hist]
+        for h, x, y in zip(hist, xs, ys):
+            if h["kl"] > x_max:
+                ax.annotate(
+                    f"KL {h['kl']:.0f} →", (x, y), fontsize=7, xytext=(-34, -10), textcoords="offset points"
+                )
         style: dict[str, Any] = (
             {"lw": 2.2, "marker": "o", "color": "C3"}
             if name == "jbond"
@@ -577,6 +587,7 @@ def plot(results: dict[str, Any], path: str) -> None:
             textcoords="offset points",
         )
     ax.axhline(0.5, color="0.7", lw=0.8)
+    ax.set_xlim(-0.05 * x_max, 1.04 * x_max)
     ax.set_xlabel("KL(π ‖ π_ref)  [nats / completion; k1 estimate]")
     ax.set_ylabel("reward quantile vs π_ref samples (mid-rank)")
     ax.set_title(results.get("title", "J-BOND vs RLOO vs Best-of-N"), fontsize=10)
