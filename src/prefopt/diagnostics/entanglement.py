@@ -429,8 +429,9 @@ def entanglement(
         d_w, d_l, loss_val = loss_weights(loss_fn, logps)
         measured_w = measured_l = batch_w = batch_l = None
         if verify:
-            measured_w, measured_l = _verify(model, named, loss_fn, ids, am, cm, logps, float(eta))
-            batch_w, batch_l = _verify_batch(model, named, loss_fn, ids, am, cm, logps, float(eta))
+            measured_w, measured_l, batch_w, batch_l = _verify(
+                model, named, loss_fn, ids, am, cm, logps, float(eta)
+            )
     return EntanglementReport.from_gram(
         rg.gram,
         logps,
@@ -449,43 +450,41 @@ def entanglement(
     )
 
 
-def _verify_batch(
+def _step_change(
     model: nn.Module,
-    named: list[tuple[str, nn.Parameter]],
+    params: list[nn.Parameter],
     loss_fn: Any,
     ids: Tensor,
     am: Tensor | None,
     cm: Tensor,
     logps: PairLogps,
+    pairs: Tensor,
     eta: float,
-) -> tuple[Tensor, Tensor]:
-    """Take ``θ ← θ − η ∇_θ (1/B) Σ_j L_j`` on the whole batch, measure every row's ``δS``, restore ``θ``."""
-    params = [p for _, p in named]
-    saved = [p.detach().clone() for p in params]
+) -> Tensor:
+    """Take ``θ ← θ − η ∇_θ mean_{i ∈ pairs} L_i`` and return the measured ``δS`` of the rows of ``pairs``
+    (``(2k,)``: chosen rows, then rejected). The caller restores ``θ``."""
     b = ids.shape[0] // 2
-    try:
-        with torch.enable_grad():
-            s = _seq_logps(model, ids, am, cm)
-            assert logps.ref_chosen is not None and logps.ref_rejected is not None
-            pl = PairLogps(
-                chosen=s[:b],
-                rejected=s[b:],
-                ref_chosen=logps.ref_chosen.to(s.dtype),
-                ref_rejected=logps.ref_rejected.to(s.dtype),
-                chosen_len=logps.chosen_len,
-                rejected_len=logps.rejected_len,
-            )
-            grads = torch.autograd.grad(loss_fn(pl).loss.mean(), params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.sub_(eta * g.to(p.dtype))
-            delta = _seq_logps(model, ids, am, cm).double() - s.detach().double()
-    finally:
-        with torch.no_grad():
-            for p, keep in zip(params, saved, strict=True):
-                p.copy_(keep)
-    return delta[:b], delta[b:]
+    rows = torch.cat([pairs, pairs + b])
+    sub_ids, sub_cm = ids[rows], cm[rows]
+    sub_am = None if am is None else am[rows]
+    k = pairs.shape[0]
+    assert logps.ref_chosen is not None and logps.ref_rejected is not None
+    with torch.enable_grad():
+        s = _seq_logps(model, sub_ids, sub_am, sub_cm)
+        pl = PairLogps(
+            chosen=s[:k],
+            rejected=s[k:],
+            ref_chosen=logps.ref_chosen[pairs].to(s.dtype),
+            ref_rejected=logps.ref_rejected[pairs].to(s.dtype),
+            chosen_len=None if logps.chosen_len is None else logps.chosen_len[pairs],
+            rejected_len=None if logps.rejected_len is None else logps.rejected_len[pairs],
+        )
+        grads = torch.autograd.grad(loss_fn(pl).loss.mean(), params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.sub_(eta * g.to(p.dtype))
+        return _seq_logps(model, sub_ids, sub_am, sub_cm).double() - s.detach().double()
 
 
 def _verify(
@@ -497,43 +496,31 @@ def _verify(
     cm: Tensor,
     logps: PairLogps,
     eta: float,
-) -> tuple[Tensor, Tensor]:
-    """Take ``θ ← θ − η ∇_θ L_i`` for each pair ``i`` alone, measure ``δS_w, δS_l``, restore ``θ`` bit-exactly."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Measured ``δS_w, δS_l`` after ``θ ← θ − η ∇_θ L_i`` for each pair ``i`` alone, then after one step on the
+    batch mean ``(1/B) Σ_j L_j``; ``θ`` is restored bit-exactly after each step (and on errors)."""
     params = [p for _, p in named]
     saved = [p.detach().clone() for p in params]
     b = ids.shape[0] // 2
-    out_w, out_l = [], []
-    try:
-        for i in range(b):
-            rows = torch.tensor([i, i + b], device=ids.device)
-            sub_ids, sub_cm = ids[rows], cm[rows]
-            sub_am = None if am is None else am[rows]
-            with torch.enable_grad():
-                s = _seq_logps(model, sub_ids, sub_am, sub_cm)
-                assert logps.ref_chosen is not None and logps.ref_rejected is not None
-                assert logps.chosen_len is not None and logps.rejected_len is not None
-                pl = PairLogps(
-                    chosen=s[:1],
-                    rejected=s[1:],
-                    ref_chosen=logps.ref_chosen[i : i + 1].to(s.dtype),
-                    ref_rejected=logps.ref_rejected[i : i + 1].to(s.dtype),
-                    chosen_len=logps.chosen_len[i : i + 1],
-                    rejected_len=logps.rejected_len[i : i + 1],
-                )
-                li = loss_fn(pl).loss.sum()
-                grads = torch.autograd.grad(li, params, allow_unused=True)
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    if g is not None:
-                        p.sub_(eta * g.to(p.dtype))
-                s_new = _seq_logps(model, sub_ids, sub_am, sub_cm)
-                for p, keep in zip(params, saved, strict=True):
-                    p.copy_(keep)
-            delta = s_new.double() - s.detach().double()
-            out_w.append(delta[0])
-            out_l.append(delta[1])
-    finally:
+
+    def restore() -> None:
         with torch.no_grad():
             for p, keep in zip(params, saved, strict=True):
                 p.copy_(keep)
-    return torch.stack(out_w), torch.stack(out_l)
+
+    try:
+        alone = []
+        for i in range(b):
+            alone.append(
+                _step_change(
+                    model, params, loss_fn, ids, am, cm, logps, torch.tensor([i], device=ids.device), eta
+                )
+            )
+            restore()
+        batch = _step_change(
+            model, params, loss_fn, ids, am, cm, logps, torch.arange(b, device=ids.device), eta
+        )
+    finally:
+        restore()
+    pair = torch.stack(alone)  # (B, 2): chosen, rejected
+    return pair[:, 0], pair[:, 1], batch[:b], batch[b:]
