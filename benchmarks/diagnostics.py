@@ -44,15 +44,15 @@ from prefopt.types import PairLogps
 
 
 def build(args: argparse.Namespace) -> tuple[LoraPolicy, int]:
+    torch.manual_seed(0)  # the random LoRA init below (init_lora_weights=False) is then the same every run
     if args.real:
         from prefopt.models import load_smollm2
 
-        model = load_smollm2()
+        model, _ = load_smollm2()
         vocab = int(model.config.vocab_size)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        torch.manual_seed(0)
         cfg = LlamaConfig(
             vocab_size=args.vocab,
             hidden_size=args.hidden,
