@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -172,10 +173,16 @@ def main() -> None:
                 save_file(lora, os.path.join(args.out, "lora_state.safetensors"))
         elif accelerator.is_main_process:
             accelerator.unwrap_model(net).policy.save(args.out)
-    # every rank reaches here before the process group is torn down: a rank that exits while gloo threads of
-    # the other are still live aborts with "terminate called without an active exception"
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if world > 1:
+        # Leave without interpreter teardown. Destroying gloo's process group at exit races with its worker
+        # thread: seen here both as an abort ("terminate called without an active exception") and as a
+        # deadlock (the DDP reducer's destructor joins a worker that waits for the GIL to free a finished
+        # collective's tensors). Everything is printed and saved by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -287,6 +288,11 @@ def main() -> None:
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    # no interpreter teardown: destroying gloo's process group (held by the DDP reducers) at exit races with
+    # its worker thread (abort or deadlock; see examples/accelerate_dpo.py); the results are saved
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
