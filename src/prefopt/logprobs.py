@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.masked import masked_mean, masked_sum
-from prefopt.types import PairLogps, check_tensor
+from prefopt.types import PairLogps, check_mask, check_tensor
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -528,15 +528,7 @@ def _check_inputs(
             )
     if completion_mask is not None:
         check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
-        if completion_mask.dtype != torch.bool:
-            raise TypeError(
-                f"completion_mask must be a bool tensor (True = this token counts), got dtype {completion_mask.dtype}"
-            )
-        if completion_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"completion_mask has shape {tuple(completion_mask.shape)} but input_ids has shape "
-                f"{tuple(input_ids.shape)}"
-            )
+        check_mask("completion_mask", completion_mask, tuple(input_ids.shape), "input_ids")
         if completion_mask.shape[1] and bool(completion_mask[:, 0].any()):
             raise ValueError(
                 "completion_mask is True at position 0, which has no prefix to be predicted from; "
@@ -649,10 +641,7 @@ def token_logps(
 def _check_pair(logp: Any, mask: Any) -> None:
     check_tensor("logp", logp, ndim=2)
     check_tensor("mask", mask, ndim=2, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
-    if mask.shape != logp.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but logp has shape {tuple(logp.shape)}")
+    check_mask("mask", mask, tuple(logp.shape), "logp")
 
 
 def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from prefopt.logprobs import (
     seq_len,
     seq_sum,
 )
-from prefopt.types import PairLogps, check_tensor
+from prefopt.types import PairLogps, check_mask, check_tensor
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -386,15 +386,7 @@ def shared_prompt_token_logps(
     if bool((pm[:, 0] == 0).any()):
         raise ValueError("prompt_mask has a row with no real token (every prompt needs at least one)")
     check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
-    if completion_mask.dtype != torch.bool:
-        raise TypeError(
-            f"completion_mask must be a bool tensor (True = counts), got dtype {completion_mask.dtype}"
-        )
-    if completion_mask.shape != completion_ids.shape:
-        raise ValueError(
-            f"completion_mask has shape {tuple(completion_mask.shape)} but completion_ids has "
-            f"{tuple(completion_ids.shape)}"
-        )
+    check_mask("completion_mask", completion_mask, tuple(completion_ids.shape), "completion_ids")
     if completion_attention_mask is None:
         cam = _check_mask01("completion_mask", completion_mask, completion_ids.shape)
     else:

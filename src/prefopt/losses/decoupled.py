@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.registry import ge, gt, register_loss
-from prefopt.types import LossOutput, PairLogps, check_tensor
+from prefopt.types import LossOutput, PairLogps, check_mask, check_tensor
 
 __all__ = [
     "decoupled",
@@ -311,12 +311,9 @@ def token_masked(
     check_tensor("ref_logps", ref_logps, ndim=2)
     check_tensor("mu", mu, ndim=2)
     check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
-    if completion_mask.dtype != torch.bool:
-        raise TypeError(
-            f"completion_mask must be a bool tensor (True = counts), got dtype {completion_mask.dtype}"
-        )
     shape = policy_logps.shape
-    for name, x in (("ref_logps", ref_logps), ("completion_mask", completion_mask), ("mu", mu)):
+    check_mask("completion_mask", completion_mask, tuple(shape), "policy_logps")
+    for name, x in (("ref_logps", ref_logps), ("mu", mu)):
         if x.shape != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but policy_logps has shape {tuple(shape)}")
     b = _check_rows("policy_logps", policy_logps)
