@@ -37,9 +37,9 @@ Fallback (``method="copies"``): ``n`` *copies* of the row, copy ``k`` truncated 
 counting only that token (causality makes later tokens irrelevant), so that one forward and one backward of
 ``Σ_k ℓ_k`` over the copies yields all ``n`` per-token gradients through the per-row identity of
 :mod:`prefopt.diagnostics.pergrad`, in chunks of ``chunk_rows`` copies. Memory: the ``(T_w + T_l, P)``
-per-token gradient matrix in float64 (``P`` = selected parameter elements; restrict with ``params=`` for large
-adapters); the VJP path also holds ``chunk × T × Σ d_out`` output gradients per chunk (the chunk is shrunk to
-keep that under ``2^27`` numbers).
+per-token gradient matrix (``P`` = selected parameter elements; restrict with ``params=`` for large
+adapters), float64 on the copies path and in the model's precision on the VJP path; the VJP path also holds
+``chunk × p × Σ d_out`` output gradients per chunk (the chunk is shrunk to keep that under ``2^27`` numbers).
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def per_token_gradients_vjp(
     *,
     chunk_rows: int = 32,
 ) -> tuple[Tensor, Tensor] | None:
-    """Same result as :func:`per_token_gradients` by forwards of causal prefixes and batched VJPs w.r.t.
+    """Same result as :func:`per_token_gradients` (but ``G`` in the model's precision: float64 for a float64
+    model, else float32) by forwards of causal prefixes and batched VJPs w.r.t.
     recorded layer outputs (module docstring), or None when the model/parameters do not fit that path (a
     selected parameter that is not a backbone ``nn.Linear`` weight/bias called exactly once on a ``(1, T, d)``
     input, an LM head that is not a plain ``nn.Linear`` or is itself selected) or the self-check fails (with a
