@@ -69,6 +69,7 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     from prefopt.logprobs import seq_sum, token_logps
     from prefopt.losses.bond import jbond
     from prefopt.policy import LoraPolicy
+    from prefopt.types import BestOfNSamples
 
     rss_imports = _rss_now_mib()
     torch.set_num_threads(args.threads)
@@ -152,7 +153,7 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
         r_lp = ref_logp()
         lm.train()
         s = seq(lm, both_ids, both_am, both_cm)
-        out = jbond(s[:b], a_lp, r_pol, r_anc, s[b:])
+        out = jbond(BestOfNSamples(s[:b], a_lp, r_pol, r_anc, s[b:]))
         opt.zero_grad(set_to_none=True)
         out.loss.mean().backward()
         opt.step()

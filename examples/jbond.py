@@ -69,6 +69,7 @@ from prefopt.losses.bond import jbond
 from prefopt.losses.policy_gradient import rloo
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import Rollout, pack_rollout
+from prefopt.types import BestOfNSamples
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf" / "helpful-base.test.jsonl.gz"
@@ -364,7 +365,8 @@ def jbond_step(
     )
     policy.train()
     both = seq_logps(policy.model, ids, am, cm)
-    out = jbond(both[:b], anchor_logp, r_pol, r_anc, both[b:], beta=args.jbond_beta, gamma=args.jbond_gamma)
+    samples = BestOfNSamples(both[:b], anchor_logp, r_pol, r_anc, both[b:])
+    out = jbond(samples, beta=args.jbond_beta, gamma=args.jbond_gamma)
     loss = out.loss.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -29,6 +29,7 @@ from prefopt.bond import (
 )
 from prefopt.losses.bond import bond, jbond
 from prefopt.registry import available_losses, get_loss
+from prefopt.types import BestOfNSamples
 
 F64 = torch.float64
 
@@ -53,11 +54,7 @@ def exact_bond_objective_surrogate(theta: torch.Tensor, n: int, beta: float) -> 
     bon = bon_distribution(REF, REWARDS, n)
     i, j = (t.reshape(-1) for t in torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij"))
     out = bond(
-        logp_all[i],
-        torch.log(REF)[i],
-        REWARDS[i],
-        POOL.expand(K * K, -1),
-        logp_all[j],
+        BestOfNSamples(logp_all[i], torch.log(REF)[i], REWARDS[i], POOL.expand(K * K, -1), logp_all[j]),
         n=n,
         beta=beta,
         baseline="none",
@@ -114,7 +111,7 @@ def test_bond_hand_computed_example() -> None:
     reward = torch.tensor([2.0, 0.0], dtype=F64)
     ref_rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], dtype=F64)
     best_logp = torch.tensor([-0.5, -0.7], dtype=F64)
-    out = bond(logp, ref_logp, reward, ref_rewards, best_logp, n=3, beta=0.5)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=3, beta=0.5)
     # quantiles 2/4 and (floor) 1/8; returns R = 2·log q − (logp − ref_logp); LOO baseline = the other R
     r0 = 2 * math.log(0.5) - 0.5
     r1 = 2 * math.log(1 / 8) + 1.0
@@ -135,7 +132,7 @@ def test_jbond_hand_computed_example() -> None:
     reward = torch.tensor([0.0, 1.0, 3.0], dtype=F64)
     anchor_rewards = torch.tensor([[1.0, 2.0], [1.0, 0.5], [3.0, 4.0]], dtype=F64)
     best = torch.tensor([-0.3, -0.4, -0.6], dtype=F64)
-    out = jbond(logp, anchor_logp, reward, anchor_rewards, best, beta=0.25, gamma=2.0)
+    out = jbond(BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), beta=0.25, gamma=2.0)
     r_j = [-LOG16, 0.0, 0.0]  # 0 < min(1, 2); 1 ≥ 0.5; 3 is not < 3 (strict)
     kl = [0.2, -1.0, 0.0]
     ret = [a - b for a, b in zip(r_j, kl)]
@@ -146,7 +143,7 @@ def test_jbond_hand_computed_example() -> None:
     ]
     assert out.loss.tolist() == pytest.approx(expected, rel=1e-13)
     assert out.metrics["jbond/reward"].tolist() == pytest.approx(r_j)
-    out_ns = jbond(logp, anchor_logp, reward, anchor_rewards, best, strict=False)
+    out_ns = jbond(BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), strict=False)
     assert out_ns.metrics["jbond/reward"].tolist() == pytest.approx([-LOG16, 0.0, -LOG16])
 
 
@@ -159,7 +156,7 @@ def test_bond_gradient_is_the_stated_estimator() -> None:
     reward = torch.randn(b, generator=g, dtype=F64)
     ref_rewards = torch.randn(b, k, generator=g, dtype=F64)
     beta, n = 0.3, 4
-    out = bond(logp, ref_logp, reward, ref_rewards, best_logp, n=n, beta=beta)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=n, beta=beta)
     g_logp, g_ref, g_best = torch.autograd.grad(
         out.loss.sum(), (logp, ref_logp, best_logp), allow_unused=True
     )
@@ -184,7 +181,7 @@ def test_jbond_gradient_is_the_stated_estimator() -> None:
     reward = torch.randint(0, 3, (b,), generator=g).to(F64)
     anchor_rewards = torch.randint(0, 3, (b, 2), generator=g).to(F64)
     beta, gamma = 0.6, 0.7
-    out = jbond(logp, anchor_logp, reward, anchor_rewards, best, beta=beta, gamma=gamma)
+    out = jbond(BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), beta=beta, gamma=gamma)
     g_logp, g_anchor, g_best = torch.autograd.grad(
         out.loss.sum(), (logp, anchor_logp, best), allow_unused=True
     )
@@ -209,13 +206,15 @@ def test_gradcheck_float64() -> None:
     best = (-torch.rand(b, generator=g, dtype=F64)).requires_grad_(True)
     anchor_rewards = torch.randn(b, 2, generator=g, dtype=F64)
     # inputs without a stop-gradient path: best_logp (any β) and logp at β = 0
-    assert torch.autograd.gradcheck(lambda x: bond(logp, ref_logp, reward, ref_rewards, x, n=4).loss, (best,))
     assert torch.autograd.gradcheck(
-        lambda x: jbond(logp, ref_logp, reward, anchor_rewards, x, gamma=1.0).loss, (best,)
+        lambda x: bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, x), n=4).loss, (best,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: jbond(BestOfNSamples(logp, ref_logp, reward, anchor_rewards, x), gamma=1.0).loss, (best,)
     )
     lp = logp.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: bond(x, ref_logp, reward, ref_rewards, best.detach(), beta=0.0).loss, (lp,)
+        lambda x: bond(BestOfNSamples(x, ref_logp, reward, ref_rewards, best.detach()), beta=0.0).loss, (lp,)
     )
     # the closed-form objectives the surrogates' expected gradients are compared with (tests below)
     theta = torch.randn(K, generator=g, dtype=F64).requires_grad_(True)
@@ -270,11 +269,7 @@ def exact_jbond_surrogate(
     best = torch.where(REWARDS[a2] > REWARDS[a1], a2, a1)  # first occurrence wins ties
     anchor_rewards = torch.stack([REWARDS[a1], REWARDS[a2]], dim=1)
     out = jbond(
-        logp_all[y],
-        log_a[y],
-        REWARDS[y],
-        anchor_rewards,
-        logp_all[best],
+        BestOfNSamples(logp_all[y], log_a[y], REWARDS[y], anchor_rewards, logp_all[best]),
         beta=beta,
         gamma=gamma,
         strict=strict,
@@ -348,7 +343,9 @@ def test_bond_sampled_training_with_loo_baseline_converges() -> None:
         y = torch.multinomial(logp_all.exp().detach(), b, replacement=True, generator=gen)
         star = best_of_n(ref_sampler, score, [None] * b, n).best
         out = bond(
-            logp_all[y], torch.log(REF)[y], REWARDS[y], POOL.expand(b, -1), logp_all[star], n=n, beta=beta
+            BestOfNSamples(logp_all[y], torch.log(REF)[y], REWARDS[y], POOL.expand(b, -1), logp_all[star]),
+            n=n,
+            beta=beta,
         )
         opt.zero_grad()
         out.loss.mean().backward()
@@ -434,7 +431,7 @@ def test_bond_properties_and_loop_oracle(
     best = (-scale * torch.rand(b, generator=g, dtype=F64)).to(dtype)
     reward = torch.randn(b, generator=g).to(dtype)
     ref_rewards = torch.randn(b, k, generator=g).to(dtype)
-    out = bond(logp, ref_logp, reward, ref_rewards, best, n=n, beta=beta)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best), n=n, beta=beta)
     assert out.loss.shape == (b,)
     assert out.loss.dtype == (F64 if dtype == F64 else torch.float32)  # half precision is upcast
     assert bool(torch.isfinite(out.loss).all())
@@ -466,11 +463,11 @@ def test_split_batch_equals_whole_batch_without_baseline() -> None:
         torch.randn(b, k, generator=g),
         -torch.rand(b, generator=g),
     )
-    whole = bond(*args, n=4, baseline="none").loss
+    whole = bond(BestOfNSamples(*args), n=4, baseline="none").loss
     halves = torch.cat(
         [
-            bond(*(a[:3] for a in args), n=4, baseline="none").loss,
-            bond(*(a[3:] for a in args), n=4, baseline="none").loss,
+            bond(BestOfNSamples(*(a[:3] for a in args)), n=4, baseline="none").loss,
+            bond(BestOfNSamples(*(a[3:] for a in args)), n=4, baseline="none").loss,
         ]
     )
     torch.testing.assert_close(whole, halves, rtol=0, atol=0)
@@ -486,11 +483,11 @@ def test_jeffreys_endpoints_through_the_loss() -> None:
         torch.randn(b, 3, generator=g),
         -torch.rand(b, generator=g),
     )
-    out0 = bond(*args, beta=0.0)
-    out1 = bond(*args, beta=1.0)
+    out0 = bond(BestOfNSamples(*args), beta=0.0)
+    out1 = bond(BestOfNSamples(*args), beta=1.0)
     torch.testing.assert_close(out0.loss, out0.metrics["loss/forward"], rtol=0, atol=0)
     torch.testing.assert_close(out1.loss, out1.metrics["loss/backward"], rtol=0, atol=0)
-    out_mid = bond(*args, beta=0.25)
+    out_mid = bond(BestOfNSamples(*args), beta=0.25)
     torch.testing.assert_close(out_mid.loss, 0.75 * out0.loss + 0.25 * out1.loss)
 
 
@@ -526,7 +523,7 @@ def test_bond_bad_input(index: int, bad: torch.Tensor, match: str) -> None:
     args = _bond_args()
     args[index] = bad
     with pytest.raises(ValueError, match=match):
-        bond(*args)
+        bond(BestOfNSamples(*args))
 
 
 @pytest.mark.parametrize(
@@ -546,33 +543,33 @@ def test_bond_bad_hyperparameters(hparams: dict[str, object], match: str) -> Non
     with pytest.raises(ValueError, match=match):
         get_loss("bond", **hparams)
     with pytest.raises(ValueError, match=match):
-        bond(*_bond_args(), **hparams)
+        bond(BestOfNSamples(*_bond_args()), **hparams)
 
 
 def test_bad_input_misc() -> None:
     with pytest.raises(ValueError, match=r"unknown hyperparameter.*temperature"):
         get_loss("bond", temperature=1.0)
     with pytest.raises(ValueError, match="baseline='loo' needs at least 2"):
-        bond(*_bond_args(b=1))
-    assert bond(*_bond_args(b=1), baseline="none").loss.shape == (1,)
+        bond(BestOfNSamples(*_bond_args(b=1)))
+    assert bond(BestOfNSamples(*_bond_args(b=1)), baseline="none").loss.shape == (1,)
     args = _bond_args()
     args[0] = torch.tensor([0.0, float("nan"), -1.0])
     with pytest.raises(ValueError, match="logp has 1 non-finite"):
-        bond(*args, check_finite=True)
+        bond(BestOfNSamples(*args), check_finite=True)
     with pytest.raises(TypeError, match=r"logp must be a torch\.Tensor"):
-        bond([0.0], *_bond_args()[1:])
+        bond(BestOfNSamples([0.0], *_bond_args()[1:]))
     j = [-torch.rand(3), -torch.rand(3), torch.randn(3), torch.randn(3, 2), -torch.rand(3)]
-    assert jbond(*j).loss.shape == (3,)
+    assert jbond(BestOfNSamples(*j)).loss.shape == (3,)
     for index, bad, match in [
-        (1, torch.zeros(2), "anchor_logp has shape"),
+        (1, torch.zeros(2), "ref_logp has shape"),
         (3, torch.zeros(3, 3), "anchor_rewards must have shape"),
-        (4, torch.zeros(2), "best_anchor_logp has shape"),
+        (4, torch.zeros(2), "best_logp has shape"),
         (2, torch.tensor([float("nan"), 0.0, 0.0]), "reward has 1 NaN"),
     ]:
         bad_args = list(j)
         bad_args[index] = bad
         with pytest.raises(ValueError, match=match):
-            jbond(*bad_args)
+            jbond(BestOfNSamples(*bad_args))
     for hparams, match in [({"gamma": -1.0}, "gamma"), ({"strict": "yes"}, "strict"), ({"beta": 2}, "beta")]:
         with pytest.raises(ValueError, match=match):
             get_loss("jbond", **hparams)

@@ -27,7 +27,9 @@ def isolated(monkeypatch):
 
 
 def _toy(isolated_reg, name="_toy", **kw):
-    @register_loss(name, needs_reference=True, checks={"beta": gt(0), "mode": one_of("a", "b")}, **kw)
+    @register_loss(
+        name, inputs="pairs", needs_reference=True, checks={"beta": gt(0), "mode": one_of("a", "b")}, **kw
+    )
     def toy(
         logps: PairLogps, extra: torch.Tensor | None = None, *, beta: float = 0.5, mode: str = "a"
     ) -> LossOutput:
@@ -74,7 +76,9 @@ def test_every_registered_loss_is_well_formed(name):
     assert dict(bound.hparams) == dict(spec.defaults)
     params = inspect.signature(spec.fn).parameters.values()
     kw = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert set(kw) == set(spec.defaults)
+    assert set(kw) - set(spec.data_args) == set(spec.defaults)
+    assert spec.inputs in reg.INPUT_KINDS
+    assert spec.family == spec.fn.__module__.rsplit(".", 1)[-1]
     assert set(spec.checks) <= set(spec.defaults)
 
 
@@ -138,7 +142,7 @@ def test_validator_cross_parameter(isolated):
         if hp["lo"] >= hp["hi"]:
             raise ValueError(f"lo must be < hi, got lo={hp['lo']}, hi={hp['hi']}")
 
-    @register_loss("_toy_rule", validator=rule)
+    @register_loss("_toy_rule", inputs="pairs", validator=rule)
     def toy(logps: PairLogps, *, lo: float = 0.0, hi: float = 1.0) -> LossOutput:
         """Toy."""
         return LossOutput(loss=logps.chosen)
@@ -154,13 +158,13 @@ def test_registration_errors(isolated):
         _toy(isolated)
     with pytest.raises(TypeError, match="needs a default"):
 
-        @register_loss("_toy_nodefault")
+        @register_loss("_toy_nodefault", inputs="pairs")
         def a(logps: PairLogps, *, beta: float) -> LossOutput:
             return LossOutput(loss=logps.chosen)
 
     with pytest.raises(TypeError, match="unknown hyperparameter"):
 
-        @register_loss("_toy_badcheck", checks={"gamma": gt(0)})
+        @register_loss("_toy_badcheck", inputs="pairs", checks={"gamma": gt(0)})
         def b(logps: PairLogps, *, beta: float = 1.0) -> LossOutput:
             return LossOutput(loss=logps.chosen)
 
@@ -219,7 +223,7 @@ def test_upcast_half_to_float32_and_keeps_float64(isolated):
 
 
 def test_upcast_can_be_disabled(isolated):
-    @register_loss("_toy_noup", upcast=False)
+    @register_loss("_toy_noup", inputs="pairs", upcast=False)
     def toy(logps: PairLogps) -> LossOutput:
         """Toy."""
         return LossOutput(loss=logps.chosen * 1)
@@ -251,3 +255,58 @@ def test_numpy_float32_hyperparameter_accepted():
 
 def test_one_of_distinguishes_bool_from_int():
     assert not one_of(True, False).predicate(1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# input kinds, extras, devices, families
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_wrong_input_kind_names_the_argument_and_kind():
+    with pytest.raises(TypeError, match=r"dpo: logps must be a PairLogps \(input kind 'pairs'\), got Tensor"):
+        reg.get_loss("dpo")(Z)
+    from prefopt.losses.unpaired import kto
+
+    with pytest.raises(TypeError, match=r"kto: logps must be a UnpairedLogps"):
+        kto(PairLogps(Z, Z, Z, Z))
+
+
+def test_unknown_input_kind_and_bad_extras_rejected(isolated):
+    with pytest.raises(ValueError, match="not an input kind"):
+        register_loss("_toy_kind", inputs="sequences")
+    with pytest.raises(TypeError, match="extras"):
+
+        @register_loss("_toy_extras", inputs="tokens", extras=("values",))
+        def a(logp: torch.Tensor, *, beta: float = 1.0) -> LossOutput:
+            return LossOutput(loss=logp)
+
+
+def test_extras_are_data_not_hyperparameters(isolated):
+    @register_loss("_toy_x", inputs="tokens", extras=("values",), checks={"coef": ge(0)})
+    def toy(logp: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None, coef: float = 1.0):
+        """Toy."""
+        return LossOutput(loss=logp if values is None else logp + coef * values)
+
+    spec = isolated.get_spec("_toy_x")
+    assert spec.defaults == {"coef": 1.0}
+    assert spec.data_args == ("mask", "values") and spec.required_data == ("mask",)
+    assert spec.family == "custom"
+    bound = isolated.get_loss("_toy_x", coef=2.0)
+    torch.testing.assert_close(bound(Z, Z, values=torch.ones(3)).loss, torch.full((3,), 2.0))
+    nan = torch.tensor([0.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="values"):
+        bound(Z, Z, values=nan, check_finite=True)
+
+
+def test_family_is_the_defining_module(isolated):
+    assert reg.get_spec("dpo").family == "margin"
+    assert reg.get_spec("simpo").family == "reference_free"
+    assert set(reg.available_losses("policy_gradient")) >= {"grpo", "ppo", "reinforce", "rloo"}
+    with pytest.raises(ValueError, match=r"family of a loss in prefopt\.losses is its module"):
+        reg._family_of(reg.get_spec("dpo").fn, "reward")
+
+
+def test_tensors_on_two_devices_are_named():
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(ValueError, match=r"ref_chosen is on meta but chosen is on cpu"):
+        reg.get_loss("dpo")(PairLogps(Z, Z, meta, meta))

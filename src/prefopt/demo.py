@@ -372,6 +372,7 @@ def _jbond(
     from prefopt.logprobs import seq_sum, token_logps
     from prefopt.losses.bond import jbond
     from prefopt.sampling import HFSampler
+    from prefopt.types import BestOfNSamples
 
     chat = [
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -420,7 +421,7 @@ def _jbond(
         best_logp = seq_logp(
             theirs.input_ids[best_rows], theirs.attention_mask[best_rows], theirs.completion_mask[best_rows]
         )
-        loss = jbond(logp, anchor_logp, r, ra, best_logp, beta=0.5).loss.mean()
+        loss = jbond(BestOfNSamples(logp, anchor_logp, r, ra, best_logp), beta=0.5).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

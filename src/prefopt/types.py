@@ -14,7 +14,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LossOutput", "PairLogps", "UnpairedLogps", "check_finite", "check_mask", "check_tensor"]
+__all__ = [
+    "BestOfNSamples",
+    "LossOutput",
+    "PairBatch",
+    "PairLogps",
+    "PromptBatch",
+    "SharedPromptBatch",
+    "UnpairedBatch",
+    "UnpairedLogps",
+    "check_finite",
+    "check_mask",
+    "check_tensor",
+]
 
 
 def check_tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool = True) -> Tensor:
@@ -78,6 +90,15 @@ class _TensorFields:
         changes = {
             name: _upcast(value) for name, value in self._tensor_items() if torch.is_floating_point(value)
         }
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to(self, device: torch.device | str):  # type: ignore[no-untyped-def]
+        """A copy with every tensor field moved to ``device`` (nested batches too)."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, (Tensor, _TensorFields)):
+                changes[f.name] = value.to(device)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
@@ -216,3 +237,249 @@ class LossOutput:
                 raise TypeError(f"metric {key!r} must be a tensor, got {type(value).__name__}")
             if value.requires_grad:
                 raise ValueError(f"metric {key!r} must be detached")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Best-of-N samples
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BestOfNSamples(_TensorFields):
+    """Per-sample inputs of the Best-of-N distillation losses (BOND, J-BOND and the rest of the family).
+
+    One row per policy sample ``y_i`` of prompt ``x_i``. The *pool* is ``k`` samples of the same prompt from
+    the distribution being distilled: the frozen reference for BOND, the EMA anchor for J-BOND.
+
+    Attributes:
+        logp: ``(b,)`` policy log-prob ``S_θ(y_i)`` of its own sample (with grad).
+        ref_logp: ``(b,)`` log-prob of the same sample under the pool's distribution (reference or anchor).
+        reward: ``(b,)`` reward ``r(x_i, y_i)`` of the policy sample (any real dtype).
+        ref_rewards: ``(b, k)`` rewards of the pool's ``k`` samples (any real dtype).
+        best_logp: ``(b,)`` policy log-prob of the pool's best sample (with grad); ``None`` for losses that
+            do not use it.
+
+    Shapes are checked on construction (no device synchronization).
+    """
+
+    logp: Tensor
+    ref_logp: Tensor
+    reward: Tensor
+    ref_rewards: Tensor
+    best_logp: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_tensor("logp", self.logp, ndim=1)
+        b = self.logp.shape[0]
+        for name in ("ref_logp", "best_logp"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_tensor(name, value, ndim=1)
+            if value.shape[0] != b:
+                raise ValueError(f"{name} has shape {tuple(value.shape)} but logp has shape ({b},)")
+        check_tensor("reward", self.reward, ndim=1, floating=False)
+        if self.reward.shape[0] != b:
+            raise ValueError(f"reward has shape {tuple(self.reward.shape)} but logp has shape ({b},)")
+        check_tensor("ref_rewards", self.ref_rewards, ndim=2, floating=False)
+        if self.ref_rewards.shape[0] != b:
+            raise ValueError(
+                f"ref_rewards has shape {tuple(self.ref_rewards.shape)} but logp has shape ({b},); "
+                "expected (b, k)"
+            )
+        for name in ("reward", "ref_rewards"):
+            value = getattr(self, name)
+            if value.dtype == torch.bool or value.is_complex():
+                raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+
+    @property
+    def pool_size(self) -> int:
+        """``k``, the number of pool samples per row."""
+        return int(self.ref_rewards.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token batches (what the collators return)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_ids(name: str, x: Any, ndim: int = 2) -> Tensor:
+    check_tensor(name, x, ndim=ndim, floating=False)
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_rows(name: str, x: Any, rows: int, like: str) -> Tensor:
+    _check_ids(name, x, ndim=1)
+    if x.shape[0] != rows:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but {like} has {rows} rows")
+    return x
+
+
+@dataclass(frozen=True)
+class PairBatch(_TensorFields):
+    """A preference batch in the **duplicated** layout: ``2B`` rows ``prompt ++ completion``, chosen rows
+    ``0..B-1``, rejected rows ``B..2B-1`` (row ``B + i`` is the rejected twin of row ``i``), right-padded.
+
+    Attributes:
+        input_ids: ``(2B, T)`` long token ids.
+        attention_mask: ``(2B, T)`` long, 1 on real tokens.
+        completion_mask: ``(2B, T)`` bool, True on the completion tokens that count (never at position 0).
+        prompt_len: ``(2B,)`` long prompt tokens per row.
+        completion_len: ``(2B,)`` long completion tokens per row.
+        row_index: ``(B,)`` long position of each kept pair in the list given to the collator.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    prompt_len: Tensor
+    completion_len: Tensor
+    row_index: Tensor
+
+    def __post_init__(self) -> None:
+        ids = _check_ids("input_ids", self.input_ids)
+        n = ids.shape[0]
+        if n == 0 or n % 2:
+            raise ValueError(f"input_ids must have an even, non-zero number of rows (2B), got {n}")
+        _check_ids("attention_mask", self.attention_mask)
+        if self.attention_mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(self.attention_mask.shape)} but input_ids has shape "
+                f"{tuple(ids.shape)}"
+            )
+        check_mask("completion_mask", self.completion_mask, tuple(ids.shape), "input_ids")
+        _check_rows("prompt_len", self.prompt_len, n, "input_ids")
+        _check_rows("completion_len", self.completion_len, n, "input_ids")
+        _check_rows("row_index", self.row_index, n // 2, "half of input_ids")
+
+    @property
+    def num_pairs(self) -> int:
+        """``B``, the number of pairs."""
+        return int(self.input_ids.shape[0]) // 2
+
+
+@dataclass(frozen=True)
+class SharedPromptBatch(_TensorFields):
+    """A batch in the **shared-prompt** layout: each of the ``B`` prompts once, ``k·B`` completion rows (row
+    ``r`` continues prompt ``r mod B``; for pairs ``k = 2``, chosen rows first), all right-padded.
+
+    Attributes:
+        prompt_ids: ``(B, P)`` long. prompt_mask: ``(B, P)`` long, ones then zeros. prompt_len: ``(B,)`` long.
+        completion_ids: ``(kB, C)`` long. completion_attention_mask: ``(kB, C)`` long, the real completion
+            tokens. completion_mask: ``(kB, C)`` bool, the completion tokens that count.
+        completion_len: ``(kB,)`` long.
+        row_index: ``(B,)`` long position of each kept row in the list given to the collator.
+        duplicated: the same batch in the duplicated layout (``SharedPromptCollator(keep_duplicated=True)``),
+            else ``None``.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    prompt_len: Tensor
+    completion_ids: Tensor
+    completion_attention_mask: Tensor
+    completion_mask: Tensor
+    completion_len: Tensor
+    row_index: Tensor
+    duplicated: PairBatch | None = None
+
+    def __post_init__(self) -> None:
+        p = _check_ids("prompt_ids", self.prompt_ids)
+        b = p.shape[0]
+        if b == 0:
+            raise ValueError("prompt_ids has no rows")
+        _check_ids("prompt_mask", self.prompt_mask)
+        if self.prompt_mask.shape != p.shape:
+            raise ValueError(
+                f"prompt_mask has shape {tuple(self.prompt_mask.shape)} but prompt_ids has shape {tuple(p.shape)}"
+            )
+        _check_rows("prompt_len", self.prompt_len, b, "prompt_ids")
+        c = _check_ids("completion_ids", self.completion_ids)
+        n = c.shape[0]
+        if n == 0 or n % b:
+            raise ValueError(f"completion_ids has {n} rows, not a positive multiple of the {b} prompt rows")
+        _check_ids("completion_attention_mask", self.completion_attention_mask)
+        if self.completion_attention_mask.shape != c.shape:
+            raise ValueError(
+                f"completion_attention_mask has shape {tuple(self.completion_attention_mask.shape)} but "
+                f"completion_ids has shape {tuple(c.shape)}"
+            )
+        check_mask("completion_mask", self.completion_mask, tuple(c.shape), "completion_ids")
+        _check_rows("completion_len", self.completion_len, n, "completion_ids")
+        _check_rows("row_index", self.row_index, b, "prompt_ids")
+        if self.duplicated is not None and not isinstance(self.duplicated, PairBatch):
+            raise TypeError(f"duplicated must be a PairBatch or None, got {type(self.duplicated).__name__}")
+
+    @property
+    def num_prompts(self) -> int:
+        """``B``, the number of prompts."""
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def completions_per_prompt(self) -> int:
+        """``k`` (2 for preference pairs)."""
+        return int(self.completion_ids.shape[0]) // self.num_prompts
+
+
+@dataclass(frozen=True)
+class UnpairedBatch(_TensorFields):
+    """Labelled single completions (KTO, pointwise reward models): ``B`` rows ``prompt ++ completion``,
+    right-padded.
+
+    Attributes:
+        input_ids, attention_mask: ``(B, T)`` long. completion_mask: ``(B, T)`` bool.
+        prompt_len, completion_len, row_index: ``(B,)`` long.
+        label: ``(B,)`` float32 labels (bool → 1.0 / 0.0). desirable: ``(B,)`` bool, ``label >= threshold``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    prompt_len: Tensor
+    completion_len: Tensor
+    row_index: Tensor
+    label: Tensor
+    desirable: Tensor
+
+    def __post_init__(self) -> None:
+        ids = _check_ids("input_ids", self.input_ids)
+        n = ids.shape[0]
+        _check_ids("attention_mask", self.attention_mask)
+        if self.attention_mask.shape != ids.shape:
+            raise ValueError("attention_mask must have the shape of input_ids")
+        check_mask("completion_mask", self.completion_mask, tuple(ids.shape), "input_ids")
+        for name in ("prompt_len", "completion_len", "row_index"):
+            _check_rows(name, getattr(self, name), n, "input_ids")
+        check_tensor("label", self.label, ndim=1)
+        check_mask("desirable", self.desirable, (n,), "the rows of input_ids")
+        if self.label.shape[0] != n:
+            raise ValueError(f"label has shape {tuple(self.label.shape)} but input_ids has {n} rows")
+
+
+@dataclass(frozen=True)
+class PromptBatch(_TensorFields):
+    """Prompts for sampling: ``B`` rows, LEFT-padded, so ``input_ids[:, -1]`` is every prompt's last token.
+
+    Attributes:
+        input_ids, attention_mask: ``(B, P)`` long. prompt_len, row_index: ``(B,)`` long.
+        prompt: the ``B`` prompt strings (empty strings when built from token ids).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: Tensor
+    row_index: Tensor
+    prompt: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        ids = _check_ids("input_ids", self.input_ids)
+        n = ids.shape[0]
+        _check_ids("attention_mask", self.attention_mask)
+        if self.attention_mask.shape != ids.shape:
+            raise ValueError("attention_mask must have the shape of input_ids")
+        _check_rows("prompt_len", self.prompt_len, n, "input_ids")
+        _check_rows("row_index", self.row_index, n, "input_ids")
+        if self.prompt and len(self.prompt) != n:
+            raise ValueError(f"prompt has {len(self.prompt)} strings but input_ids has {n} rows")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from prefopt.bond import jbond_reward, log_empirical_quantile
 from prefopt.registry import Check, between, ge, one_of, register_loss
-from prefopt.types import LossOutput, check_tensor
+from prefopt.types import BestOfNSamples, LossOutput
 
 __all__ = ["bond", "jbond"]
 
@@ -35,11 +35,13 @@ def _floor_ok(v: Any) -> bool:
 _FLOOR_CHECK = Check(_floor_ok, "'half', 'smoothed' or a number in (0, 1]")
 
 
-def _check_batch(name: str, x: Any, b: int | None) -> Tensor:
-    check_tensor(name, x, ndim=1)
-    if b is not None and x.shape[0] != b:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape ({b},); they must match")
-    return x
+def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five tensors of ``samples`` (shapes were checked when it was built); ``best_logp`` is required."""
+    if samples.best_logp is None:
+        raise ValueError(
+            f"{loss} needs BestOfNSamples.best_logp (the policy log-prob of the pool's best sample)"
+        )
+    return samples.logp, samples.ref_logp, samples.reward, samples.ref_rewards, samples.best_logp
 
 
 def _baseline(ret: Tensor, kind: str) -> Tensor:
@@ -56,8 +58,8 @@ def _baseline(ret: Tensor, kind: str) -> Tensor:
 
 @register_loss(
     "bond",
+    inputs="best_of_n",
     needs_reference=True,
-    family="bond",
     checks={
         "n": _int_ge(1),
         "beta": between(0, 1),
@@ -66,11 +68,7 @@ def _baseline(ret: Tensor, kind: str) -> Tensor:
     },
 )
 def bond(
-    logp: Tensor,
-    ref_logp: Tensor,
-    reward: Tensor,
-    ref_rewards: Tensor,
-    best_logp: Tensor,
+    samples: BestOfNSamples,
     *,
     n: int = 8,
     beta: float = 0.5,
@@ -101,12 +99,13 @@ def bond(
     (``E log p̂ ≠ log p`` and the floor). Divide ``β``'s term by ``N−1`` to recover the unscaled convention.
 
     Args:
-        logp: ``(b,)`` policy log-prob ``S_θ(y)`` of its own sample (sum over completion tokens).
-        ref_logp: ``(b,)`` reference log-prob ``S_ref(y)`` of the same sample (enters the return only).
-        reward: ``(b,)`` reward of the policy sample.
-        ref_rewards: ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the quantile pool;
-            it may be the Best-of-N pool itself, :attr:`prefopt.bond.BestOfN.rewards`).
-        best_logp: ``(b,)`` policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample.
+        samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] — ``logp`` ``(b,)`` the policy log-prob
+            ``S_θ(y)`` of its own sample (sum over completion tokens); ``ref_logp`` ``(b,)`` the reference
+            log-prob ``S_ref(y)`` of the same sample (enters the return only); ``reward`` ``(b,)``;
+            ``ref_rewards`` ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the
+            quantile pool; it may be the Best-of-N pool itself, :attr:`prefopt.bond.BestOfN.rewards`);
+            ``best_logp`` ``(b,)`` the policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample
+            (required).
         n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
         beta: Jeffreys weight in ``[0, 1]`` (0 = forward only, 1 = backward only; default 0.5 as recommended).
         quantile_floor: floor for ``p̂ = 0`` (see :func:`prefopt.bond.empirical_quantile`; default ``'half'``
@@ -122,17 +121,7 @@ def bond(
         with (B) dropped; equals ``−R``), ``loss/forward`` (``−best_logp``), ``loss/backward``
         (``−(R − B)·logp``).
     """
-    check_tensor("logp", logp, ndim=1)
-    b = logp.shape[0]
-    _check_batch("ref_logp", ref_logp, b)
-    _check_batch("best_logp", best_logp, b)
-    check_tensor("reward", reward, ndim=1, floating=False)
-    if reward.shape[0] != b:
-        raise ValueError(f"reward has shape {tuple(reward.shape)} but logp has shape ({b},); they must match")
-    check_tensor("ref_rewards", ref_rewards, ndim=2, floating=False)
-    if ref_rewards.shape[0] != b:
-        raise ValueError(f"ref_rewards has shape {tuple(ref_rewards.shape)} but logp has shape ({b},)")
-
+    logp, ref_logp, reward, ref_rewards, best_logp = _unpack(samples, "bond")
     log_q = log_empirical_quantile(reward, ref_rewards, floor=quantile_floor).to(logp.dtype)
     kl_ref = (logp - ref_logp).detach()
     ret = (n - 1) * log_q - kl_ref
@@ -154,8 +143,8 @@ def bond(
 
 @register_loss(
     "jbond",
+    inputs="best_of_n",
     needs_reference=False,
-    family="bond",
     checks={
         "beta": between(0, 1),
         "gamma": ge(0),
@@ -164,11 +153,7 @@ def bond(
     },
 )
 def jbond(
-    logp: Tensor,
-    anchor_logp: Tensor,
-    reward: Tensor,
-    anchor_rewards: Tensor,
-    best_anchor_logp: Tensor,
+    samples: BestOfNSamples,
     *,
     beta: float = 0.5,
     gamma: float = 0.0,
@@ -195,11 +180,10 @@ def jbond(
     :func:`prefopt.bond.ema_update_` or ``LoraPolicy.update_anchor_``.
 
     Args:
-        logp: ``(b,)`` policy log-prob of its own sample.
-        anchor_logp: ``(b,)`` anchor log-prob of the same sample.
-        reward: ``(b,)`` reward of the policy sample.
-        anchor_rewards: ``(b, 2)`` rewards of the two anchor samples.
-        best_anchor_logp: ``(b,)`` policy log-prob of the better anchor sample.
+        samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] whose pool is the anchor: ``logp`` ``(b,)``
+            the policy log-prob of its own sample; ``ref_logp`` ``(b,)`` the *anchor* log-prob of the same
+            sample; ``reward`` ``(b,)``; ``ref_rewards`` ``(b, 2)`` rewards of the two anchor samples;
+            ``best_logp`` ``(b,)`` the policy log-prob of the better anchor sample (required).
         beta: Jeffreys weight in ``[0, 1]`` (default 0.5).
         gamma: extra KL-to-anchor weight ``>= 0`` (default 0).
         strict: ``True`` = "<" (main text), ``False`` = "≤" (appendix).
@@ -210,14 +194,7 @@ def jbond(
         ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``, ``loss/backward``,
         ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
     """
-    check_tensor("logp", logp, ndim=1)
-    b = logp.shape[0]
-    _check_batch("anchor_logp", anchor_logp, b)
-    _check_batch("best_anchor_logp", best_anchor_logp, b)
-    check_tensor("reward", reward, ndim=1, floating=False)
-    if reward.shape[0] != b:
-        raise ValueError(f"reward has shape {tuple(reward.shape)} but logp has shape ({b},); they must match")
-    check_tensor("anchor_rewards", anchor_rewards, ndim=2, floating=False)
+    logp, anchor_logp, reward, anchor_rewards, best_anchor_logp = _unpack(samples, "jbond")
 
     r_j = jbond_reward(reward, anchor_rewards, strict=strict).to(logp.dtype)
     kl_anchor = (logp - anchor_logp).detach()

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from prefopt.losses.margin import BETA, NLL_NORMS, bco_pair, check_input, dpo, sft
+from prefopt.losses.margin import BETA, NLL_NORMS, bco_pair, dpo, sft
 from prefopt.registry import BoundLoss, ge, get_loss, one_of, register_loss
 from prefopt.types import LossOutput, PairLogps
 
@@ -151,8 +151,8 @@ def combine(weights: Mapping[str, float], **hparams: Any) -> CombinedLoss:
 
 @register_loss(
     "mpo",
+    inputs="pairs",
     needs_reference=True,
-    family="combined",
     checks={
         **BETA,
         "dpo_weight": ge(0),
@@ -178,7 +178,6 @@ def mpo(
     ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as :class:`CombinedLoss`.
     Zero point: policy == reference ⇒ ``0.8·log 2 + 0.2·2 log 2 + NLL``.
     """
-    check_input(logps, PairLogps, "mpo")
     parts = (
         ("dpo", dpo(logps, beta=beta), dpo_weight),
         ("bco_pair", bco_pair(logps, delta, beta=beta), bco_weight),

@@ -1,4 +1,4 @@
-r"""Entanglement-aware pairwise losses: remedies for gradient entanglement (``family="decoupled"``).
+r"""Entanglement-aware pairwise losses: remedies for gradient entanglement (family `decoupled`, the module name).
 
 Background (Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
 Entanglement", arXiv 2410.13828; derivations in ``docs/entanglement.md``). For a pairwise loss with weights
@@ -78,7 +78,7 @@ def _check_norm(name: str, x: object, like: Tensor) -> Tensor:
     return t.to(like.dtype)
 
 
-@register_loss("pairwise_normalized", needs_reference=True, family="decoupled", checks={"beta": gt(0)})
+@register_loss("pairwise_normalized", inputs="pairs", needs_reference=True, checks={"beta": gt(0)})
 def pairwise_normalized(
     logps: PairLogps,
     chosen_grad_norm: Tensor,
@@ -164,8 +164,8 @@ def _decoupled_validator(hp: dict[str, float]) -> None:  # type: ignore[misc]
 
 @register_loss(
     "decoupled",
+    inputs="pairs",
     needs_reference=True,
-    family="decoupled",
     checks={"beta": gt(0), "margin_weight": ge(0), "chosen_weight": ge(0), "rejected_weight": ge(0)},
     validator=_decoupled_validator,  # type: ignore[arg-type]
 )
@@ -270,7 +270,7 @@ def shared_token_mask(batch: dict[str, Tensor]) -> Tensor:
 
 @register_loss(
     "token_masked",
-    family="decoupled",
+    inputs="token_pairs",
     checks={"beta": gt(0), "sparsity": ge(0)},
 )
 def token_masked(

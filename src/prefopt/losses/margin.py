@@ -55,7 +55,6 @@ __all__ = [
     "apo_zero",
     "bco_pair",
     "cdpo",
-    "check_input",
     "discopop",
     "dpo",
     "dpop",
@@ -88,12 +87,6 @@ F_CHECKS = {"f_divergence": one_of(*F_DIVERGENCES), "f_alpha": FINITE}
 # ----------------------------------------------------------------------------------------------------------
 # shared helpers (also used by reference_free.py and combined.py)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def check_input(logps: object, cls: type, loss: str) -> None:
-    """Raise ``TypeError`` naming ``logps`` unless it is an instance of ``cls`` (e.g. ``PairLogps``)."""
-    if not isinstance(logps, cls):
-        raise TypeError(f"{loss}: logps must be a {cls.__name__}, got {type(logps).__name__}")
 
 
 def f_divergence_score(logratio: Tensor, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
@@ -200,7 +193,7 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_loss("dpo", needs_reference=True, checks={**BETA, **F_CHECKS})
+@register_loss("dpo", inputs="pairs", needs_reference=True, checks={**BETA, **F_CHECKS})
 def dpo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
@@ -218,13 +211,15 @@ def dpo(
 
     Returns: ``loss`` ``(b,)``. Zero point: ``h = 0`` ⇒ ``log 2``, ``∂L/∂S_w = −β/2 = −∂L/∂S_l``.
     """
-    check_input(logps, PairLogps, "dpo")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(-F.logsigmoid(beta * (s_w - s_l)), beta, rho_w, rho_l, logps)
 
 
 @register_loss(
-    "cdpo", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5), **F_CHECKS}
+    "cdpo",
+    inputs="pairs",
+    needs_reference=True,
+    checks={**BETA, "label_smoothing": between(0.0, 0.5), **F_CHECKS},
 )
 def cdpo(
     logps: PairLogps,
@@ -247,13 +242,13 @@ def cdpo(
     Returns: ``loss`` ``(b,)``. Zero point: ``h = 0`` ⇒ ``log 2``; the loss is minimal (stationary) at
     ``h* = log((1−ε)/ε)/β`` and decreasing in ``h`` below it.
     """
-    check_input(logps, PairLogps, "cdpo")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(_smoothed_sigmoid(beta * (s_w - s_l), label_smoothing), beta, rho_w, rho_l, logps)
 
 
 @register_loss(
     "robust_dpo",
+    inputs="pairs",
     needs_reference=True,
     checks={**BETA, "label_smoothing": between(0.0, 0.5, hi_open=True), **F_CHECKS},
 )
@@ -274,7 +269,6 @@ def robust_dpo(
     Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5)`` (TRL only warns outside it; prefopt raises);
     f_divergence, f_alpha as in :func:`dpo`. Zero point: ``h = 0`` ⇒ ``log 2``.
     """
-    check_input(logps, PairLogps, "robust_dpo")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
     eps = label_smoothing
@@ -282,7 +276,7 @@ def robust_dpo(
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("ipo", needs_reference=True, checks={**BETA, **F_CHECKS})
+@register_loss("ipo", inputs="pairs", needs_reference=True, checks={**BETA, **F_CHECKS})
 def ipo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
@@ -296,14 +290,13 @@ def ipo(
     Args: beta = ``τ > 0`` (default 0.1); f_divergence, f_alpha as in :func:`dpo`.
     Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``.
     """
-    check_input(logps, PairLogps, "ipo")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "ipo")
     loss = (s_w / n_w - s_l / n_l - 1.0 / (2.0 * beta)) ** 2
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("hinge", needs_reference=True, checks={**BETA, **F_CHECKS})
+@register_loss("hinge", inputs="pairs", needs_reference=True, checks={**BETA, **F_CHECKS})
 def hinge(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
@@ -313,13 +306,13 @@ def hinge(
     TRL ``loss_type="hinge"``. Args: beta ``> 0`` (0.1; ``1/β`` is the target margin); f_divergence, f_alpha
     as in :func:`dpo`. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
     """
-    check_input(logps, PairLogps, "hinge")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(torch.relu(1.0 - beta * (s_w - s_l)), beta, rho_w, rho_l, logps)
 
 
 @register_loss(
     "exo_pair",
+    inputs="pairs",
     needs_reference=True,
     checks={**BETA, "label_smoothing": between(0.0, 1.0, lo_open=True, hi_open=True), **F_CHECKS},
 )
@@ -340,7 +333,6 @@ def exo_pair(
 
     Zero point: ``h = 0`` ⇒ ``−log 2 − ½·log(ε(1−ε))``; the minimum 0 is at ``σ(β h) = 1 − ε``.
     """
-    check_input(logps, PairLogps, "exo_pair")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
     eps = label_smoothing
@@ -350,7 +342,7 @@ def exo_pair(
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("nca_pair", needs_reference=True, checks=BETA)
+@register_loss("nca_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""NCA (pairwise): ``L = −log σ(β ρ_w) − ½ log σ(−β ρ_w) − ½ log σ(−β ρ_l)``.
 
@@ -358,14 +350,13 @@ def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``. Args: beta ``> 0`` (0.1).
     Zero point: ``ρ = 0`` ⇒ ``2 log 2``; ``∂L/∂S_l > 0`` always.
     """
-    check_input(logps, PairLogps, "nca_pair")
     rho_w, rho_l = logratios(logps)
     r_w, r_l = beta * rho_w, beta * rho_l
     loss = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("bco_pair", needs_reference=True, checks=BETA)
+@register_loss("bco_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: float = 0.1) -> LossOutput:
     r"""BCO (pairwise): ``L = −log σ(β ρ_w − δ) − log σ(−(β ρ_l − δ))``.
 
@@ -379,7 +370,6 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
 
     Zero point: ``ρ = 0, δ = 0`` ⇒ ``2 log 2``. Extra metric ``delta`` (broadcast to ``(b,)``).
     """
-    check_input(logps, PairLogps, "bco_pair")
     rho_w, rho_l = logratios(logps)
     if delta is None:
         d = torch.zeros((), dtype=rho_w.dtype, device=rho_w.device)
@@ -397,7 +387,7 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
     return _out(loss, beta, rho_w, rho_l, logps, delta=d.expand_as(rho_w))
 
 
-@register_loss("sppo_hard", needs_reference=True, checks=BETA)
+@register_loss("sppo_hard", inputs="pairs", needs_reference=True, checks=BETA)
 def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""SPPO with hard labels: ``L = (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²``.
 
@@ -405,13 +395,14 @@ def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     win probability set to 1 for the chosen and 0 for the rejected response (``η = 1/β``); TRL
     ``loss_type="sppo_hard"``. Args: beta ``> 0`` (0.1). Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
     """
-    check_input(logps, PairLogps, "sppo_hard")
     rho_w, rho_l = logratios(logps)
     loss = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("aot", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5)})
+@register_loss(
+    "aot", inputs="pairs", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5)}
+)
 def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     r"""AOT (paired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(S_w − S_l)_i − sort(S^ref_w − S^ref_l)_i``.
 
@@ -423,7 +414,6 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) ->
     Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5]`` (0.0, TRL's default).
     Zero point: policy == reference ⇒ ``log 2``.
     """
-    check_input(logps, PairLogps, "aot")
     rho_w, rho_l = logratios(logps)
     assert logps.ref_chosen is not None and logps.ref_rejected is not None
     margin, _ = torch.sort(logps.chosen - logps.rejected, dim=0)
@@ -431,7 +421,12 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) ->
     return _out(_smoothed_sigmoid(beta * (margin - ref_margin), label_smoothing), beta, rho_w, rho_l, logps)
 
 
-@register_loss("aot_unpaired", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5)})
+@register_loss(
+    "aot_unpaired",
+    inputs="pairs",
+    needs_reference=True,
+    checks={**BETA, "label_smoothing": between(0.0, 0.5)},
+)
 def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     r"""AOT (unpaired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(ρ_w)_i − sort(ρ_l)_i``.
 
@@ -439,14 +434,13 @@ def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float 
     :func:`aot` (entries follow the sorted order). Args: beta ``> 0`` (0.1); label_smoothing ``∈ [0, 0.5]`` (0.0).
     Zero point: ``ρ = 0`` ⇒ ``log 2``.
     """
-    check_input(logps, PairLogps, "aot_unpaired")
     rho_w, rho_l = logratios(logps)
     sw, _ = torch.sort(rho_w, dim=0)
     sl, _ = torch.sort(rho_l, dim=0)
     return _out(_smoothed_sigmoid(beta * (sw - sl), label_smoothing), beta, rho_w, rho_l, logps)
 
 
-@register_loss("apo_zero", needs_reference=True, checks=BETA)
+@register_loss("apo_zero", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""APO-zero: ``L = (1 − σ(β ρ_w)) + σ(β ρ_l)``: raise the chosen likelihood, lower the rejected one.
 
@@ -454,26 +448,24 @@ def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     ``loss_type="apo_zero"``. Args: beta ``> 0`` (0.1). Zero point: ``ρ = 0`` ⇒ 1;
     ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
     """
-    check_input(logps, PairLogps, "apo_zero")
     rho_w, rho_l = logratios(logps)
     loss = (1.0 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("apo_down", needs_reference=True, checks=BETA)
+@register_loss("apo_down", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_down(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""APO-down: ``L = σ(β ρ_w) + (1 − σ(β h))``: lower both likelihoods, the rejected one more.
 
     D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Args: beta ``> 0``
     (0.1). Zero point: ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
     """
-    check_input(logps, PairLogps, "apo_down")
     rho_w, rho_l = logratios(logps)
     loss = torch.sigmoid(beta * rho_w) + (1.0 - torch.sigmoid(beta * (rho_w - rho_l)))
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("discopop", needs_reference=True, checks={**BETA, "tau": gt(0), **F_CHECKS})
+@register_loss("discopop", inputs="pairs", needs_reference=True, checks={**BETA, "tau": gt(0), **F_CHECKS})
 def discopop(
     logps: PairLogps,
     *,
@@ -492,14 +484,13 @@ def discopop(
     Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in :func:`dpo`.
     Zero point: ``h = 0`` ⇒ ``(log 2 + 1)/2``. Not monotone in ``h`` (no gradient-sign guarantee).
     """
-    check_input(logps, PairLogps, "discopop")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
     loss = -F.logsigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(-z + F.logsigmoid(z / tau))
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("sigmoid_norm", needs_reference=True, checks={**BETA, **F_CHECKS})
+@register_loss("sigmoid_norm", inputs="pairs", needs_reference=True, checks={**BETA, **F_CHECKS})
 def sigmoid_norm(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
@@ -509,13 +500,12 @@ def sigmoid_norm(
     clamped at 1). Needs ``chosen_len``/``rejected_len``. Args: beta ``> 0`` (0.1); f_divergence, f_alpha as
     in :func:`dpo`. Zero point: equal per-token log-ratios ⇒ ``log 2``.
     """
-    check_input(logps, PairLogps, "sigmoid_norm")
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "sigmoid_norm")
     return _out(-F.logsigmoid(beta * (s_w / n_w - s_l / n_l)), beta, rho_w, rho_l, logps)
 
 
-@register_loss("sft", needs_reference=False, checks={"nll_norm": one_of(*NLL_NORMS)})
+@register_loss("sft", inputs="pairs", needs_reference=False, checks={"nll_norm": one_of(*NLL_NORMS)})
 def sft(logps: PairLogps, *, nll_norm: str = "batch_tokens") -> LossOutput:
     r"""NLL of the chosen completion (RPO/MPO's SFT term), per pair ``(b,)``.
 
@@ -529,7 +519,6 @@ def sft(logps: PairLogps, *, nll_norm: str = "batch_tokens") -> LossOutput:
 
     Zero point: ``S_w = 0`` ⇒ 0. Metrics: ``logps/chosen``, ``logps/rejected``, ``nll`` (= loss, detached).
     """
-    check_input(logps, PairLogps, "sft")
     loss = nll_chosen(logps, nll_norm, "sft")
     return LossOutput(
         loss=loss,
@@ -541,7 +530,7 @@ def sft(logps: PairLogps, *, nll_norm: str = "batch_tokens") -> LossOutput:
     )
 
 
-@register_loss("rdpo", needs_reference=True, checks={**BETA, "alpha": FINITE})
+@register_loss("rdpo", inputs="pairs", needs_reference=True, checks={**BETA, "alpha": FINITE})
 def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutput:
     r"""Length-regularized DPO (R-DPO): ``L = −log σ(β h + α (|y_w| − |y_l|))``.
 
@@ -554,7 +543,6 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
     Understand_MarginPO repo used 0.2 on TL;DR). Needs lengths.
     Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
     """
-    check_input(logps, PairLogps, "rdpo")
     rho_w, rho_l = logratios(logps)
     if logps.chosen_len is None or logps.rejected_len is None:
         raise ValueError("rdpo needs completion lengths: PairLogps.chosen_len and rejected_len are None")
@@ -562,7 +550,7 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
     return _out(-F.logsigmoid(beta * (rho_w - rho_l) + alpha * dl), beta, rho_w, rho_l, logps)
 
 
-@register_loss("dpop", needs_reference=True, checks={**BETA, "lam": ge(0)})
+@register_loss("dpop", inputs="pairs", needs_reference=True, checks={**BETA, "lam": ge(0)})
 def dpop(logps: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutput:
     r"""DPO-Positive (DPOP): ``L = −log σ(β (h − λ·max(0, S^ref_w − S_w)))``.
 
@@ -572,7 +560,6 @@ def dpop(logps: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutpu
     Args: beta ``> 0`` (0.1); lam ``λ ≥ 0`` (50, the paper's value). Zero point: ``S_w ≥ S^ref_w`` and
     ``h = 0`` ⇒ ``log 2``; ``λ = 0`` ⇒ DPO. Extra metric ``penalty`` = ``max(0, S^ref_w − S_w)``.
     """
-    check_input(logps, PairLogps, "dpop")
     rho_w, rho_l = logratios(logps)
     penalty = torch.relu(-rho_w)
     return _out(

@@ -1,6 +1,6 @@
 """Policy-gradient losses for online RLHF: REINFORCE (+ learned value baseline), RLOO, GRPO, PPO.
 
-All are pure functions of tensors registered with ``family="policy_gradient"``; their data arguments are
+All are pure functions of tensors registered with ``inputs="tokens"``; their data arguments are
 positional tensors (not :class:`~prefopt.types.PairLogps`) and their hyperparameters keyword-only.
 
 Conventions (``docs/rl.md`` has the equations and a table):
@@ -79,7 +79,7 @@ def _clipped_surrogate(ratio: Tensor, adv: Tensor, lo: float, hi: float) -> Tens
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_loss("reinforce", family="policy_gradient", checks={"value_coef": ge(0)})
+@register_loss("reinforce", inputs="tokens", checks={"value_coef": ge(0)})
 def reinforce(
     logp: Tensor, mask: Tensor, rewards: Tensor, values: Tensor | None = None, *, value_coef: float = 1.0
 ) -> LossOutput:
@@ -147,7 +147,7 @@ def reinforce(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_loss("rloo", family="policy_gradient", checks={"clip": gt(0)})
+@register_loss("rloo", inputs="tokens", checks={"clip": gt(0)})
 def rloo(
     logp: Tensor, mask: Tensor, rewards: Tensor, old_logp: Tensor | None = None, *, clip: float = 0.2
 ) -> LossOutput:
@@ -248,7 +248,7 @@ def _count(name: str, value: Tensor | float | None, default: Tensor, like: Tenso
 
 @register_loss(
     "grpo",
-    family="policy_gradient",
+    inputs="tokens",
     checks={"epsilon_low": ge(0), "beta": ge(0), "aggregation": one_of(*_AGGREGATIONS)},
     validator=_grpo_validator,
 )
@@ -385,7 +385,7 @@ def _ppo_validator(hp: Mapping[str, Any]) -> None:
 
 @register_loss(
     "ppo",
-    family="policy_gradient",
+    inputs="tokens",
     checks={"clip": gt(0), "vf_coef": ge(0), "ent_coef": ge(0)},
     validator=_ppo_validator,
 )

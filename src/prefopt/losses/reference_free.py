@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.losses.margin import BETA, NLL_NORMS, check_input, lengths, nll_chosen, pair_metrics
+from prefopt.losses.margin import BETA, NLL_NORMS, lengths, nll_chosen, pair_metrics
 from prefopt.registry import between, ge, gt, one_of, register_loss
 from prefopt.types import LossOutput, PairLogps
 
@@ -41,7 +41,7 @@ def _smoothed(z: Tensor, eps: float) -> Tensor:
     return out
 
 
-@register_loss("simpo", family="reference_free", checks={**BETA, "gamma": ge(0), **_LS})
+@register_loss("simpo", inputs="pairs", checks={**BETA, "gamma": ge(0), **_LS})
 def simpo(
     logps: PairLogps, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0
 ) -> LossOutput:
@@ -56,7 +56,6 @@ def simpo(
     TRL's CPOConfig defaults are β = 0.1, γ = 0.5). Zero point: ``Ā_w = Ā_l`` ⇒ ``log(1 + e^γ)``.
     Rewards metric: ``β·Ā`` (as TRL).
     """
-    check_input(logps, PairLogps, "simpo")
     n_w, n_l = lengths(logps, "simpo")
     a_w, a_l = logps.chosen / n_w, logps.rejected / n_l
     loss = _smoothed(beta * (a_w - a_l) - gamma, label_smoothing)
@@ -65,7 +64,7 @@ def simpo(
 
 @register_loss(
     "cpo",
-    family="reference_free",
+    inputs="pairs",
     checks={**BETA, "alpha": ge(0), **_LS, **_NLL},
 )
 def cpo(
@@ -86,7 +85,6 @@ def cpo(
     Zero point: ``S_w = S_l`` ⇒ ``log 2 + α·NLL``; ``α = 0`` is reference-free DPO.
     Rewards metric: ``β·S`` (as TRL). Extra metric ``nll``.
     """
-    check_input(logps, PairLogps, "cpo")
     z = beta * (logps.chosen - logps.rejected)
     pref = _smoothed(z, label_smoothing)
     metrics = pair_metrics(beta * logps.chosen, beta * logps.rejected, logps)
@@ -97,7 +95,7 @@ def cpo(
     return LossOutput(loss=pref, metrics=metrics)
 
 
-@register_loss("orpo", family="reference_free", checks={"lam": gt(0), **_NLL})
+@register_loss("orpo", inputs="pairs", checks={"lam": gt(0), **_NLL})
 def orpo(logps: PairLogps, *, lam: float = 0.1, nll_norm: str = "batch_tokens") -> LossOutput:
     r"""ORPO: ``L = NLL(y_w) − λ·log σ(log odds(Ā_w) − log odds(Ā_l))``, ``log odds(Ā) = Ā − log(1 − e^Ā)``.
 
@@ -112,7 +110,6 @@ def orpo(logps: PairLogps, *, lam: float = 0.1, nll_norm: str = "batch_tokens") 
     Zero point: ``Ā_w = Ā_l`` ⇒ ``NLL + λ log 2``. Metrics: rewards ``λ·Ā`` (as TRL), ``nll``,
     ``log_odds_ratio`` = ``log σ(·)``, ``log_odds_chosen`` = the log-odds difference.
     """
-    check_input(logps, PairLogps, "orpo")
     n_w, n_l = lengths(logps, "orpo")
     a_w = torch.clamp(logps.chosen / n_w, max=-1e-6)
     a_l = torch.clamp(logps.rejected / n_l, max=-1e-6)
@@ -124,7 +121,7 @@ def orpo(logps: PairLogps, *, lam: float = 0.1, nll_norm: str = "batch_tokens") 
     return LossOutput(loss=nll - lam * ratio, metrics=metrics)
 
 
-@register_loss("rrhf", family="reference_free", checks={"nll_weight": ge(0), **_NLL})
+@register_loss("rrhf", inputs="pairs", checks={"nll_weight": ge(0), **_NLL})
 def rrhf(logps: PairLogps, *, nll_weight: float = 1.0, nll_norm: str = "sequence") -> LossOutput:
     r"""RRHF (one pair): ``L = max(0, Ā_l − Ā_w) + w·NLL(y_w)``, ``Ā = S/|y|``.
 
@@ -135,7 +132,6 @@ def rrhf(logps: PairLogps, *, nll_weight: float = 1.0, nll_norm: str = "sequence
     ``"sum"`` for the paper's form, ``nll_weight=0`` for the ranking term alone). Needs lengths.
     Zero point: ``Ā_w ≥ Ā_l`` ⇒ only the NLL term. Rewards metric: ``Ā``.
     """
-    check_input(logps, PairLogps, "rrhf")
     n_w, n_l = lengths(logps, "rrhf")
     a_w, a_l = logps.chosen / n_w, logps.rejected / n_l
     loss = torch.relu(a_l - a_w)
@@ -147,7 +143,7 @@ def rrhf(logps: PairLogps, *, nll_weight: float = 1.0, nll_norm: str = "sequence
     return LossOutput(loss=loss, metrics=metrics)
 
 
-@register_loss("slic", family="reference_free", checks={"delta": gt(0), "lam": ge(0), **_NLL})
+@register_loss("slic", inputs="pairs", checks={"delta": gt(0), "lam": ge(0), **_NLL})
 def slic(logps: PairLogps, *, delta: float = 1.0, lam: float = 0.1, nll_norm: str = "sum") -> LossOutput:
     r"""SLiC-HF: ``L = max(0, δ − (S_w − S_l)) + λ·NLL(y_w)``.
 
@@ -158,7 +154,6 @@ def slic(logps: PairLogps, *, delta: float = 1.0, lam: float = 0.1, nll_norm: st
     ``λ = 0.1``, NLL as a sequence sum — these defaults were **not** verified against the paper.
     Zero point: ``S_w − S_l ≥ δ`` ⇒ only ``λ·NLL``. Rewards metric: ``S``.
     """
-    check_input(logps, PairLogps, "slic")
     loss = torch.relu(delta - (logps.chosen - logps.rejected))
     metrics = pair_metrics(logps.chosen, logps.rejected, logps)
     if lam != 0.0:

@@ -2,7 +2,7 @@
 
 The scalar reward head lives elsewhere; these losses take its outputs ``r`` (one float per sequence, with
 grad) and return one loss per pair / per example (``(b,)``, unreduced). Registered with
-``family="reward"``.
+``inputs="rewards"``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _vector(name: str, x: object, b: int | None = None, like: str = "") -> Tenso
     return t
 
 
-@register_loss("bradley_terry", family="reward", checks={"center_coef": ge(0)})
+@register_loss("bradley_terry", inputs="rewards", checks={"center_coef": ge(0)})
 def bradley_terry(
     rewards_chosen: Tensor,
     rewards_rejected: Tensor,
@@ -72,7 +72,7 @@ def bradley_terry(
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
 
 
-@register_loss("reward_classification", family="reward")
+@register_loss("reward_classification", inputs="rewards")
 def reward_classification(rewards: Tensor, labels: Tensor) -> LossOutput:
     r"""Pointwise classification reward-model loss: binary cross-entropy on ``σ(r)`` (PE-RLHF §3).
 

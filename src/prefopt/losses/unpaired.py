@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefopt.losses.margin import check_input
 from prefopt.registry import ge, gt, register_loss
 from prefopt.types import LossOutput, UnpairedLogps
 
@@ -47,8 +46,8 @@ def _metrics(logps: UnpairedLogps, rho: Tensor, beta: float, z0: Tensor) -> dict
 
 @register_loss(
     "kto",
+    inputs="unpaired",
     needs_reference=True,
-    family="unpaired",
     checks={"beta": gt(0), "desirable_weight": ge(0), "undesirable_weight": ge(0)},
 )
 def kto(
@@ -64,7 +63,6 @@ def kto(
 
     Shapes: ``logps.logp`` ``(b,)`` → ``loss`` ``(b,)``. Zero point: ``ρ_i = z0`` ⇒ ``λ/2``.
     """
-    check_input(logps, UnpairedLogps, "kto")
     z0 = kto_reference_point(logps)
     rho = logps.logp - logps.ref_logp
     des = torch.sigmoid(beta * (z0 - rho))  # = 1 − σ(β(ρ − z0))
@@ -75,8 +73,8 @@ def kto(
 
 @register_loss(
     "apo_zero_unpaired",
+    inputs="unpaired",
     needs_reference=True,
-    family="unpaired",
     checks={"beta": gt(0), "desirable_weight": ge(0), "undesirable_weight": ge(0)},
 )
 def apo_zero_unpaired(
@@ -88,7 +86,6 @@ def apo_zero_unpaired(
     ``KTOTrainer(loss_type="apo_zero_unpaired")`` (no KL reference point; ``kl_logp`` is ignored and the
     ``kl`` metric is 0). Zero point: ``ρ = 0`` ⇒ ``λ/2``.
     """
-    check_input(logps, UnpairedLogps, "apo_zero_unpaired")
     rho = logps.logp - logps.ref_logp
     loss = torch.where(
         logps.desirable,
