@@ -37,7 +37,8 @@ import peft
 import torch
 
 from prefopt.diagnostics import entanglement, token_gradient_correlation
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.types import PairLogps

@@ -66,8 +66,9 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from prefopt.bond import ema_update_
-    from prefopt.logprobs import seq_sum, token_logps
+    from prefopt.logprobs import token_logps
     from prefopt.losses.bond import jbond
+    from prefopt.masked import seq_sum
     from prefopt.policy import LoraPolicy
     from prefopt.types import BestOfNSamples
 

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from prefopt.data import PreferenceCollator, load_builtin_pairs
-from prefopt.logprobs import seq_len, seq_sum, token_logps
+from prefopt.logprobs import token_logps
+from prefopt.masked import seq_len, seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.types import PairLogps

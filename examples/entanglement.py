@@ -50,8 +50,9 @@ from prefopt.data import (
 )
 from prefopt.diagnostics import EntanglementReport, loss_weights, per_row_gradients
 from prefopt.diagnostics.pergrad import resolve_params
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
 from prefopt.losses.decoupled import shared_token_mask
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.types import PairLogps

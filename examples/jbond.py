@@ -64,9 +64,10 @@ from torch import Tensor
 from prefopt import rl
 from prefopt.bond import bon_distribution, bon_kl_bound
 from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
 from prefopt.losses.policy_gradient import rloo
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import Rollout, pack_rollout
 from prefopt.types import BestOfNSamples

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prefopt.logprobs import seq_len, seq_sum, token_logps
+from prefopt.logprobs import token_logps
 from prefopt.losses.margin import dpo
 from prefopt.losses.policy_gradient import grpo, reinforce
-from prefopt.masked import token_mean
+from prefopt.masked import seq_len, seq_sum, token_mean
 from prefopt.policy import LoraPolicy
 from prefopt.testing import tiny_causal_lm
 from prefopt.types import PairLogps

@@ -22,7 +22,8 @@ from prefopt.diagnostics import (
     per_row_gradients,
     resolve_params,
 )
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.testing import tiny_causal_lm

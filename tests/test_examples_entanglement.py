@@ -22,7 +22,8 @@ import torch
 
 from prefopt.diagnostics import entanglement
 from prefopt.diagnostics.pergrad import resolve_params
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.testing import char_tokenizer, tiny_causal_lm

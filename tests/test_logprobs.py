@@ -19,11 +19,9 @@ from prefopt.logprobs import (
     chunked_head_logps,
     logit_transform,
     pair_seq_logps,
-    seq_len,
-    seq_mean,
-    seq_sum,
     token_logps,
 )
+from prefopt.masked import seq_len, seq_mean, seq_sum
 from prefopt.types import PairLogps
 
 peft = pytest.importorskip("peft")

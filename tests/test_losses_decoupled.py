@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefopt.diagnostics import entanglement
-from prefopt.logprobs import seq_sum, token_logps
+from prefopt.logprobs import token_logps
 from prefopt.losses.decoupled import (
     decoupled,
     decoupled_weights,
@@ -20,6 +20,7 @@ from prefopt.losses.decoupled import (
     shared_token_mask,
     token_masked,
 )
+from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import available_losses, get_loss
 from prefopt.testing import tiny_causal_lm

@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "LoraPolicy": "prefopt.policy",
     "token_logps": "prefopt.logprobs",
-    "seq_sum": "prefopt.logprobs",
-    "seq_mean": "prefopt.logprobs",
-    "seq_len": "prefopt.logprobs",
+    "seq_sum": "prefopt.masked",
+    "seq_mean": "prefopt.masked",
+    "seq_len": "prefopt.masked",
     "load_preferences": "prefopt.data",
     "load_pointwise": "prefopt.data",
     "load_unpaired": "prefopt.data",

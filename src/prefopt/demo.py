@@ -369,8 +369,9 @@ def _jbond(
     from tqdm.auto import tqdm
 
     from prefopt.data import PromptCollator
-    from prefopt.logprobs import seq_sum, token_logps
+    from prefopt.logprobs import token_logps
     from prefopt.losses.bond import jbond
+    from prefopt.masked import seq_sum
     from prefopt.sampling import HFSampler
     from prefopt.types import BestOfNSamples
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from prefopt.masked import masked_mean, masked_sum
+from prefopt.masked import seq_len, seq_sum
 from prefopt.types import PairLogps, check_mask, check_tensor
 
 __all__ = [
@@ -50,9 +50,6 @@ __all__ = [
     "chunked_head_logps",
     "logit_transform",
     "pair_seq_logps",
-    "seq_len",
-    "seq_mean",
-    "seq_sum",
     "token_logps",
 ]
 
@@ -634,37 +631,8 @@ def token_logps(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sequence reductions
+# Pairs of sequence log-probs (the reductions themselves live in prefopt.masked)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _check_pair(logp: Any, mask: Any) -> None:
-    check_tensor("logp", logp, ndim=2)
-    check_tensor("mask", mask, ndim=2, floating=False)
-    check_mask("mask", mask, tuple(logp.shape), "logp")
-
-
-def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:
-    """``S(y) = Σ_t m_t ℓ_t`` per row: ``(b, t)`` log-probs and bool mask → ``(b,)``."""
-    _check_pair(logp, mask)
-    return masked_sum(logp, mask, dim=-1)
-
-
-def seq_mean(logp: Tensor, mask: Tensor) -> Tensor:
-    """``Ā(y) = S(y) / |y|`` per row → ``(b,)``; 0 for a row with no counted token.
-
-    (Not :func:`prefopt.masked.seq_mean`, which further averages over rows to a scalar.)
-    """
-    _check_pair(logp, mask)
-    return masked_mean(logp, mask, dim=-1)
-
-
-def seq_len(mask: Tensor) -> Tensor:
-    """``|y| = Σ_t m_t`` per row of a ``(b, t)`` bool mask → ``(b,)`` int64."""
-    check_tensor("mask", mask, ndim=2, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
-    return mask.sum(dim=-1)
 
 
 def pair_seq_logps(

@@ -14,12 +14,24 @@ across data-parallel ranks, divide every micro-batch's *sum* by the same *global
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from prefopt.types import check_mask
+from prefopt.types import check_mask, check_tensor
 
-__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten", "mean_of_seq_means", "token_mean"]
+__all__ = [
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "mean_of_seq_means",
+    "seq_len",
+    "seq_mean",
+    "seq_sum",
+    "token_mean",
+]
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -95,3 +107,37 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-sequence reductions of (b, t) log-probs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(logp: Any, mask: Any) -> None:
+    check_tensor("logp", logp, ndim=2)
+    check_tensor("mask", mask, ndim=2, floating=False)
+    check_mask("mask", mask, tuple(logp.shape), "logp")
+
+
+def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:
+    """``S(y) = Σ_t m_t ℓ_t`` per row: ``(b, t)`` log-probs and bool mask → ``(b,)``."""
+    _check_pair(logp, mask)
+    return masked_sum(logp, mask, dim=-1)
+
+
+def seq_mean(logp: Tensor, mask: Tensor) -> Tensor:
+    """``Ā(y) = S(y) / |y|`` per row → ``(b,)``; 0 for a row with no counted token.
+
+    (:func:`mean_of_seq_means` further averages these over rows to a scalar.)
+    """
+    _check_pair(logp, mask)
+    return masked_mean(logp, mask, dim=-1)
+
+
+def seq_len(mask: Tensor) -> Tensor:
+    """``|y| = Σ_t m_t`` per row of a ``(b, t)`` bool mask → ``(b,)`` int64."""
+    check_tensor("mask", mask, ndim=2, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = counts), got dtype {mask.dtype}")
+    return mask.sum(dim=-1)

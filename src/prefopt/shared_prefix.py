@@ -59,9 +59,8 @@ from prefopt.logprobs import (
     _module_head_logps,
     chunked_head_logps,
     logit_transform,
-    seq_len,
-    seq_sum,
 )
+from prefopt.masked import seq_len, seq_sum
 from prefopt.types import PairLogps, check_mask, check_tensor
 
 __all__ = [

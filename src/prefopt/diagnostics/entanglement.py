@@ -168,7 +168,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _seq_logps(model: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> Tensor:
-    from prefopt.logprobs import seq_sum, token_logps
+    from prefopt.logprobs import token_logps
+    from prefopt.masked import seq_sum
 
     lp = token_logps(model, ids, am, cm)
     assert isinstance(lp, Tensor)
