@@ -6,8 +6,15 @@ import argparse
 import sys
 
 
+def _version() -> str:
+    from prefopt import __version__
+
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a short offline tour on SmolLM2-135M-Instruct and built-in pairs")
     demo.add_argument("--out", default="prefopt-out", help="output folder for figures (default: prefopt-out)")
