@@ -30,3 +30,10 @@ def test_readme_has_exactly_two_setup_commands():
     blocks = _bash_blocks((ROOT / "README.md").read_text())
     assert len(blocks) == 2
     assert any(b.endswith("prefopt demo") for b in blocks)
+
+
+def test_quickstart_install_line_is_the_readmes():
+    readme = [b for b in _bash_blocks((ROOT / "README.md").read_text()) if "pytest" in b]
+    quick = _bash_blocks((ROOT / "docs" / "quickstart.md").read_text())
+    assert len(readme) == 1 and quick, "README test command or quickstart install block missing"
+    assert readme[0].startswith(quick[0]), "the quickstart's install line must be the README's set-up command"
