@@ -1,0 +1,219 @@
+r"""Measurement in the lab: reward quantiles under the reference, Best-of-N points, and policy evaluation.
+
+**Quantiles.** For each evaluation prompt ``x`` a large *reference pool* of ``M`` completions is sampled
+from the reference LM once; the quantile of a reward ``r`` is its mid-rank in that pool,
+
+$$
+q_x(r) = \frac{\#\{j : r_j < r\} + \tfrac12\,\#\{j : r_j = r\}}{M},
+$$
+
+an unbiased estimate of ``P_ref(R < r) + ½ P_ref(R = r)`` (for a continuous reward, the CDF). A reference
+sample has mean quantile ½.
+
+**Best-of-N points** are exact for the pool taken as the reference distribution (a categorical over its
+``M`` items, mass ``1/M`` each): the best of ``N`` i.i.d. draws falls in the tie class of ``r`` with
+probability ``p_≤(r)^N − p_<(r)^N`` (Sessa et al. 2024, Thm. 1), split equally among the class's items, so
+
+$$
+\bar q_N = \sum_j \pi_{BoN}(j)\, q(r_j), \qquad
+\mathrm{KL}(\pi_{BoN}\,\|\,\pi_{ref}) = \sum_j \pi_{BoN}(j) \log\big(M\,\pi_{BoN}(j)\big).
+$$
+
+With distinct rewards these tend to ``N/(N+1)`` and ``log N − (N−1)/N`` as ``M`` grows.
+
+**A policy** is evaluated from ``S`` fresh samples per prompt: its mean quantile and gold reward, and the
+Monte-Carlo estimate ``KL(π‖π_ref) ≈ mean_i Σ_t (log π − log π_ref)(y_{i,t})`` — each with its standard error
+over the ``P·S`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prefopt.lab.testbed import PAD, Lab
+
+__all__ = [
+    "BestOfNPoint",
+    "PolicyEval",
+    "ReferencePool",
+    "best_of_n_point",
+    "evaluate_policy",
+    "lab_sampler",
+    "mid_rank_quantile",
+    "reference_pool",
+]
+
+
+@dataclass(frozen=True)
+class ReferencePool:
+    """Gold rewards of ``M`` reference samples for each of ``P`` evaluation prompts.
+
+    Attributes:
+        prompts: ``(P, 1 + prompt_len)`` prompt ids.
+        rewards: ``(P, M)`` float64 gold rewards, sorted ascending in each row.
+    """
+
+    prompts: Tensor
+    rewards: Tensor
+
+    @property
+    def size(self) -> int:
+        """``M``, the pool size per prompt."""
+        return int(self.rewards.shape[1])
+
+
+@dataclass(frozen=True)
+class BestOfNPoint:
+    """The exact Best-of-N point of a pool: ``n``, mean quantile, and ``KL(π_BoN‖π_ref)`` (nats)."""
+
+    n: int
+    quantile: float
+    kl: float
+
+
+@dataclass(frozen=True)
+class PolicyEval:
+    """A policy's evaluation: mean quantile, mean gold reward and ``KL(π‖π_ref)``, each with its standard error."""
+
+    quantile: float
+    quantile_se: float
+    reward: float
+    reward_se: float
+    kl: float
+    kl_se: float
+    samples: int
+
+
+def lab_sampler(lab: Lab, model: Any, **kwargs: Any) -> Any:
+    """An [`HFSampler`][prefopt.sampling.HFSampler] for lab completions: exactly ``completion_len`` new tokens,
+    temperature 1, no top-k/top-p (the policy's own distribution), no EOS, PAD from the lab."""
+    from prefopt.sampling import HFSampler
+
+    opts: dict[str, Any] = {
+        "max_new_tokens": lab.config.completion_len,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "eos_token_id": [],
+        "pad_token_id": PAD,
+        "progress": False,
+    }
+    opts.update(kwargs)
+    return HFSampler(model, **opts)
+
+
+def _prompt_dict(prompts: Tensor) -> dict[str, Tensor]:
+    return {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+
+
+def reference_pool(
+    lab: Lab,
+    reference: Any,
+    prompts: Tensor,
+    *,
+    samples_per_prompt: int = 2048,
+    batch_size: int = 4096,
+    seed: int = 0,
+) -> ReferencePool:
+    """Sample ``samples_per_prompt`` completions per prompt from ``reference`` and score them with the gold reward.
+
+    Args:
+        lab: the lab (its gold reward and lengths).
+        reference: the reference LM (a transformers causal LM, or a ``LoraPolicy`` inside ``reference()``).
+        prompts: ``(P, 1 + prompt_len)`` prompt ids (e.g. ``lab.sample_prompts(P, seed=...)``).
+        samples_per_prompt: ``M`` (default 2048).
+        batch_size: sequences per ``generate`` call.
+        seed: seeds the global torch RNG for sampling.
+    """
+    if (
+        isinstance(samples_per_prompt, bool)
+        or not isinstance(samples_per_prompt, int)
+        or samples_per_prompt < 2
+    ):
+        raise ValueError(f"samples_per_prompt must be an int >= 2, got {samples_per_prompt!r}")
+    torch.manual_seed(seed)
+    sampler = lab_sampler(lab, reference, reference=None, batch_size=batch_size)
+    rows = []
+    per_call = max(1, batch_size // samples_per_prompt)
+    for s in range(0, prompts.shape[0], per_call):
+        chunk = prompts[s : s + per_call]
+        with torch.no_grad():
+            roll = sampler.generate(_prompt_dict(chunk), n=samples_per_prompt)
+        r = lab.gold_reward(lab.completions_of(roll.input_ids, roll.prompt_len))
+        rows.append(r.view(chunk.shape[0], samples_per_prompt))
+    rewards = torch.cat(rows).sort(dim=1).values
+    return ReferencePool(prompts=prompts.clone(), rewards=rewards)
+
+
+def mid_rank_quantile(pool: ReferencePool, prompt_index: Tensor, rewards: Tensor) -> Tensor:
+    """Mid-rank quantiles ``q_x(r)`` of ``rewards`` ``(n,)`` for prompts ``prompt_index`` ``(n,)`` → ``(n,)`` float64."""
+    sorted_rows = pool.rewards[prompt_index]
+    r = rewards.to(torch.float64).unsqueeze(1)
+    below = torch.searchsorted(sorted_rows, r, right=False).squeeze(1)
+    at_or_below = torch.searchsorted(sorted_rows, r, right=True).squeeze(1)
+    return (below + 0.5 * (at_or_below - below)).to(torch.float64) / pool.size
+
+
+def best_of_n_point(pool: ReferencePool, n: int) -> BestOfNPoint:
+    """The exact Best-of-``n`` point (mean quantile, KL) of ``pool`` taken as the reference distribution,
+    averaged over its prompts (see the module docstring)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    m = pool.size
+    rows = pool.rewards
+    below = torch.searchsorted(rows, rows, right=False).to(torch.float64)
+    at_or_below = torch.searchsorted(rows, rows, right=True).to(torch.float64)
+    p_lt, p_le = below / m, at_or_below / m
+    tie = at_or_below - below
+    bon = (p_le**n - p_lt**n) / tie
+    q = (below + 0.5 * tie) / m
+    quantile = (bon * q).sum(dim=1).mean()
+    kl = torch.where(bon > 0, bon * torch.log(bon * m), torch.zeros_like(bon)).sum(dim=1).mean()
+    return BestOfNPoint(n=n, quantile=float(quantile), kl=float(kl))
+
+
+def _mean_se(x: Tensor) -> tuple[float, float]:
+    x = x.to(torch.float64)
+    se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def evaluate_policy(
+    lab: Lab,
+    policy: Any,
+    pool: ReferencePool,
+    *,
+    samples_per_prompt: int = 64,
+    reference: Any = "auto",
+    seed: int = 0,
+) -> PolicyEval:
+    """Sample ``samples_per_prompt`` completions per pool prompt from ``policy`` and measure it.
+
+    Args:
+        lab: the lab.
+        policy: a ``LoraPolicy`` (its reference is the same backbone with adapters off) or a causal LM.
+        pool: the reference pool the quantiles are taken in.
+        samples_per_prompt: ``S`` (default 64).
+        reference: the reference for the KL: ``"auto"`` (the ``LoraPolicy``'s own) or a model.
+        seed: seeds the global torch RNG for sampling (the caller's RNG state is restored afterwards).
+    """
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        sampler = lab_sampler(lab, policy, reference=reference)
+        with torch.no_grad():
+            roll = sampler.generate(_prompt_dict(pool.prompts), n=samples_per_prompt)
+    finally:
+        torch.random.set_rng_state(state)
+    if roll.ref_logp is None or roll.logp is None:
+        raise ValueError("evaluate_policy needs reference log-probs: pass reference= a model for a plain LM")
+    rewards = lab.gold_reward(lab.completions_of(roll.input_ids, roll.prompt_len))
+    q = mid_rank_quantile(pool, roll.prompt_index, rewards)
+    kl = (roll.logp - roll.ref_logp).to(torch.float64).sum(dim=1)
+    (qm, qs), (rm, rs), (km, ks) = _mean_se(q), _mean_se(rewards), _mean_se(kl)
+    return PolicyEval(qm, qs, rm, rs, km, ks, int(q.numel()))
