@@ -39,3 +39,26 @@ def test_lazy_attribute_errors_name_the_attribute():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         prefopt.no_such_name  # noqa: B018
+
+
+def test_public_namespace_is_clean_and_resolves() -> None:
+    import prefopt
+
+    names = dir(prefopt)
+    for leaked in ("Any", "annotations", "importlib", "_importlib", "_LAZY", "registry", "types"):
+        assert leaked not in names
+    assert names == sorted(prefopt.__all__)
+    for name in prefopt.__all__:
+        assert getattr(prefopt, name) is not None, name
+    for main_path in (
+        "get_loss",
+        "PairLogps",
+        "PairBatch",
+        "BestOfNSamples",
+        "LoraPolicy",
+        "token_logps",
+        "HFSampler",
+        "Rollout",
+        "seq_sum",
+    ):
+        assert main_path in names

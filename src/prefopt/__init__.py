@@ -9,13 +9,19 @@ are resolved lazily on first access.
 True
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 from prefopt.registry import available_losses, get_loss, get_spec, register_loss
-from prefopt.types import LossOutput, PairLogps, UnpairedLogps
+from prefopt.types import (
+    BestOfNSamples,
+    LossOutput,
+    PairBatch,
+    PairLogps,
+    PromptBatch,
+    SharedPromptBatch,
+    UnpairedBatch,
+    UnpairedLogps,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,8 @@ _LAZY: dict[str, str] = {
     "UnpairedCollator": "prefopt.data",
     "load_builtin_pairs": "prefopt.data",
     "load_smollm2": "prefopt.models",
+    "HFSampler": "prefopt.sampling",
+    "Rollout": "prefopt.sampling",
     "masked": "prefopt.masked",
     "rl": "prefopt.rl",
     "bond": "prefopt.bond",
@@ -42,8 +50,13 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "BestOfNSamples",
     "LossOutput",
+    "PairBatch",
     "PairLogps",
+    "PromptBatch",
+    "SharedPromptBatch",
+    "UnpairedBatch",
     "UnpairedLogps",
     "__version__",
     "available_losses",
@@ -54,15 +67,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'prefopt' has no attribute {name!r}")
-    mod = importlib.import_module(module)
+    mod = _importlib.import_module(module)
     value = mod if module.rsplit(".", 1)[-1] == name else getattr(mod, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public names only (``__all__``), not helpers such as ``_importlib`` or imported submodules."""
+    return sorted(__all__)
