@@ -11,7 +11,7 @@ $$
 where each row of ``T`` puts its mass on ``branching`` successors (Dirichlet weights) plus a small floor on
 every token, so that the language has structure (a tiny model can learn it) and every sequence has
 positive probability (KL to the reference stays finite). Its exact per-token entropy is known
-([`Lab.entropy_per_token`][prefopt.lab.Lab.entropy_per_token]), so pre-training reports how close the
+([`Lab.entropy_per_token`][prefopt.lab.testbed.Lab.entropy_per_token]), so pre-training reports how close the
 reference LM came to the language.
 
 **The gold reward** is a known function of the completion:
@@ -143,7 +143,7 @@ class PretrainReport:
 
 
 class Lab:
-    """A lab: the language, the gold reward and the reference LM of a [`LabConfig`][prefopt.lab.LabConfig].
+    """A lab: the language, the gold reward and the reference LM of a [`LabConfig`][prefopt.lab.testbed.LabConfig].
 
     >>> lab = Lab(LabConfig(vocab=6, prompt_len=2, completion_len=4))
     >>> lab.sample_sequences(3, seed=0).shape

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from prefopt.losses.margin import BETA, NLL_NORMS, bco_pair, dpo, sft
+from prefopt.losses.margin import BETA, NLL_NORMS
 from prefopt.registry import BoundLoss, ge, get_loss, one_of, register_loss
 from prefopt.types import LossOutput, PairLogps
 
@@ -173,19 +173,15 @@ def mpo(
 ) -> LossOutput:
     r"""MPO: ``L = w_p·L_dpo + w_q·L_bco_pair + w_g·L_sft`` (preference + quality + generation losses).
 
+    A registered preset of [`combine`][prefopt.losses.combined.combine] (``beta`` shared by ``dpo`` and
+    ``bco_pair``, ``nll_norm`` for ``sft``).
+
     Wang et al. 2024 (arXiv 2411.10442), Eq. (2); TRL ``loss_type=["sigmoid", "bco_pair", "sft"]`` with
     ``loss_weights=[0.8, 0.2, 1.0]`` (the weights in TRL's documentation example and prefopt's defaults).
     ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as :class:`CombinedLoss`.
     Zero point: policy == reference ⇒ ``0.8·log 2 + 0.2·2 log 2 + NLL``.
     """
-    parts = (
-        ("dpo", dpo(logps, beta=beta), dpo_weight),
-        ("bco_pair", bco_pair(logps, delta, beta=beta), bco_weight),
-        ("sft", sft(logps, nll_norm=nll_norm), sft_weight),
+    preset = combine(
+        {"dpo": dpo_weight, "bco_pair": bco_weight, "sft": sft_weight}, beta=beta, nll_norm=nll_norm
     )
-    total = parts[0][1].loss * dpo_weight + parts[1][1].loss * bco_weight + parts[2][1].loss * sft_weight
-    metrics: dict[str, Tensor] = {k: v for k, v in parts[0][1].metrics.items()}
-    for name, out, _ in parts:
-        metrics[f"loss/{name}"] = out.loss.detach()
-        metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
-    return LossOutput(loss=total, metrics=metrics)
+    return preset(logps, delta=delta)
