@@ -139,6 +139,21 @@ def test_api_pages_have_no_raw_rst(site: Path) -> None:
     assert "<table>" in data and "<th>loader</th>" in data  # the RST table of prefopt.data.formats
 
 
+@pytest.mark.slow
+def test_loss_family_pages_typeset_math(site: Path) -> None:
+    """The loss-family pages write their formulas as math (MathJax), not as Unicode in code spans."""
+    for name in ("margin", "reference_free", "kto"):
+        html = (site / "losses" / name / "index.html").read_text()
+        assert html.count('class="arithmatex"') >= 3, name
+        codes = re.findall(r"<code>(.*?)</code>", html, flags=re.S)
+        formulas = [c for c in codes if re.search(r"σ\(|log σ|ρ_|Ā_", c)]
+        assert not formulas, f"losses/{name}: formulas left in code spans: {formulas[:5]}"
+        widest = max(
+            (len(re.findall(r"<th\b", t)) for t in re.findall(r"<thead>.*?</thead>", html, re.S)), default=0
+        )
+        assert widest <= 5, f"losses/{name}: a table with {widest} columns"
+
+
 def _python_blocks(md: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", md, flags=re.S | re.M)
 
