@@ -126,6 +126,7 @@ def test_api_pages_have_no_raw_rst(site: Path) -> None:
     assert len(pages) >= 10
     raw = re.compile(
         r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const|math):`?|\.\. math::|={4,} +={4,}"
+        r"|[\w)]::(?=\s)"  # a literal-block marker ``text::``
     )
     leftovers = {}
     for page in pages:
@@ -257,6 +258,16 @@ def test_rst_inline_math_rewrite() -> None:
         r"with \(\beta > 0\) and \(h = \rho_w - \rho_l\)."
     )
     assert mod.rst_inline_math("no math") == "no math"
+
+
+def test_rst_literal_marker_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    assert mod.rst_literal_markers("the reference::\n\n    l = x\n") == "the reference:\n\n    l = x\n"
+    assert mod.rst_literal_markers("a\nb ::\n\n    code\n") == "a\nb\n\n    code\n"
+    assert mod.rst_literal_markers("x\n\n::\n\n    code\n") == "x\n\n\n    code\n"
+    assert mod.rst_literal_markers("    so::\n\n        code\n") == "    so:\n\n        code\n"
+    for text in (".. math::\n\n    a\n", "no block::\nnext\n", "end::"):  # not a literal block
+        assert mod.rst_literal_markers(text) == text
 
 
 def test_rst_simple_table_with_header_rewrite() -> None:

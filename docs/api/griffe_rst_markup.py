@@ -12,6 +12,8 @@ Some docstrings were written with Sphinx in mind. Markdown would show that marku
   never meets an unresolved reference. ``~a.b.C`` shows ``C`` and ``Title <a.b.C>`` shows ``Title``, as in
   Sphinx;
 - inline ``:math:`…``` to ``\\( … \\)`` (MathJax through ``pymdownx.arithmatex``);
+- the literal-block marker ``text::`` (before an indented block) to ``text:`` (a lone ``::`` is dropped), as
+  Sphinx shows it; the indented block stays a code block;
 - RST *simple* tables (``=====  =====`` borders, optional header, continuation lines with an empty first
   column) to Markdown tables; a two-column table without a header becomes a definition list (``def_list``).
 
@@ -37,6 +39,11 @@ _MATH_ROLE = re.compile(r":math:`(?P<body>[^`]+)`")
 _BORDER = re.compile(r"^(?P<indent>[ \t]*)=+(?:[ ]+=+)+[ \t]*$")
 _EXPLICIT_TITLE = re.compile(r"^(?P<title>.+?)\s*<(?P<target>[^<>]+)>$", re.S)
 _CODE_SPAN = re.compile(r"(`+).+?\1", re.S)
+# ``text::`` / ``text ::`` / ``::`` ending a paragraph line, then a blank line and an indented line
+_LITERAL_MARKER = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<text>(?!\.\. )\S.*?)?(?P<sp>[ \t]*)::[ \t]*\n(?=[ \t]*\n(?P=indent)[ \t]+\S)",
+    re.M,
+)
 
 
 # ---------------------------------------------------------------------------------------------- roles
@@ -72,6 +79,17 @@ def rst_roles_to_markdown(text: str, resolve: Callable[[str], str | None]) -> st
 def rst_inline_math(text: str) -> str:
     """``:math:`x^2``` -> ``\\(x^2\\)``."""
     return _MATH_ROLE.sub(lambda m: "\\(" + m["body"] + "\\)", text)
+
+
+def rst_literal_markers(text: str) -> str:
+    """``see::`` -> ``see:``, ``see ::`` -> ``see``, a line ``::`` -> nothing, where an indented block follows."""
+
+    def repl(m: re.Match[str]) -> str:
+        if not m["text"]:
+            return ""
+        return m["indent"] + m["text"] + ("" if m["sp"] else ":") + "\n"
+
+    return _LITERAL_MARKER.sub(repl, text)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -259,6 +277,8 @@ def rewrite_docstring(text: str, resolve: Callable[[str], str | None]) -> str:
     """Tables first (their cells may hold roles), then inline math, then cross-reference roles."""
     if "==" in text:
         text = rst_simple_tables_to_markdown(text)
+    if "::" in text:
+        text = rst_literal_markers(text)
     if ":math:" in text:
         text = rst_inline_math(text)
     if ":`" in text:
