@@ -332,3 +332,12 @@ def test_rst_markup_resolves_against_the_package() -> None:
         ":class:`~prefopt.types.PairLogps` :math:`x`", lambda n: resolve(n, pkg)
     )
     assert rewritten == r"[`PairLogps`][prefopt.types.PairLogps] \(x\)"
+
+
+def test_rst_markup_leaves_code_blocks_alone() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    code = "```text\n=====  =====\na      b\n=====  =====\n:func:`x`\n```\n\n>>> print(':class:`y`')\n:class:`y`\n"
+    table = "=====  =====\na      b\n=====  =====\n\n"
+    assert mod.rewrite_docstring(table + code + "\n" + table, lambda n: None) == (
+        "a\n:   b\n\n" + code + "\n" + "a\n:   b\n\n"
+    )

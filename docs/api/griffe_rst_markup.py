@@ -273,17 +273,34 @@ class _Resolver:
         return None
 
 
+# fenced code blocks and doctest blocks (``>>>`` lines and their output, up to a blank line) are left alone
+_CODE_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+).*?^(?P=indent)(?P=fence)[ \t]*$|^[ \t]*>>>.*?(?=^[ \t]*$|\Z)",
+    re.M | re.S,
+)
+
+
 def rewrite_docstring(text: str, resolve: Callable[[str], str | None]) -> str:
-    """Tables first (their cells may hold roles), then inline math, then cross-reference roles."""
-    if "==" in text:
-        text = rst_simple_tables_to_markdown(text)
-    if "::" in text:
-        text = rst_literal_markers(text)
-    if ":math:" in text:
-        text = rst_inline_math(text)
-    if ":`" in text:
-        text = rst_roles_to_markdown(text, resolve)
-    return text
+    """Tables first (their cells may hold roles), then literal-block markers, inline math and cross-reference
+    roles; code blocks (fenced or doctest) are not changed."""
+
+    def rewrite(part: str) -> str:
+        if "==" in part:
+            part = rst_simple_tables_to_markdown(part)
+        if "::" in part:
+            part = rst_literal_markers(part)
+        if ":math:" in part:
+            part = rst_inline_math(part)
+        if ":`" in part:
+            part = rst_roles_to_markdown(part, resolve)
+        return part
+
+    out, pos = [], 0
+    for m in _CODE_BLOCK.finditer(text):
+        out += [rewrite(text[pos : m.start()]), m.group(0)]
+        pos = m.end()
+    out.append(rewrite(text[pos:]))
+    return "".join(out)
 
 
 class RstMarkup(Extension):
