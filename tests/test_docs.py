@@ -341,3 +341,13 @@ def test_rst_markup_leaves_code_blocks_alone() -> None:
     assert mod.rewrite_docstring(table + code + "\n" + table, lambda n: None) == (
         "a\n:   b\n\n" + code + "\n" + "a\n:   b\n\n"
     )
+
+
+def test_rendered_modules(tmp_path: Path) -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    (tmp_path / "a.md").write_text(
+        "# A\n\n::: pkg.a\n\n::: pkg.b\n    options:\n      members: [x]\n\n::: pkg.c\n"
+    )
+    (tmp_path / "b.md").write_text("text ::: pkg.d\n::: pkg.e")
+    assert mod.rendered_modules(tmp_path) == {"pkg.a", "pkg.c", "pkg.e"}
+    assert {"prefopt.models", "prefopt.losses.margin", "prefopt.types"} <= mod.rendered_modules()

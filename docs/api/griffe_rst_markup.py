@@ -193,10 +193,12 @@ def rst_simple_tables_to_markdown(text: str) -> str:
 
 
 def rendered_modules(api_dir: Path = API_DIR) -> set[str]:
-    """The modules that the ``::: module`` directives of the API pages render."""
+    """The modules that the ``::: module`` directives of the API pages render with the global options. A
+    directive with its own options (an indented block under it, e.g. ``members:``) may show fewer members, so
+    its module does not count: names in it stay code spans rather than risk an unresolved link."""
     found: set[str] = set()
     for page in api_dir.glob("*.md"):
-        found.update(re.findall(r"^:::[ \t]+([\w.]+)", page.read_text(), flags=re.M))
+        found.update(re.findall(r"^:::[ \t]+([\w.]+)[ \t]*$(?!\n[ \t]+\S)", page.read_text(), flags=re.M))
     return found
 
 
