@@ -77,35 +77,82 @@ def test_nav_points_at_existing_pages_and_lists_every_page() -> None:
         assert required in nav
 
 
-@pytest.mark.slow
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site built once per test module by ``mkdocs build --strict`` (skipped without the docs packages)."""
     missing = _missing_docs_packages()
     if missing:
         pytest.skip(
             f"docs packages not installed: {', '.join(missing)} (pip install them, see docs/index.md)"
         )
-    cmd = [
-        sys.executable,
-        "-m",
-        "mkdocs",
-        "build",
-        "--strict",
-        "-f",
-        str(MKDOCS_YML),
-        "-d",
-        str(tmp_path / "site"),
-    ]
+    out = tmp_path_factory.mktemp("docs") / "site"
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(MKDOCS_YML), "-d", str(out)]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (
         f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )
-    site = tmp_path / "site"
+    return out
+
+
+def _text(html: str) -> str:
+    """The visible text of an HTML page, roughly: tags removed, entities of ``<>&`` decoded."""
+    text = re.sub(r"<script\b.*?</script>|<style\b.*?</style>", " ", html, flags=re.S)
+    text = re.sub(r"<[^>]+>", "", text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&#39;", "'")
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(site: Path) -> None:
     api_losses = (site / "api" / "losses" / "index.html").read_text()
     assert "prefopt.losses.margin.dpo" in api_losses  # the API reference is generated from the docstrings
     # RST ``.. math::`` blocks of the docstrings become MathJax display math (docs/api/griffe_rst_math.py)
     assert 'class="arithmatex"' in (site / "api" / "policy" / "index.html").read_text()
     assert ".. math::" not in api_losses
+    # every public module has a place in the API reference
+    for module, page in [
+        ("prefopt.models.load_smollm2", "policy"),
+        ("prefopt.shared_prefix.shared_prompt_pair_logps", "logprobs"),
+        ("prefopt.reward_model.RewardModel", "rl"),
+    ]:
+        assert f'id="{module}"' in (site / "api" / page / "index.html").read_text(), module
+
+
+@pytest.mark.slow
+def test_api_pages_have_no_raw_rst(site: Path) -> None:
+    """The roles, ``.. math::`` blocks and simple tables of the docstrings are rendered, not shown raw
+    (docs/api/griffe_rst_markup.py, docs/api/griffe_rst_math.py)."""
+    pages = sorted((site / "api").glob("*/index.html"))
+    assert len(pages) >= 10
+    raw = re.compile(
+        r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const|math):`?|\.\. math::|={4,} +={4,}"
+        r"|[\w)]::(?=\s)"  # a literal-block marker ``text::``
+    )
+    leftovers = {}
+    for page in pages:
+        found = sorted(set(raw.findall(_text(page.read_text()))))
+        if found:
+            leftovers[str(page.relative_to(site))] = found
+    assert not leftovers, f"raw reST left in the API pages: {leftovers}"
+    # roles became links to the objects they name
+    data = (site / "api" / "data" / "index.html").read_text()
+    assert 'href="#prefopt.data.formats.load_preferences"' in data
+    assert "<table>" in data and "<th>loader</th>" in data  # the RST table of prefopt.data.formats
+
+
+@pytest.mark.slow
+def test_loss_family_pages_typeset_math(site: Path) -> None:
+    """The loss-family pages write their formulas as math (MathJax), not as Unicode in code spans."""
+    for name in ("margin", "reference_free", "kto"):
+        html = (site / "losses" / name / "index.html").read_text()
+        assert html.count('class="arithmatex"') >= 3, name
+        codes = re.findall(r"<code>(.*?)</code>", html, flags=re.S)
+        formulas = [c for c in codes if re.search(r"σ\(|log σ|ρ_|Ā_", c)]
+        assert not formulas, f"losses/{name}: formulas left in code spans: {formulas[:5]}"
+        widest = max(
+            (len(re.findall(r"<th\b", t)) for t in re.findall(r"<thead>.*?</thead>", html, re.S)), default=0
+        )
+        assert widest <= 5, f"losses/{name}: a table with {widest} columns"
 
 
 def _python_blocks(md: str) -> list[str]:
@@ -160,16 +207,147 @@ def test_docstring_examples_pass() -> None:
     assert examples >= 1  # there is at least the prefopt package example
 
 
-def test_rst_math_rewrite() -> None:
+def _docs_extension(name: str) -> Any:
+    """A griffe extension module of ``docs/api`` (skipped without griffe)."""
+    if importlib.util.find_spec("griffe") is None:
+        pytest.skip("griffe (from mkdocstrings[python]) is not installed")
     sys.path.insert(0, str(DOCS / "api"))
     try:
-        mod = importlib.import_module("griffe_rst_math") if importlib.util.find_spec("griffe") else None
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    if mod is None:
-        pytest.skip("griffe (from mkdocstrings[python]) is not installed")
+
+
+def test_rst_math_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_math")
     text = "Intro,\n\n.. math::\n\n    a = b\n    + c\n\nafter\n"
     assert mod.rst_math_to_dollars(text) == "Intro,\n\n$$\na = b\n+ c\n$$\n\nafter\n"
     indented = "    x\n\n    .. math::\n\n        y = 1\n\n    z\n"
     assert mod.rst_math_to_dollars(indented) == "    x\n\n    $$\n    y = 1\n    $$\n\n    z\n"
     assert mod.rst_math_to_dollars("no math here\n") == "no math here\n"
+
+
+def test_rst_role_parts() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    assert mod.role_parts("prefopt.types.PairLogps") == ("prefopt.types.PairLogps", "prefopt.types.PairLogps")
+    assert mod.role_parts("~prefopt.types.PairLogps") == ("PairLogps", "prefopt.types.PairLogps")
+    assert mod.role_parts("the pairs <prefopt.types.PairLogps>") == ("the pairs", "prefopt.types.PairLogps")
+    assert mod.role_parts(".dpo") == ("dpo", "dpo")
+    assert mod.role_parts("!LoraPolicy") == ("LoraPolicy", "LoraPolicy")
+
+
+def test_rst_roles_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    known = {"prefopt.types.PairLogps": "prefopt.types.PairLogps", "LoraPolicy": "prefopt.policy.LoraPolicy"}
+    text = (
+        "Takes a :class:`~prefopt.types.PairLogps` or :py:class:`LoraPolicy`\\ s; see :func:`dpo` and\n"
+        ":mod:`prefopt.rl`, :meth:`LoraPolicy.save`, :attr:`x.y`, :data:`REASONS`, :exc:`ValueError`."
+    )
+    assert mod.rst_roles_to_markdown(text, known.get) == (
+        "Takes a [`PairLogps`][prefopt.types.PairLogps] or [`LoraPolicy`][prefopt.policy.LoraPolicy]s; see "
+        "`dpo` and\n`prefopt.rl`, `LoraPolicy.save`, `x.y`, `REASONS`, `ValueError`."
+    )
+    # ``:math:`` is no cross-reference, code spans and plain text are left alone
+    untouched = "``:class:`` in a literal? no: ``a:b`` and :math:`x` stay; so does `code` and a:`b`"
+    assert mod.rst_roles_to_markdown(untouched, known.get) == untouched
+
+
+def test_rst_inline_math_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    assert mod.rst_inline_math(r"with :math:`\beta > 0` and :math:`h = \rho_w - \rho_l`.") == (
+        r"with \(\beta > 0\) and \(h = \rho_w - \rho_l\)."
+    )
+    assert mod.rst_inline_math("no math") == "no math"
+
+
+def test_rst_literal_marker_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    assert mod.rst_literal_markers("the reference::\n\n    l = x\n") == "the reference:\n\n    l = x\n"
+    assert mod.rst_literal_markers("a\nb ::\n\n    code\n") == "a\nb\n\n    code\n"
+    assert mod.rst_literal_markers("x\n\n::\n\n    code\n") == "x\n\n\n    code\n"
+    assert mod.rst_literal_markers("    so::\n\n        code\n") == "    so:\n\n        code\n"
+    for text in (".. math::\n\n    a\n", "no block::\nnext\n", "end::"):  # not a literal block
+        assert mod.rst_literal_markers(text) == text
+
+
+def test_rst_simple_table_with_header_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    text = (
+        "Intro:\n"
+        "\n"
+        "    ======  ========  ===========\n"
+        "    name    formula   note\n"
+        "    ======  ========  ===========\n"
+        "    :func:`ln`  ``a|b``   c | d\n"
+        "            second    line\n"
+        "    x       y         z\n"
+        "    ======  ========  ===========\n"
+        "\n"
+        "After.\n"
+    )
+    assert mod.rst_simple_tables_to_markdown(text) == (
+        "Intro:\n"
+        "\n"
+        "    | name | formula | note |\n"
+        "    |---|---|---|\n"
+        "    | :func:`ln` | ``a|b`` second | c \\| d line |\n"
+        "    | x | y | z |\n"
+        "\n"
+        "After.\n"
+    )
+
+
+def test_rst_simple_table_without_header_rewrite() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    two = "Kinds:\n=====  =====\n``a``  first\n``b``  second\n       more\n=====  =====\nEnd"
+    assert mod.rst_simple_tables_to_markdown(two) == (
+        "Kinds:\n\n``a``\n:   first\n\n``b``\n:   second more\n\nEnd"
+    )
+    three = "===  ===  ===\n1    2    3\n===  ===  ===\n"
+    assert mod.rst_simple_tables_to_markdown(three) == "|  |  |  |\n|---|---|---|\n| 1 | 2 | 3 |\n"
+    # a Markdown heading underline, a lone border and ``==`` in text are no tables
+    for text in ("Title\n=====\n\ntext\n", "a == b\n", "=====  =====\nno end\n"):
+        assert mod.rst_simple_tables_to_markdown(text) == text
+
+
+def test_rst_markup_resolves_against_the_package() -> None:
+    """Role targets resolve in the documented object's scope, lazily exported names through the unique
+    object of that name; what the API pages do not render stays a code span (no broken link)."""
+    mod = _docs_extension("griffe_rst_markup")
+    import griffe
+
+    pkg = griffe.load("prefopt", search_paths=[str(ROOT / "src")])
+    resolve = mod._Resolver(pkg, mod.rendered_modules())
+    assert resolve("prefopt.types.PairLogps", pkg["losses.margin"]) == "prefopt.types.PairLogps"
+    assert resolve("LoraPolicy", pkg["policy"]) == "prefopt.policy.LoraPolicy"
+    assert resolve("LoraPolicy.update_anchor_", pkg["policy"]) == "prefopt.policy.LoraPolicy.update_anchor_"
+    assert resolve("prefopt.LoraPolicy", pkg) == "prefopt.policy.LoraPolicy"  # lazy attribute of prefopt
+    assert resolve("prefopt.get_loss", pkg) == "prefopt.registry.get_loss"  # alias -> where it is defined
+    assert resolve("dpo", pkg["losses.unpaired"]) == "prefopt.losses.margin.dpo"  # unique name elsewhere
+    assert resolve("prefopt.masked", pkg) == "prefopt.masked"
+    assert resolve("torch.autograd.Function", pkg["logprobs"]) is None  # external
+    assert resolve("prefopt.models._convert", pkg) is None  # private: not rendered
+    assert resolve("no_such_name", pkg) is None
+    rewritten = mod.rewrite_docstring(
+        ":class:`~prefopt.types.PairLogps` :math:`x`", lambda n: resolve(n, pkg)
+    )
+    assert rewritten == r"[`PairLogps`][prefopt.types.PairLogps] \(x\)"
+
+
+def test_rst_markup_leaves_code_blocks_alone() -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    code = "```text\n=====  =====\na      b\n=====  =====\n:func:`x`\n```\n\n>>> print(':class:`y`')\n:class:`y`\n"
+    table = "=====  =====\na      b\n=====  =====\n\n"
+    assert mod.rewrite_docstring(table + code + "\n" + table, lambda n: None) == (
+        "a\n:   b\n\n" + code + "\n" + "a\n:   b\n\n"
+    )
+
+
+def test_rendered_modules(tmp_path: Path) -> None:
+    mod = _docs_extension("griffe_rst_markup")
+    (tmp_path / "a.md").write_text(
+        "# A\n\n::: pkg.a\n\n::: pkg.b\n    options:\n      members: [x]\n\n::: pkg.c\n"
+    )
+    (tmp_path / "b.md").write_text("text ::: pkg.d\n::: pkg.e")
+    assert mod.rendered_modules(tmp_path) == {"pkg.a", "pkg.c", "pkg.e"}
+    assert {"prefopt.models", "prefopt.losses.margin", "prefopt.types"} <= mod.rendered_modules()
