@@ -32,6 +32,8 @@ pytestmark = [
 
 # (page, minimum number of typeset formulas)
 PAGES = [
+    ("losses/margin/index.html", 20),
+    ("losses/kto/index.html", 5),
     ("api/losses/index.html", 1),
     ("distributed/index.html", 1),
 ]
@@ -96,5 +98,5 @@ def test_formulas_are_typeset_offline(site: Path, tmp_path: Path, page: str, min
     typeset = dom.count("<mjx-container")
     assert typeset >= spans, f"{page}: {typeset} of {spans} formulas were typeset"
     text = _visible_text(dom)
-    for raw in ("\\(", "\\[", "$$"):
-        assert raw not in text, f"{page} shows raw TeX {raw!r}"
+    for raw in ("\\(", "\\[", "$$", ":class:", ":func:", ":mod:"):
+        assert raw not in text, f"{page} shows raw markup {raw!r}"
