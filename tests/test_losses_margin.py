@@ -561,7 +561,7 @@ def test_gradcheck_f_divergence(fdiv):
     assert torch.autograd.gradcheck(f, xs)
 
 
-# Losses that only constrain the margin (ALGORITHMS.md §4.4) plus the anchored ones that keep the signs.
+# Losses that only constrain the margin (Park et al. 2024 and the margin-only family) plus the anchored ones that keep the signs.
 SIGN_LOSSES = {
     "dpo": {},
     "robust_dpo": {"label_smoothing": 0.2},

@@ -535,8 +535,7 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
     r"""Length-regularized DPO (R-DPO): ``L = −log σ(β h + α (|y_w| − |y_l|))``.
 
     Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
-    (arXiv 2403.19159), the R-DPO objective (Eq. 9 there; equation number not re-checked against the paper,
-    form as in ALGORITHMS.md §4.4). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
+    (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
     ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference for
     the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
     counts (not clamped). Not in TRL. Args: beta ``> 0`` (0.1); alpha finite (0.0 ⇒ DPO; the
