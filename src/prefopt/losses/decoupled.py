@@ -18,7 +18,7 @@ happen:
 - ``token_masked`` — per-token weights ``μ`` on the log-ratios with an L1 sparsity penalty (shared tokens,
   which dominate ``⟨∇_w,∇_l⟩``, can be masked out); :func:`shared_token_mask` gives the rule-based ``μ``.
 
-The remedies follow the directions named by Yuan et al. 2024 (arXiv 2410.13828, Sec. 5): each is written
+The remedies follow the directions named by Yuan et al. 2024 (arXiv 2410.13828): each is written
 out with its math here and tested for the property it promises.
 """
 
