@@ -12,13 +12,23 @@ from hypothesis import strategies as st
 import prefopt as po
 from prefopt import rl
 from prefopt.losses.policy_gradient import grpo, ppo, reinforce, rloo
-from prefopt.masked import mean_of_seq_means, token_mean
+from prefopt.masked import aggregate, masked_mean, masked_sum, mean_of_seq_means, token_mean
 
 F64 = torch.float64
 
 
 def right_mask(lengths: list[int], t: int) -> torch.Tensor:
     return torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence token sum (the old per-sequence loss of reinforce / rloo)."""
+    return masked_sum(x, mask, dim=-1)
+
+
+def seq_avg(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence token mean (the old per-sequence metrics)."""
+    return masked_mean(x, mask, dim=-1)
 
 
 def grads_wrt(fn, x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +50,13 @@ def test_reinforce_no_baseline_hand_values_and_grad():
     logp = torch.tensor([[-1.0, -2.0, 5.0], [-0.5, -0.5, -0.5]], dtype=F64, requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     r = torch.tensor([2.0, -1.0], dtype=F64)
-    out = reinforce(logp, mask, r)
-    torch.testing.assert_close(out.loss, torch.tensor([6.0, -1.5], dtype=F64), rtol=0, atol=0)
+    out = reinforce(logp, None, r, mask)
+    torch.testing.assert_close(seq(out.loss, mask), torch.tensor([6.0, -1.5], dtype=F64), rtol=0, atol=0)
     out.loss.sum().backward()
     expected = torch.tensor([[-2.0, -2.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
     torch.testing.assert_close(logp.grad, expected, rtol=0, atol=0)
-    torch.testing.assert_close(out.metrics["seq_logp"], torch.tensor([-3.0, -1.5], dtype=F64))
+    torch.testing.assert_close(seq(out.metrics["pg_loss"], mask), torch.tensor([6.0, -1.5], dtype=F64))
+    torch.testing.assert_close(seq_avg(out.metrics["advantages"], mask), r)
 
 
 def test_reinforce_value_baselines_match_loop():
@@ -57,17 +68,17 @@ def test_reinforce_value_baselines_match_loop():
     v_seq = torch.randn(b, generator=gen, dtype=F64)
     v_tok = torch.randn(b, t, generator=gen, dtype=F64)
     c = 0.3
-    out_s = reinforce(logp, mask, r, v_seq, value_coef=c)
-    out_t = reinforce(logp, mask, r, v_tok, value_coef=c)
+    out_s = reinforce(logp, None, r - v_seq, mask, values=v_seq, returns=r, value_coef=c)
+    out_t = reinforce(logp, None, r.unsqueeze(1) - v_tok, mask, values=v_tok, returns=r, value_coef=c)
     for i in range(b):
         idx = [j for j in range(t) if mask[i, j]]
         s = sum(float(logp[i, j]) for j in idx)
         exp_s = -(float(r[i]) - float(v_seq[i])) * s + c * (float(r[i]) - float(v_seq[i])) ** 2
         pg_t = -sum(float(logp[i, j]) * (float(r[i]) - float(v_tok[i, j])) for j in idx)
         vl_t = sum((float(r[i]) - float(v_tok[i, j])) ** 2 for j in idx)
-        assert math.isclose(float(out_s.loss[i]), exp_s, rel_tol=1e-12, abs_tol=1e-12)
-        assert math.isclose(float(out_t.loss[i]), pg_t + c * vl_t, rel_tol=1e-12, abs_tol=1e-12)
-        assert math.isclose(float(out_t.metrics["value_loss"][i]), vl_t, rel_tol=1e-12)
+        assert math.isclose(float(seq(out_s.loss, mask)[i]), exp_s, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(float(seq(out_t.loss, mask)[i]), pg_t + c * vl_t, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(float(seq(out_t.metrics["value_loss"], mask)[i]), vl_t, rel_tol=1e-12)
 
 
 def test_reinforce_value_gradients_and_zero_value_loss():
@@ -76,14 +87,14 @@ def test_reinforce_value_gradients_and_zero_value_loss():
     mask = torch.ones(2, 3, dtype=torch.bool)
     r = torch.tensor([1.0, -2.0], dtype=F64)
     v = torch.tensor([0.25, 0.5], dtype=F64, requires_grad=True)
-    out = reinforce(logp, mask, r, v, value_coef=2.0)
+    out = reinforce(logp, None, r - v.detach(), mask, values=v, returns=r, value_coef=2.0)
     out.loss.sum().backward()
     # the policy term sees sg(R − V): ∂/∂ℓ_t = −(R − V); the value term: ∂/∂V = −2·c·(R − V)
     torch.testing.assert_close(logp.grad, -(r - v.detach()).unsqueeze(1).expand(2, 3), rtol=0, atol=1e-15)
     torch.testing.assert_close(v.grad, -4.0 * (r - v.detach()), rtol=0, atol=1e-15)
-    at_target = reinforce(logp, mask, r, r.clone(), value_coef=1.0)
+    at_target = reinforce(logp, None, r - r, mask, values=r.clone(), returns=r, value_coef=1.0)
     assert (at_target.metrics["value_loss"] == 0).all() and (at_target.metrics["pg_loss"] == 0).all()
-    tok = reinforce(logp, mask, r, r.unsqueeze(1).expand(2, 3).clone())
+    tok = reinforce(logp, None, r - r, mask, values=r.unsqueeze(1).expand(2, 3).clone(), returns=r)
     assert (tok.metrics["value_loss"] == 0).all()
 
 
@@ -98,9 +109,12 @@ def test_reinforce_baseline_leaves_expected_gradient_unchanged_exactly():
         logp = torch.log_softmax(theta, 0).unsqueeze(1)  # every outcome as a length-1 sequence
         mask = torch.ones(k, 1, dtype=torch.bool)
         values = None if b is None else torch.full((k,), b, dtype=F64)
-        out = reinforce(logp, mask, rewards, values, value_coef=0.0)
+        adv = rewards if values is None else rewards - values
+        out = reinforce(
+            logp, None, adv, mask, values=values, returns=None if b is None else rewards, value_coef=0.0
+        )
         weights = logp.exp().detach().squeeze(1)
-        (g,) = torch.autograd.grad((weights * out.loss).sum(), theta)
+        (g,) = torch.autograd.grad((weights * seq(out.loss, mask)).sum(), theta)
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
     theta = theta0.clone().requires_grad_(True)
@@ -119,25 +133,34 @@ def test_reinforce_gradcheck():
     r = torch.randn(2, generator=gen, dtype=F64)
     zero = torch.zeros(2, 4, dtype=F64)
     for v in (vals, vseq):
+        adv = (r if v.ndim == 1 else r.unsqueeze(1)) - v.detach()
         assert torch.autograd.gradcheck(
-            lambda a, v=v: reinforce(a, mask, r, v.detach(), value_coef=0.5).loss, (logp,)
+            lambda a, v=v, adv=adv: (
+                reinforce(a, None, adv, mask, values=v.detach(), returns=r, value_coef=0.5).loss
+            ),
+            (logp,),
         )
-        assert torch.autograd.gradcheck(lambda x: reinforce(zero, mask, r, x, value_coef=0.5).loss, (v,))
+        assert torch.autograd.gradcheck(
+            lambda x, adv=adv: reinforce(zero, None, adv, mask, values=x, returns=r, value_coef=0.5).loss,
+            (v,),
+        )
 
 
 def test_reinforce_bad_input():
     lp = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(TypeError, match="mask"):
-        reinforce(lp, m.float(), torch.zeros(2))
-    with pytest.raises(ValueError, match="rewards"):
-        reinforce(lp, m, torch.zeros(3))
+        reinforce(lp, None, torch.zeros(2), m.float())
+    with pytest.raises(ValueError, match="advantages"):
+        reinforce(lp, None, torch.zeros(3), m)
     with pytest.raises(ValueError, match="values"):
-        reinforce(lp, m, torch.zeros(2), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
-        reinforce(lp, m, torch.tensor([0.0, float("nan")]), check_finite=True)
+        reinforce(lp, None, torch.zeros(2), m, values=torch.zeros(2, 4), returns=torch.zeros(2))
+    with pytest.raises(ValueError, match="returns is required"):
+        reinforce(lp, None, torch.zeros(2), m, values=torch.zeros(2))
+    with pytest.raises(ValueError, match="advantages has 1 non-finite"):
+        reinforce(lp, None, torch.tensor([0.0, float("nan")]), m, check_finite=True)
     with pytest.raises(ValueError, match="value_coef"):
-        reinforce(lp, m, torch.zeros(2), value_coef=-1.0)
+        reinforce(lp, None, torch.zeros(2), m, value_coef=-1.0)
 
 
 @pytest.mark.parametrize("method", ["reinforce", "rloo"])
@@ -159,11 +182,12 @@ def test_reinforce_loop_on_categorical_raises_reward(method):
         logp = logp_all[y].unsqueeze(1)
         mask = torch.ones(batch, 1, dtype=torch.bool)
         if method == "reinforce":
-            out = po.get_loss("reinforce")(logp, mask, reward_table[y])
+            out = po.get_loss("reinforce")(logp, None, reward_table[y], mask)
         else:
-            out = po.get_loss("rloo")(logp, mask, reward_table[y].view(batch // 4, 4))
+            adv = rl.rloo_advantages(reward_table[y].view(batch // 4, 4)).reshape(-1)
+            out = po.get_loss("rloo")(logp, None, adv, mask)
         opt.zero_grad()
-        out.loss.mean().backward()
+        aggregate(out.loss, mask, "seq-mean-token-sum").backward()
         opt.step()
     assert start < 0.21
     assert expected_reward() > 0.9
@@ -179,10 +203,14 @@ def test_rloo_k2_hand_values():
     logp = torch.tensor([[-1.0, -1.0], [-2.0, 0.0], [-0.5, -0.5], [-3.0, -1.0]], dtype=F64)
     mask = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
     rewards = torch.tensor([[1.0, 4.0], [2.0, 2.0]], dtype=F64)
-    out = rloo(logp, mask, rewards)
+    out = rloo(logp, None, rl.rloo_advantages(rewards).reshape(-1), mask)
     # A = ±(R1 − R2): (−3, 3), (0, 0); S = (−2, −2, −1, −4); L = −A·S
-    torch.testing.assert_close(out.metrics["advantages"], torch.tensor([-3.0, 3.0, 0.0, 0.0], dtype=F64))
-    torch.testing.assert_close(out.loss, torch.tensor([-6.0, 6.0, 0.0, 0.0], dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(
+        seq_avg(out.metrics["advantages"], mask), torch.tensor([-3.0, 3.0, 0.0, 0.0], dtype=F64)
+    )
+    torch.testing.assert_close(
+        seq(out.loss, mask), torch.tensor([-6.0, 6.0, 0.0, 0.0], dtype=F64), rtol=0, atol=0
+    )
 
 
 def test_rloo_clipped_form_same_gradient_on_policy_and_clips():
@@ -190,16 +218,16 @@ def test_rloo_clipped_form_same_gradient_on_policy_and_clips():
     logp = -torch.rand(6, 3, generator=gen, dtype=F64)
     mask = right_mask([3, 3, 2, 1, 3, 2], 3)
     rewards = torch.randn(2, 3, generator=gen, dtype=F64)
-    g_plain = grads_wrt(lambda x: rloo(x, mask, rewards).loss, logp)
-    g_clip = grads_wrt(lambda x: rloo(x, mask, rewards, x.detach(), clip=0.2).loss, logp)
+    adv = rl.rloo_advantages(rewards).reshape(-1)
+    g_plain = grads_wrt(lambda x: rloo(x, None, adv, mask).loss, logp)
+    g_clip = grads_wrt(lambda x: rloo(x, x.detach(), adv, mask, clip=0.2).loss, logp)
     torch.testing.assert_close(g_clip, g_plain, rtol=1e-12, atol=1e-14)
     # off-policy: shift old log-probs so every sequence ratio is e^{±1}: positive-A rows with ρ = e clip
-    adv = rl.rloo_advantages(rewards).reshape(-1)
     old = logp.clone()
     old[:, 0] -= torch.where(adv > 0, 1.0, -1.0).to(F64)  # ρ = e for A > 0, 1/e for A < 0: all clipped
-    out = rloo(logp, mask, rewards, old)
-    assert (out.metrics["clipped"] == 1).all()
-    g = grads_wrt(lambda x: rloo(x, mask, rewards, old).loss, logp)
+    out = rloo(logp, old, adv, mask)
+    assert (seq_avg(out.metrics["clipped"], mask) == 1).all()
+    g = grads_wrt(lambda x: rloo(x, old, adv, mask).loss, logp)
     assert (g == 0).all()
 
 
@@ -209,20 +237,21 @@ def test_rloo_gradcheck_and_bad_input():
     mask = right_mask([3, 1, 2, 3], 3)
     rewards = torch.randn(2, 2, generator=gen, dtype=F64)
     old = logp.detach() - 0.05
-    assert torch.autograd.gradcheck(lambda x: rloo(x, mask, rewards).loss, (logp,))
-    assert torch.autograd.gradcheck(lambda x: rloo(x, mask, rewards, old).loss, (logp,))
+    adv = rl.rloo_advantages(rewards).reshape(-1)
+    assert torch.autograd.gradcheck(lambda x: rloo(x, None, adv, mask).loss, (logp,))
+    assert torch.autograd.gradcheck(lambda x: rloo(x, old, adv, mask).loss, (logp,))
     with pytest.raises(ValueError, match="rewards has groups of size 1"):
-        rloo(logp, mask, rewards.reshape(4, 1))
-    with pytest.raises(ValueError, match="rewards has shape"):
-        rloo(logp, mask, torch.zeros(3, 2, dtype=F64))
+        rl.rloo_advantages(rewards.reshape(4, 1))
+    with pytest.raises(ValueError, match="advantages has shape"):
+        rloo(logp, None, rl.rloo_advantages(torch.zeros(3, 2, dtype=F64)).reshape(-1), mask)
     with pytest.raises(ValueError, match="rewards must be 2-D"):
-        rloo(logp, mask, torch.zeros(4, dtype=F64))
+        rl.rloo_advantages(torch.zeros(4, dtype=F64))
     with pytest.raises(ValueError, match="rewards has 1 non-finite"):
-        rloo(logp, mask, torch.tensor([[0.0, 1.0], [float("inf"), 0.0]], dtype=F64))
+        rl.rloo_advantages(torch.tensor([[0.0, 1.0], [float("inf"), 0.0]], dtype=F64))
     with pytest.raises(ValueError, match="old_logp"):
-        rloo(logp, mask, rewards, old[:, :2])
+        rloo(logp, old[:, :2], adv, mask)
     with pytest.raises(ValueError, match="clip"):
-        rloo(logp, mask, rewards, clip=0.0)
+        rloo(logp, None, adv, mask, clip=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,8 +295,8 @@ def test_grpo_clip_higher_gradients_per_token():
     g_sym = grads_wrt(lambda x: grpo(x, old, adv, mask).loss, logp)
     assert g_sym[0, 1] == 0
     out = grpo(logp, old, adv, mask, epsilon_low=0.2, epsilon_high=0.28)
-    torch.testing.assert_close(out.metrics["clip_high"], torch.tensor([0.2, 0.0], dtype=F64))
-    torch.testing.assert_close(out.metrics["clip_low"], torch.tensor([0.0, 0.2], dtype=F64))
+    torch.testing.assert_close(seq_avg(out.metrics["clip_high"], mask), torch.tensor([0.2, 0.0], dtype=F64))
+    torch.testing.assert_close(seq_avg(out.metrics["clip_low"], mask), torch.tensor([0.0, 0.2], dtype=F64))
 
 
 def test_grpo_kl_term_is_beta_k3():
@@ -277,10 +306,10 @@ def test_grpo_kl_term_is_beta_k3():
     mask = right_mask([3, 2], 3)
     adv = torch.randn(2, generator=gen, dtype=F64)
     base = grpo(logp, None, adv, mask).loss
-    with_kl = grpo(logp, None, adv, mask, ref, beta=0.04).loss
+    with_kl = grpo(logp, None, adv, mask, ref_logp=ref, beta=0.04).loss
     k3 = torch.exp(ref - logp) - (ref - logp) - 1
     torch.testing.assert_close(with_kl - base, torch.where(mask, 0.04 * k3, 0.0), rtol=1e-12, atol=1e-15)
-    g = grads_wrt(lambda x: grpo(x, None, torch.zeros(2, dtype=F64), mask, ref, beta=1.0).loss, logp)
+    g = grads_wrt(lambda x: grpo(x, None, torch.zeros(2, dtype=F64), mask, ref_logp=ref, beta=1.0).loss, logp)
     torch.testing.assert_close(g, torch.where(mask, 1 - torch.exp(ref - logp), 0.0), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="ref_logp is required"):
         grpo(logp, None, adv, mask, beta=0.1)
@@ -296,24 +325,29 @@ def test_grpo_aggregations_match_explicit_formulas_and_micro_batches():
     raw = grpo(logp, old, adv, mask).loss
     L = 10
     explicit = {
-        "grpo": sum(float(raw[i][mask[i]].sum()) / int(mask[i].sum()) for i in range(b)) / b,
-        "dapo": float(raw.sum()) / int(mask.sum()),
-        "dr_grpo": float(raw.sum()) / (b * L),
+        "seq-mean-token-mean": sum(float(raw[i][mask[i]].sum()) / int(mask[i].sum()) for i in range(b)) / b,
+        "token-mean": float(raw.sum()) / int(mask.sum()),
+        "seq-mean-token-sum-norm": float(raw.sum()) / (b * L),
     }
-    for agg, val in explicit.items():
-        got = grpo(logp, old, adv, mask, aggregation=agg, max_length=L).loss
-        assert math.isclose(float(got.sum()), val, rel_tol=1e-12), agg
-        assert (got[~mask] == 0).all()
-    assert math.isclose(float(mean_of_seq_means(raw, mask)), explicit["grpo"], rel_tol=1e-12)
-    assert math.isclose(float(token_mean(raw, mask)), explicit["dapo"], rel_tol=1e-12)
+    assert (raw[~mask] == 0).all()
+    for mode, val in explicit.items():
+        kw = {"max_length": L} if mode == "seq-mean-token-sum-norm" else {}
+        got = aggregate(grpo(logp, old, adv, mask).loss, mask, mode, **kw)
+        assert math.isclose(float(got), val, rel_tol=1e-12), mode
+    assert math.isclose(float(mean_of_seq_means(raw, mask)), explicit["seq-mean-token-mean"], rel_tol=1e-12)
+    assert math.isclose(float(token_mean(raw, mask)), explicit["token-mean"], rel_tol=1e-12)
     # micro-batches with global counts add up to the whole-batch objective (and gradient)
     n_tok, n_seq = mask.sum(), b
-    for agg in ("grpo", "dapo", "dr_grpo"):
-        whole = grads_wrt(lambda x, a=agg: grpo(x, old, adv, mask, aggregation=a, max_length=L).loss, logp)
+    for mode in explicit:
+        kw = {"max_length": L} if mode == "seq-mean-token-sum-norm" else {}
+        whole = grads_wrt(
+            lambda x, a=mode, kw=kw: aggregate(grpo(x, old, adv, mask).loss, mask, a, **kw), logp
+        )
+        counts = {"num_tokens": n_tok} if mode == "token-mean" else {"num_sequences": n_seq}
         parts = [
             grads_wrt(
-                lambda x, a=agg, s=s: (
-                    grpo(x, old[s], adv[s], mask[s], None, n_tok, n_seq, aggregation=a, max_length=L).loss
+                lambda x, a=mode, s=s, kw=kw, counts=counts: aggregate(
+                    grpo(x, old[s], adv[s], mask[s]).loss, mask[s], a, **counts, **kw
                 ),
                 logp[s],
             )
@@ -332,9 +366,14 @@ def test_grpo_per_token_advantages_and_gradcheck():
     a = grpo(logp, old, adv, mask).loss
     b = grpo(logp, old, adv.unsqueeze(1).expand(2, 3).clone(), mask).loss
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for agg in ("none", "grpo", "dapo", "dr_grpo"):
+    assert torch.autograd.gradcheck(lambda x: grpo(x, old, adv, mask, ref_logp=ref, beta=0.1).loss, (logp,))
+    for mode in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"):
+        kw = {"max_length": 4} if mode == "seq-mean-token-sum-norm" else {}
         assert torch.autograd.gradcheck(
-            lambda x, g=agg: grpo(x, old, adv, mask, ref, beta=0.1, aggregation=g, max_length=4).loss, (logp,)
+            lambda x, g=mode, kw=kw: aggregate(
+                grpo(x, old, adv, mask, ref_logp=ref, beta=0.1).loss, mask, g, **kw
+            ),
+            (logp,),
         )
 
 
@@ -342,8 +381,8 @@ def test_grpo_bad_input_and_hyperparameters():
     lp = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
     adv = torch.zeros(2)
-    with pytest.raises(ValueError, match="dr_grpo' needs the hyperparameter max_length"):
-        grpo(lp, None, adv, m, aggregation="dr_grpo")
+    with pytest.raises(ValueError, match="max_length"):
+        aggregate(grpo(lp, None, adv, m).loss, m, "seq-mean-token-sum-norm", max_length=0)
     with pytest.raises(ValueError, match="aggregation"):
         po.get_loss("grpo", aggregation="sum")
     with pytest.raises(ValueError, match="epsilon_high"):
@@ -359,7 +398,7 @@ def test_grpo_bad_input_and_hyperparameters():
     with pytest.raises(ValueError, match="old_logp"):
         grpo(lp, torch.zeros(2, 4), adv, m)
     with pytest.raises(ValueError, match="num_tokens must be positive"):
-        grpo(lp, None, adv, m, None, 0, aggregation="dapo")
+        aggregate(grpo(lp, None, adv, m).loss, m, "token-mean", num_tokens=0)
     with pytest.raises(ValueError, match="advantages has 1 non-finite"):
         grpo(lp, None, torch.tensor([0.0, float("nan")]), m, check_finite=True)
 
@@ -376,8 +415,9 @@ def test_ppo_ratio_one_gives_minus_advantage():
     adv = torch.randn(2, 4, generator=gen, dtype=F64)
     out = ppo(logp, logp, adv, mask)
     torch.testing.assert_close(out.loss, torch.where(mask, -adv, 0.0), rtol=0, atol=0)
-    assert float(out.metrics["approx_kl"]) == 0 and float(out.metrics["clip_frac"]) == 0
-    assert float(out.metrics["ratio"]) == 1
+    assert float(masked_mean(out.metrics["approx_kl"], mask)) == 0
+    assert float(masked_mean(out.metrics["clip_frac"], mask)) == 0
+    assert float(masked_mean(out.metrics["ratio"], mask)) == 1
 
 
 def test_ppo_clip_removes_gradient_exactly_where_it_should():
@@ -405,9 +445,13 @@ def test_ppo_clip_removes_gradient_exactly_where_it_should():
     torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
     assert 3 < n_clipped < int(mask.sum()) - 3  # both regimes are exercised
     out = ppo(logp, old, adv, mask, clip=eps)
-    assert math.isclose(float(out.metrics["clip_frac"]), n_clipped / int(mask.sum()), rel_tol=1e-12)
+    assert math.isclose(
+        float(masked_mean(out.metrics["clip_frac"], mask)), n_clipped / int(mask.sum()), rel_tol=1e-12
+    )
     lr = log_ratio[mask]
-    assert math.isclose(float(out.metrics["approx_kl"]), float(0.5 * (lr**2).mean()), rel_tol=1e-12)
+    assert math.isclose(
+        float(masked_mean(out.metrics["approx_kl"], mask)), float(0.5 * (lr**2).mean()), rel_tol=1e-12
+    )
 
 
 def test_ppo_dual_clip():
@@ -420,7 +464,7 @@ def test_ppo_dual_clip():
     torch.testing.assert_close(out.loss, torch.tensor([[3.0, 2.0, 0.8, -1.2]], dtype=F64), rtol=1e-12, atol=0)
     g = grads_wrt(lambda x: ppo(x, old, adv, mask, clip=0.2, dual_clip=3.0).loss, logp)
     torch.testing.assert_close(g, torch.tensor([[0.0, 2.0, 0.0, 0.0]], dtype=F64), rtol=1e-12, atol=0)
-    assert math.isclose(float(out.metrics["dual_clip_frac"]), 0.25)
+    assert math.isclose(float(masked_mean(out.metrics["dual_clip_frac"], mask)), 0.25)
     no_dual = ppo(logp, old, adv, mask, clip=0.2)
     assert float(no_dual.loss[0, 0]) == 4.0
     with pytest.raises(ValueError, match="dual_clip"):
@@ -433,27 +477,29 @@ def test_ppo_value_loss():
     ret = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=F64)
     old_v = torch.tensor([[0.0, 0.0, 0.9, 2.0]], dtype=F64)
     v = torch.tensor([[1.0, 0.1, 1.2, 1.0]], dtype=F64)
-    out = ppo(zeros, zeros, zeros, mask, v, old_v, ret, vf_coef=1.0, value_clip=0.2)
+    out = ppo(zeros, zeros, zeros, mask, values=v, old_values=old_v, returns=ret, vf_coef=1.0, value_clip=0.2)
     # V^clip = (0.2, 0.1, 1.1, 1.8): vf = ½·max((V−G)², (V^c−G)²) = ½·(0.64, 0.81, 0.04, 0.64)
     torch.testing.assert_close(
         out.loss, torch.tensor([[0.32, 0.405, 0.02, 0.32]], dtype=F64), rtol=1e-12, atol=0
     )
-    g = grads_wrt(lambda x: ppo(zeros, zeros, zeros, mask, x, old_v, ret, vf_coef=1.0).loss, v)
+    g = grads_wrt(
+        lambda x: ppo(zeros, zeros, zeros, mask, values=x, old_values=old_v, returns=ret, vf_coef=1.0).loss, v
+    )
     # token 0: clipped side dominates → 0; token 1: inside the clip range → V − G; token 2: unclipped dominates;
     # token 3: clipped side dominates → 0
     torch.testing.assert_close(g, torch.tensor([[0.0, -0.9, 0.2, 0.0]], dtype=F64), rtol=1e-12, atol=1e-15)
-    assert math.isclose(float(out.metrics["value_clip_frac"]), 0.5)
+    assert math.isclose(float(masked_mean(out.metrics["value_clip_frac"], mask)), 0.5)
     # V = Ĝ gives zero value loss when unclipped, or clipped with V inside the trust region around V_old ...
-    at_target = ppo(zeros, zeros, zeros, mask, ret.clone(), ret.clone(), ret)
-    assert (at_target.loss == 0).all() and float(at_target.metrics["value_loss"]) == 0
-    at_target = ppo(zeros, zeros, zeros, mask, ret.clone(), None, ret, value_clip=None)
+    at_target = ppo(zeros, zeros, zeros, mask, values=ret.clone(), old_values=ret.clone(), returns=ret)
+    assert (at_target.loss == 0).all() and float(masked_mean(at_target.metrics["value_loss"], mask)) == 0
+    at_target = ppo(zeros, zeros, zeros, mask, values=ret.clone(), returns=ret, value_clip=None)
     assert (at_target.loss == 0).all()
     # ... but the clipped loss is pessimistic: V = Ĝ far from V_old still pays ½(V^clip − Ĝ)²
-    far = ppo(zeros, zeros, zeros, mask, ret.clone(), old_v, ret, vf_coef=1.0)
+    far = ppo(zeros, zeros, zeros, mask, values=ret.clone(), old_values=old_v, returns=ret, vf_coef=1.0)
     torch.testing.assert_close(
         far.loss, torch.tensor([[0.32, 0.32, 0.0, 0.32]], dtype=F64), rtol=1e-12, atol=0
     )
-    unclipped = ppo(zeros, zeros, zeros, mask, v, None, ret, vf_coef=1.0, value_clip=None)
+    unclipped = ppo(zeros, zeros, zeros, mask, values=v, returns=ret, vf_coef=1.0, value_clip=None)
     torch.testing.assert_close(unclipped.loss, 0.5 * (v - ret) ** 2, rtol=0, atol=0)
 
 
@@ -471,7 +517,20 @@ def test_ppo_entropy_bonus_and_gradcheck():
     with_ent = ppo(logp, old, adv, mask, entropy=ent, ent_coef=0.01).loss
     torch.testing.assert_close(with_ent - base, torch.where(mask, -0.01 * ent, 0.0), rtol=1e-12, atol=1e-15)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: ppo(a, old, adv, mask, b, old_v, ret, c, ent_coef=0.01, dual_clip=2.0).loss,
+        lambda a, b, c: (
+            ppo(
+                a,
+                old,
+                adv,
+                mask,
+                values=b,
+                old_values=old_v,
+                returns=ret,
+                entropy=c,
+                ent_coef=0.01,
+                dual_clip=2.0,
+            ).loss
+        ),
         (logp, v, ent),
     )
     with pytest.raises(ValueError, match="entropy is required"):
@@ -486,9 +545,9 @@ def test_ppo_bad_input():
     with pytest.raises(ValueError, match="old_logp"):
         ppo(lp, torch.zeros(3, 3), lp, m)
     with pytest.raises(ValueError, match="returns is required"):
-        ppo(lp, lp, lp, m, lp)
+        ppo(lp, lp, lp, m, values=lp)
     with pytest.raises(ValueError, match="old_values is required"):
-        ppo(lp, lp, lp, m, lp, None, lp)
+        ppo(lp, lp, lp, m, values=lp, returns=lp)
     with pytest.raises(ValueError, match="clip"):
         po.get_loss("ppo", clip=0.0)
     with pytest.raises(ValueError, match="vf_coef"):
@@ -517,7 +576,7 @@ def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
     out_dtype = F64 if dtype == F64 else torch.float32
     for out in (
         po.get_loss("ppo", dual_clip=3.0)(logp, old, adv, mask),
-        po.get_loss("grpo", beta=0.04, aggregation="dapo")(logp, old, adv[:, 0], mask, ref),
+        po.get_loss("grpo", beta=0.04)(logp, old, adv[:, 0], mask, ref_logp=ref),
     ):
         assert out.loss.shape == (b, t) and out.loss.dtype == out_dtype
         assert not torch.isnan(out.loss).any()
