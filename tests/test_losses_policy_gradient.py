@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import prefopt as po
 from prefopt import rl
+from prefopt.losses import policy_gradient
 from prefopt.losses.policy_gradient import grpo, ppo, reinforce, rloo
 from prefopt.masked import aggregate, masked_mean, masked_sum, mean_of_seq_means, token_mean
 
@@ -592,3 +593,160 @@ def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
         dual_clip=3.0,
     )
     assert torch.isfinite(huge.loss).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# robustness: masked garbage never reaches the gradient; extreme ratios stay finite (issue 11)
+# ----------------------------------------------------------------------------------------------------------
+
+B, T = 4, 5
+PG_LOSSES = ["reinforce", "rloo", "grpo", "ppo"]
+
+
+def pg_inputs(seed: int, fill: float | None = None) -> dict[str, torch.Tensor]:
+    """A random batch; with ``fill`` every masked position of every per-token input holds that value."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=gen) < 0.6
+    mask[0, 0] = True
+    mask[3] = False  # a row with no token at all
+    data = {
+        "logp": -torch.rand(B, T, generator=gen, dtype=F64) * 3,
+        "old_logp": -torch.rand(B, T, generator=gen, dtype=F64) * 3,
+        "advantages": torch.randn(B, T, generator=gen, dtype=F64),
+        "ref_logp": -torch.rand(B, T, generator=gen, dtype=F64) * 3,
+        "values": torch.randn(B, T, generator=gen, dtype=F64),
+        "old_values": torch.randn(B, T, generator=gen, dtype=F64),
+        "returns": torch.randn(B, T, generator=gen, dtype=F64),
+        "entropy": torch.rand(B, T, generator=gen, dtype=F64),
+        "seq_advantages": torch.randn(B, generator=gen, dtype=F64),
+    }
+    if fill is not None:
+        for k, v in data.items():
+            if k == "seq_advantages":
+                v[3] = fill  # the advantage of the row with no token
+            else:
+                v[~mask] = fill
+    data["mask"] = mask
+    return data
+
+
+def call_pg(name: str, d: dict[str, torch.Tensor], logp: torch.Tensor, values: torch.Tensor):
+    m = d["mask"]
+    if name == "reinforce":
+        return reinforce(logp, d["old_logp"], d["advantages"], m, values=values, returns=d["returns"])
+    if name == "rloo":
+        return rloo(logp, d["old_logp"], d["seq_advantages"], m)
+    if name == "grpo":
+        return grpo(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+    return ppo(
+        logp,
+        d["old_logp"],
+        d["advantages"],
+        m,
+        values=values,
+        old_values=d["old_values"],
+        returns=d["returns"],
+        entropy=d["entropy"],
+        ent_coef=0.01,
+        dual_clip=3.0,
+    )
+
+
+@pytest.mark.parametrize("name", PG_LOSSES)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
+def test_masked_garbage_never_reaches_loss_or_gradient(name, fill):
+    clean, dirty = pg_inputs(0), pg_inputs(0, fill)
+    mask = clean["mask"]
+    results = []
+    for d in (clean, dirty):
+        logp = d["logp"].clone().requires_grad_(True)
+        values = d["values"].clone().requires_grad_(True)
+        out = call_pg(name, d, logp, values)
+        total = aggregate(out.loss, mask, "token-mean")
+        total.backward()
+        results.append((out, total, logp.grad, values.grad))
+    (out_c, tot_c, g_c, gv_c), (out_d, tot_d, g_d, gv_d) = results
+    assert torch.isfinite(tot_d) and tot_d == tot_c
+    torch.testing.assert_close(out_d.loss, out_c.loss, rtol=0, atol=0)  # garbage changes nothing at all
+    torch.testing.assert_close(g_d, g_c, rtol=0, atol=0)
+    assert torch.isfinite(g_d).all() and (g_d[~mask] == 0).all()
+    if gv_d is not None:
+        assert torch.isfinite(gv_d).all() and (gv_d[~mask] == 0).all()
+        torch.testing.assert_close(gv_d, gv_c, rtol=0, atol=0)
+    for k, v in out_d.metrics.items():
+        assert v.shape == (B, T) and not v.requires_grad, k
+        assert torch.isfinite(v).all() and (v[~mask] == 0).all(), k
+        torch.testing.assert_close(v, out_c.metrics[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", PG_LOSSES)
+@pytest.mark.parametrize("log_ratio", [-1e4, -100.0, -30.0, 30.0, 100.0, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_extreme_ratios_stay_finite_and_clipped_gradients_are_exactly_zero(name, log_ratio, dtype):
+    d = {k: v.to(dtype) for k, v in pg_inputs(1).items() if k != "mask"}
+    d["mask"] = mask = pg_inputs(1)["mask"]
+    d["old_logp"] = d["logp"] - log_ratio
+    d["ref_logp"] = d["logp"] + log_ratio  # k3 at the same extreme
+    logp = d["logp"].clone().requires_grad_(True)
+    out = call_pg(name, d, logp, d["values"].clone())
+    aggregate(out.loss, mask, "token-mean").backward()
+    assert torch.isfinite(out.loss).all() and torch.isfinite(logp.grad).all()
+    for v in out.metrics.values():
+        assert torch.isfinite(v).all()
+    ratio = out.metrics["ratio"][mask]
+    c = policy_gradient.LOG_RATIO_CLAMP
+    # token ratios saturate at e^{±20}; so does rloo's sequence ratio (the log of its sum of ratios is clamped)
+    expected = (
+        math.exp(max(-c, min(c, log_ratio))) if name != "rloo" else math.exp(math.copysign(c, log_ratio))
+    )
+    torch.testing.assert_close(ratio, torch.full_like(ratio, expected), rtol=1e-6, atol=0)
+    if name in ("grpo", "ppo"):
+        # every token is either clipped (gradient exactly 0) or saturated by the clamp (gradient exactly 0) in
+        # the policy term; only GRPO's KL term (its log-ratio is clamped too) and PPO's entropy term remain
+        adv = d["advantages"]
+        on_clip_side = ((adv > 0) & (log_ratio > 0)) | ((adv < 0) & (log_ratio < 0))
+        if name == "grpo":
+            assert (logp.grad[mask] == 0).all()  # the k3 log-ratio is clamped as well: saturated
+        else:
+            assert (logp.grad[mask & on_clip_side] == 0).all()
+            assert (logp.grad[mask] == 0).all()  # the other side is saturated by the clamp (or dual-clipped)
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce"])
+def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
+    d = pg_inputs(2)
+    mask = d["mask"]
+    d["advantages"] = torch.zeros(B, T, dtype=F64)
+    d["seq_advantages"] = torch.zeros(B, dtype=F64)
+    d["old_logp"] = d["logp"] - torch.tensor([1e4, -1e4, 50.0, 0.0, 0.0])
+    logp = d["logp"].clone().requires_grad_(True)
+    m = d["mask"]
+    if name == "grpo":
+        out = grpo(logp, d["old_logp"], d["advantages"], m)
+    elif name == "ppo":
+        out = ppo(logp, d["old_logp"], d["advantages"], m)
+    elif name == "rloo":
+        out = rloo(logp, d["old_logp"], d["seq_advantages"], m)
+    else:
+        out = reinforce(logp, d["old_logp"], d["advantages"], m)
+    aggregate(out.loss, mask, "token-mean").backward()
+    assert (out.loss == 0).all() and (logp.grad == 0).all()
+
+
+def test_extreme_ratio_behaviour_is_the_documented_saturation():
+    """Beyond ±20 the ratio is e^{±20}: PPO without dual clip pays −A·e^20 (finite), with zero gradient."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    logp = torch.tensor([[0.0, 0.0]], dtype=F64, requires_grad=True)
+    old = torch.tensor([[-30.0, -19.0]], dtype=F64)
+    adv = torch.tensor([[-1.0, -1.0]], dtype=F64)
+    out = ppo(logp, old, adv, mask)
+    torch.testing.assert_close(out.loss, torch.tensor([[math.exp(20.0), math.exp(19.0)]], dtype=F64))
+    out.loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, math.exp(19.0)]], dtype=F64))
+    # k3 of GRPO: the reference log-ratio is clamped the same way, so the KL term is at most e^20 − 21
+    kl = grpo(logp, None, adv[:, 0], mask, ref_logp=torch.tensor([[1e4, -1e4]], dtype=F64), beta=1.0).metrics[
+        "kl"
+    ]
+    torch.testing.assert_close(
+        kl, torch.tensor([[math.expm1(20.0) - 20.0, math.expm1(-20.0) + 20.0]], dtype=F64)
+    )
