@@ -750,3 +750,108 @@ def test_extreme_ratio_behaviour_is_the_documented_saturation():
     torch.testing.assert_close(
         kl, torch.tensor([[math.expm1(20.0) - 20.0, math.expm1(-20.0) + 20.0]], dtype=F64)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL GRPOTrainer._compute_loss, run on a stub (no model, no trainer): every loss_type = grpo + aggregate
+# ----------------------------------------------------------------------------------------------------------
+
+TRL_MODES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",  # local token count
+    "dr_grpo": "seq-mean-token-sum-norm",  # max_length = max_completion_length
+    "dapo": "token-mean",  # global token count: num_items_in_batch
+    "luspo": "seq-mean-token-sum",
+}
+
+
+def _trl_grpo_loss(loss_type: str, logp, old, ref, adv, mask, *, beta, eps_low, eps_high, max_len, n_items):
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    b, t = logp.shape
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        accelerator=SimpleNamespace(
+            num_processes=1,
+            gather=lambda x: x,
+            gather_for_metrics=lambda x: x,
+            reduce=lambda x, reduction="sum": x,
+        ),
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        max_completion_length=max_len,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(b, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(b, t, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": torch.tensor(float(n_items), dtype=logp.dtype),
+    }
+    return grpo_trainer.GRPOTrainer._compute_loss(stub, None, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", list(TRL_MODES))
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_aggregate_matches_trl_compute_loss(loss_type, beta):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` (on a stub ``self``: no model, no trainer) against
+    ``aggregate(grpo(...).loss, mask, mode)``: value and gradient, for each ``loss_type``."""
+    gen = torch.Generator().manual_seed(20)
+    b, t, max_len = 6, 7, 9
+    logp0 = -torch.rand(b, t, generator=gen, dtype=F64) * 2
+    old = logp0 + 0.3 * torch.randn(b, t, generator=gen, dtype=F64)  # many tokens clipped either way
+    ref = logp0 + 0.5 * torch.randn(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    n_items = int(mask.sum())
+    lp_trl = logp0.clone().requires_grad_(True)
+    trl_loss = _trl_grpo_loss(
+        loss_type,
+        lp_trl,
+        old,
+        ref,
+        adv,
+        mask,
+        beta=beta,
+        eps_low=0.2,
+        eps_high=0.28,
+        max_len=max_len,
+        n_items=n_items,
+    )
+    trl_loss.backward()
+    mode = TRL_MODES[loss_type]
+    kw: dict = {}
+    if loss_type == "dr_grpo":
+        kw["max_length"] = max_len
+    if loss_type == "dapo":
+        kw["num_tokens"] = n_items
+    lp = logp0.clone().requires_grad_(True)
+    ours = aggregate(
+        grpo(lp, old, adv, mask, ref_logp=ref, beta=beta, epsilon_low=0.2, epsilon_high=0.28).loss,
+        mask,
+        mode,
+        **kw,
+    )
+    ours.backward()
+    torch.testing.assert_close(ours, trl_loss.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)
+    assert lp.grad.abs().sum() > 0
