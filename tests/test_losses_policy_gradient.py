@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import prefopt as po
 from prefopt import rl
 from prefopt.losses import policy_gradient
-from prefopt.losses.policy_gradient import grpo, ppo, reinforce, rloo
+from prefopt.losses.policy_gradient import grpo, gspo, gspo_token, ppo, reinforce, rloo
 from prefopt.masked import aggregate, masked_mean, masked_sum, mean_of_seq_means, token_mean
 
 F64 = torch.float64
@@ -39,7 +39,14 @@ def grads_wrt(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_registered_in_family():
-    assert set(po.available_losses("policy_gradient")) == {"reinforce", "rloo", "grpo", "ppo"}
+    assert set(po.available_losses("policy_gradient")) == {
+        "reinforce",
+        "rloo",
+        "grpo",
+        "gspo",
+        "gspo_token",
+        "ppo",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -600,7 +607,7 @@ def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
 # ----------------------------------------------------------------------------------------------------------
 
 B, T = 4, 5
-PG_LOSSES = ["reinforce", "rloo", "grpo", "ppo"]
+PG_LOSSES = ["reinforce", "rloo", "grpo", "gspo", "gspo_token", "ppo"]
 
 
 def pg_inputs(seed: int, fill: float | None = None) -> dict[str, torch.Tensor]:
@@ -638,6 +645,10 @@ def call_pg(name: str, d: dict[str, torch.Tensor], logp: torch.Tensor, values: t
         return rloo(logp, d["old_logp"], d["seq_advantages"], m)
     if name == "grpo":
         return grpo(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+    if name == "gspo":
+        return gspo(logp, d["old_logp"], d["seq_advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+    if name == "gspo_token":
+        return gspo_token(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
     return ppo(
         logp,
         d["old_logp"],
@@ -700,19 +711,21 @@ def test_extreme_ratios_stay_finite_and_clipped_gradients_are_exactly_zero(name,
         math.exp(max(-c, min(c, log_ratio))) if name != "rloo" else math.exp(math.copysign(c, log_ratio))
     )
     torch.testing.assert_close(ratio, torch.full_like(ratio, expected), rtol=1e-6, atol=0)
-    if name in ("grpo", "ppo"):
+    if name in ("grpo", "gspo", "gspo_token", "ppo"):
         # every token is either clipped (gradient exactly 0) or saturated by the clamp (gradient exactly 0) in
         # the policy term; only GRPO's KL term (its log-ratio is clamped too) and PPO's entropy term remain
         adv = d["advantages"]
         on_clip_side = ((adv > 0) & (log_ratio > 0)) | ((adv < 0) & (log_ratio < 0))
-        if name == "grpo":
+        if name in ("grpo", "gspo"):
             assert (logp.grad[mask] == 0).all()  # the k3 log-ratio is clamped as well: saturated
+        elif name == "gspo_token":  # the clamp bounds only the stop-gradient value s_i
+            assert (logp.grad[mask & on_clip_side] == 0).all()
         else:
             assert (logp.grad[mask & on_clip_side] == 0).all()
             assert (logp.grad[mask] == 0).all()  # the other side is saturated by the clamp (or dual-clipped)
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce"])
+@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce", "gspo", "gspo_token"])
 def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
     d = pg_inputs(2)
     mask = d["mask"]
@@ -727,6 +740,10 @@ def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
         out = ppo(logp, d["old_logp"], d["advantages"], m)
     elif name == "rloo":
         out = rloo(logp, d["old_logp"], d["seq_advantages"], m)
+    elif name == "gspo":
+        out = gspo(logp, d["old_logp"], d["seq_advantages"], m)
+    elif name == "gspo_token":
+        out = gspo_token(logp, d["old_logp"], d["advantages"], m)
     else:
         out = reinforce(logp, d["old_logp"], d["advantages"], m)
     aggregate(out.loss, mask, "token-mean").backward()
@@ -765,7 +782,9 @@ TRL_MODES = {
 }
 
 
-def _trl_grpo_loss(loss_type: str, logp, old, ref, adv, mask, *, beta, eps_low, eps_high, max_len, n_items):
+def _trl_grpo_loss(
+    loss_type: str, logp, old, ref, adv, mask, *, beta, eps_low, eps_high, max_len, n_items, level="token"
+):
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -776,7 +795,7 @@ def _trl_grpo_loss(loss_type: str, logp, old, ref, adv, mask, *, beta, eps_low, 
         aux_loss_enabled=False,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=eps_low,
@@ -855,3 +874,154 @@ def test_grpo_aggregate_matches_trl_compute_loss(loss_type, beta):
     torch.testing.assert_close(ours, trl_loss.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)
     assert lp.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GSPO / GSPO-token
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_gspo_matches_loop_oracle_value_and_gradient():
+    """Python-float oracle of the sequence ratio and the per-sequence clipped surrogate, and its hand gradient."""
+    gen = torch.Generator().manual_seed(30)
+    b, t, lo, hi = 5, 6, 0.1, 0.15
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    old = logp + 0.2 * torch.randn(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = right_mask([6, 1, 4, 3, 5], t)
+    x = logp.clone().requires_grad_(True)
+    out = gspo(x, old, adv, mask, epsilon_low=lo, epsilon_high=hi)
+    aggregate(out.loss, mask, "seq-mean-token-mean").backward()
+    total, grad = 0.0, torch.zeros(b, t, dtype=F64)
+    n_clipped = 0
+    for i in range(b):
+        idx = [j for j in range(t) if mask[i, j]]
+        s_i = math.exp(sum(float(logp[i, j] - old[i, j]) for j in idx) / len(idx))
+        a = float(adv[i])
+        clipped = (a > 0 and s_i > 1 + hi) or (a < 0 and s_i < 1 - lo)
+        n_clipped += clipped
+        total += -min(s_i * a, min(max(s_i, 1 - lo), 1 + hi) * a) / b
+        for j in idx:
+            grad[i, j] = 0.0 if clipped else -a * s_i / len(idx) / b
+        torch.testing.assert_close(out.metrics["ratio"][i, idx], torch.full((len(idx),), s_i, dtype=F64))
+    assert 0 < n_clipped < b  # both regimes
+    assert math.isclose(float(aggregate(out.loss, mask, "seq-mean-token-mean")), total, rel_tol=1e-12)
+    torch.testing.assert_close(x.grad, grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.05, 0.3, -0.3])
+def test_gspo_token_equals_gspo_for_sequence_advantages(shift):
+    """[R] (a): with A_{i,t} ≡ A_i, GSPO-token and GSPO agree in value and gradient, inside and outside the band."""
+    gen = torch.Generator().manual_seed(31)
+    b, t = 6, 5
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    old = logp - shift + 0.02 * torch.randn(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    kw = {"epsilon_low": 0.1, "epsilon_high": 0.12, "beta": 0.05}
+    ref = logp + 0.1 * torch.randn(b, t, generator=gen, dtype=F64)
+    outs = []
+    for fn, a in ((gspo, adv), (gspo_token, adv.unsqueeze(1).expand(b, t).clone())):
+        x = logp.clone().requires_grad_(True)
+        out = fn(x, old, a, mask, ref_logp=ref, **kw)
+        aggregate(out.loss, mask, "seq-mean-token-mean").backward()
+        outs.append((out, x.grad))
+    (o1, g1), (o2, g2) = outs
+    torch.testing.assert_close(o2.loss, o1.loss, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g2, g1, rtol=1e-12, atol=1e-15)
+    for k in o1.metrics:
+        torch.testing.assert_close(o2.metrics[k], o1.metrics[k], rtol=1e-12, atol=1e-15)
+
+
+def test_gspo_on_policy_gradient_equals_grpo_and_ratio_is_length_free():
+    """[R] (b) on-policy GSPO gradient = GRPO's SEQ gradient −(A_i/|y_i|) Σ_t ∇ℓ; (c) s_i = e^δ for any |y_i|."""
+    gen = torch.Generator().manual_seed(32)
+    b, t = 4, 50
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = right_mask([50, 7, 1, 23], t)
+    g_gspo = grads_wrt(
+        lambda x: aggregate(gspo(x, x.detach(), adv, mask).loss, mask, "seq-mean-token-mean"), logp
+    )
+    g_grpo = grads_wrt(lambda x: aggregate(grpo(x, None, adv, mask).loss, mask, "seq-mean-token-mean"), logp)
+    torch.testing.assert_close(g_gspo, g_grpo, rtol=1e-12, atol=1e-15)
+    lengths = mask.sum(-1, keepdim=True).double()
+    torch.testing.assert_close(
+        g_gspo, torch.where(mask, -adv.unsqueeze(1) / lengths / b, 0.0), rtol=1e-12, atol=0
+    )
+    delta = math.log(1.02)
+    s = gspo(logp, logp - delta, adv, mask).metrics["ratio"]
+    torch.testing.assert_close(s[mask], torch.full((int(mask.sum()),), 1.02, dtype=F64), rtol=1e-12, atol=0)
+    assert math.isclose(1.02**50, 2.69, rel_tol=1e-3)  # the product ratio a token-level view would see
+
+
+def test_gspo_whole_sequence_clipped_has_zero_gradient_and_gradcheck():
+    """[R] (d): s_i outside the band on the pessimistic side removes the gradient of every token of y_i."""
+    gen = torch.Generator().manual_seed(33)
+    logp = (-torch.rand(3, 4, generator=gen, dtype=F64)).requires_grad_()
+    mask = right_mask([4, 2, 3], 4)
+    adv = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
+    # row 0: A > 0, s = e^0.5 > 1 + ε_high; row 1: A < 0, s = e^-0.5 < 1 − ε_low; row 2: inside (s = 1)
+    old = logp.detach() - torch.tensor([[0.5], [-0.5], [0.0]], dtype=F64)
+    for fn in (gspo, gspo_token):
+        g = grads_wrt(lambda x, fn=fn: fn(x, old, adv, mask, epsilon_low=0.2, epsilon_high=0.28).loss, logp)
+        assert (g[:2] == 0).all() and (g[2][mask[2]] != 0).all()
+    old = logp.detach() + 0.03 * torch.randn(3, 4, generator=gen, dtype=F64)
+    ref = logp.detach() + 0.1 * torch.randn(3, 4, generator=gen, dtype=F64)
+    # gspo only: gspo_token's value is built with stop-gradients, so by design its gradient is not the
+    # derivative of its value (it is checked against gspo's gradient instead)
+    assert torch.autograd.gradcheck(lambda x: gspo(x, old, adv, mask, ref_logp=ref, beta=0.1).loss, (logp,))
+
+
+def test_gspo_bad_input():
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="advantages must have 1 dimension"):
+        gspo(lp, None, torch.zeros(2, 3), m)
+    with pytest.raises(ValueError, match="ref_logp is required"):
+        gspo(lp, None, torch.zeros(2), m, beta=0.1)
+    with pytest.raises(ValueError, match="gspo_token: hyperparameter epsilon_low"):
+        po.get_loss("gspo_token", epsilon_low=1.0)
+    with pytest.raises(ValueError, match="gspo: hyperparameter epsilon_high"):
+        po.get_loss("gspo", epsilon_high=-1.0)
+    with pytest.raises(TypeError, match="mask"):
+        gspo_token(lp, None, torch.zeros(2), m.long())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_matches_trl_sequence_importance_sampling(beta):
+    """TRL 1.16 ``importance_sampling_level="sequence"`` with ``loss_type="grpo"`` is GSPO + seq-mean-token-mean."""
+    gen = torch.Generator().manual_seed(34)
+    b, t = 6, 7
+    logp0 = -torch.rand(b, t, generator=gen, dtype=F64) * 2
+    old = logp0 + 0.15 * torch.randn(b, t, generator=gen, dtype=F64)
+    ref = logp0 + 0.5 * torch.randn(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    kw = {"eps_low": 0.05, "eps_high": 0.07}
+    lp_trl = logp0.clone().requires_grad_(True)
+    trl_loss = _trl_grpo_loss(
+        "grpo",
+        lp_trl,
+        old,
+        ref,
+        adv,
+        mask,
+        beta=beta,
+        max_len=t,
+        n_items=int(mask.sum()),
+        level="sequence",
+        **kw,
+    )
+    trl_loss.backward()
+    lp = logp0.clone().requires_grad_(True)
+    out = gspo(lp, old, adv, mask, ref_logp=ref, beta=beta, epsilon_low=0.05, epsilon_high=0.07)
+    ours = aggregate(out.loss, mask, "seq-mean-token-mean")
+    ours.backward()
+    clipped = masked_mean(out.metrics["clip_low"] + out.metrics["clip_high"], mask, dim=-1)
+    assert 0 < int((clipped > 0).sum()) < b  # both regimes
+    torch.testing.assert_close(ours, trl_loss.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)

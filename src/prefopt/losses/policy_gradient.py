@@ -1,4 +1,4 @@
-r"""Policy-gradient losses for online RLHF on one interface: REINFORCE, RLOO, GRPO, PPO.
+r"""Policy-gradient losses for online RLHF on one interface: REINFORCE, RLOO, GRPO, GSPO, PPO.
 
 Every loss here is
 
@@ -45,7 +45,7 @@ from torch import Tensor
 from prefopt.registry import ge, gt, register_loss
 from prefopt.types import LossOutput, check_mask, check_tensor
 
-__all__ = ["LOG_RATIO_CLAMP", "grpo", "ppo", "reinforce", "rloo"]
+__all__ = ["LOG_RATIO_CLAMP", "grpo", "gspo", "gspo_token", "ppo", "reinforce", "rloo"]
 
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios (policy vs. sampling policy, policy vs. reference) are clamped to ``±LOG_RATIO_CLAMP``."""
@@ -267,18 +267,21 @@ def rloo(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _grpo_validator(hp: Mapping[str, Any]) -> None:
-    eh = hp["epsilon_high"]
-    if eh is not None and not (
-        isinstance(eh, (int, float)) and not isinstance(eh, bool) and 0 <= eh < float("inf")
-    ):
-        raise ValueError(
-            f"grpo: hyperparameter epsilon_high={eh!r} is out of range; allowed: None or a number >= 0"
-        )
-    if hp["epsilon_low"] >= 1:
-        raise ValueError(
-            f"grpo: hyperparameter epsilon_low={hp['epsilon_low']!r} must be < 1 (ratio ≥ 1 − ε > 0)"
-        )
+def _clip_validator(loss: str) -> Any:
+    def validate(hp: Mapping[str, Any]) -> None:
+        eh = hp["epsilon_high"]
+        if eh is not None and not (
+            isinstance(eh, (int, float)) and not isinstance(eh, bool) and 0 <= eh < float("inf")
+        ):
+            raise ValueError(
+                f"{loss}: hyperparameter epsilon_high={eh!r} is out of range; allowed: None or a number >= 0"
+            )
+        if hp["epsilon_low"] >= 1:
+            raise ValueError(
+                f"{loss}: hyperparameter epsilon_low={hp['epsilon_low']!r} must be < 1 (ratio ≥ 1 − ε > 0)"
+            )
+
+    return validate
 
 
 def _k3(logp: Tensor, ref: Tensor) -> Tensor:
@@ -291,7 +294,7 @@ def _k3(logp: Tensor, ref: Tensor) -> Tensor:
     "grpo",
     inputs="tokens",
     checks={"epsilon_low": ge(0), "beta": ge(0)},
-    validator=_grpo_validator,
+    validator=_clip_validator("grpo"),
     extras=("ref_logp",),
 )
 def grpo(
@@ -358,6 +361,173 @@ def grpo(
         mask, lp, kl=kl, ratio=c.ratio, clip_low=c.clip_low, clip_high=c.clip_high, advantages=adv
     )
     return LossOutput(loss, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GSPO and GSPO-token
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _seq_log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor) -> Tensor:
+    """``(b, 1)``: ``clamp(Σ_t m(ℓ − ℓ^old) / |y|, ±20)``, the log of GSPO's length-normalised sequence ratio."""
+    lp = torch.where(mask, logp, _zero(logp))
+    old = lp.detach() if old_logp is None else _tokens("old_logp", old_logp, mask, detach=True).to(lp.dtype)
+    lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(lp.dtype)
+    return ((lp - old).sum(dim=-1, keepdim=True) / lengths).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _gspo(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    lo: float,
+    hi: float,
+    beta: float,
+    *,
+    token: bool,
+    loss: str,
+) -> LossOutput:
+    mask = _mask(mask, logp)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"{loss}: ref_logp is required when beta > 0 (the KL term is computed against it)")
+    if not token:
+        check_tensor("advantages", advantages, ndim=1)
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
+    log_s = _seq_log_ratio(logp, old_logp, mask)
+    if token:  # value s_i, gradient s_i ∇ℓ_{i,t}
+        log_ratio = log_s.detach() + (lp - lp.detach())
+    else:
+        log_ratio = log_s.expand(mask.shape)
+    c = _clipped(log_ratio, adv, lo, hi)
+    per_token = c.loss
+    kl = torch.zeros_like(lp)
+    if ref_logp is not None:
+        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
+        if beta > 0:
+            per_token = per_token + beta * kl
+    out = torch.where(mask, per_token, _zero(lp))
+    metrics = _metrics(
+        mask, lp, kl=kl, ratio=c.ratio, clip_low=c.clip_low, clip_high=c.clip_high, advantages=adv
+    )
+    return LossOutput(out, metrics)
+
+
+@register_loss(
+    "gspo",
+    inputs="tokens",
+    checks={"epsilon_low": ge(0), "beta": ge(0)},
+    validator=_clip_validator("gspo"),
+    extras=("ref_logp",),
+)
+def gspo(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    beta: float = 0.0,
+) -> LossOutput:
+    r"""GSPO: group sequence policy optimisation with a length-normalised sequence ratio (Zheng et al. 2025,
+    arXiv:2507.18071, the GSPO objective).
+
+    $$ s_i = \exp\Big(\frac{1}{|y_i|}\sum_t m_{i,t}(\ell_{i,t} - \ell^{old}_{i,t})\Big), \qquad
+       l_{i,t} = -\min\big(s_i A_i,\ \mathrm{clip}(s_i, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\big)
+       + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
+
+    One clip decision per sequence: the surrogate is constant along the sequence, so
+    ``aggregate(loss, mask, "seq-mean-token-mean")`` is the paper's $-\frac1B\sum_i \min(\cdot)$ (TRL
+    ``importance_sampling_level="sequence"`` with ``loss_type="grpo"``; tested equal in value and gradient).
+    A token-sum aggregation (``"token-mean"``, ``"seq-mean-token-sum*"``) would weight each sequence by its
+    length. $s_i$ is the geometric mean of the token ratios: every token at log-ratio $\delta$ gives
+    $s_i = e^\delta$ whatever $|y_i|$. Unclipped, the gradient is $-A_i s_i \frac{1}{|y_i|}\sum_t \nabla\ell_{i,t}$;
+    on-policy it equals GRPO's. The log of $s_i$ is clamped to ±20 (saturating, zero gradient beyond).
+
+    Args:
+        logp: ``(b, t)`` current-policy log-probs (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $s_i = 1$).
+        advantages: ``(b,)`` per sequence (detached inside); for per-token advantages use
+            [`gspo_token`][prefopt.losses.policy_gradient.gspo_token].
+        mask: ``(b, t)`` bool completion mask.
+        ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        epsilon_low: lower clip (default 3e-4, the paper's; sequence ratios stay near 1).
+        epsilon_high: upper clip (default 4e-4, the paper's; None = ``epsilon_low``).
+        beta: k3 coefficient ≥ 0 (default 0.0, the paper's).
+
+    Returns:
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` as [`grpo`][prefopt.losses.policy_gradient.grpo]
+        (``ratio`` is $s_i$ on every token of sequence $i$).
+    """
+    eps_hi = epsilon_low if epsilon_high is None else epsilon_high
+    return _gspo(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        1.0 - epsilon_low,
+        1.0 + eps_hi,
+        beta,
+        token=False,
+        loss="gspo",
+    )
+
+
+@register_loss(
+    "gspo_token",
+    inputs="tokens",
+    checks={"epsilon_low": ge(0), "beta": ge(0)},
+    validator=_clip_validator("gspo_token"),
+    extras=("ref_logp",),
+)
+def gspo_token(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    beta: float = 0.0,
+) -> LossOutput:
+    r"""GSPO-token (Zheng et al. 2025, arXiv:2507.18071, the GSPO-token objective): GSPO with per-token advantages.
+
+    $$ s_{i,t} = \mathrm{sg}(s_i)\,\frac{\pi_\theta(y_{i,t})}{\mathrm{sg}(\pi_\theta(y_{i,t}))}, \qquad
+       l_{i,t} = -\min\big(s_{i,t} A_{i,t},\ \mathrm{clip}(s_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high})
+       A_{i,t}\big) + \beta k_3 $$
+
+    $s_{i,t}$ has the value $s_i$ of [`gspo`][prefopt.losses.policy_gradient.gspo] and the gradient
+    $s_i \nabla\ell_{i,t}$; with $A_{i,t} \equiv A_i$ it gives GSPO's values and gradients exactly (tested,
+    inside and outside the clip band). Reduce with ``"seq-mean-token-mean"``. The clamp of $\log s_i$ to ±20
+    only bounds the (stop-gradient) value: beyond it an unclipped token's gradient is $-A e^{20}\nabla\ell$.
+
+    Args:
+        logp, old_logp, mask, ref_logp, epsilon_low, epsilon_high, beta: as for
+            [`gspo`][prefopt.losses.policy_gradient.gspo].
+        advantages: ``(b,)`` per sequence or ``(b, t)`` per token (detached inside).
+
+    Returns:
+        ``LossOutput`` with ``loss`` ``(b, t)`` and ``(b, t)`` metrics as ``gspo``.
+    """
+    eps_hi = epsilon_low if epsilon_high is None else epsilon_high
+    return _gspo(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        1.0 - epsilon_low,
+        1.0 + eps_hi,
+        beta,
+        token=True,
+        loss="gspo_token",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
