@@ -72,6 +72,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     from prefopt.data import PromptCollator, load_builtin_pairs
     from prefopt.logprobs import token_logps
     from prefopt.losses.policy_gradient import reinforce
+    from prefopt.masked import aggregate
     from prefopt.policy import LoraPolicy
     from prefopt.sampling import HFSampler
 
@@ -130,9 +131,14 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             values = values_fn(roll.input_ids, roll.attention_mask)
             # values[:, i] has read tokens 0..i; the baseline of token t is the value of the state y_<t
             v_before = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
-        out = reinforce(logp, roll.completion_mask, pen.sequence_rewards, v_before, value_coef=0.1)
+        mask, ret = roll.completion_mask, pen.sequence_rewards
+        if v_before is None:
+            out = reinforce(logp, None, ret, mask)
+        else:
+            adv = ret.unsqueeze(1) - v_before.detach()
+            out = reinforce(logp, None, adv, mask, values=v_before, returns=ret, value_coef=0.1)
         opt.zero_grad(set_to_none=True)
-        out.loss.mean().backward()
+        aggregate(out.loss, mask, "seq-mean-token-sum").backward()
         opt.step()
         lm.eval()
         return float(roll.completion_len.float().mean())

@@ -34,7 +34,7 @@ from prefopt import rl
 from prefopt.data import PromptCollator
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import grpo
-from prefopt.masked import masked_mean
+from prefopt.masked import aggregate, masked_mean
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import HFSampler
 
@@ -147,9 +147,9 @@ def main() -> None:
             policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
         )
         assert isinstance(logp, torch.Tensor)
-        out = grpo(logp, roll.logp, adv, mask, roll.ref_logp, beta=args.beta, aggregation="grpo")
+        out = grpo(logp, roll.logp, adv, mask, ref_logp=roll.ref_logp, beta=args.beta)
         opt.zero_grad(set_to_none=True)
-        out.loss.sum().backward()
+        aggregate(out.loss, mask, "seq-mean-token-mean").backward()
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
         opt.step()
         policy.eval()

@@ -67,7 +67,7 @@ from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
 from prefopt.losses.policy_gradient import rloo
-from prefopt.masked import seq_sum
+from prefopt.masked import aggregate, seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import Rollout, pack_rollout
 from prefopt.types import BestOfNSamples
@@ -407,8 +407,9 @@ def reinforce_step(
     logp = token_logps(policy.model, roll.input_ids, roll.attention_mask, roll.completion_mask)
     assert isinstance(logp, Tensor) and isinstance(ref, Tensor)
     pen = rl.kl_penalized_rewards(scores, logp.detach(), ref, roll.completion_mask, beta=kl_coef)
-    out = rloo(logp, roll.completion_mask, pen.sequence_rewards.view(-1, k))
-    loss = out.loss.mean()
+    adv = rl.rloo_advantages(pen.sequence_rewards.view(-1, k)).reshape(-1)
+    out = rloo(logp, None, adv, roll.completion_mask)
+    loss = aggregate(out.loss, roll.completion_mask, "seq-mean-token-sum")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.clip)

@@ -8,7 +8,7 @@ Schulman et al. 2017 (Eq. 7, 9) as used for RLHF by Ziegler et al. 2019 / Ouyang
     V_old             = critic values of the states y_<t       # values() shifted right by one
     r_t               = −β·k1_t + 1[t = last]·score            # rl.kl_penalized_rewards (KL in the reward)
     Â, Ĝ              = rl.gae(r, V_old, γ=1, λ=0.95); Â ← whiten(Â)
-    for epoch in 1..K:  L = token_mean( ppo(logp, old_logp, Â, mask, V, V_old, Ĝ) )   (clipped ratio and value)
+    for epoch in 1..K:  L = aggregate(ppo(logp, old_logp, Â, mask, values=V, ...), "token-mean")  (clipped ratio and value)
 
 Reward: ``1 − |y|/max_new_tokens`` for answers that end with EOS, else 0 (``--reward concise``, programmatic).
 
@@ -32,7 +32,7 @@ from prefopt import rl
 from prefopt.data import PromptCollator, load_builtin_pairs
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import ppo
-from prefopt.masked import token_mean
+from prefopt.masked import aggregate, masked_mean, masked_whiten
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import HFSampler, Rollout
 
@@ -113,7 +113,7 @@ def main() -> None:
             old_values = state_values(policy, roll)
         pen = rl.kl_penalized_rewards(scores, roll.logp, roll.ref_logp, mask, beta=args.beta)
         adv, ret = rl.gae(pen.token_rewards, old_values, mask, gamma=1.0, lam=0.95)
-        adv = rl.whiten(adv, mask)
+        adv = masked_whiten(adv, mask)
 
         policy.train()
         metrics: dict[str, float] = {}
@@ -124,13 +124,21 @@ def main() -> None:
             assert isinstance(logp, torch.Tensor)
             values = state_values(policy, roll)
             out = ppo(
-                logp, roll.logp, adv, mask, values, old_values, ret, clip=args.clip, vf_coef=args.vf_coef
+                logp,
+                roll.logp,
+                adv,
+                mask,
+                values=values,
+                old_values=old_values,
+                returns=ret,
+                clip=args.clip,
+                vf_coef=args.vf_coef,
             )
             opt.zero_grad(set_to_none=True)
-            token_mean(out.loss, mask).backward()
+            aggregate(out.loss, mask, "token-mean").backward()
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
             opt.step()
-            metrics = {k: float(v) for k, v in out.metrics.items()}
+            metrics = {k: float(masked_mean(v, mask)) for k, v in out.metrics.items()}
         policy.eval()
 
         rec = {

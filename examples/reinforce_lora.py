@@ -39,6 +39,7 @@ from prefopt import rl
 from prefopt.data import PromptCollator, load_builtin_pairs, load_pointwise
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import reinforce
+from prefopt.masked import aggregate
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import HFSampler, Rollout
 
@@ -150,8 +151,10 @@ def main() -> None:
         values = policy.values(roll.input_ids, roll.attention_mask)  # critic adapter + head
         # values[:, i] has read tokens 0..i; the baseline for token t is the value of the state y_<t
         v_before = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
-        out = reinforce(logp, mask, pen.sequence_rewards, v_before, value_coef=args.value_coef)
-        loss = out.loss.mean()
+        ret = pen.sequence_rewards
+        adv = ret.unsqueeze(1) - v_before.detach()
+        out = reinforce(logp, None, adv, mask, values=v_before, returns=ret, value_coef=args.value_coef)
+        loss = aggregate(out.loss, mask, "seq-mean-token-sum")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
@@ -163,7 +166,7 @@ def main() -> None:
             "score": float(scores.mean()),
             "return": float(pen.sequence_rewards.mean()),
             "kl": float(pen.kl.sum(1).mean()),
-            "value_loss": float(out.metrics["value_loss"].mean()),
+            "value_loss": float(aggregate(out.metrics["value_loss"], mask, "seq-mean-token-sum")),
             "completion_len": float(roll.completion_len.float().mean()),
             "finished": float(roll.finished.float().mean()),
             "seconds": time.perf_counter() - t0,

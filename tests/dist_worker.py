@@ -178,7 +178,7 @@ def reinforce_step(
     """REINFORCE (one loss per sequence), global mean over sequences."""
     mask = batch["completion_mask"]
     logp = fwd(batch["input_ids"], batch["attention_mask"], mask)
-    per_seq = reinforce(logp, mask, batch["rewards"].to(logp.dtype)).loss  # (b,)
+    per_seq = seq_sum(reinforce(logp, None, batch["rewards"].to(logp.dtype), mask).loss, mask)  # (b,)
     if naive:
         return per_seq.detach().mean(), per_seq.mean()
     n_seq = global_count(mask.shape[0], world)

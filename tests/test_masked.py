@@ -221,3 +221,133 @@ def test_masked_out_nan_does_not_poison_var_whiten_gradient(fn):
         out * torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)[: out.numel()].reshape(out.shape)
     ).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# aggregate: the four modes, global counts, validation
+# ------------------------------------------------------------------------------------------------------
+
+
+def _oracle(loss: torch.Tensor, mask: torch.Tensor, mode: str, n_tok=None, n_seq=None, length=None) -> float:
+    """Loop over rows and tokens in Python floats."""
+    b, t = loss.shape
+    rows = [[float(loss[i, j]) for j in range(t) if mask[i, j]] for i in range(b)]
+    n_tok = sum(len(r) for r in rows) if n_tok is None else n_tok
+    n_seq = b if n_seq is None else n_seq
+    length = t if length is None else length
+    if mode == "token-mean":
+        return sum(sum(r) for r in rows) / max(n_tok, 1)
+    if mode == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in rows if r) / n_seq
+    if mode == "seq-mean-token-sum":
+        return sum(sum(r) for r in rows) / n_seq
+    return sum(sum(r) for r in rows) / (n_seq * length)
+
+
+@pytest.mark.parametrize("mode", masked.AGGREGATIONS)
+def test_aggregate_matches_loop_oracle_and_ignores_masked_garbage(mode):
+    gen = torch.Generator().manual_seed(0)
+    loss = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=gen) < 0.6
+    mask[2] = False  # a row with no token
+    garbage = loss.clone()
+    garbage[~mask] = float("nan")
+    garbage[0, ~mask[0]] = float("inf")
+    got = masked.aggregate(garbage, mask, mode)
+    assert got.item() == pytest.approx(_oracle(loss, mask, mode), rel=1e-12)
+    kw = {"max_length": 11} if mode == "seq-mean-token-sum-norm" else {}
+    counts = {"num_tokens": 40} if mode == "token-mean" else {"num_sequences": 9}
+    got = masked.aggregate(loss, mask, mode, **counts, **kw)
+    oracle = _oracle(
+        loss,
+        mask,
+        mode,
+        n_tok=counts.get("num_tokens"),
+        n_seq=counts.get("num_sequences"),
+        length=kw.get("max_length"),
+    )
+    assert got.item() == pytest.approx(oracle, rel=1e-12)
+    x = garbage.clone().requires_grad_(True)
+    masked.aggregate(x, mask, mode).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mode", masked.AGGREGATIONS)
+def test_aggregate_micro_batches_with_global_counts_give_the_whole_batch_gradient(mode):
+    gen = torch.Generator().manual_seed(1)
+    b, t = 6, 5
+    w = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    theta = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+
+    def per_token(p: torch.Tensor, rows: slice) -> torch.Tensor:
+        return torch.sin(p) * w[rows] + p.square()  # any non-linear per-token loss
+
+    p = theta.clone().requires_grad_(True)
+    masked.aggregate(per_token(p, slice(None)), mask, mode).backward()
+    whole = p.grad.clone()
+    counts = {"num_tokens": mask.sum()} if mode == "token-mean" else {"num_sequences": b}
+    p = theta.clone().requires_grad_(True)
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):  # micro-batches of unequal size
+        kw = {"max_length": t} if mode == "seq-mean-token-sum-norm" else {}
+        part = masked.aggregate(per_token(p[rows], rows), mask[rows], mode, **counts, **kw)
+        part.backward()
+        total += part.item()
+    torch.testing.assert_close(p.grad, whole, rtol=1e-12, atol=1e-15)
+    assert total == pytest.approx(
+        masked.aggregate(per_token(theta, slice(None)), mask, mode).item(), rel=1e-12
+    )
+    # without global counts the split changes the gradient (the test can fail)
+    if mode != "seq-mean-token-sum":
+        p = theta.clone().requires_grad_(True)
+        for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
+            masked.aggregate(per_token(p[rows], rows), mask[rows], mode).backward()
+        assert not torch.allclose(p.grad, whole)
+
+
+def test_aggregate_rejects_bad_mode_and_counts():
+    with pytest.raises(ValueError, match="mode must be one of 'token-mean', 'seq-mean-token-mean'"):
+        masked.aggregate(X, M, "dapo")
+    for bad in (0, -1.0, float("inf"), float("nan"), torch.tensor(0.0), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="num_tokens must be positive and finite"):
+            masked.aggregate(X, M, "token-mean", num_tokens=bad)
+        with pytest.raises(ValueError, match="num_sequences must be positive and finite"):
+            masked.aggregate(X, M, "seq-mean-token-sum", num_sequences=bad)
+    with pytest.raises(TypeError, match="num_tokens"):
+        masked.aggregate(X, M, "token-mean", num_tokens=True)
+    with pytest.raises(TypeError, match="num_tokens"):
+        masked.token_mean(X, M, num_tokens=True)
+    with pytest.raises(ValueError, match="num_tokens"):
+        masked.token_mean(X, M, num_tokens=float("inf"))
+    with pytest.raises(ValueError, match="num_tokens must be a scalar"):
+        masked.aggregate(X, M, "token-mean", num_tokens=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="num_tokens is only used by mode='token-mean'"):
+        masked.aggregate(X, M, "seq-mean-token-mean", num_tokens=3)
+    with pytest.raises(ValueError, match="num_sequences is not used"):
+        masked.aggregate(X, M, "token-mean", num_sequences=3)
+    with pytest.raises(ValueError, match="max_length is only used"):
+        masked.aggregate(X, M, "token-mean", max_length=3)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be an int >= 1"):
+            masked.aggregate(X, M, "seq-mean-token-sum-norm", max_length=bad)
+    with pytest.raises(TypeError, match="mask"):
+        masked.aggregate(X, M.long(), "token-mean")
+    with pytest.raises(ValueError, match="per_token_loss"):
+        masked.aggregate(X[0], M[0], "token-mean")
+
+
+def test_whiten_survives_values_whose_squares_overflow():
+    x = torch.tensor([1e20, -1e20, 0.0])
+    w = masked.masked_whiten(x)
+    torch.testing.assert_close(w, torch.tensor([1.0, -1.0, 0.0]), rtol=1e-6, atol=1e-6)  # stdev = 1e20
+    const = masked.masked_whiten(torch.full((4,), 3.0), eps=0.0)
+    assert (const == 0).all()
+    tiny = torch.tensor([1e-30, -1e-30, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        masked.masked_whiten(tiny, eps=0.0), torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    )
+    g = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(3, 4) < 0.8
+    m[0, 0] = m[0, 1] = True
+    assert torch.autograd.gradcheck(lambda a: masked.masked_whiten(a, m), (g,))

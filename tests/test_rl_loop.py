@@ -20,6 +20,7 @@ import torch
 from prefopt import rl
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import reinforce
+from prefopt.masked import aggregate
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import HFSampler
 from prefopt.testing import char_tokenizer, tiny_causal_lm
@@ -58,9 +59,9 @@ def test_tiny_reinforce_loop_raises_reward():
         baseline = roll.grouped(pen.sequence_rewards).mean(1).repeat_interleave(roll.num_samples)
         policy.train()
         logp = token_logps(policy.model, roll.input_ids, roll.attention_mask, roll.completion_mask)
-        out = reinforce(logp, roll.completion_mask, pen.sequence_rewards, baseline)
+        out = reinforce(logp, None, pen.sequence_rewards - baseline, roll.completion_mask)
         opt.zero_grad()
-        out.loss.mean().backward()
+        aggregate(out.loss, roll.completion_mask, "seq-mean-token-sum").backward()
         opt.step()
         rewards_seen.append(float(scores.mean()))
     p1 = first_token_prob(policy, prompts, a_id)

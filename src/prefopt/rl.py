@@ -1,5 +1,8 @@
 """Online-RL building blocks: GAE, leave-one-out and group advantages, KL estimators, KL-penalized rewards.
 
+Whitening (PPO advantages) is [`masked_whiten`][prefopt.masked.masked_whiten]; the reduction of a per-token
+loss is [`aggregate`][prefopt.masked.aggregate].
+
 Every function here is pure, works on tensors, and validates its inputs eagerly (a bad argument raises an
 error that names it). They are meant to be called once per rollout, between sampling and the loss, so they
 also check that rewards are finite (one device synchronization per call).
@@ -21,7 +24,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from prefopt.masked import masked_whiten
 from prefopt.types import check_finite, check_mask, check_tensor
 
 __all__ = [
@@ -32,7 +34,6 @@ __all__ = [
     "kl_penalized_rewards",
     "last_valid_index",
     "rloo_advantages",
-    "whiten",
 ]
 
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -214,24 +215,6 @@ def group_advantages(rewards: Tensor, *, scale_std: bool = True, eps: float = 1e
     std = r.std(dim=1, keepdim=True, correction=1).expand_as(r)
     denom = torch.where(constant, torch.ones((), dtype=r.dtype, device=r.device), std + eps)
     return centred / denom
-
-
-def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    r"""Masked whitening ``(x − μ)/sqrt(σ² + eps)`` over the valid elements (μ, σ² over all of them).
-
-    Used for PPO advantages (``shift_mean=True``) and rewards (``shift_mean=False`` keeps the mean, as TRL's
-    PPO does for rewards). Thin validated wrapper around :func:`prefopt.masked.masked_whiten` (Bessel
-    variance); masked positions become 0. ``mask=None`` means every element counts.
-    """
-    x = _as_float("x", x)
-    if mask is None:
-        mask = torch.ones_like(x, dtype=torch.bool)
-    mask = check_mask("mask", mask, x.shape, "x")
-    if not isinstance(shift_mean, bool):
-        raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
 
 # ----------------------------------------------------------------------------------------------------------

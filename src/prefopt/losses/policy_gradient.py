@@ -1,77 +1,133 @@
-"""Policy-gradient losses for online RLHF: REINFORCE (+ learned value baseline), RLOO, GRPO, PPO.
+r"""Policy-gradient losses for online RLHF on one interface: REINFORCE, RLOO, GRPO, GSPO, PPO.
 
-All are pure functions of tensors registered with ``inputs="tokens"``; their data arguments are
-positional tensors (not :class:`~prefopt.types.PairLogps`) and their hyperparameters keyword-only.
+Every loss here is
 
-Conventions (``docs/rl.md`` has the equations and a table):
+    fn(logp, old_logp, advantages, mask, *, <keyword-only data extras>, <hyperparameters>) -> LossOutput
 
-* ``logp`` ``(b, t)`` per-token log-probs of the sampled tokens under the current policy (with grad),
-  ``old_logp`` under the sampling policy, ``ref_logp`` under the reference; ``mask`` ``(b, t)`` **bool**
-  (True = completion token that counts; left or right padding both fine).
-* Advantages, rewards, returns and old quantities are treated as constants (``detach``-ed inside).
-* Sequence-level losses (REINFORCE, RLOO) return one loss per sequence ``(b,)``; token-level losses
-  (GRPO, PPO) return the unreduced per-token loss ``(b, t)``, exactly 0 where ``mask`` is False, and the
-  caller reduces it with :mod:`prefopt.masked` (``token_mean(loss, mask, num_tokens=N_global)`` is
-  invariant to how a batch is split into micro-batches).
-* Turn advantages into per-token tensors with :mod:`prefopt.rl` (``gae``, ``rloo_advantages``,
-  ``group_advantages``, ``kl_penalized_rewards``).
+* ``logp`` ``(b, t)``: log-probs $\ell_{i,t}$ of the sampled tokens under the current policy (with grad);
+  ``old_logp`` ``(b, t)``: under the sampling policy, $\ell^{old}_{i,t}$ (``None`` = on-policy, where the loss
+  allows it: ``logp.detach()``, so every ratio is exactly 1 with the right gradient);
+  ``advantages``: ``(b,)`` per sequence (broadcast over its tokens) or ``(b, t)`` per token, $A_{i,t}$;
+  ``mask`` ``(b, t)`` **bool**, True on the completion tokens that count (left or right padding both fine).
+* Extras (keyword-only, registered as ``extras``): ``ref_logp`` (GRPO's KL), ``values`` / ``old_values`` /
+  ``returns`` / ``entropy`` (PPO, REINFORCE's learned baseline).
+* Out: ``loss`` ``(b, t)`` per token, **exactly 0 where ``mask`` is False**; every metric is a detached
+  ``(b, t)`` tensor, 0 where masked. The caller reduces both with
+  [`aggregate`][prefopt.masked.aggregate] (``"token-mean"``, ``"seq-mean-token-mean"``, ...), e.g.
+  ``aggregate(out.loss, mask, "seq-mean-token-mean")`` is GRPO's paper objective, and
+  ``masked_mean(out.metrics["ratio"], mask)`` the batch's mean ratio.
+* Advantages, returns and ``old_*`` inputs are constants (detached inside).
+
+Robustness, shared by every loss:
+
+* Masked positions never reach the value or the gradient: every input is selected with ``torch.where``
+  before any arithmetic, so NaN/inf there give a finite loss and an exactly-zero, finite gradient (tested
+  for every loss and every input).
+* The log-ratio $\log\rho = \ell - \ell^{old}$ is clamped to $[-20, 20]$ before ``exp`` (as verl does), so a
+  ratio never overflows: beyond $e^{\pm 20}$ the ratio saturates and its gradient is 0. Inside the clamp the
+  values are the textbook ones. A clipped token's gradient is exactly 0 (its branch is selected with
+  ``torch.where``, never multiplied by 0), and a zero advantage gives exactly 0.
+* GRPO's k3 term clamps its log-ratio to $[-20, 20]$ likewise, so it stays finite (at most $e^{20}$).
+
+The shared core is ``_clipped`` (the PPO clipped surrogate on a log-ratio); a variant that changes the ratio
+(a sequence-level ratio, a stop-gradient weight) is a few lines on top of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from prefopt.masked import masked_mean
-from prefopt.registry import ge, gt, one_of, register_loss
-from prefopt.rl import kl_estimate, rloo_advantages
+from prefopt.registry import ge, gt, register_loss
 from prefopt.types import LossOutput, check_mask, check_tensor
 
-__all__ = ["grpo", "ppo", "reinforce", "rloo"]
+__all__ = ["LOG_RATIO_CLAMP", "grpo", "gspo", "gspo_token", "ppo", "reinforce", "rloo"]
+
+LOG_RATIO_CLAMP = 20.0
+"""Log-ratios (policy vs. sampling policy, policy vs. reference) are clamped to ``±LOG_RATIO_CLAMP``."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# input validation
+# input selection and validation
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tokens(name: str, x: Any, shape: torch.Size | None = None, like: str = "logp") -> Tensor:
+def _zero(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _tokens(name: str, x: Any, mask: Tensor, *, detach: bool = False) -> Tensor:
+    """Validate a ``(b, t)`` tensor of ``mask``'s shape and select it: 0 where masked (before any arithmetic)."""
     check_tensor(name, x, ndim=2)
-    if shape is not None and x.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but {like} has shape {tuple(shape)}")
-    return x
+    if x.shape != mask.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape {tuple(mask.shape)}")
+    if detach:
+        x = x.detach()
+    return torch.where(mask, x, _zero(x))
 
 
-def _per_sequence_or_token(name: str, x: Any, shape: torch.Size) -> Tensor:
-    """Accept ``(b,)`` (broadcast over tokens) or ``(b, t)``; return ``(b, t)`` or ``(b, 1)``."""
+def _per_token(name: str, x: Any, mask: Tensor, *, detach: bool = True) -> Tensor:
+    """Accept ``(b,)`` (broadcast over tokens) or ``(b, t)``; return the selected ``(b, t)`` tensor."""
     check_tensor(name, x)
-    if x.shape == shape:
-        return x
+    shape = mask.shape
     if x.ndim == 1 and x.shape[0] == shape[0]:
-        return x.unsqueeze(1)
-    raise ValueError(
-        f"{name} has shape {tuple(x.shape)}; expected ({shape[0]},) per sequence or {tuple(shape)} per token"
-    )
+        x = x.unsqueeze(1).expand(shape)
+    elif x.shape != shape:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; expected ({shape[0]},) per sequence or {tuple(shape)} per token"
+        )
+    if detach:
+        x = x.detach()
+    return torch.where(mask, x, _zero(x))
 
 
-def _where(mask: Tensor, x: Tensor) -> Tensor:
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+def _mask(mask: Any, logp: Any) -> Tensor:
+    check_tensor("logp", logp, ndim=2)
+    return check_mask("mask", mask, tuple(logp.shape), "logp")
 
 
-def _seq_sum(x: Tensor, mask: Tensor) -> Tensor:
-    return _where(mask, x).sum(dim=-1)
+def _log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor) -> Tensor:
+    """``clamp(ℓ − ℓ^old, ±20)`` on the selected inputs (``old_logp=None``: ``ℓ − sg(ℓ)``, i.e. exactly 0)."""
+    lp = torch.where(mask, logp, _zero(logp))
+    old = lp.detach() if old_logp is None else _tokens("old_logp", old_logp, mask, detach=True).to(lp.dtype)
+    return (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
-def _detached(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in metrics.items()}
+def _metrics(mask: Tensor, like: Tensor, **metrics: Tensor) -> dict[str, Tensor]:
+    zero = _zero(like)
+    return {k: torch.where(mask, v.detach().to(like.dtype), zero) for k, v in metrics.items()}
 
 
-def _clipped_surrogate(ratio: Tensor, adv: Tensor, lo: float, hi: float) -> Tensor:
-    """``max(−A·ρ, −A·clip(ρ, lo, hi))``: the negated PPO surrogate (Schulman et al. 2017, Eq. 7)."""
-    return torch.maximum(-adv * ratio, -adv * ratio.clamp(lo, hi))
+# ----------------------------------------------------------------------------------------------------------
+# the shared clipped-surrogate core
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Clipped:
+    loss: Tensor  # −min(ρA, clip(ρ, lo, hi)A) per element
+    ratio: Tensor
+    clip_low: Tensor  # bool: A < 0 and ρ < lo (gradient removed)
+    clip_high: Tensor  # bool: A > 0 and ρ > hi (gradient removed)
+
+
+def _clipped(log_ratio: Tensor, adv: Tensor, lo: float, hi: float) -> _Clipped:
+    r"""The negated PPO surrogate $\max(-A\rho, -A\,\mathrm{clip}(\rho, lo, hi))$ (Schulman et al. 2017,
+    arXiv:1707.06347, Eq. 7) of an already clamped log-ratio.
+
+    The clipped branch is the *constant* $-A\cdot lo$ or $-A\cdot hi$ selected with ``torch.where``, so its
+    gradient is exactly 0 whatever the other branch holds.
+    """
+    ratio = torch.exp(log_ratio)
+    clip_low = (adv < 0) & (ratio < lo)
+    clip_high = (adv > 0) & (ratio > hi)
+    bound = torch.where(clip_low, torch.full_like(ratio, lo), torch.full_like(ratio, hi))
+    loss = torch.where(clip_low | clip_high, -adv * bound, -adv * ratio)
+    return _Clipped(loss, ratio, clip_low, clip_high)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,67 +135,73 @@ def _clipped_surrogate(ratio: Tensor, adv: Tensor, lo: float, hi: float) -> Tens
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_loss("reinforce", inputs="tokens", checks={"value_coef": ge(0)})
+@register_loss("reinforce", inputs="tokens", checks={"value_coef": ge(0)}, extras=("values", "returns"))
 def reinforce(
-    logp: Tensor, mask: Tensor, rewards: Tensor, values: Tensor | None = None, *, value_coef: float = 1.0
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    returns: Tensor | None = None,
+    value_coef: float = 1.0,
 ) -> LossOutput:
-    r"""REINFORCE for language models with an optional learned value baseline (one loss per sequence).
+    r"""REINFORCE for language models, per token, with an optional learned value baseline.
 
-    Terminal reward, γ = 1, so the return of every token is the sequence reward ``R`` (PE-RLHF,
-    Sidahmed et al. 2024, §3; "REINFORCE for Language Models", Lee et al. 2023 RLAIF App. F)::
+    Terminal reward and $\gamma = 1$, so every token's return is the sequence reward $R_i$ (PE-RLHF, Sidahmed
+    et al. 2024, arXiv:2403.10704, §3; Lee et al. 2023, arXiv:2309.00267, App. F). With
+    $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$ (1 when ``old_logp`` is None):
 
-        no baseline:              L = −R · Σ_t m_t ℓ_t
-        per-sequence value (b,):  L = −sg(R − V) · Σ_t m_t ℓ_t        + c_v · (R − V)²
-        per-token value (b, t):   L = −Σ_t m_t ℓ_t · sg(R − V_t)      + c_v · Σ_t m_t (R − V_t)²
+    $$ l_{i,t} = -\mathrm{sg}(\rho_{i,t})\, A_{i,t}\, \ell_{i,t} + c_v\, v_{i,t} $$
 
-    ``V_t = V_ψ(x, y_<t)`` (a value head read at every completion position) is the paper's form; a single
-    ``V(x)`` per prompt (``values`` of shape ``(b,)``) is the cheaper per-sequence variant. The value loss
-    is a *sum* over tokens as in the paper (it grows with length; scale ``value_coef`` or use the
-    per-sequence form if that matters). The baseline does not bias the policy gradient because it does
-    not depend on the sampled token it multiplies.
+    whose gradient is the importance-weighted $-\rho A \nabla\ell$ (the gradient of the unclipped surrogate
+    $-\rho A$). ``aggregate(loss, mask, "seq-mean-token-sum")`` is the per-sequence REINFORCE objective
+    $-\frac1B\sum_i A_i S_i$, $S_i = \sum_t m_{i,t}\ell_{i,t}$.
+
+    The baseline is the caller's: pass ``advantages = R − sg(V)``. The value loss $v$ is the paper's squared
+    error, with ``values`` read at every completion position ``(b, t)``: $v_{i,t} = (G_{i,t} - V_{i,t})^2$
+    (a token *sum* over the sequence, as $L_V = \sum_t (Z_t - V_t)^2$ in the paper); or one ``V(x)`` per
+    prompt ``(b,)``: $v_{i,t} = (R_i - V_i)^2 / |y_i|$ on each of its tokens, so that the token sum is
+    $(R_i - V_i)^2$. ``returns`` ($G$ or $R$) is ``(b,)`` or the shape of ``values``.
 
     Args:
         logp: ``(b, t)`` policy log-probs of the sampled tokens (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy).
+        advantages: ``(b,)`` or ``(b, t)``, e.g. ``R − V`` or ``rl.rloo_advantages`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
-        rewards: ``(b,)`` sequence returns ``R`` (e.g. ``kl_penalized_rewards(...).sequence_rewards``;
-            detached inside).
-        values: ``None`` (plain REINFORCE), ``(b,)`` or ``(b, t)`` value predictions (with grad for the
-            value loss; detached in the policy term).
-        value_coef: ``c_v ≥ 0`` (default 1.0: the paper's unweighted ``L_V``, whose value model has its own
-            LoRA parameters).
+        values: optional ``(b,)`` or ``(b, t)`` value predictions (with grad) for the value loss.
+        returns: the value targets; required with ``values``.
+        value_coef: $c_v \ge 0$ (default 1.0: the paper's unweighted $L_V$).
 
     Returns:
-        ``LossOutput`` with ``loss`` ``(b,)``; metrics (per sequence): ``pg_loss``, ``value_loss`` (0 without
-        values), ``advantages`` (``R − V``, mean over valid tokens for per-token values), ``seq_logp``.
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``pg_loss``, ``value_loss``,
+        ``advantages``, ``ratio``. The ratio's log is clamped to ±20 (its weight saturates at $e^{20}$).
     """
-    _tokens("logp", logp)
-    mask = check_mask("mask", mask, logp.shape, "logp")
-    check_tensor("rewards", rewards, ndim=1)
-    if rewards.shape[0] != logp.shape[0]:
-        raise ValueError(f"rewards has shape {tuple(rewards.shape)} but logp has {logp.shape[0]} rows")
-    ret = rewards.detach()
-    seq_logp = _seq_sum(logp, mask)
-    if values is None:
-        adv = ret
-        pg = -adv * seq_logp
-        value_loss = torch.zeros_like(pg)
-    elif check_tensor("values", values).ndim == 1:
-        if values.shape != rewards.shape:
-            raise ValueError(
-                f"values has shape {tuple(values.shape)} but rewards has shape {tuple(rewards.shape)}"
-            )
-        adv = ret - values.detach()
-        pg = -adv * seq_logp
-        value_loss = (ret - values).square()
-    else:
-        _tokens("values", values, logp.shape)
-        adv_t = ret.unsqueeze(1) - values.detach()
-        pg = -_seq_sum(logp * adv_t, mask)
-        value_loss = _seq_sum((ret.unsqueeze(1) - values).square(), mask)
-        adv = masked_mean(adv_t, mask, dim=-1)
-    loss = pg + value_coef * value_loss
-    metrics = {"pg_loss": pg, "value_loss": value_loss, "advantages": adv, "seq_logp": seq_logp}
-    return LossOutput(loss, _detached(metrics))
+    mask = _mask(mask, logp)
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
+    weight = torch.exp(_log_ratio(logp, old_logp, mask)).detach()
+    pg = -weight * adv * lp
+    vf = torch.zeros_like(lp)
+    if values is not None:
+        if returns is None:
+            raise ValueError("reinforce: returns is required when values is given (the value-loss target)")
+        check_tensor("values", values)
+        if values.ndim == 1:
+            if values.shape[0] != mask.shape[0]:
+                raise ValueError(f"values has shape {tuple(values.shape)} but logp has {mask.shape[0]} rows")
+            v = _per_token("values", values, mask, detach=False)
+            ret = _per_token("returns", returns, mask)
+            lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(lp.dtype)
+            vf = (ret - v).square() / lengths
+        else:
+            v = _tokens("values", values, mask)
+            vf = (_per_token("returns", returns, mask) - v).square()
+    elif returns is not None:
+        raise ValueError("reinforce: returns was given without values")
+    loss = torch.where(mask, pg + value_coef * vf, _zero(lp))
+    metrics = _metrics(mask, lp, pg_loss=pg, value_loss=vf, advantages=adv, ratio=weight)
+    return LossOutput(loss, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,214 +211,323 @@ def reinforce(
 
 @register_loss("rloo", inputs="tokens", checks={"clip": gt(0)})
 def rloo(
-    logp: Tensor, mask: Tensor, rewards: Tensor, old_logp: Tensor | None = None, *, clip: float = 0.2
+    logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, *, clip: float = 0.2
 ) -> LossOutput:
-    r"""REINFORCE leave-one-out (Ahmadian et al. 2024, "Back to Basics", Eq. 9; Kool et al. 2019).
+    r"""REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740, Eq. 9; Kool et al. 2019): the whole
+    completion is one action, with $S_i = \sum_t m_{i,t}\ell_{i,t}$ and $A_i$ from
+    [`rloo_advantages`][prefopt.rl.rloo_advantages] (rows ``i·k + j``, the row-major order of its input):
 
-    ``k`` completions per prompt; the whole completion is one action, ``S_i = Σ_t m_t ℓ_t``::
+    * on-policy (``old_logp=None``): $l_{i,t} = -A_i\,\ell_{i,t}$, so $\sum_t l_{i,t} = -A_i S_i$;
+    * with ``old_logp``: TRL's sequence-level clipped surrogate spread evenly over the tokens,
+      $l_{i,t} = \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i, 1-\epsilon, 1+\epsilon)) / |y_i|$ with
+      $\rho_i = \exp(S_i - S^{old}_i)$ (log clamped to ±20), so $\sum_t l_{i,t}$ is the per-sequence value.
 
-        A_i = R_i − 1/(k−1) Σ_{j≠i} R_j                         (prefopt.rl.rloo_advantages)
-        L_i = −A_i · S_i                                          (on-policy, old_logp=None)
-        L_i = max(−A_i ρ_i, −A_i clip(ρ_i, 1−ε, 1+ε)),  ρ_i = exp(S_i − S_i^old)   (old_logp given)
-
-    The clipped form is TRL's sequence-level PPO wrapper for reusing a rollout; at ``ρ = 1`` its gradient
-    equals the plain form's. KL is expected *in the reward* (``R = score − β Σ_t k1_t``, see
-    ``prefopt.rl.kl_penalized_rewards``), as in the paper and TRL.
+    At $\rho = 1$ both forms have the same gradient. ``aggregate(loss, mask, "seq-mean-token-sum")`` is the
+    mean over sequences. KL is expected *in the reward* (``rl.kl_penalized_rewards``), as in the paper and TRL.
 
     Args:
-        logp: ``(prompts·k, t)`` policy log-probs; row ``i·k + j`` is completion ``j`` of prompt ``i``
-            (the row-major order of ``rewards``).
-        mask: ``(prompts·k, t)`` bool completion mask.
-        rewards: ``(prompts, k)`` rewards, ``k ≥ 2`` (detached inside).
-        old_logp: optional ``(prompts·k, t)`` sampling-policy log-probs for the clipped form.
-        clip: ε > 0 of the sequence-level clip (default 0.2, TRL); unused when ``old_logp`` is None.
+        logp: ``(b, t)`` policy log-probs (with grad); old_logp: ``(b, t)`` or None.
+        advantages: ``(b,)`` per completion (detached inside).
+        mask: ``(b, t)`` bool completion mask.
+        clip: $\epsilon > 0$ of the sequence-level clip (default 0.2, TRL); unused on-policy.
 
     Returns:
-        ``LossOutput`` with ``loss`` ``(prompts·k,)``; metrics per sequence: ``advantages``, ``seq_logp``,
-        ``ratio`` (1 when on-policy) and ``clipped`` (1.0 where the clip removed the gradient).
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` (constant along a sequence):
+        ``advantages``, ``ratio`` (1 on-policy), ``clipped`` (1.0 where the clip removed the gradient).
     """
-    _tokens("logp", logp)
-    mask = check_mask("mask", mask, logp.shape, "logp")
-    check_tensor("rewards", rewards)
-    if rewards.ndim != 2:
-        raise ValueError(f"rewards must be 2-D (prompts, k), got shape {tuple(rewards.shape)}")
-    if rewards.numel() != logp.shape[0]:
+    mask = _mask(mask, logp)
+    check_tensor("advantages", advantages, ndim=1)
+    if advantages.shape[0] != mask.shape[0]:
         raise ValueError(
-            f"rewards has shape {tuple(rewards.shape)} ({rewards.numel()} completions) but logp has "
-            f"{logp.shape[0]} rows; expected prompts·k rows"
+            f"advantages has shape {tuple(advantages.shape)} but logp has {mask.shape[0]} rows (one per completion)"
         )
-    adv = rloo_advantages(rewards.detach()).reshape(-1).to(logp.dtype)
-    seq_logp = _seq_sum(logp, mask)
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
     if old_logp is None:
-        loss = -adv * seq_logp
-        ratio = torch.ones_like(seq_logp)
-        clipped = torch.zeros_like(seq_logp)
+        per_token = -adv * lp
+        ratio = torch.ones_like(lp)
+        clipped = torch.zeros_like(mask)
     else:
-        _tokens("old_logp", old_logp, logp.shape)
-        ratio = torch.exp(seq_logp - _seq_sum(old_logp.detach(), mask))
-        loss = _clipped_surrogate(ratio, adv, 1.0 - clip, 1.0 + clip)
-        clipped = ((adv > 0) & (ratio > 1 + clip)) | ((adv < 0) & (ratio < 1 - clip))
-    metrics = {"advantages": adv, "seq_logp": seq_logp, "ratio": ratio, "clipped": clipped.to(logp.dtype)}
-    return LossOutput(loss, _detached(metrics))
+        old = _tokens("old_logp", old_logp, mask, detach=True).to(lp.dtype)
+        log_ratio = (lp - old).sum(dim=-1, keepdim=True)  # S − S^old, clamped below
+        a = advantages.detach().to(lp.dtype).unsqueeze(1)
+        a = torch.where(mask.any(dim=-1, keepdim=True), a, _zero(a))  # a row with no token: no advantage
+        c = _clipped(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), a, 1.0 - clip, 1.0 + clip)
+        lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(lp.dtype)
+        per_token = (c.loss / lengths).expand(mask.shape)
+        ratio = c.ratio.expand(mask.shape)
+        clipped = (c.clip_low | c.clip_high).expand(mask.shape)
+    loss = torch.where(mask, per_token, _zero(lp))
+    metrics = _metrics(mask, lp, advantages=adv, ratio=ratio, clipped=clipped)
+    return LossOutput(loss, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # GRPO
 # ----------------------------------------------------------------------------------------------------------
 
-_AGGREGATIONS = ("none", "grpo", "dapo", "dr_grpo")
+
+def _clip_validator(loss: str) -> Any:
+    def validate(hp: Mapping[str, Any]) -> None:
+        eh = hp["epsilon_high"]
+        if eh is not None and not (
+            isinstance(eh, (int, float)) and not isinstance(eh, bool) and 0 <= eh < float("inf")
+        ):
+            raise ValueError(
+                f"{loss}: hyperparameter epsilon_high={eh!r} is out of range; allowed: None or a number >= 0"
+            )
+        if hp["epsilon_low"] >= 1:
+            raise ValueError(
+                f"{loss}: hyperparameter epsilon_low={hp['epsilon_low']!r} must be < 1 (ratio ≥ 1 − ε > 0)"
+            )
+
+    return validate
 
 
-def _grpo_validator(hp: Mapping[str, Any]) -> None:
-    eh = hp["epsilon_high"]
-    if eh is not None and not (
-        isinstance(eh, (int, float)) and not isinstance(eh, bool) and 0 <= eh < float("inf")
-    ):
-        raise ValueError(
-            f"grpo: hyperparameter epsilon_high={eh!r} is out of range; allowed: None or a number >= 0"
-        )
-    if hp["epsilon_low"] >= 1:
-        raise ValueError(
-            f"grpo: hyperparameter epsilon_low={hp['epsilon_low']!r} must be < 1 (ratio ≥ 1 − ε > 0)"
-        )
-    ml = hp["max_length"]
-    if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 1):
-        raise ValueError(
-            f"grpo: hyperparameter max_length={ml!r} is out of range; allowed: None or an int >= 1"
-        )
-    if hp["aggregation"] == "dr_grpo" and ml is None:
-        raise ValueError(
-            "grpo: aggregation='dr_grpo' needs the hyperparameter max_length (the constant normalizer)"
-        )
-
-
-def _count(name: str, value: Tensor | float | None, default: Tensor, like: Tensor) -> Tensor:
-    if value is None:
-        return default.to(like.dtype).clamp(min=1)
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
-        out = value.detach().to(dtype=like.dtype, device=like.device).reshape(())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    else:
-        raise TypeError(f"{name} must be a number or a scalar tensor, got {type(value).__name__}")
-    if not bool(out > 0):
-        raise ValueError(f"{name} must be positive, got {float(out)}")
-    return out
+def _k3(logp: Tensor, ref: Tensor) -> Tensor:
+    """k3 = exp(−l) − 1 + l of the clamped log-ratio l = clamp(ℓ − ℓ^ref, ±20): finite, ≥ 0."""
+    log_ratio = (logp - ref).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.expm1(-log_ratio) + log_ratio
 
 
 @register_loss(
     "grpo",
     inputs="tokens",
-    checks={"epsilon_low": ge(0), "beta": ge(0), "aggregation": one_of(*_AGGREGATIONS)},
-    validator=_grpo_validator,
+    checks={"epsilon_low": ge(0), "beta": ge(0)},
+    validator=_clip_validator("grpo"),
+    extras=("ref_logp",),
 )
 def grpo(
     logp: Tensor,
     old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
-    ref_logp: Tensor | None = None,
-    num_tokens: Tensor | float | None = None,
-    num_sequences: Tensor | float | None = None,
     *,
+    ref_logp: Tensor | None = None,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
     beta: float = 0.0,
-    aggregation: str = "none",
-    max_length: int | None = None,
 ) -> LossOutput:
-    r"""GRPO per-token loss (Shao et al. 2024, DeepSeekMath, Eq. 3) with clip-higher and its aggregations.
+    r"""GRPO per-token loss (Shao et al. 2024, arXiv:2402.03300, Eq. 3) with DAPO's clip-higher.
 
-    With ``ρ_t = exp(ℓ_t − ℓ^old_t)``, ``A_i`` the group advantage of completion ``i``
-    (``prefopt.rl.group_advantages``) broadcast over its tokens, and ``k3`` against the reference::
+    With $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$, $A_i$ the group advantage of completion $i$
+    ([`group_advantages`][prefopt.rl.group_advantages]) broadcast over its tokens, and the k3 estimator
+    against the reference:
 
-        l_{i,t} = −min(ρ_t A_i, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_i) + β · k3(ℓ_t, ℓ^ref_t)
+    $$ l_{i,t} = -\min\big(\rho_{i,t} A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\big)
+       + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
 
     KL is **in the loss** (differentiated: its gradient is that of the forward KL(π_ref ‖ π), see
-    ``prefopt.rl.kl_estimate``). ``ε_high > ε_low`` is DAPO's clip-higher (Yu et al. 2025, Eq. 10;
-    they use ε_low = 0.2, ε_high = 0.28).
+    [`kl_estimate`][prefopt.rl.kl_estimate]). $\epsilon_{high} > \epsilon_{low}$ is DAPO's clip-higher
+    (Yu et al. 2025, arXiv:2503.14476, Eq. 10; they use 0.2 / 0.28). Reduce with
+    [`aggregate`][prefopt.masked.aggregate]: ``"seq-mean-token-mean"`` is the paper's objective (TRL
+    ``loss_type="grpo"``), ``"token-mean"`` with the global token count DAPO's (TRL ``"dapo"``),
+    ``"seq-mean-token-sum-norm"`` Dr. GRPO's (Liu et al. 2025, arXiv:2503.20783; TRL ``"dr_grpo"``, which
+    also drops std scaling: ``group_advantages(r, scale_std=False)``).
 
-    ``loss[i, t] = w_{i,t} · l_{i,t}`` (0 where masked), so that ``loss.sum()`` is the objective:
-
-    ======================  ============================  ==============================================
-    ``aggregation``         ``w_{i,t}``                   same as
-    ======================  ============================  ==============================================
-    ``"none"`` (default)    1                             reduce yourself with ``prefopt.masked``
-    ``"grpo"``              1 / (``|y_i|`` · B)           ``masked.mean_of_seq_means(l, mask)`` (paper Eq. 3)
-    ``"dapo"``              1 / N                         ``masked.token_mean(l, mask, num_tokens=N)``
-    ``"dr_grpo"``           1 / (B · ``max_length``)      Dr. GRPO (Liu et al. 2025), TRL ``dr_grpo``
-    ======================  ============================  ==============================================
-
-    ``N = num_tokens`` and ``B = num_sequences`` default to this call's ``Σ mask`` and ``b``; pass the
-    global batch's counts to make the sum over micro-batches / ranks equal the whole-batch objective
-    (TRL's ``dapo`` divides by the generation batch's token count). Dr. GRPO also drops std scaling:
-    ``group_advantages(r, scale_std=False)``.
+    Extreme values: the log-ratios to the old policy and to the reference are clamped to ±20 before ``exp``
+    (so $\rho \le e^{20}$ and $k_3 \le e^{20}$, both finite, with gradient 0 beyond the clamp).
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
-        old_logp: ``(b, t)`` sampling-policy log-probs, or ``None`` for one on-policy update
-            (``logp.detach()``, so ``ρ ≡ 1`` with the right gradient).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None for one on-policy update.
         advantages: ``(b,)`` per completion or ``(b, t)`` per token (detached inside).
         mask: ``(b, t)`` bool completion mask.
-        ref_logp: ``(b, t)`` reference log-probs; required when ``beta > 0``.
-        num_tokens, num_sequences: global counts for ``"dapo"`` / ``"grpo"``, ``"dr_grpo"`` (scalars > 0).
-        epsilon_low: lower clip ε (default 0.2, TRL); must be in [0, 1).
-        epsilon_high: upper clip ε (default ``None`` = ``epsilon_low``).
+        ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        epsilon_low: lower clip $\epsilon$ (default 0.2, TRL); must be in [0, 1).
+        epsilon_high: upper clip $\epsilon$ (default None = ``epsilon_low``).
         beta: KL coefficient ≥ 0 (default 0.0 as TRL, no reference needed; the paper uses 0.04).
-        aggregation: see the table (default ``"none"``: the project's unreduced per-token loss).
-        max_length: the constant ``L`` of ``"dr_grpo"`` (e.g. the maximum completion length).
 
     Returns:
-        ``LossOutput`` with ``loss`` ``(b, t)``; metrics per sequence ``(b,)`` (means over its valid
-        tokens): ``kl`` (k3, 0 when ``beta = 0`` and no ``ref_logp``), ``ratio``, ``clip_low`` / ``clip_high``
-        (fraction of tokens whose gradient the lower / upper clip removed), ``advantages``.
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``kl`` (k3; 0 without ``ref_logp``),
+        ``ratio``, ``clip_low`` / ``clip_high`` (1.0 where the lower / upper clip removed the gradient),
+        ``advantages``.
     """
-    _tokens("logp", logp)
-    shape = logp.shape
-    mask = check_mask("mask", mask, shape, "logp")
-    old = logp.detach() if old_logp is None else _tokens("old_logp", old_logp, shape).detach()
-    adv = _per_sequence_or_token("advantages", advantages, shape).detach().to(logp.dtype)
+    mask = _mask(mask, logp)
     if beta > 0 and ref_logp is None:
         raise ValueError("grpo: ref_logp is required when beta > 0 (the KL term is computed against it)")
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
     eps_hi = epsilon_low if epsilon_high is None else epsilon_high
-
-    ratio = torch.exp(logp - old)
-    per_token = _clipped_surrogate(ratio, adv, 1.0 - epsilon_low, 1.0 + eps_hi)
+    c = _clipped(_log_ratio(logp, old_logp, mask), adv, 1.0 - epsilon_low, 1.0 + eps_hi)
+    per_token = c.loss
+    kl = torch.zeros_like(lp)
     if ref_logp is not None:
-        _tokens("ref_logp", ref_logp, shape)
-        kl = kl_estimate(logp, ref_logp.detach(), estimator="k3")
+        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
         if beta > 0:
             per_token = per_token + beta * kl
+    loss = torch.where(mask, per_token, _zero(lp))
+    metrics = _metrics(
+        mask, lp, kl=kl, ratio=c.ratio, clip_low=c.clip_low, clip_high=c.clip_high, advantages=adv
+    )
+    return LossOutput(loss, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GSPO and GSPO-token
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _seq_log_ratio(logp: Tensor, old_logp: Tensor | None, mask: Tensor) -> Tensor:
+    """``(b, 1)``: ``clamp(Σ_t m(ℓ − ℓ^old) / |y|, ±20)``, the log of GSPO's length-normalised sequence ratio."""
+    lp = torch.where(mask, logp, _zero(logp))
+    old = lp.detach() if old_logp is None else _tokens("old_logp", old_logp, mask, detach=True).to(lp.dtype)
+    lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(lp.dtype)
+    return ((lp - old).sum(dim=-1, keepdim=True) / lengths).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _gspo(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    lo: float,
+    hi: float,
+    beta: float,
+    *,
+    token: bool,
+    loss: str,
+) -> LossOutput:
+    mask = _mask(mask, logp)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"{loss}: ref_logp is required when beta > 0 (the KL term is computed against it)")
+    if not token:
+        check_tensor("advantages", advantages, ndim=1)
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
+    log_s = _seq_log_ratio(logp, old_logp, mask)
+    if token:  # value s_i, gradient s_i ∇ℓ_{i,t}
+        log_ratio = log_s.detach() + (lp - lp.detach())
     else:
-        kl = torch.zeros_like(logp)
-    per_token = _where(mask, per_token)
+        log_ratio = log_s.expand(mask.shape)
+    c = _clipped(log_ratio, adv, lo, hi)
+    per_token = c.loss
+    kl = torch.zeros_like(lp)
+    if ref_logp is not None:
+        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
+        if beta > 0:
+            per_token = per_token + beta * kl
+    out = torch.where(mask, per_token, _zero(lp))
+    metrics = _metrics(
+        mask, lp, kl=kl, ratio=c.ratio, clip_low=c.clip_low, clip_high=c.clip_high, advantages=adv
+    )
+    return LossOutput(out, metrics)
 
-    lengths = mask.sum(dim=-1)
-    if aggregation == "none":
-        loss = per_token
-    elif aggregation == "grpo":
-        n_seq = _count("num_sequences", num_sequences, torch.tensor(shape[0]), logp)
-        loss = per_token / (lengths.clamp(min=1).to(logp.dtype).unsqueeze(1) * n_seq)
-    elif aggregation == "dapo":
-        loss = per_token / _count("num_tokens", num_tokens, mask.sum(), logp)
-    else:  # dr_grpo
-        assert max_length is not None  # guaranteed by the validator
-        n_seq = _count("num_sequences", num_sequences, torch.tensor(shape[0]), logp)
-        loss = per_token / (n_seq * max_length)
 
-    adv_b = adv.expand(shape)
-    low = (adv_b < 0) & (ratio < 1 - epsilon_low)
-    high = (adv_b > 0) & (ratio > 1 + eps_hi)
-    metrics = {
-        "kl": masked_mean(kl, mask, dim=-1),
-        "ratio": masked_mean(ratio, mask, dim=-1),
-        "clip_low": masked_mean(low.to(logp.dtype), mask, dim=-1),
-        "clip_high": masked_mean(high.to(logp.dtype), mask, dim=-1),
-        "advantages": masked_mean(adv_b, mask, dim=-1),
-    }
-    return LossOutput(loss, _detached(metrics))
+@register_loss(
+    "gspo",
+    inputs="tokens",
+    checks={"epsilon_low": ge(0), "beta": ge(0)},
+    validator=_clip_validator("gspo"),
+    extras=("ref_logp",),
+)
+def gspo(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    beta: float = 0.0,
+) -> LossOutput:
+    r"""GSPO: group sequence policy optimisation with a length-normalised sequence ratio (Zheng et al. 2025,
+    arXiv:2507.18071, the GSPO objective).
+
+    $$ s_i = \exp\Big(\frac{1}{|y_i|}\sum_t m_{i,t}(\ell_{i,t} - \ell^{old}_{i,t})\Big), \qquad
+       l_{i,t} = -\min\big(s_i A_i,\ \mathrm{clip}(s_i, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\big)
+       + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
+
+    One clip decision per sequence: the surrogate is constant along the sequence, so
+    ``aggregate(loss, mask, "seq-mean-token-mean")`` is the paper's $-\frac1B\sum_i \min(\cdot)$ (TRL
+    ``importance_sampling_level="sequence"`` with ``loss_type="grpo"``; tested equal in value and gradient).
+    A token-sum aggregation (``"token-mean"``, ``"seq-mean-token-sum*"``) would weight each sequence by its
+    length. $s_i$ is the geometric mean of the token ratios: every token at log-ratio $\delta$ gives
+    $s_i = e^\delta$ whatever $|y_i|$. Unclipped, the gradient is $-A_i s_i \frac{1}{|y_i|}\sum_t \nabla\ell_{i,t}$;
+    on-policy it equals GRPO's. The log of $s_i$ is clamped to ±20 (saturating, zero gradient beyond).
+
+    Args:
+        logp: ``(b, t)`` current-policy log-probs (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $s_i = 1$).
+        advantages: ``(b,)`` per sequence (detached inside); for per-token advantages use
+            [`gspo_token`][prefopt.losses.policy_gradient.gspo_token].
+        mask: ``(b, t)`` bool completion mask.
+        ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        epsilon_low: lower clip (default 3e-4, the paper's; sequence ratios stay near 1).
+        epsilon_high: upper clip (default 4e-4, the paper's; None = ``epsilon_low``).
+        beta: k3 coefficient ≥ 0 (default 0.0, the paper's).
+
+    Returns:
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` as [`grpo`][prefopt.losses.policy_gradient.grpo]
+        (``ratio`` is $s_i$ on every token of sequence $i$).
+    """
+    eps_hi = epsilon_low if epsilon_high is None else epsilon_high
+    return _gspo(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        1.0 - epsilon_low,
+        1.0 + eps_hi,
+        beta,
+        token=False,
+        loss="gspo",
+    )
+
+
+@register_loss(
+    "gspo_token",
+    inputs="tokens",
+    checks={"epsilon_low": ge(0), "beta": ge(0)},
+    validator=_clip_validator("gspo_token"),
+    extras=("ref_logp",),
+)
+def gspo_token(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float | None = 4e-4,
+    beta: float = 0.0,
+) -> LossOutput:
+    r"""GSPO-token (Zheng et al. 2025, arXiv:2507.18071, the GSPO-token objective): GSPO with per-token advantages.
+
+    $$ s_{i,t} = \mathrm{sg}(s_i)\,\frac{\pi_\theta(y_{i,t})}{\mathrm{sg}(\pi_\theta(y_{i,t}))}, \qquad
+       l_{i,t} = -\min\big(s_{i,t} A_{i,t},\ \mathrm{clip}(s_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high})
+       A_{i,t}\big) + \beta k_3 $$
+
+    $s_{i,t}$ has the value $s_i$ of [`gspo`][prefopt.losses.policy_gradient.gspo] and the gradient
+    $s_i \nabla\ell_{i,t}$; with $A_{i,t} \equiv A_i$ it gives GSPO's values and gradients exactly (tested,
+    inside and outside the clip band). Reduce with ``"seq-mean-token-mean"``. The clamp of $\log s_i$ to ±20
+    only bounds the (stop-gradient) value: beyond it an unclipped token's gradient is $-A e^{20}\nabla\ell$.
+
+    Args:
+        logp, old_logp, mask, ref_logp, epsilon_low, epsilon_high, beta: as for
+            [`gspo`][prefopt.losses.policy_gradient.gspo].
+        advantages: ``(b,)`` per sequence or ``(b, t)`` per token (detached inside).
+
+    Returns:
+        ``LossOutput`` with ``loss`` ``(b, t)`` and ``(b, t)`` metrics as ``gspo``.
+    """
+    eps_hi = epsilon_low if epsilon_high is None else epsilon_high
+    return _gspo(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        1.0 - epsilon_low,
+        1.0 + eps_hi,
+        beta,
+        token=True,
+        loss="gspo_token",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,17 +559,18 @@ def _ppo_validator(hp: Mapping[str, Any]) -> None:
     inputs="tokens",
     checks={"clip": gt(0), "vf_coef": ge(0), "ent_coef": ge(0)},
     validator=_ppo_validator,
+    extras=("values", "old_values", "returns", "entropy"),
 )
 def ppo(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    *,
     values: Tensor | None = None,
     old_values: Tensor | None = None,
     returns: Tensor | None = None,
     entropy: Tensor | None = None,
-    *,
     clip: float = 0.2,
     dual_clip: float | None = None,
     value_clip: float | None = 0.2,
@@ -407,64 +579,70 @@ def ppo(
 ) -> LossOutput:
     r"""PPO per-token loss: clipped surrogate, optional dual clip, clipped value loss, entropy bonus.
 
-    With ``ρ_t = exp(ℓ_t − ℓ^old_t)`` (Schulman et al. 2017, Eq. 7 and 9; value clipping as in
-    OpenAI baselines / TRL; dual clip from Ye et al. 2020, "Mastering Complex Control in MOBA Games", Eq. 5)::
+    With $\rho_t = \exp(\ell_t - \ell^{old}_t)$ (Schulman et al. 2017, arXiv:1707.06347, Eq. 7 and 9; value
+    clipping as in OpenAI baselines / TRL; dual clip from Ye et al. 2020, arXiv:1912.09729, Eq. 5):
 
-        pg_t  = max(−Â_t ρ_t, −Â_t clip(ρ_t, 1 − ε, 1 + ε))
-        pg_t  = min(pg_t, −c·Â_t)                      where Â_t < 0   (dual clip, c > 1)
-        V^c_t = V^old_t + clip(V_t − V^old_t, −ε_v, ε_v)
-        vf_t  = ½ max((V_t − Ĝ_t)², (V^c_t − Ĝ_t)²)     (½ (V_t − Ĝ_t)² with value_clip=None)
-        l_t   = pg_t + c_v · vf_t − c_H · H_t
+    $$ pg_t = \max(-\hat A_t\rho_t, -\hat A_t\,\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)), \qquad
+       pg_t \leftarrow \min(pg_t, -c\hat A_t) \text{ where } \hat A_t < 0 \text{ (dual clip, } c > 1) $$
 
-    The value loss is 0 at ``V = Ĝ`` when unclipped or when ``|V − V^old| ≤ ε_v``; the clipped form is
-    pessimistic (a max), so ``V = Ĝ`` far from ``V^old`` still pays ``½(V^c − Ĝ)²`` and gets no gradient.
-    The clip removes the gradient of token ``t`` exactly where ``Â_t > 0, ρ_t > 1 + ε`` or
-    ``Â_t < 0, ρ_t < 1 − ε``; the dual clip also where ``Â_t < 0, ρ_t > c``. KL is expected **in the
-    reward** (``prefopt.rl.kl_penalized_rewards`` → ``gae`` → usually ``whiten``).
+    $$ V^c_t = V^{old}_t + \mathrm{clip}(V_t - V^{old}_t, -\epsilon_v, \epsilon_v), \quad
+       vf_t = \tfrac12\max((V_t - \hat G_t)^2, (V^c_t - \hat G_t)^2), \quad
+       l_t = pg_t + c_v\, vf_t - c_H H_t $$
+
+    ($vf_t = \frac12 (V_t - \hat G_t)^2$ with ``value_clip=None``.) The value loss is 0 at $V = \hat G$ when
+    unclipped or when $|V - V^{old}| \le \epsilon_v$; the clipped form is pessimistic (a max), so $V = \hat G$
+    far from $V^{old}$ still pays $\frac12(V^c - \hat G)^2$ and gets no gradient. The clip removes the
+    gradient of token $t$ exactly (0, not a small number) where $\hat A_t > 0, \rho_t > 1 + \epsilon$ or
+    $\hat A_t < 0, \rho_t < 1 - \epsilon$; the dual clip also where $\hat A_t < 0, \rho_t > c$. KL is expected
+    **in the reward** (``rl.kl_penalized_rewards`` → ``rl.gae`` → usually ``masked_whiten``). Reduce with
+    ``aggregate(loss, mask, "token-mean")``.
+
+    Extreme values: $\log\rho$ is clamped to ±20, so without the dual clip a negative-advantage token with a
+    ratio beyond $e^{20}$ pays $-\hat A e^{20}$ (finite) with zero gradient, instead of overflowing.
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs.
-        advantages: ``(b, t)`` (or ``(b,)`` broadcast) advantages ``Â`` (detached inside).
+        advantages: ``(b, t)`` (or ``(b,)`` broadcast) advantages $\hat A$ (detached inside).
         mask: ``(b, t)`` bool completion mask.
-        values, old_values, returns: ``(b, t)`` value predictions (with grad), their values at sampling
-            time and the targets ``Ĝ`` (``gae``'s returns). ``values`` needs ``returns``, and ``old_values``
-            unless ``value_clip=None``. Without ``values`` the value term is 0.
-        entropy: ``(b, t)`` per-token policy entropy (``token_logps(..., return_entropy=True)``); required
-            when ``ent_coef > 0``.
-        clip: ε in (0, 1) (default 0.2), dual_clip: ``c > 1`` or None (default None; 3.0 in the paper),
-        value_clip: ε_v > 0 or None (default 0.2), vf_coef: ``c_v`` (default 0.1), ent_coef: ``c_H``
-        (default 0.0) — defaults as TRL's PPO.
+        values: ``(b, t)`` value predictions (with grad); needs ``returns``, and ``old_values`` unless
+            ``value_clip=None``. Without ``values`` the value term is 0.
+        old_values: ``(b, t)`` values at sampling time.
+        returns: ``(b, t)`` value targets $\hat G$ (``gae``'s returns).
+        entropy: ``(b, t)`` per-token policy entropy; required when ``ent_coef > 0``.
+        clip: $\epsilon \in (0, 1)$ (default 0.2).
+        dual_clip: $c > 1$ or None (default None; 3.0 in the paper).
+        value_clip: $\epsilon_v > 0$ or None (default 0.2).
+        vf_coef: $c_v$ (default 0.1).
+        ent_coef: $c_H$ (default 0.0; defaults as TRL's PPO).
 
     Returns:
-        ``LossOutput`` with the unreduced per-token ``loss`` ``(b, t)``, 0 where masked; reduce it with
-        ``prefopt.masked.token_mean``. Metrics are **scalars**, masked means over this call's valid tokens:
-        ``pg_loss``, ``value_loss``, ``entropy``, ``approx_kl`` (``½(ℓ − ℓ^old)²``), ``ratio``, ``clip_frac``,
-        ``dual_clip_frac``, ``value_clip_frac``.
+        ``LossOutput`` with ``loss`` ``(b, t)``, 0 where masked; metrics ``(b, t)``: ``pg_loss``,
+        ``value_loss``, ``entropy``, ``approx_kl`` ($\frac12(\ell - \ell^{old})^2$), ``ratio``, ``clip_frac``,
+        ``dual_clip_frac``, ``value_clip_frac`` (``masked_mean(m, mask)`` gives the batch value).
     """
-    _tokens("logp", logp)
-    shape = logp.shape
-    mask = check_mask("mask", mask, shape, "logp")
-    old = _tokens("old_logp", old_logp, shape).detach()
-    adv = _per_sequence_or_token("advantages", advantages, shape).detach().to(logp.dtype).expand(shape)
-
-    log_ratio = logp - old
-    ratio = torch.exp(log_ratio)
-    pg = _clipped_surrogate(ratio, adv, 1.0 - clip, 1.0 + clip)
+    mask = _mask(mask, logp)
+    if old_logp is None:
+        raise TypeError("ppo: old_logp must be a torch.Tensor (the sampling policy's log-probs), got None")
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
+    log_ratio = _log_ratio(logp, old_logp, mask)
+    c = _clipped(log_ratio, adv, 1.0 - clip, 1.0 + clip)
+    pg = c.loss
     dual = torch.zeros_like(mask)
     if dual_clip is not None:
-        dual = (adv < 0) & (ratio > dual_clip)
-        pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
-    clipped = ((adv > 0) & (ratio > 1 + clip)) | ((adv < 0) & (ratio < 1 - clip))
+        dual = (adv < 0) & (c.ratio > dual_clip)
+        pg = torch.where(dual, -dual_clip * adv, pg)
+    clipped = c.clip_low | c.clip_high
 
-    zero = torch.zeros_like(logp)
+    zero = torch.zeros_like(lp)
     vf, vclipped = zero, torch.zeros_like(mask)
     if values is not None:
-        _tokens("values", values, shape)
+        v = _tokens("values", values, mask).to(lp.dtype)
         if returns is None:
             raise ValueError("ppo: returns is required when values is given (the value-loss target)")
-        ret = _tokens("returns", returns, shape).detach()
-        vf_unclipped = (values - ret).square()
+        ret = _tokens("returns", returns, mask, detach=True).to(lp.dtype)
+        vf_unclipped = (v - ret).square()
         if value_clip is None:
             vf = 0.5 * vf_unclipped
         else:
@@ -472,8 +650,8 @@ def ppo(
                 raise ValueError(
                     "ppo: old_values is required for the clipped value loss (or set value_clip=None)"
                 )
-            v_old = _tokens("old_values", old_values, shape).detach()
-            v_clip = v_old + (values - v_old).clamp(-value_clip, value_clip)
+            v_old = _tokens("old_values", old_values, mask, detach=True).to(lp.dtype)
+            v_clip = v_old + (v - v_old).clamp(-value_clip, value_clip)
             vf_clip = (v_clip - ret).square()
             vf = 0.5 * torch.maximum(vf_unclipped, vf_clip)
             vclipped = vf_clip > vf_unclipped
@@ -482,23 +660,21 @@ def ppo(
 
     ent = zero
     if entropy is not None:
-        ent = _tokens("entropy", entropy, shape)
+        ent = _tokens("entropy", entropy, mask).to(lp.dtype)
     elif ent_coef > 0:
         raise ValueError("ppo: entropy is required when ent_coef > 0")
 
-    loss = _where(mask, pg + vf_coef * vf - ent_coef * ent)
-
-    def mean(x: Tensor) -> Tensor:
-        return masked_mean(x.to(logp.dtype), mask)
-
-    metrics = {
-        "pg_loss": mean(pg),
-        "value_loss": mean(vf),
-        "entropy": mean(ent),
-        "approx_kl": mean(0.5 * log_ratio.square()),
-        "ratio": mean(ratio),
-        "clip_frac": mean(clipped),
-        "dual_clip_frac": mean(dual),
-        "value_clip_frac": mean(vclipped),
-    }
-    return LossOutput(loss, _detached(metrics))
+    loss = torch.where(mask, pg + vf_coef * vf - ent_coef * ent, _zero(lp))
+    metrics = _metrics(
+        mask,
+        lp,
+        pg_loss=pg,
+        value_loss=vf,
+        entropy=ent,
+        approx_kl=0.5 * log_ratio.square(),
+        ratio=c.ratio,
+        clip_frac=clipped,
+        dual_clip_frac=dual,
+        value_clip_frac=vclipped,
+    )
+    return LossOutput(loss, metrics)
