@@ -6,7 +6,7 @@ by :class:`prefopt.data.PreferenceCollator` (max length 512; TRL's own collator 
 ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``), sigmoid DPO loss (beta 0.1) with the reference = adapters
 off, backward, one AdamW step (lr 1e-4, weight decay 0, no clipping, no scheduler).
 
-* ``prefopt``: ``pair_seq_logps`` (chunked LM head) for policy and ``policy.reference()``, ``get_loss("dpo")``,
+* ``prefopt``: ``pair_logps(policy, batch)`` (chunked LM head; policy and ``policy.reference()``), ``get_loss("dpo")``,
   ``loss.mean().backward()``, ``opt.step()``.
 * ``prefopt_shared``: the same with :func:`prefopt.shared_prefix.shared_prompt_pair_logps` (each prompt once,
   ``method="packed"``); ``prefopt_shared_cache`` (not run by default): ``method="cache"``.
@@ -118,33 +118,25 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
 
     if args.impl.startswith("prefopt"):
-        import dataclasses
-
-        from prefopt.logprobs import pair_seq_logps
+        from prefopt.data import split_shared_prompt
+        from prefopt.logprobs import pair_logps
         from prefopt.policy import LoraPolicy
         from prefopt.registry import get_loss
-        from prefopt.shared_prefix import shared_prompt_pair_logps, split_shared_prompt
+        from prefopt.types import PairBatch, SharedPromptBatch
 
         policy = LoraPolicy(model, lora_config())
         checksum = init_adapter_(policy.model, args.seed)
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
         dpo = get_loss("dpo", beta=args.beta)
-        if args.impl.startswith("prefopt_shared"):
-            data: dict[str, torch.Tensor] = split_shared_prompt(batch)
-            method = "cache" if args.impl.endswith("_cache") else "packed"
-
-            def fn(model: Any, b: dict[str, torch.Tensor]) -> Any:
-                return shared_prompt_pair_logps(model, b, method=method)
-
-        else:
-            data, fn = batch, pair_seq_logps  # type: ignore[assignment]
+        data: PairBatch | SharedPromptBatch = (
+            split_shared_prompt(batch) if args.impl.startswith("prefopt_shared") else batch
+        )
+        method = "cache" if args.impl.endswith("_cache") else "packed"
         policy.model.train()
 
         def step() -> float:
-            with policy.reference():  # reference first: its buffers are gone before the policy's are held
-                ref = fn(policy.model, data)
-            logps = fn(policy.model, data)
-            logps = dataclasses.replace(logps, ref_chosen=ref.chosen, ref_rejected=ref.rejected)
+            # the reference runs first: its buffers are gone before the policy's are held
+            logps = pair_logps(policy, data, method=method)
             loss = dpo(logps).loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -188,15 +180,15 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop, read by training_step
         examples = []
-        plen = batch["prompt_len"]
+        plen = batch.prompt_len
         for i in range(b):
             p = int(plen[i])
-            ids_c = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-            ids_r = batch["input_ids"][b + i][batch["attention_mask"][b + i].bool()].tolist()
+            ids_c = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+            ids_r = batch.input_ids[b + i][batch.attention_mask[b + i].bool()].tolist()
             examples.append({"prompt_ids": ids_c[:p], "chosen_ids": ids_c[p:], "rejected_ids": ids_r[p:]})
         trl_batch = trainer.data_collator(examples)
-        same = torch.equal(trl_batch["input_ids"], batch["input_ids"]) and torch.equal(
-            trl_batch["completion_mask"].bool(), batch["completion_mask"]
+        same = torch.equal(trl_batch["input_ids"], batch.input_ids) and torch.equal(
+            trl_batch["completion_mask"].bool(), batch.completion_mask
         )
         if not same:
             raise RuntimeError("TRL's collated batch differs from prefopt's tokens")
@@ -209,7 +201,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             opt_trl.zero_grad(set_to_none=True)
             return float(loss)
 
-    tokens = int(batch["attention_mask"].sum())
+    tokens = int(batch.attention_mask.sum())
     reset = _reset_peak()
     base = _rss_kib("VmRSS")
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -231,7 +223,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "losses": losses,
         "adapter_checksum": checksum,
         "tokens": tokens,
-        "seq_len": int(batch["input_ids"].shape[1]),
+        "seq_len": int(batch.input_ids.shape[1]),
     }
 
 

@@ -4,7 +4,7 @@ prefopt adds nothing distributed of its own: accelerate (or torchrun + DDP/FSDP)
 gradient averaging, prefopt's losses are pure functions of per-sequence log-probs. Two things matter:
 
 1. **The forward that DDP/FSDP sees.** Gradient sync (DDP) and parameter gathering (FSDP) hook into the
-   *wrapped module's forward*. ``token_logps`` calls the backbone and reads the LM head directly, so wrap the
+   *wrapped module's forward*. ``pair_logps`` calls the backbone and reads the LM head directly, so wrap the
    log-prob computation in a small ``nn.Module`` (:class:`PolicyAndReference` below) and ``prepare`` that.
    The reference pass (``policy.reference()``: adapters off, same backbone) runs inside the same forward, so
    under FSDP it sees gathered weights too.
@@ -35,47 +35,27 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from prefopt.data import PreferenceCollator, load_builtin_pairs
-from prefopt.logprobs import token_logps
-from prefopt.masked import seq_len, seq_sum
+from prefopt.logprobs import pair_logps
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
-from prefopt.types import PairLogps
+from prefopt.types import PairBatch, PairLogps
 
 
 class PolicyAndReference(nn.Module):
-    """``forward(ids, attn, mask) -> (logp, ref_logp)``: policy log-probs (with grad) and, if
-    ``with_reference``, reference log-probs (adapters off, no grad) — both ``(2B, T)``."""
+    """``forward(batch) -> PairLogps``: the policy's sequence log-probs (with grad) and, if ``with_reference``,
+    the reference's (adapters off, no grad), by [`pair_logps`][prefopt.logprobs.pair_logps]."""
 
     def __init__(self, policy: LoraPolicy, with_reference: bool) -> None:
         super().__init__()
         self.policy = policy
         self.with_reference = with_reference
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        logp = token_logps(self.policy.model, input_ids, attention_mask, completion_mask)
-        assert isinstance(logp, Tensor)
-        if not self.with_reference:
-            return logp, torch.zeros_like(logp)
-        with self.policy.reference():
-            ref = token_logps(self.policy.model, input_ids, attention_mask, completion_mask)
-        assert isinstance(ref, Tensor)
-        return logp, ref
-
-
-def pair_logps(logp: Tensor, ref: Tensor, mask: Tensor, with_reference: bool) -> PairLogps:
-    """Rows 0..B-1 chosen, B..2B-1 rejected → :class:`PairLogps` of sequence sums and lengths."""
-    s, n = seq_sum(logp, mask), seq_len(mask)
-    b = mask.shape[0] // 2
-    if not with_reference:
-        return PairLogps(s[:b], s[b:], chosen_len=n[:b], rejected_len=n[b:])
-    s_ref = seq_sum(ref, mask)
-    return PairLogps(s[:b], s[b:], s_ref[:b], s_ref[b:], n[:b], n[b:])
+    def forward(self, batch: PairBatch) -> PairLogps:
+        return pair_logps(self.policy, batch, reference=self.with_reference)
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -128,9 +108,7 @@ def main() -> None:
     net.train()
     while step < args.steps:
         for batch in loader:
-            mask = batch["completion_mask"]
-            logp, ref = net(batch["input_ids"], batch["attention_mask"], mask)
-            pairs = pair_logps(logp, ref, mask, loss_fn.needs_reference)
+            pairs = net(batch)
             out = loss_fn(pairs)
             per_pair = out.loss  # (B_local,), unreduced
             n_local = torch.tensor(float(per_pair.shape[0]), device=per_pair.device)

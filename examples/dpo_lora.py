@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import inspect
 import json
 import os
@@ -35,12 +34,11 @@ import peft
 import torch
 from tqdm import tqdm
 
-from prefopt.data import PreferenceCollator, load_builtin_pairs, load_preferences
-from prefopt.logprobs import pair_seq_logps
+from prefopt.data import PreferenceCollator, SharedPromptCollator, load_builtin_pairs, load_preferences
+from prefopt.logprobs import pair_logps
 from prefopt.policy import LoraPolicy
 from prefopt.registry import available_losses, get_loss, get_spec
-from prefopt.shared_prefix import SharedPromptCollator, shared_prompt_pair_logps
-from prefopt.types import PairLogps
+from prefopt.types import PairBatch, SharedPromptBatch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "../shared/data/hh-rlhf/helpful-base.test.jsonl.gz"
 
@@ -92,31 +90,17 @@ def load_model_and_rows(args: argparse.Namespace) -> tuple[Any, Any, list[dict],
     return model, tok, rows[args.eval_pairs :], rows[: args.eval_pairs]
 
 
-def batch_logps(policy: LoraPolicy, batch: dict, shared: bool, with_reference: bool) -> PairLogps:
-    """Policy sequence log-probs (with grad) and, if asked, the reference's (adapters off, no grad).
-
-    The reference runs FIRST, so its transient buffers are freed before the policy's activations are held.
-    """
-    fn = shared_prompt_pair_logps if shared else pair_seq_logps
-    ref = None
-    if with_reference:
-        with policy.reference():
-            ref = fn(policy.model, batch)
-    logps = fn(policy.model, batch)
-    if ref is not None:
-        logps = dataclasses.replace(logps, ref_chosen=ref.chosen, ref_rejected=ref.rejected)
-    return logps
-
-
 @torch.no_grad()
-def evaluate(policy: LoraPolicy, loss_fn: Any, batches: list[dict], shared: bool) -> dict[str, float]:
+def evaluate(
+    policy: LoraPolicy, loss_fn: Any, batches: list[PairBatch] | list[SharedPromptBatch]
+) -> dict[str, float]:
     was_training = policy.model.training
     policy.model.eval()
     keys = ("loss", "reward_accuracy", "logp_accuracy", "mean_logp_accuracy", "margin")
     sums = dict.fromkeys(keys, 0.0)
     n = 0
     for batch in batches:
-        lp = batch_logps(policy, batch, shared, with_reference=True)
+        lp = pair_logps(policy, batch)  # the reference (adapters off, no grad) runs first
         rho_w, rho_l = lp.chosen - lp.ref_chosen, lp.rejected - lp.ref_rejected  # type: ignore[operator]
         assert lp.chosen_len is not None and lp.rejected_len is not None
         sums["loss"] += float(loss_fn(lp).loss.sum())
@@ -169,7 +153,7 @@ def main() -> None:
     eval_batches = [collate(eval_rows[i : i + 8]) for i in range(0, len(eval_rows), 8)]
 
     log = open(os.path.join(args.out, "metrics.jsonl"), "w")  # noqa: SIM115 (closed after the loop)
-    before = evaluate(policy, loss_fn, eval_batches, args.shared_prompt)
+    before = evaluate(policy, loss_fn, eval_batches)
     print("before:", json.dumps(before), flush=True)
     log.write(json.dumps({"step": 0, **before}) + "\n")
 
@@ -182,7 +166,7 @@ def main() -> None:
         if len(order) < args.batch_size:  # reshuffle at each epoch
             order += rng.sample(range(len(train_rows)), len(train_rows))
         batch = collate([train_rows[order.pop()] for _ in range(args.batch_size)])
-        logps = batch_logps(policy, batch, args.shared_prompt, with_reference=loss_fn.needs_reference)
+        logps = pair_logps(policy, batch, reference=loss_fn.needs_reference)
         out = loss_fn(logps)
         loss = out.loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -194,18 +178,18 @@ def main() -> None:
             "loss": float(loss),
             **{k: float(v.float().mean()) for k, v in out.metrics.items()},
             "grad_norm": float(grad_norm),
-            "tokens": int(batch["completion_mask"].sum()),
+            "tokens": int(batch.completion_mask.sum()),
             "seconds": time.perf_counter() - t0,
         }
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            rec |= evaluate(policy, loss_fn, eval_batches, args.shared_prompt)
+            rec |= evaluate(policy, loss_fn, eval_batches)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('rewards/accuracies', float('nan')):.2f}")
         if args.smoke:
             print(json.dumps(rec), flush=True)
 
-    after = evaluate(policy, loss_fn, eval_batches, args.shared_prompt)
+    after = evaluate(policy, loss_fn, eval_batches)
     print("after:", json.dumps(after), flush=True)
     log.write(json.dumps({"step": args.steps, **after}) + "\n")
     log.close()

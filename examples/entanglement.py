@@ -55,7 +55,7 @@ from prefopt.losses.decoupled import shared_token_mask
 from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
-from prefopt.types import PairLogps
+from prefopt.types import PairBatch, PairLogps
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf" / "helpful-base.test.jsonl.gz"
@@ -71,7 +71,7 @@ SEQ_LOSSES = ("dpo", "pairwise_normalized", "decoupled")  # functions of (S_w, S
 
 def make_batches(
     rows: Sequence[dict[str, str]], collate: PreferenceCollator, sizes: Sequence[int], seed: int
-) -> list[dict[str, Tensor]]:
+) -> list[PairBatch]:
     """One batch per entry of ``sizes`` with exactly that many valid pairs; rows are drawn without replacement
     in a seeded random order, so batches are disjoint (a row the collator would drop — identical after
     truncation, ... — is skipped)."""
@@ -90,7 +90,7 @@ def make_batches(
                 ) from None
             row = {k: rows[i][k] for k in ("prompt", "chosen", "rejected")}
             try:
-                ok = collate([row])["input_ids"].shape[0] == 2
+                ok = collate([row]).num_pairs == 1
             except ValueError:  # the collator refuses a batch whose every row is bad
                 ok = False
             if ok:
@@ -130,7 +130,7 @@ def pair_loss_fn(
 def diagnose(
     model: nn.Module,
     named: list[tuple[str, nn.Parameter]],
-    batch: dict[str, Tensor],
+    batch: PairBatch,
     ref_seq: Tensor,
     *,
     loss: str,
@@ -140,7 +140,7 @@ def diagnose(
     """The :class:`EntanglementReport` of ``loss`` on ``batch`` plus the per-row gradients, in one
     forward+backward. The report's weights ``d_w, d_l`` are those of ``loss`` (for ``pairwise_normalized``
     ``d/‖∇_w‖`` and ``d/‖∇_l‖``; for ``token_masked``, not a function of ``S``, DPO's)."""
-    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    ids, am, cm = batch.input_ids, batch.attention_mask, batch.completion_mask
     b = ids.shape[0] // 2
 
     def forward() -> Tensor:
@@ -261,13 +261,11 @@ class Run:
         return out
 
 
-def heldout_eval(
-    model: nn.Module, held: dict[str, Tensor], ref_held: Tensor
-) -> tuple[float, float, float, float]:
+def heldout_eval(model: nn.Module, held: PairBatch, ref_held: Tensor) -> tuple[float, float, float, float]:
     with torch.no_grad():
         s = seq_sum(
-            token_logps(model, held["input_ids"], held["attention_mask"], held["completion_mask"]),
-            held["completion_mask"],
+            token_logps(model, held.input_ids, held.attention_mask, held.completion_mask),
+            held.completion_mask,
         )  # type: ignore[arg-type]
     b = s.shape[0] // 2
     rho = (s - ref_held).double()
@@ -276,20 +274,20 @@ def heldout_eval(
     return float(rho[:b].mean()), float(rho[b:].mean()), float(h.mean()), float(acc)
 
 
-def seq_logps_nograd(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def seq_logps_nograd(model: nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:
     """``(token log-probs (2B, T), sequence sums (2B,))`` without grad."""
     with torch.no_grad():
-        lp = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        lp = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
         assert isinstance(lp, Tensor)
-        return lp, seq_sum(lp, batch["completion_mask"])
+        return lp, seq_sum(lp, batch.completion_mask)
 
 
 def train_one(
     policy: LoraPolicy,
     loss: str,
-    batches: list[dict[str, Tensor]],
+    batches: list[PairBatch],
     refs: list[tuple[Tensor, Tensor]],
-    held: dict[str, Tensor],
+    held: PairBatch,
     ref_held: Tensor,
     args: argparse.Namespace,
 ) -> Run:
@@ -322,8 +320,8 @@ def train_one(
             grad, value = seq_loss_gradient(diag, loss, args.beta)
             set_grads(named, grad)
         else:
-            cm = batch["completion_mask"]
-            lp = token_logps(model, batch["input_ids"], batch["attention_mask"], cm)
+            cm = batch.completion_mask
+            lp = token_logps(model, batch.input_ids, batch.attention_mask, cm)
             out = get_loss(loss, beta=args.beta)(lp, ref_tok, cm, shared_token_mask(batch))
             mean = out.loss.mean()
             mean.backward()
@@ -484,12 +482,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with policy.reference():
         _, ref_held = seq_logps_nograd(policy.model, held)
         refs = [seq_logps_nograd(policy.model, b) for b in batches]
-    shared = [float(shared_token_mask(b)[b["completion_mask"]].eq(0).double().mean()) for b in batches]
-    lens = torch.cat([b["completion_mask"].sum(1) for b in batches]).double()
+    shared = [float(shared_token_mask(b)[b.completion_mask].eq(0).double().mean()) for b in batches]
+    lens = torch.cat([b.completion_mask.sum(1) for b in batches]).double()
     print(
         f"model {'tiny (smoke)' if args.smoke else 'SmolLM2-135M-Instruct'}; "
         f"{policy.parameter_counts().trainable:,} LoRA parameters; {len(batches)} batches of {args.batch} pairs, "
-        f"{held['input_ids'].shape[0] // 2} held-out pairs; completion length mean {float(lens.mean()):.1f}; "
+        f"{held.input_ids.shape[0] // 2} held-out pairs; completion length mean {float(lens.mean()):.1f}; "
         f"shared-token fraction {sum(shared) / len(shared):.3f}; setup {time.perf_counter() - t0:.0f}s",
         flush=True,
     )

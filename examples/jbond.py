@@ -70,7 +70,7 @@ from prefopt.losses.policy_gradient import rloo
 from prefopt.masked import aggregate, seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import Rollout, pack_rollout
-from prefopt.types import BestOfNSamples
+from prefopt.types import BestOfNSamples, PromptBatch
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf" / "helpful-base.test.jsonl.gz"
@@ -228,14 +228,14 @@ def render(tok: Any, question: str) -> str:
 
 @torch.no_grad()
 def sample(
-    policy: LoraPolicy, batch: dict[str, Any], n: int, *, mode: str, max_new_tokens: int, eos: int, pad: int
+    policy: LoraPolicy, batch: PromptBatch, n: int, *, mode: str, max_new_tokens: int, eos: int, pad: int
 ) -> Rollout:
     """``n`` samples per prompt of a LEFT-padded prompt batch from ``mode`` ∈ {policy, anchor, reference}
     (temperature 1, no top-k/top-p: the exact distribution the losses and the KL are about). Returns an
     unscored right-padded :class:`prefopt.sampling.Rollout` (EOS cut by ``pack_rollout``)."""
     ctx = {"policy": None, "anchor": policy.anchor, "reference": policy.reference}[mode]
-    ids = batch["input_ids"].repeat_interleave(n, 0)
-    am = batch["attention_mask"].repeat_interleave(n, 0)
+    ids = batch.input_ids.repeat_interleave(n, 0)
+    am = batch.attention_mask.repeat_interleave(n, 0)
     policy.eval()
     kwargs = dict(
         max_new_tokens=max_new_tokens,
@@ -287,7 +287,7 @@ class Ctx:
     eos: int
     pad: int
     eval_q: list[str]
-    eval_batch: dict[str, Any]
+    eval_batch: PromptBatch
     pool: Tensor  # (E, M) rewards of reference samples
     train_q: list[str]
 

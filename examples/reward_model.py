@@ -133,11 +133,11 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if kind == "pointwise":
             batch = point_coll(rows)
-            r = rm(batch["input_ids"], batch["attention_mask"])
-            out = reward_classification(r, batch["label"])
+            r = rm(batch.input_ids, batch.attention_mask)
+            out = reward_classification(r, batch.label)
         else:
             batch = pair_coll(rows)
-            r = rm(batch["input_ids"], batch["attention_mask"])
+            r = rm(batch.input_ids, batch.attention_mask)
             half = r.shape[0] // 2
             out = bradley_terry(r[:half], r[half:])
         loss = out.loss.mean()
@@ -151,7 +151,7 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         for start in range(0, len(test), 8):
             batch = pair_coll(test[start : start + 8])
-            r = rm(batch["input_ids"], batch["attention_mask"])
+            r = rm(batch.input_ids, batch.attention_mask)
             half = r.shape[0] // 2
             correct += int((r[:half] > r[half:]).sum())
             total += half

@@ -104,17 +104,17 @@ def test_hand_built_batch(tok):
     """A tiny case written out by hand: prompt 'ab', chosen 'c', rejected 'de'."""
     out = PreferenceCollator(tok, max_length=16)([{"prompt": "ab", "chosen": "c", "rejected": "de"}])
     a, b, c, d, e = (VOCAB[x] for x in "abcde")
-    assert out["input_ids"].tolist() == [[BOS, a, b, c, EOS, PAD], [BOS, a, b, d, e, EOS]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    assert out["completion_mask"].tolist() == [
+    assert out.input_ids.tolist() == [[BOS, a, b, c, EOS, PAD], [BOS, a, b, d, e, EOS]]
+    assert out.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert out.completion_mask.tolist() == [
         [False, False, False, True, True, False],
         [False, False, False, True, True, True],
     ]
-    assert out["completion_mask"].dtype == torch.bool
-    assert out["input_ids"].dtype == torch.long
-    assert out["prompt_len"].tolist() == [3, 3]
-    assert out["completion_len"].tolist() == [2, 3]
-    assert out["row_index"].tolist() == [0]
+    assert out.completion_mask.dtype == torch.bool
+    assert out.input_ids.dtype == torch.long
+    assert out.prompt_len.tolist() == [3, 3]
+    assert out.completion_len.tolist() == [2, 3]
+    assert out.row_index.tolist() == [0]
 
 
 def test_matches_per_row_oracle(tok):
@@ -123,58 +123,53 @@ def test_matches_per_row_oracle(tok):
     for key, e in zip(
         ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"), exp
     ):
-        assert torch.equal(out[key], e), key
-    assert out["input_ids"].shape[0] == 2 * len(ROWS)
+        assert torch.equal(getattr(out, key), e), key
+    assert out.input_ids.shape[0] == 2 * len(ROWS)
 
 
 def test_chosen_rows_first_then_rejected(tok):
     out = PreferenceCollator(tok, max_length=64)(ROWS)
     b = len(ROWS)
     for i, row in enumerate(ROWS):
-        got_c = out["input_ids"][i][out["completion_mask"][i]].tolist()
-        got_r = out["input_ids"][b + i][out["completion_mask"][b + i]].tolist()
+        got_c = out.input_ids[i][out.completion_mask[i]].tolist()
+        got_r = out.input_ids[b + i][out.completion_mask[b + i]].tolist()
         assert got_c == [*ids(row["chosen"]), EOS]
         assert got_r == [*ids(row["rejected"]), EOS]
         # both rows of a pair carry the same prompt
-        lp = int(out["prompt_len"][i])
+        lp = int(out.prompt_len[i])
         assert (
-            out["input_ids"][i, :lp].tolist()
-            == out["input_ids"][b + i, :lp].tolist()
-            == [BOS, *ids(row["prompt"])]
+            out.input_ids[i, :lp].tolist() == out.input_ids[b + i, :lp].tolist() == [BOS, *ids(row["prompt"])]
         )
 
 
 def test_masking_equals_slicing(tok):
     """The tokens selected by completion_mask are exactly input_ids[prompt_len : prompt_len + completion_len]."""
     out = PreferenceCollator(tok, max_length=20, max_prompt_length=8)(ROWS)
-    for i in range(out["input_ids"].shape[0]):
-        lp, lc = int(out["prompt_len"][i]), int(out["completion_len"][i])
-        assert (
-            out["input_ids"][i][out["completion_mask"][i]].tolist()
-            == out["input_ids"][i, lp : lp + lc].tolist()
-        )
-        assert int(out["completion_mask"][i].sum()) == lc
-        assert int(out["attention_mask"][i].sum()) == lp + lc
-        assert not out["completion_mask"][i, 0]
+    for i in range(out.input_ids.shape[0]):
+        lp, lc = int(out.prompt_len[i]), int(out.completion_len[i])
+        assert out.input_ids[i][out.completion_mask[i]].tolist() == out.input_ids[i, lp : lp + lc].tolist()
+        assert int(out.completion_mask[i].sum()) == lc
+        assert int(out.attention_mask[i].sum()) == lp + lc
+        assert not out.completion_mask[i, 0]
 
 
 def test_pad_falls_back_to_eos():
     tok = char_tokenizer(pad=False)
     assert tok.pad_token_id is None
     out = PreferenceCollator(tok, max_length=32)([{"prompt": "ab", "chosen": "c", "rejected": "dddd"}])
-    assert out["input_ids"][0, -1].item() == EOS  # padding uses eos
-    assert out["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert out.input_ids[0, -1].item() == EOS  # padding uses eos
+    assert out.attention_mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
 
 
 def test_add_eos_false_and_existing_eos_not_doubled(tok):
     out = PreferenceCollator(tok, max_length=32, add_eos=False)(
         [{"prompt": "ab", "chosen": "c", "rejected": "d"}]
     )
-    assert out["input_ids"][0].tolist() == [BOS, VOCAB["a"], VOCAB["b"], VOCAB["c"]]
+    assert out.input_ids[0].tolist() == [BOS, VOCAB["a"], VOCAB["b"], VOCAB["c"]]
     out = PreferenceCollator(tok, max_length=32)([{"prompt": "ab", "chosen": "c</s>", "rejected": "d"}])
     # "</s>" is not a single token for this char tokenizer's pre-tokenizer, so EOS is appended once
-    assert out["input_ids"][0].tolist()[-1] == EOS
-    assert out["input_ids"][0].tolist().count(EOS) == 1
+    assert out.input_ids[0].tolist()[-1] == EOS
+    assert out.input_ids[0].tolist().count(EOS) == 1
 
 
 def test_doubled_bos_collapsed(tok):
@@ -188,14 +183,14 @@ def test_doubled_bos_collapsed(tok):
             return {"input_ids": [pre + ids(t) for t in texts]}
 
     out = PreferenceCollator(BosTwice(), max_length=32)([{"prompt": "ab", "chosen": "c", "rejected": "d"}])
-    assert out["input_ids"][0].tolist()[:3] == [BOS, VOCAB["a"], VOCAB["b"]]
+    assert out.input_ids[0].tolist()[:3] == [BOS, VOCAB["a"], VOCAB["b"]]
 
 
 def test_pad_to_multiple_of(tok):
     out = PreferenceCollator(tok, max_length=64, pad_to_multiple_of=8)(ROWS)
-    t_plain = PreferenceCollator(tok, max_length=64)(ROWS)["input_ids"].shape[1]
-    assert out["input_ids"].shape[1] % 8 == 0
-    assert t_plain <= out["input_ids"].shape[1] < t_plain + 8
+    t_plain = PreferenceCollator(tok, max_length=64)(ROWS).input_ids.shape[1]
+    assert out.input_ids.shape[1] % 8 == 0
+    assert t_plain <= out.input_ids.shape[1] < t_plain + 8
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,23 +202,23 @@ def test_truncation_hand_numbers(tok):
     row = {"prompt": "abcdef", "chosen": "xyz", "rejected": "uvw"}
     # prompt = BOS + 6 = 7 tokens, completion = 3 + EOS = 4 tokens; max_length 9 leaves 2 completion tokens
     out = PreferenceCollator(tok, max_length=9)([row])
-    assert out["input_ids"][0].tolist() == [BOS, *ids("abcdef"), *ids("xy")]
-    assert out["completion_len"].tolist() == [2, 2]
+    assert out.input_ids[0].tolist() == [BOS, *ids("abcdef"), *ids("xy")]
+    assert out.completion_len.tolist() == [2, 2]
     # max_prompt_length 4, keep_end: BOS + last 3 prompt tokens, then the whole completion fits
     out = PreferenceCollator(tok, max_length=9, max_prompt_length=4)([row])
-    assert out["input_ids"][0].tolist() == [BOS, *ids("def"), *ids("xyz"), EOS]
+    assert out.input_ids[0].tolist() == [BOS, *ids("def"), *ids("xyz"), EOS]
     # keep_start: the first 4 prompt tokens (BOS a b c)
     out = PreferenceCollator(tok, max_length=9, max_prompt_length=4, prompt_truncation="keep_start")([row])
-    assert out["input_ids"][0].tolist() == [BOS, *ids("abc"), *ids("xyz"), EOS]
+    assert out.input_ids[0].tolist() == [BOS, *ids("abc"), *ids("xyz"), EOS]
     # max_completion_length cuts the completion (keep start): EOS is lost
     out = PreferenceCollator(tok, max_length=32, max_completion_length=2)([row])
-    assert out["input_ids"][1].tolist() == [BOS, *ids("abcdef"), *ids("uv")]
+    assert out.input_ids[1].tolist() == [BOS, *ids("abcdef"), *ids("uv")]
 
 
 def test_keep_end_without_bos(tok_nobos):
     row = {"prompt": "abcdef", "chosen": "x", "rejected": "y"}
     out = PreferenceCollator(tok_nobos, max_length=9, max_prompt_length=3)([row])
-    assert out["input_ids"][0].tolist() == [*ids("def"), VOCAB["x"], EOS]
+    assert out.input_ids[0].tolist() == [*ids("def"), VOCAB["x"], EOS]
 
 
 @pytest.mark.parametrize("keep", ["keep_end", "keep_start"])
@@ -244,8 +239,8 @@ def test_truncation_matches_oracle(tok, keep, max_prompt_length, max_length):
     for key, e in zip(
         ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"), exp
     ):
-        assert torch.equal(out[key], e), key
-    assert int(out["attention_mask"].sum(1).max()) <= max_length
+        assert torch.equal(getattr(out, key), e), key
+    assert int(out.attention_mask.sum(1).max()) <= max_length
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,8 +269,8 @@ def test_bad_rows_reasons(tok, tok_nobos, caplog):
     col = PreferenceCollator(tok, max_length=12)
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         out = col(rows)
-    assert out["row_index"].tolist() == [0, 6]
-    assert out["input_ids"].shape[0] == 4
+    assert out.row_index.tolist() == [0, 6]
+    assert out.input_ids.shape[0] == 4
     rep = col.report()
     assert dict(rep.skipped) == {
         "identical": 1,
@@ -296,7 +291,7 @@ def test_bad_rows_reasons(tok, tok_nobos, caplog):
     assert col.stats.rows_seen == 9 and col.stats.rows_kept == 3
     # empty prompt: zero tokens without BOS is bad; with BOS it is fine
     out = PreferenceCollator(tok, max_length=12)([{"prompt": "", "chosen": " a", "rejected": " b"}])
-    assert out["prompt_len"].tolist() == [1, 1]
+    assert out.prompt_len.tolist() == [1, 1]
     col2 = PreferenceCollator(tok_nobos, max_length=12)
     col2(
         [{"prompt": "", "chosen": " a", "rejected": " b"}, {"prompt": "x", "chosen": " a", "rejected": " b"}]
@@ -392,23 +387,23 @@ def test_property_never_empty_mask_and_consistent(tok, rows, max_length, max_pro
         assert "every row of the batch" in str(err)
         assert col.stats.rows_kept == 0
         return
-    n = out["row_index"].numel()
+    n = out.row_index.numel()
     assert n == col.stats.rows_kept and n + sum(col.stats.skipped.values()) == len(rows)
-    assert out["input_ids"].shape == out["attention_mask"].shape == out["completion_mask"].shape
-    assert out["input_ids"].shape[0] == 2 * n
-    assert (out["completion_mask"].sum(1) >= 1).all()
-    assert not out["completion_mask"][:, 0].any()
-    assert (out["attention_mask"].sum(1) <= max_length).all()
+    assert out.input_ids.shape == out.attention_mask.shape == out.completion_mask.shape
+    assert out.input_ids.shape[0] == 2 * n
+    assert (out.completion_mask.sum(1) >= 1).all()
+    assert not out.completion_mask[:, 0].any()
+    assert (out.attention_mask.sum(1) <= max_length).all()
     # the mask lies inside the attended region and right after the prompt
-    assert not (out["completion_mask"] & (out["attention_mask"] == 0)).any()
-    kept = [rows[i] for i in out["row_index"].tolist()]
+    assert not (out.completion_mask & (out.attention_mask == 0)).any()
+    kept = [rows[i] for i in out.row_index.tolist()]
     exp = oracle_batch(kept, max_length=max_length, max_prompt_length=max_prompt_length, keep=keep)
-    assert torch.equal(out["input_ids"], exp[0])
-    assert torch.equal(out["completion_mask"], exp[2])
+    assert torch.equal(out.input_ids, exp[0])
+    assert torch.equal(out.completion_mask, exp[2])
     # chosen and rejected of a pair never collide
     for i in range(n):
-        a = out["input_ids"][i][out["completion_mask"][i]].tolist()
-        b = out["input_ids"][n + i][out["completion_mask"][n + i]].tolist()
+        a = out.input_ids[i][out.completion_mask[i]].tolist()
+        b = out.input_ids[n + i][out.completion_mask[n + i]].tolist()
         assert a != b
 
 
@@ -428,15 +423,15 @@ def test_unpaired_collator(tok, caplog):
     col = UnpairedCollator(tok, max_length=32)
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         out = col(rows)
-    assert out["row_index"].tolist() == [0, 1, 4]
-    assert out["label"].tolist() == [1.0, 0.0, 0.75]
-    assert out["label"].dtype == torch.float32
-    assert out["desirable"].tolist() == [True, False, True]
+    assert out.row_index.tolist() == [0, 1, 4]
+    assert out.label.tolist() == [1.0, 0.0, 0.75]
+    assert out.label.dtype == torch.float32
+    assert out.desirable.tolist() == [True, False, True]
     assert dict(col.report().skipped) == {"bad_label": 1, "empty_completion": 1}
-    for k, i in enumerate(out["row_index"].tolist()):
-        assert out["input_ids"][k][out["completion_mask"][k]].tolist() == [*ids(rows[i]["completion"]), EOS]
-        lp = int(out["prompt_len"][k])
-        assert out["input_ids"][k, :lp].tolist() == [BOS, *ids(rows[i]["prompt"])]
+    for k, i in enumerate(out.row_index.tolist()):
+        assert out.input_ids[k][out.completion_mask[k]].tolist() == [*ids(rows[i]["completion"]), EOS]
+        lp = int(out.prompt_len[k])
+        assert out.input_ids[k, :lp].tolist() == [BOS, *ids(rows[i]["prompt"])]
     assert "UnpairedCollator skipped 2 of 5" in caplog.text
     with pytest.raises(ValueError, match="row 0: bad_label"):
         UnpairedCollator(tok, strict=True)([{"prompt": "a", "completion": " b", "label": "good"}])
@@ -456,24 +451,72 @@ def test_prompt_collator_left_padding(tok):
     t = max(len(s) for s in texts) + 1
     for k, s in enumerate(texts):
         row = [BOS, *ids(s)]
-        assert out["input_ids"][k].tolist() == [PAD] * (t - len(row)) + row
-        assert out["attention_mask"][k].tolist() == [0] * (t - len(row)) + [1] * len(row)
-    assert out["prompt"] == texts
-    assert out["prompt_len"].tolist() == [len(s) + 1 for s in texts]
+        assert out.input_ids[k].tolist() == [PAD] * (t - len(row)) + row
+        assert out.attention_mask[k].tolist() == [0] * (t - len(row)) + [1] * len(row)
+    assert list(out.prompt) == texts
+    assert out.prompt_len.tolist() == [len(s) + 1 for s in texts]
     # every row ends with its own last prompt token
-    assert out["input_ids"][:, -1].tolist() == [VOCAB["c"], VOCAB["x"], VOCAB["d"]]
+    assert out.input_ids[:, -1].tolist() == [VOCAB["c"], VOCAB["x"], VOCAB["d"]]
 
 
 def test_prompt_collator_truncation_and_bad_rows(tok, tok_nobos):
     out = PromptCollator(tok, max_prompt_length=3)(["abcdef"])
-    assert out["input_ids"][0].tolist() == [BOS, *ids("ef")]
+    assert out.input_ids[0].tolist() == [BOS, *ids("ef")]
     out = PromptCollator(tok, max_prompt_length=3, prompt_truncation="keep_start")(["abcdef"])
-    assert out["input_ids"][0].tolist() == [BOS, *ids("ab")]
+    assert out.input_ids[0].tolist() == [BOS, *ids("ab")]
     col = PromptCollator(tok_nobos)
     out = col(["", "ab", {"text": "no prompt key"}])
-    assert out["prompt"] == ["ab"]
+    assert list(out.prompt) == ["ab"]
     assert dict(col.report().skipped) == {"empty_prompt": 1, "missing_field": 1}
     with pytest.raises(ValueError, match="row 0: empty_prompt"):
         PromptCollator(tok_nobos, strict=True)([""])
     with pytest.raises(ValueError, match="every row"):
         PromptCollator(tok_nobos)([""])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# typed batches
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_collators_return_typed_batches(tok):
+    from prefopt.data import SharedPromptCollator, split_shared_prompt
+    from prefopt.types import PairBatch, PromptBatch, SharedPromptBatch, UnpairedBatch
+
+    pairs = PreferenceCollator(tok, max_length=64)(ROWS)
+    assert isinstance(pairs, PairBatch) and pairs.num_pairs == len(ROWS)
+    point = UnpairedCollator(tok, max_length=32)([{"prompt": "a", "completion": " b", "label": 1}])
+    assert isinstance(point, UnpairedBatch)
+    assert isinstance(PromptCollator(tok)(["ab", "c"]), PromptBatch)
+    shared = SharedPromptCollator(tok, max_length=64)(ROWS)
+    assert isinstance(shared, SharedPromptBatch) and shared.duplicated is None
+    assert shared.num_prompts == len(ROWS) and shared.completions_per_prompt == 2
+    # the shared collator is exactly split_shared_prompt of the duplicated collator
+    again = split_shared_prompt(pairs)
+    for name in (
+        "prompt_ids",
+        "prompt_mask",
+        "completion_ids",
+        "completion_mask",
+        "completion_len",
+        "row_index",
+    ):
+        assert torch.equal(getattr(shared, name), getattr(again, name)), name
+    with pytest.raises(ValueError, match="even"):
+        PairBatch(
+            **{k: v[:3] if v.shape[0] == pairs.input_ids.shape[0] else v for k, v in vars(pairs).items()}
+        )
+    with pytest.raises(TypeError, match="completion_mask must be a bool"):
+        PairBatch(**(vars(pairs) | {"completion_mask": pairs.completion_mask.long()}))
+
+
+def test_pair_batch_select_matches_a_row_loop(tok):
+    batch = PreferenceCollator(tok, max_length=64)(ROWS)
+    b = batch.num_pairs
+    keep = [2, 0]
+    sub = batch.select(keep)
+    assert sub.num_pairs == 2 and sub.row_index.tolist() == [batch.row_index[i].item() for i in keep]
+    rows = keep + [b + i for i in keep]
+    for name in ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"):
+        assert getattr(sub, name).tolist() == [getattr(batch, name)[r].tolist() for r in rows], name
+    assert torch.equal(batch.select(slice(0, b)).input_ids, batch.input_ids)

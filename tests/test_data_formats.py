@@ -239,7 +239,7 @@ def test_conversational_shared_prefix():
     assert ds2[0] == row
     # ... and it collates
     out = PreferenceCollator(tok, max_length=64)(ds.to_list())
-    assert out["input_ids"].shape[0] == 2
+    assert out.input_ids.shape[0] == 2
 
 
 def test_conversational_bad_rows():

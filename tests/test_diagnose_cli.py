@@ -17,6 +17,7 @@ from prefopt.diagnostics import entanglement
 from prefopt.diagnostics.cli import COLUMNS, add_diagnose_parser, parse_loss_args, run_diagnose
 from prefopt.policy import LoraPolicy
 from prefopt.testing import char_tokenizer, tiny_causal_lm
+from prefopt.types import PairBatch
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +48,6 @@ def direct_reports(n: int = 5, batch: int = 3, beta: float = 0.2) -> list:
     reps = []
     for s in range(0, n, batch):
         b = collate(rows[s : s + batch])
-        b = {k: b[k] for k in ("input_ids", "attention_mask", "completion_mask")}
         reps.append(entanglement(policy, b, loss="dpo", beta=beta, eta=1e-3))
     return reps
 
@@ -156,7 +156,7 @@ def test_parse_loss_args() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tiny_policy_and_pair() -> tuple[LoraPolicy, dict[str, torch.Tensor]]:
+def _tiny_policy_and_pair() -> tuple[LoraPolicy, PairBatch]:
     import peft
 
     model = tiny_causal_lm(vocab_size=64, hidden_size=32, num_layers=2, seed=3).double()
@@ -174,19 +174,25 @@ def _tiny_policy_and_pair() -> tuple[LoraPolicy, dict[str, torch.Tensor]]:
     cm[1, 4:9] = True
     am[1, 9:] = 0
     ids[1, 9:] = 0
-    return policy, {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+    batch = PairBatch(
+        input_ids=ids,
+        attention_mask=am,
+        completion_mask=cm,
+        prompt_len=torch.tensor([4, 4]),
+        completion_len=cm.sum(1),
+        row_index=torch.tensor([0]),
+    )
+    return policy, batch
 
 
-def _loop(policy: LoraPolicy, batch: dict[str, torch.Tensor], row: int) -> torch.Tensor:
+def _loop(policy: LoraPolicy, batch: PairBatch, row: int) -> torch.Tensor:
     from prefopt.logprobs import token_logps
 
     params = policy.trainable_parameters()
     sl = slice(row, row + 1)
-    lp = token_logps(
-        policy.model, batch["input_ids"][sl], batch["attention_mask"][sl], batch["completion_mask"][sl]
-    )
+    lp = token_logps(policy.model, batch.input_ids[sl], batch.attention_mask[sl], batch.completion_mask[sl])
     out = []
-    for t in batch["completion_mask"][row].nonzero().flatten().tolist():
+    for t in batch.completion_mask[row].nonzero().flatten().tolist():
         gs = torch.autograd.grad(lp[0, t], params, retain_graph=True)
         out.append(torch.cat([x.reshape(-1) for x in gs]).double())
     return torch.stack(out)
@@ -200,9 +206,9 @@ def test_token_vjp_and_copies_equal_loop(chunk_rows: int) -> None:
 
     policy, batch = _tiny_policy_and_pair()
     named = resolve_params(policy.model, None)
-    pos = batch["completion_mask"][0].nonzero().flatten()
+    pos = batch.completion_mask[0].nonzero().flatten()
     got = per_token_gradients_vjp(
-        policy.model, batch["input_ids"][0], batch["attention_mask"][0], pos, named, chunk_rows=chunk_rows
+        policy.model, batch.input_ids[0], batch.attention_mask[0], pos, named, chunk_rows=chunk_rows
     )
     assert got is not None  # the LoRA policy takes the VJP path (no silent fallback)
     gw = _loop(policy, batch, 0)

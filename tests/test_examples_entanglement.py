@@ -27,7 +27,7 @@ from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.testing import char_tokenizer, tiny_causal_lm
-from prefopt.types import PairLogps
+from prefopt.types import PairBatch, PairLogps
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "entanglement.py"
@@ -57,7 +57,7 @@ def policy() -> LoraPolicy:
 
 
 @pytest.fixture(scope="module")
-def batch() -> dict[str, torch.Tensor]:
+def batch() -> PairBatch:
     """3 pairs, shared 4-token prompt, ragged completions; pair 0 differs in one completion token."""
     g = torch.Generator().manual_seed(0)
     b, t = 3, 12
@@ -72,13 +72,20 @@ def batch() -> dict[str, torch.Tensor]:
             ids[r, end:] = 0
     ids[b], am[b], cm[b] = ids[0].clone(), am[0].clone(), cm[0].clone()
     ids[b, 7] = (ids[0, 7] + 5) % (V - 3) + 3
-    return {"input_ids": ids, "attention_mask": am, "completion_mask": cm}
+    return PairBatch(
+        input_ids=ids,
+        attention_mask=am,
+        completion_mask=cm,
+        prompt_len=torch.full((2 * b,), 4),
+        completion_len=cm.sum(1),
+        row_index=torch.arange(b),
+    )
 
 
-def _ref(policy: LoraPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _ref(policy: LoraPolicy, batch: PairBatch) -> torch.Tensor:
     with policy.reference():
-        lp = token_logps(policy.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    return seq_sum(lp, batch["completion_mask"]).detach()
+        lp = token_logps(policy.model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    return seq_sum(lp, batch.completion_mask).detach()
 
 
 @pytest.mark.parametrize("loss", ["dpo", "decoupled"])
@@ -128,8 +135,8 @@ def test_assembled_gradient_equals_backward(policy, batch, loss):
     diag = ex.diagnose(policy.model, named, batch, ref, loss=loss, beta=0.1, eta=1e-3)
     grad, value = ex.seq_loss_gradient(diag, loss, 0.1)
     # oracle 1: ordinary forward, one backward per row (loop), chain rule in float64 by hand
-    lp = token_logps(policy.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    s = seq_sum(lp, batch["completion_mask"])
+    lp = token_logps(policy.model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    s = seq_sum(lp, batch.completion_mask)
     rows = [
         torch.cat([g.reshape(-1) for g in torch.autograd.grad(s[i], params, retain_graph=True)]).double()
         for i in range(6)
@@ -200,11 +207,11 @@ def test_make_batches_sizes_disjoint_and_seeded():
     rows = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(12)]
     rows.insert(3, {"prompt": "Q:", "chosen": " same", "rejected": " same"})  # dropped (identical)
     out = ex.make_batches(rows, collate, [3, 2, 2], seed=0)
-    assert [b["input_ids"].shape[0] for b in out] == [6, 4, 4]
-    seen = [tuple(r.tolist()) for b in out for r in b["input_ids"][: b["input_ids"].shape[0] // 2]]
+    assert [b.input_ids.shape[0] for b in out] == [6, 4, 4]
+    seen = [tuple(r.tolist()) for b in out for r in b.input_ids[: b.input_ids.shape[0] // 2]]
     assert len(set(seen)) == 7  # no pair used twice
     again = ex.make_batches(rows, collate, [3, 2, 2], seed=0)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(out, again, strict=True))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(out, again, strict=True))
     with pytest.raises(ValueError, match="not enough valid pairs"):
         ex.make_batches(rows, collate, [10, 10], seed=0)
 

@@ -24,14 +24,15 @@ from prefopt.masked import aggregate
 from prefopt.policy import LoraPolicy
 from prefopt.sampling import HFSampler
 from prefopt.testing import char_tokenizer, tiny_causal_lm
+from prefopt.types import PromptBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def first_token_prob(policy: LoraPolicy, prompts: dict, token: int) -> float:
+def first_token_prob(policy: LoraPolicy, prompts: PromptBatch, token: int) -> float:
     """Exact mean over prompts of π(token | prompt) for the first completion token."""
     with torch.no_grad():
-        out = policy.model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"])
+        out = policy.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask)
         return float(torch.softmax(out.logits[:, -1].float(), -1)[:, token].mean())
 
 

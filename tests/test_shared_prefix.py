@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from prefopt.logprobs import pair_seq_logps, token_logps
+from prefopt.data import SharedPromptCollator, split_shared_prompt
+from prefopt.logprobs import pair_logps, pair_seq_logps, token_logps
 from prefopt.policy import LoraPolicy
 from prefopt.shared_prefix import (
     SUPPORTED_MODEL_TYPES,
-    SharedPromptCollator,
     shared_prompt_pair_logps,
     shared_prompt_token_logps,
-    split_shared_prompt,
     unsplit_shared_prompt,
 )
 from prefopt.testing import char_tokenizer, tiny_causal_lm
+from prefopt.types import PairBatch, PairLogps, SharedPromptBatch
 
 peft = pytest.importorskip("peft")
 
@@ -45,12 +46,11 @@ def _tok() -> Any:
     return char_tokenizer()
 
 
-def _batch(rows: list[dict[str, str]] = ROWS) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _batch(rows: list[dict[str, str]] = ROWS) -> tuple[SharedPromptBatch, PairBatch]:
     """(shared batch, duplicated batch) from ONE collator call."""
     out = SharedPromptCollator(_tok(), keep_duplicated=True)(rows)
-    dup = {k[4:]: v for k, v in out.items() if k.startswith("dup_")}
-    shared = {k: v for k, v in out.items() if not k.startswith("dup_")}
-    return shared, dup
+    assert out.duplicated is not None
+    return out, out.duplicated
 
 
 def _lora_policy(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> LoraPolicy:
@@ -65,14 +65,14 @@ def _lora_policy(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: 
     return policy
 
 
-def _shared_tokens(model: Any, shared: dict[str, Tensor], **kw: Any) -> Tensor:
+def _shared_tokens(model: Any, shared: SharedPromptBatch, **kw: Any) -> Tensor:
     return shared_prompt_token_logps(
         model,
-        shared["prompt_ids"],
-        shared["prompt_mask"],
-        shared["completion_ids"],
-        shared["completion_mask"],
-        completion_attention_mask=shared["completion_attention_mask"],
+        shared.prompt_ids,
+        shared.prompt_mask,
+        shared.completion_ids,
+        shared.completion_mask,
+        completion_attention_mask=shared.completion_attention_mask,
         **kw,
     )
 
@@ -101,38 +101,36 @@ def _grads(model: Any) -> dict[str, Tensor]:
 def test_split_layout_matches_a_python_loop() -> None:
     shared, dup = _batch()
     b = len(ROWS)
-    assert shared["prompt_ids"].shape[0] == b and shared["completion_ids"].shape[0] == 2 * b
+    assert shared.prompt_ids.shape[0] == b and shared.completion_ids.shape[0] == 2 * b
     for r in range(2 * b):
-        p, c = int(dup["prompt_len"][r]), int(dup["completion_len"][r])
-        ids = dup["input_ids"][r]
-        assert int(shared["prompt_len"][r % b]) == p
-        assert shared["prompt_ids"][r % b, :p].tolist() == ids[:p].tolist()
-        assert shared["prompt_mask"][r % b].tolist() == [1] * p + [0] * (shared["prompt_ids"].shape[1] - p)
-        assert shared["completion_ids"][r, :c].tolist() == ids[p : p + c].tolist()
-        assert shared["completion_mask"][r, :c].tolist() == dup["completion_mask"][r, p : p + c].tolist()
-        assert shared["completion_mask"][r, :c].all() and not shared["completion_mask"][r, c:].any()
+        p, c = int(dup.prompt_len[r]), int(dup.completion_len[r])
+        ids = dup.input_ids[r]
+        assert int(shared.prompt_len[r % b]) == p
+        assert shared.prompt_ids[r % b, :p].tolist() == ids[:p].tolist()
+        assert shared.prompt_mask[r % b].tolist() == [1] * p + [0] * (shared.prompt_ids.shape[1] - p)
+        assert shared.completion_ids[r, :c].tolist() == ids[p : p + c].tolist()
+        assert shared.completion_mask[r, :c].tolist() == dup.completion_mask[r, p : p + c].tolist()
+        assert shared.completion_mask[r, :c].all() and not shared.completion_mask[r, c:].any()
     # and back: unsplit of the completion ids gives the duplicated ids on completion positions
-    back = unsplit_shared_prompt(shared, shared["completion_ids"])
-    t = min(back.shape[1], dup["input_ids"].shape[1])
+    back = unsplit_shared_prompt(shared, shared.completion_ids)
+    t = min(back.shape[1], dup.input_ids.shape[1])
     assert torch.equal(
-        back[:, :t] * dup["completion_mask"][:, :t], dup["input_ids"][:, :t] * dup["completion_mask"][:, :t]
+        back[:, :t] * dup.completion_mask[:, :t], dup.input_ids[:, :t] * dup.completion_mask[:, :t]
     )
 
 
 def test_split_rejects_mismatched_prompts_and_bad_padding() -> None:
     _, dup = _batch()
-    bad = dict(dup)
-    bad["input_ids"] = dup["input_ids"].clone()
-    bad["input_ids"][len(ROWS), 0] += 1  # rejected twin of row 0 gets another first prompt token
+    bad = dataclasses.replace(dup, input_ids=dup.input_ids.clone())
+    bad.input_ids[len(ROWS), 0] += 1  # rejected twin of row 0 gets another first prompt token
     with pytest.raises(ValueError, match="share the same prompt ids"):
         split_shared_prompt(bad)
-    left = dict(dup)
-    left["attention_mask"] = dup["attention_mask"].flip(1)
+    left = dataclasses.replace(dup, attention_mask=dup.attention_mask.flip(1))
     with pytest.raises(ValueError, match="right-padded"):
         split_shared_prompt(left)
     with pytest.raises(KeyError, match="prompt_len"):
-        split_shared_prompt({k: v for k, v in dup.items() if k != "prompt_len"})
-    odd = {k: v[:3] if v.shape[0] == 2 * len(ROWS) else v for k, v in dup.items()}
+        split_shared_prompt({k: v for k, v in vars(dup).items() if k != "prompt_len"})
+    odd = {k: v[:3] if v.shape[0] == 2 * len(ROWS) else v for k, v in vars(dup).items()}
     with pytest.raises(ValueError, match="even"):
         split_shared_prompt(odd)
 
@@ -150,7 +148,7 @@ def test_fp32_lora_tokens_and_gradients_match_duplicated_forward(method: str) ->
     model = policy.model
     w = torch.randn(len(ROWS) * 2, generator=torch.Generator().manual_seed(3))
 
-    ref = token_logps(model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"])
+    ref = token_logps(model, dup.input_ids, dup.attention_mask, dup.completion_mask)
     assert isinstance(ref, Tensor)
     (ref.sum(1) * w).sum().backward()
     g_ref = _grads(model)
@@ -160,9 +158,9 @@ def test_fp32_lora_tokens_and_gradients_match_duplicated_forward(method: str) ->
     g_mine = _grads(model)
 
     placed = unsplit_shared_prompt(shared, mine)
-    t = dup["input_ids"].shape[1]
+    t = dup.input_ids.shape[1]
     assert placed.shape[1] >= t and placed[:, t:].abs().max() == 0 if placed.shape[1] > t else True
-    assert (ref != 0).sum() == dup["completion_mask"].sum()  # the oracle scores every completion token
+    assert (ref != 0).sum() == dup.completion_mask.sum()  # the oracle scores every completion token
     torch.testing.assert_close(placed[:, :t], ref, rtol=0, atol=1e-5)
     assert set(g_ref) == set(g_mine) and all("lora_" in n for n in g_ref) and len(g_ref) > 0
     for name in g_ref:
@@ -184,14 +182,14 @@ GRAD_RTOL = {"llama": 1e-6, "qwen2": 1e-6, "mistral": 1e-6, "gemma": 1e-6, "gpt2
 def test_float64_every_supported_arch(arch: str, method: str) -> None:
     shared, dup = _batch()
     model = tiny_causal_lm(arch, vocab_size=len(_tok()), seed=1, tie_word_embeddings=arch == "gemma").double()
-    ref = _naive_tokens(model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"])
+    ref = _naive_tokens(model, dup.input_ids, dup.attention_mask, dup.completion_mask)
     ref.sum().backward()
     g_ref = _grads(model)
     mine = _shared_tokens(model, shared, method=method)
     assert mine.dtype == torch.float64
     mine.sum().backward()
     g_mine = _grads(model)
-    t = dup["input_ids"].shape[1]
+    t = dup.input_ids.shape[1]
     torch.testing.assert_close(unsplit_shared_prompt(shared, mine)[:, :t], ref, rtol=0, atol=1e-10)
     assert set(g_ref) == set(g_mine) and len(g_ref) > 0
     for name in g_ref:  # full fine-tuning: every backbone/head weight, tied embeddings too for gemma
@@ -235,9 +233,7 @@ def test_pair_logps_equals_pair_seq_logps_and_grads_reach_prompt_forward(method:
     assert a.chosen.dtype == torch.float64 and s.chosen.dtype == torch.float64
     torch.testing.assert_close(s.chosen, a.chosen, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s.rejected, a.rejected, rtol=1e-9, atol=1e-9)
-    naive = _naive_tokens(policy.model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"]).sum(
-        1
-    )
+    naive = _naive_tokens(policy.model, dup.input_ids, dup.attention_mask, dup.completion_mask).sum(1)
     torch.testing.assert_close(torch.cat([s.chosen, s.rejected]), naive, rtol=0, atol=1e-10)
     assert s.chosen_len is not None and a.chosen_len is not None
     assert s.rejected_len is not None and a.rejected_len is not None
@@ -249,6 +245,77 @@ def test_pair_logps_equals_pair_seq_logps_and_grads_reach_prompt_forward(method:
     assert not ref_s.chosen.requires_grad
     torch.testing.assert_close(ref_s.chosen, ref_a.chosen.double(), rtol=1e-6, atol=1e-6)
     assert float((ref_s.chosen - s.chosen).abs().max()) > 1e-3  # the adapter matters
+
+
+def _naive_pair(model: Any, ref_model: Any, dup: PairBatch, ref_ctx: Any) -> PairLogps:
+    """Oracle: the hand-built PairLogps (full logits, per-row sums) with its reference under no_grad."""
+    b = dup.num_pairs
+    s = _naive_tokens(model, dup.input_ids, dup.attention_mask, dup.completion_mask).sum(1)
+    with ref_ctx():
+        s_ref = _naive_tokens(ref_model, dup.input_ids, dup.attention_mask, dup.completion_mask).sum(1)
+    n = dup.completion_mask.sum(1)
+    return PairLogps(s[:b], s[b:], s_ref[:b], s_ref[b:], n[:b], n[b:])
+
+
+def _check_pair_logps(got: PairLogps, want: PairLogps, params: list[Tensor]) -> None:
+    for name in ("chosen", "rejected", "ref_chosen", "ref_rejected"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-10)
+    assert got.chosen_len is not None and want.chosen_len is not None
+    assert got.rejected_len is not None and want.rejected_len is not None
+    assert torch.equal(got.chosen_len, want.chosen_len) and torch.equal(got.rejected_len, want.rejected_len)
+    assert got.ref_chosen is not None and got.ref_rejected is not None
+    assert not got.ref_chosen.requires_grad and not got.ref_rejected.requires_grad
+    # a loss that weighs every field differently; the reference never carries gradient
+    w = torch.linspace(0.5, 1.5, got.chosen.shape[0], dtype=torch.float64)
+
+    def loss(x: PairLogps) -> Tensor:
+        assert x.ref_chosen is not None and x.ref_rejected is not None
+        return (w * (x.chosen - 0.7 * x.rejected + x.ref_chosen * x.chosen - x.ref_rejected)).sum()
+
+    g_got = torch.autograd.grad(loss(got), params)
+    g_want = torch.autograd.grad(loss(want), params)
+    assert any(float(g.abs().max()) > 0 for g in g_want)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "packed", "cache"])
+def test_pair_logps_lora_policy_equals_hand_built(layout: str) -> None:
+    """pair_logps(LoraPolicy, batch) == the hand-built PairLogps (policy forward + reference() forward), value
+    and gradient, for the duplicated batch and both shared-prompt forwards."""
+    shared, dup = _batch()
+    policy = _lora_policy(arch="gpt2", dtype=torch.float64, seed=6)
+    batch: PairBatch | SharedPromptBatch = dup if layout == "duplicated" else shared
+    got = pair_logps(policy, batch, chunk_size=3, method="cache" if layout == "cache" else "packed")
+    want = _naive_pair(policy.model, policy.model, dup, policy.reference)
+    assert float((want.chosen - want.ref_chosen).abs().max()) > 1e-3  # the adapter matters  # type: ignore[operator]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    _check_pair_logps(got, want, params)
+    # reference=False: the same policy fields and no reference
+    bare = pair_logps(policy, batch, reference=False)
+    assert not bare.has_reference
+    torch.testing.assert_close(bare.chosen, want.chosen, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "packed"])
+def test_pair_logps_plain_model_with_separate_reference(layout: str) -> None:
+    shared, dup = _batch()
+    model = tiny_causal_lm("gpt2", vocab_size=len(_tok()), seed=7).double()
+    ref_model = tiny_causal_lm("gpt2", vocab_size=len(_tok()), seed=8).double()
+    batch: PairBatch | SharedPromptBatch = dup if layout == "duplicated" else shared
+    got = pair_logps(model, batch, reference=ref_model, temperature=1.0)
+    want = _naive_pair(model, ref_model, dup, torch.no_grad)
+    _check_pair_logps(got, want, [p for p in model.parameters() if p.requires_grad])
+    assert all(p.grad is None for p in ref_model.parameters())
+    # temperature reaches both forwards
+    hot = pair_logps(model, batch, reference=ref_model, temperature=2.0)
+    b = dup.num_pairs
+    s = _naive_tokens(ref_model, dup.input_ids, dup.attention_mask, dup.completion_mask, 2.0).sum(1)
+    torch.testing.assert_close(hot.ref_chosen, s[:b].detach(), rtol=0, atol=1e-10)
+    with pytest.raises(TypeError, match="reference=True needs a LoraPolicy"):
+        pair_logps(model, batch)
+    with pytest.raises(TypeError, match="PairBatch or a SharedPromptBatch"):
+        pair_logps(model, vars(dup), reference=ref_model)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -294,9 +361,9 @@ def test_temperature_and_extreme_logits_match() -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(3000.0)  # log-probs of order −1e4
     for tau in (1.0, 0.7):
-        ref = _naive_tokens(model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"], tau)
+        ref = _naive_tokens(model, dup.input_ids, dup.attention_mask, dup.completion_mask, tau)
         mine = _shared_tokens(model, shared, temperature=tau)
-        t = dup["input_ids"].shape[1]
+        t = dup.input_ids.shape[1]
         assert float(ref.min()) < -1e3
         torch.testing.assert_close(unsplit_shared_prompt(shared, mine)[:, :t], ref, rtol=1e-12, atol=1e-10)
 
@@ -305,11 +372,11 @@ def test_temperature_and_extreme_logits_match() -> None:
 def test_bf16_model_close_to_duplicated_forward(method: str) -> None:
     shared, dup = _batch()
     model = tiny_causal_lm("llama", vocab_size=len(_tok()), seed=8).to(torch.bfloat16)
-    ref = token_logps(model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"])
+    ref = token_logps(model, dup.input_ids, dup.attention_mask, dup.completion_mask)
     assert isinstance(ref, Tensor)
     mine = _shared_tokens(model, shared, method=method)
     assert mine.dtype == torch.float32 and bool(torch.isfinite(mine).all())
-    t = dup["input_ids"].shape[1]
+    t = dup.input_ids.shape[1]
     # bf16 (8 bits of mantissa): the two paths round differently; measured max |diff| 4e-6 .. 5e-4 over seeds
     # 8, 1, 2 on log-probs of about −4.9 (uniform over 106 tokens); bound 5e-3 (0.1 %)
     torch.testing.assert_close(unsplit_shared_prompt(shared, mine)[:, :t], ref, rtol=0, atol=5e-3)
@@ -449,13 +516,13 @@ def test_hh_rlhf_rows_exact_fp32(method: str) -> None:
     ds = load_preferences(str(path))
     rows = [ds[i] for i in range(4)]
     out = SharedPromptCollator(_tok(), keep_duplicated=True, max_length=192, max_prompt_length=128)(rows)
-    dup = {k[4:]: v for k, v in out.items() if k.startswith("dup_")}
-    shared = {k: v for k, v in out.items() if not k.startswith("dup_")}
-    assert int(shared["prompt_len"].min()) > 20  # a real shared prefix
+    dup, shared = out.duplicated, out
+    assert dup is not None
+    assert int(shared.prompt_len.min()) > 20  # a real shared prefix
     policy = _lora_policy(seed=10)
     with torch.no_grad():
-        ref = token_logps(policy.model, dup["input_ids"], dup["attention_mask"], dup["completion_mask"])
+        ref = token_logps(policy.model, dup.input_ids, dup.attention_mask, dup.completion_mask)
         mine = _shared_tokens(policy.model, shared, method=method)
     assert isinstance(ref, Tensor)
-    t = dup["input_ids"].shape[1]
+    t = dup.input_ids.shape[1]
     torch.testing.assert_close(unsplit_shared_prompt(shared, mine)[:, :t], ref, rtol=0, atol=1e-5)

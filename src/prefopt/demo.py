@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from prefopt.types import PairBatch
 
 __all__ = ["DemoResult", "JBondResult", "brevity_reward", "run_demo"]
 
@@ -95,7 +98,7 @@ def _load(tiny: bool) -> tuple[Any, Any]:
     return load_smollm2()
 
 
-def _heldout_eval(policy: Any, batch: dict[str, torch.Tensor], ref: Any) -> tuple[float, float, float, float]:
+def _heldout_eval(policy: Any, batch: PairBatch, ref: Any) -> tuple[float, float, float, float]:
     from prefopt.logprobs import pair_seq_logps
 
     with torch.no_grad():
@@ -134,7 +137,7 @@ def run_demo(
     import prefopt as po
     from prefopt.data import PreferenceCollator, load_builtin_pairs
     from prefopt.diagnostics import entanglement
-    from prefopt.logprobs import pair_seq_logps
+    from prefopt.logprobs import pair_logps, pair_seq_logps
     from prefopt.policy import LoraPolicy
 
     if steps < 1:
@@ -206,21 +209,13 @@ def run_demo(
         for step in range(1, steps + 1):
             idx = torch.randperm(len(train_rows), generator=g)[:batch_pairs].tolist()
             batch = collate([train_rows[i] for i in idx])
-            with policy.reference():
-                ref = pair_seq_logps(policy.model, batch)
+            inputs = pair_logps(policy, batch)
             extra: list[torch.Tensor] = []
             if name == "pairwise_normalized":  # per-pair gradient norms, from one extra backward
+                assert inputs.ref_chosen is not None and inputs.ref_rejected is not None
+                ref = (inputs.ref_chosen, inputs.ref_rejected)
                 rep = entanglement(policy, batch, loss="dpo", beta=beta, ref_logps=ref)
                 extra = [rep.chosen_grad_norm.float(), rep.rejected_grad_norm.float()]
-            pol = pair_seq_logps(policy.model, batch)
-            inputs = po.PairLogps(
-                chosen=pol.chosen,
-                rejected=pol.rejected,
-                ref_chosen=ref.chosen,
-                ref_rejected=ref.rejected,
-                chosen_len=pol.chosen_len,
-                rejected_len=pol.rejected_len,
-            )
             loss = fn(inputs, *extra).loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -276,7 +271,7 @@ def run_demo(
 
 def _diagnose(
     policy: Any,
-    held: dict[str, torch.Tensor],
+    held: PairBatch,
     held_rows: list[dict[str, Any]],
     tok: Any,
     out: Path,
@@ -286,13 +281,8 @@ def _diagnose(
 ) -> None:
     from prefopt.diagnostics import entanglement, plot_token_correlation, token_gradient_correlation
 
-    b = min(max_pairs, held["input_ids"].shape[0] // 2)
-    rows = list(range(b)) + [held["input_ids"].shape[0] // 2 + i for i in range(b)]
-    sub = {
-        k: v[rows]
-        for k, v in held.items()
-        if isinstance(v, torch.Tensor) and v.shape[0] == 2 * (held["input_ids"].shape[0] // 2)
-    }
+    b = min(max_pairs, held.num_pairs)
+    sub = held.select(slice(0, b))
     rep = entanglement(policy, sub, loss="dpo", beta=beta)
     print(f"[4/5] entanglement report (DPO, {b} held-out pairs, gradients w.r.t. the LoRA parameters):")
     print(f"{'pair':>4}  {'cosine':>7}  {'ratio':>6}  {'pred δS_w':>10}  {'pred δS_l':>10}  flags   prompt")
@@ -317,7 +307,7 @@ def _diagnose(
             flags = ("W↓ " if bool(rep.chosen_falls[i]) else "") + (
                 "L↑" if bool(rep.rejected_rises[i]) else ""
             )
-            prompt = str(held_rows[int(held["row_index"][i])]["prompt"]) if "row_index" in held else ""
+            prompt = str(held_rows[int(held.row_index[i])]["prompt"])
             print(
                 f"{i:>4}  {float(rep.cosine[i]):>7.3f}  {float(rep.ratio[i]):>6.2f}  "
                 f"{float(rep.pred_dchosen[i]):>+10.2e}  {float(rep.pred_drejected[i]):>+10.2e}  {flags:<6}  "

@@ -32,8 +32,10 @@ not a change of the quantity: results equal the naive path up to float rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +44,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.masked import seq_len, seq_sum
-from prefopt.types import PairLogps, check_mask, check_tensor
+from prefopt.types import PairBatch, PairLogps, SharedPromptBatch, check_mask, check_tensor
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "LogitTransform",
     "chunked_head_logps",
     "logit_transform",
+    "pair_logps",
     "pair_seq_logps",
     "token_logps",
 ]
@@ -637,38 +640,125 @@ def token_logps(
 
 def pair_seq_logps(
     model: Any,
-    batch: dict[str, Tensor],
+    batch: PairBatch | Mapping[str, Tensor],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     temperature: float = 1.0,
 ) -> PairLogps:
     """Chosen / rejected sequence log-probs and lengths of a collated preference batch, in one forward.
 
-    ``batch`` holds ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)`` and bool ``completion_mask``
-    ``(2B, T)``; rows ``0..B-1`` are the chosen sequences and ``B..2B-1`` the rejected ones.
+    ``batch`` is a [`PairBatch`][prefopt.types.PairBatch] (or a dict with its keys ``input_ids`` ``(2B, T)``,
+    optional ``attention_mask`` ``(2B, T)`` and bool ``completion_mask`` ``(2B, T)``); rows ``0..B-1`` are the
+    chosen sequences and ``B..2B-1`` the rejected ones. [`pair_logps`][prefopt.logprobs.pair_logps] adds the
+    reference log-probs.
 
     Returns:
-        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``; float64 for a float64 model) and
-        ``chosen_len``/``rejected_len`` ``= |y|`` (int64), no reference fields.
+        [`PairLogps`][prefopt.types.PairLogps] with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``; float64
+        for a float64 model) and ``chosen_len``/``rejected_len`` ``= |y|`` (int64), no reference fields.
     """
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    for key in ("input_ids", "completion_mask"):
-        if key not in batch:
-            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-    ids = batch["input_ids"]
-    check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
-    if ids.shape[0] % 2 or ids.shape[0] == 0:
-        raise ValueError(
-            f"batch['input_ids'] must have an even, non-zero number of rows (B chosen then B rejected), "
-            f"got {ids.shape[0]}"
-        )
-    mask = batch["completion_mask"]
-    logp = token_logps(
-        model, ids, batch.get("attention_mask"), mask, chunk_size=chunk_size, temperature=temperature
-    )
+    attention_mask: Tensor | None
+    if isinstance(batch, PairBatch):
+        ids, attention_mask, mask = batch.input_ids, batch.attention_mask, batch.completion_mask
+    elif isinstance(batch, Mapping):
+        for key in ("input_ids", "completion_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        ids, attention_mask, mask = batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
+        check_tensor("batch.input_ids", ids, ndim=2, floating=False)
+        if ids.shape[0] % 2 or ids.shape[0] == 0:
+            raise ValueError(
+                f"batch.input_ids must have an even, non-zero number of rows (B chosen then B rejected), "
+                f"got {ids.shape[0]}"
+            )
+    else:
+        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
+    logp = token_logps(model, ids, attention_mask, mask, chunk_size=chunk_size, temperature=temperature)
     assert isinstance(logp, Tensor)
     s = seq_sum(logp, mask)
     n = seq_len(mask)
     half = ids.shape[0] // 2
     return PairLogps(chosen=s[:half], rejected=s[half:], chosen_len=n[:half], rejected_len=n[half:])
+
+
+def _is_lora_policy(model: Any) -> bool:
+    from prefopt.policy import LoraPolicy  # lazy: policy imports peft
+
+    return isinstance(model, LoraPolicy)
+
+
+def pair_logps(
+    policy: Any,
+    batch: PairBatch | SharedPromptBatch,
+    *,
+    reference: Any = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    method: str = "packed",
+) -> PairLogps:
+    """The [`PairLogps`][prefopt.types.PairLogps] of a preference batch — policy log-probs with gradient, and
+    the reference's without — whichever forward the batch's layout calls for.
+
+    A [`PairBatch`][prefopt.types.PairBatch] (duplicated layout) goes through
+    [`pair_seq_logps`][prefopt.logprobs.pair_seq_logps]; a [`SharedPromptBatch`][prefopt.types.SharedPromptBatch]
+    through ``prefopt.shared_prefix.shared_prompt_pair_logps`` (each prompt run
+    once). The reference forward runs under ``torch.no_grad()`` and FIRST, so that its transient buffers are
+    freed before the policy's activations are held for backward.
+
+    Args:
+        policy: a [`LoraPolicy`][prefopt.policy.LoraPolicy] (its ``model`` is the policy, its
+            ``reference()`` context the reference), or a plain causal LM (a transformers model or a peft model
+            wrapping one).
+        batch: the collated batch, ``B`` pairs.
+        reference: ``True`` (default): the ``LoraPolicy``'s own reference (adapters off); for a plain model
+            ``True`` is an error — pass the reference model itself (any model ``policy`` may be, a
+            ``LoraPolicy`` included, whose policy view is then used). ``False`` / ``None``: no reference
+            (``ref_chosen``/``ref_rejected`` are ``None``, for reference-free losses).
+        chunk_size: completion tokens per LM-head chunk (default ``DEFAULT_CHUNK_SIZE``).
+        temperature: ``τ > 0`` dividing the final logits of both the policy and the reference (default 1).
+        method: the shared-prompt forward, ``"packed"`` (default) or ``"cache"``; ignored for a ``PairBatch``.
+
+    Returns:
+        ``PairLogps`` with ``chosen``/``rejected`` ``= S(y)`` ``(B,)`` (float32; float64 for a float64 model),
+        ``ref_chosen``/``ref_rejected`` ``= S_ref(y)`` (detached, the policy's dtype) or ``None``, and
+        ``chosen_len``/``rejected_len`` ``= |y|`` (int64). ``S(y) = Σ_t m_t log π(y_t | x, y_<t)``, the sequence
+        log-likelihood of DPO (Rafailov et al., 2023, arXiv 2305.18290, Eq. 7).
+
+    Raises:
+        TypeError: ``batch`` is neither batch type, or ``reference=True`` for a model that is not a ``LoraPolicy``.
+    """
+    if isinstance(batch, PairBatch):
+
+        def run(model: Any) -> PairLogps:
+            return pair_seq_logps(model, batch, chunk_size=chunk_size, temperature=temperature)
+
+    elif isinstance(batch, SharedPromptBatch):
+        from prefopt.shared_prefix import shared_prompt_pair_logps  # lazy: shared_prefix imports this module
+
+        def run(model: Any) -> PairLogps:
+            return shared_prompt_pair_logps(
+                model, batch, chunk_size=chunk_size, temperature=temperature, method=method
+            )
+
+    else:
+        raise TypeError(f"batch must be a PairBatch or a SharedPromptBatch, got {type(batch).__name__}")
+    is_policy = _is_lora_policy(policy)
+    if reference is True and not is_policy:
+        raise TypeError(
+            f"reference=True needs a LoraPolicy (its adapters-off view is the reference); {type(policy).__name__} "
+            "is not one: pass the reference model as reference=..., or reference=False"
+        )
+    ref: PairLogps | None = None
+    if reference is True:
+        with policy.reference():
+            ref = run(policy.model)
+    elif reference is not None and reference is not False:
+        with torch.no_grad():
+            ref = run(reference.model if _is_lora_policy(reference) else reference)
+    pol = run(policy.model if is_policy else policy)
+    if ref is None:
+        return pol
+    return dataclasses.replace(
+        pol,
+        ref_chosen=ref.chosen.detach().to(pol.chosen.dtype),
+        ref_rejected=ref.rejected.detach().to(pol.chosen.dtype),
+    )

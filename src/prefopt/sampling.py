@@ -33,7 +33,7 @@ adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's
         def __init__(self, llm, policy, *, eos_token_id, pad_token_id, max_new_tokens=64, temperature=1.0):
             ...
         def generate(self, prompts, n=1):
-            ids = [row[m.bool()].tolist() for row, m in zip(prompts["input_ids"], prompts["attention_mask"])]
+            ids = [row[m.bool()].tolist() for row, m in zip(prompts.input_ids, prompts.attention_mask)]
             outs = self.llm.generate(prompt_token_ids=ids, sampling_params=SamplingParams(n=n, ...))
             completions = [list(c.token_ids) for o in outs for c in o.outputs]
             prompt_ids = [p for p in ids for _ in range(n)]
@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from prefopt.logprobs import token_logps
+from prefopt.types import PromptBatch
 
 __all__ = [
     "HFSampler",
@@ -147,12 +148,12 @@ class Rollout:
 class Sampler(Protocol):
     """What the RL examples need from a rollout engine: ``generate(prompts, n) -> Rollout``.
 
-    ``prompts`` is a LEFT-padded batch ``{"input_ids": (B, P) long, "attention_mask": (B, P)}`` as produced
-    by ``prefopt.data.PromptCollator`` (extra keys are ignored); the result has ``B · n`` rows, the ``n``
+    ``prompts`` is a LEFT-padded [`PromptBatch`][prefopt.types.PromptBatch] (``input_ids``, ``attention_mask``
+    ``(B, P)`` long) as produced by ``prefopt.data.PromptCollator``; the result has ``B · n`` rows, the ``n``
     samples of prompt ``k`` in rows ``k·n … k·n + n − 1``. See the module docstring for a vLLM sketch.
     """
 
-    def generate(self, prompts: Mapping[str, Any], n: int = 1) -> Rollout: ...
+    def generate(self, prompts: PromptBatch | Mapping[str, Any], n: int = 1) -> Rollout: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,6 +497,8 @@ class HFSampler:
             from prefopt.data import PromptCollator
 
             prompts = PromptCollator(self.tokenizer, strict=True)(list(prompts))
+        if isinstance(prompts, PromptBatch):
+            prompts = {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask}
         if not isinstance(prompts, Mapping) or "input_ids" not in prompts:
             raise TypeError(
                 "prompts must be a dict with 'input_ids' (and 'attention_mask'), e.g. from "
@@ -530,8 +533,8 @@ class HFSampler:
         """Sample ``n`` completions per prompt and score them.
 
         Args:
-            prompts: LEFT-padded ``{"input_ids": (B, P), "attention_mask": (B, P)}`` (PromptCollator output),
-                or a list of strings (needs ``tokenizer``).
+            prompts: a LEFT-padded [`PromptBatch`][prefopt.types.PromptBatch] (PromptCollator output), a dict
+                ``{"input_ids": (B, P), "attention_mask": (B, P)}``, or a list of strings (needs ``tokenizer``).
             n: completions per prompt (rows ``k·n … k·n + n − 1`` belong to prompt ``k``).
 
         Returns:

@@ -43,13 +43,12 @@ as the duplicated forward; used for the sequence log-likelihoods of DPO
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from prefopt.data import PreferenceCollator
 from prefopt.logprobs import (
     DEFAULT_CHUNK_SIZE,
     _backbone_and_head,
@@ -61,14 +60,12 @@ from prefopt.logprobs import (
     logit_transform,
 )
 from prefopt.masked import seq_len, seq_sum
-from prefopt.types import PairLogps, check_mask, check_tensor
+from prefopt.types import PairLogps, SharedPromptBatch, check_mask, check_tensor
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
-    "SharedPromptCollator",
     "shared_prompt_pair_logps",
     "shared_prompt_token_logps",
-    "split_shared_prompt",
     "unsplit_shared_prompt",
 ]
 
@@ -89,90 +86,14 @@ def _is_right_padded(mask: Tensor) -> Tensor:
     )
 
 
-def split_shared_prompt(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A :class:`~prefopt.data.PreferenceCollator` batch (``2B`` rows ``prompt ++ completion``) → shared layout.
-
-    Args:
-        batch: ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)``, bool ``completion_mask`` ``(2B, T)``
-            and ``prompt_len`` ``(2B,)``, right-padded; row ``B + i`` must have the same prompt ids as row ``i``.
-            Completion tokens are the ``completion_len`` tokens after the prompt (``completion_len``, if absent,
-            is derived from ``attention_mask``).
-
-    Returns:
-        ``prompt_ids`` ``(B, P)`` long and ``prompt_mask`` ``(B, P)`` long (right-padded, ``P = max prompt_len``),
-        ``prompt_len`` ``(B,)``; ``completion_ids`` ``(2B, C)`` long, ``completion_attention_mask`` ``(2B, C)``
-        long, ``completion_mask`` ``(2B, C)`` bool (the input's ``completion_mask`` moved to completion
-        coordinates), ``completion_len`` ``(2B,)``; ``row_index`` is passed through when present.
-
-    Raises:
-        KeyError / ValueError: a missing key, an odd row count, padding not on the right, or chosen and
-            rejected rows whose prompts differ.
-    """
-    for key in ("input_ids", "attention_mask", "completion_mask", "prompt_len"):
-        if key not in batch:
-            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-    ids, am, cm, plen = (
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["completion_mask"],
-        batch["prompt_len"],
-    )
-    check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
-    n, t = ids.shape
-    if n == 0 or n % 2:
-        raise ValueError(f"batch['input_ids'] must have an even, non-zero number of rows, got {n}")
-    if am.shape != ids.shape or cm.shape != ids.shape:
-        raise ValueError("batch['attention_mask'] and batch['completion_mask'] must have input_ids' shape")
-    if cm.dtype != torch.bool:
-        raise TypeError(f"batch['completion_mask'] must be bool, got {cm.dtype}")
-    if not bool(_is_right_padded(am).all()):
-        raise ValueError("batch['attention_mask'] must be right-padded (ones then zeros in every row)")
-    plen = plen.long()
-    total = am.long().sum(1)
-    if plen.shape != (n,) or bool((plen < 1).any()) or bool((plen > total).any()):
-        raise ValueError("batch['prompt_len'] must be (2B,) with 1 <= prompt_len <= number of real tokens")
-    clen = batch["completion_len"].long() if "completion_len" in batch else total - plen
-    if bool((plen + clen != total).any()):
-        raise ValueError(
-            "batch['prompt_len'] + batch['completion_len'] must equal the real-token count of each row"
-        )
-    b = n // 2
-    if not torch.equal(plen[:b], plen[b:]):
-        raise ValueError("chosen row i and rejected row B + i must have the same prompt_len")
-    p_max = int(plen.max())
-    cols = torch.arange(p_max, device=ids.device)
-    prompt_mask = (cols[None] < plen[:b, None]).long()
-    prompt_ids = ids[:b, :p_max] * prompt_mask
-    if not torch.equal(ids[b:, :p_max] * prompt_mask, prompt_ids):
-        raise ValueError("chosen row i and rejected row B + i must share the same prompt ids")
-    if bool((cm & (torch.arange(t, device=ids.device)[None] < plen[:, None])).any()):
-        raise ValueError("batch['completion_mask'] is True on a prompt token")
-    c_max = max(int(clen.max()), 1)
-    j = torch.arange(c_max, device=ids.device)
-    src = (plen[:, None] + j[None]).clamp(max=t - 1)
-    c_att = j[None] < clen[:, None]
-    return_ = {
-        "prompt_ids": prompt_ids.long(),
-        "prompt_mask": prompt_mask,
-        "prompt_len": plen[:b].clone(),
-        "completion_ids": (ids.gather(1, src) * c_att).long(),
-        "completion_attention_mask": c_att.long(),
-        "completion_mask": cm.gather(1, src) & c_att,
-        "completion_len": clen.clone(),
-    }
-    if "row_index" in batch:
-        return_["row_index"] = batch["row_index"]
-    return return_
-
-
-def unsplit_shared_prompt(shared: Mapping[str, Tensor], values: Tensor) -> Tensor:
+def unsplit_shared_prompt(shared: SharedPromptBatch | Mapping[str, Tensor], values: Tensor) -> Tensor:
     """Place ``(kB, C)`` completion-coordinate values into the duplicated ``(kB, P + C)`` layout.
 
     Row ``r``'s value at completion column ``j`` goes to column ``prompt_len[r mod B] + j``; everything else is 0.
-    This is the inverse of the column shift done by :func:`split_shared_prompt` (used to compare with
-    :func:`prefopt.logprobs.token_logps` on the duplicated batch).
+    This is the inverse of the column shift done by [`split_shared_prompt`][prefopt.data.collate.split_shared_prompt]
+    (used to compare with [`token_logps`][prefopt.logprobs.token_logps] on the duplicated batch).
     """
-    plen = shared["prompt_len"].long()
+    plen = (shared.prompt_len if isinstance(shared, SharedPromptBatch) else shared["prompt_len"]).long()
     n, c = values.shape
     b = plen.shape[0]
     if n % b:
@@ -182,33 +103,6 @@ def unsplit_shared_prompt(shared: Mapping[str, Tensor], values: Tensor) -> Tenso
     out = values.new_zeros(n, p + c)
     cols = shift[:, None] + torch.arange(c, device=values.device)[None]
     return out.scatter(1, cols, values)
-
-
-class SharedPromptCollator:
-    """Rows ``{prompt, chosen, rejected}`` → a shared-prompt batch (each prompt once, ``2B`` completion rows).
-
-    Tokenization, truncation and bad-row handling are exactly :class:`prefopt.data.PreferenceCollator`'s (same
-    keyword arguments; the inner collator is ``self.collator``, its counters ``self.stats``); the duplicated
-    batch is then split by :func:`split_shared_prompt`. Keys: ``prompt_ids``, ``prompt_mask``, ``prompt_len``
-    (``B`` rows), ``completion_ids``, ``completion_attention_mask``, ``completion_mask``, ``completion_len``
-    (``2B`` rows, chosen first), ``row_index``. With ``keep_duplicated=True`` the duplicated batch's keys
-    (``input_ids``, ``attention_mask``, …) are kept too, under the prefix ``"dup_"``.
-    """
-
-    def __init__(self, tokenizer: Any, *, keep_duplicated: bool = False, **kwargs: Any) -> None:
-        self.collator = PreferenceCollator(tokenizer, **kwargs)
-        self.keep_duplicated = bool(keep_duplicated)
-
-    @property
-    def stats(self) -> Any:
-        return self.collator.stats
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        dup = self.collator(rows)
-        out = split_shared_prompt(dup)
-        if self.keep_duplicated:
-            out.update({f"dup_{k}": v for k, v in dup.items()})
-        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,7 +339,7 @@ def shared_prompt_token_logps(
 
 def shared_prompt_pair_logps(
     model: Any,
-    batch: Mapping[str, Tensor],
+    batch: SharedPromptBatch | Mapping[str, Tensor],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     temperature: float = 1.0,
@@ -453,35 +347,45 @@ def shared_prompt_pair_logps(
 ) -> PairLogps:
     """Chosen / rejected sequence log-probs of a shared-prompt batch (each prompt run once).
 
-    ``batch`` comes from :class:`SharedPromptCollator` or :func:`split_shared_prompt`: ``prompt_ids`` /
+    ``batch`` is a [`SharedPromptBatch`][prefopt.types.SharedPromptBatch] (from
+    [`SharedPromptCollator`][prefopt.data.collate.SharedPromptCollator] or
+    [`split_shared_prompt`][prefopt.data.collate.split_shared_prompt]), or a dict with its keys ``prompt_ids`` /
     ``prompt_mask`` ``(B, P)``, ``completion_ids`` / ``completion_mask`` (and optionally
     ``completion_attention_mask``) ``(2B, C)``, chosen rows first. Same result as
-    :func:`prefopt.logprobs.pair_seq_logps` on the duplicated batch, up to float rounding.
+    [`pair_seq_logps`][prefopt.logprobs.pair_seq_logps] on the duplicated batch, up to float rounding.
+    [`pair_logps`][prefopt.logprobs.pair_logps] adds the reference log-probs.
 
     Returns:
-        :class:`prefopt.types.PairLogps` with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``, float64 for a
-        float64 model) and
-        ``chosen_len``/``rejected_len`` ``= |y|`` (int64).
+        [`PairLogps`][prefopt.types.PairLogps] with ``chosen``/``rejected`` ``= S(y)`` (float32 ``(B,)``, float64
+        for a float64 model) and ``chosen_len``/``rejected_len`` ``= |y|`` (int64).
     """
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
-        if key not in batch:
-            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-    b = batch["prompt_ids"].shape[0]
-    if batch["completion_ids"].shape[0] != 2 * b:
-        raise ValueError(
-            f"batch['completion_ids'] must have 2 × {b} rows (chosen then rejected), "
-            f"got {batch['completion_ids'].shape[0]}"
+    if isinstance(batch, SharedPromptBatch):
+        prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+        completion_ids, mask = batch.completion_ids, batch.completion_mask
+        cam: Tensor | None = batch.completion_attention_mask
+    elif isinstance(batch, Mapping):
+        for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        completion_ids, mask = batch["completion_ids"], batch["completion_mask"]
+        cam = batch.get("completion_attention_mask")
+    else:
+        raise TypeError(
+            f"batch must be a SharedPromptBatch (or a dict of tensors), got {type(batch).__name__}"
         )
-    mask = batch["completion_mask"]
+    b = prompt_ids.shape[0]
+    if completion_ids.shape[0] != 2 * b:
+        raise ValueError(
+            f"batch.completion_ids must have 2 × {b} rows (chosen then rejected), got {completion_ids.shape[0]}"
+        )
     logp = shared_prompt_token_logps(
         model,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        batch["completion_ids"],
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
         mask,
-        completion_attention_mask=batch.get("completion_attention_mask"),
+        completion_attention_mask=cam,
         chunk_size=chunk_size,
         temperature=temperature,
         method=method,

@@ -7,7 +7,7 @@ prefixes ``ref_``, ``old_``, ``anchor_``; ``chosen`` / ``rejected`` for pairs. A
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,6 +358,21 @@ class PairBatch(_TensorFields):
     def num_pairs(self) -> int:
         """``B``, the number of pairs."""
         return int(self.input_ids.shape[0]) // 2
+
+    def select(self, pairs: Tensor | Sequence[int] | slice) -> PairBatch:
+        """The batch of the pairs ``pairs`` (indices into ``0..B-1``): their chosen rows, then their rejected
+        rows, with ``row_index`` kept. Columns are not trimmed."""
+        b = self.num_pairs
+        idx = torch.arange(b, device=self.input_ids.device)[pairs]
+        rows = torch.cat([idx, idx + b])
+        return PairBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            completion_mask=self.completion_mask[rows],
+            prompt_len=self.prompt_len[rows],
+            completion_len=self.completion_len[rows],
+            row_index=self.row_index[idx],
+        )
 
 
 @dataclass(frozen=True)

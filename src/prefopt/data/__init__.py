@@ -10,7 +10,13 @@ from importlib import resources
 
 import datasets
 
-from prefopt.data.collate import PreferenceCollator, PromptCollator, UnpairedCollator
+from prefopt.data.collate import (
+    PreferenceCollator,
+    PromptCollator,
+    SharedPromptCollator,
+    UnpairedCollator,
+    split_shared_prompt,
+)
 from prefopt.data.formats import (
     DEFAULT_MARKER,
     detect_format,
@@ -33,6 +39,7 @@ __all__ = [
     "LoadReport",
     "PreferenceCollator",
     "PromptCollator",
+    "SharedPromptCollator",
     "SkipTally",
     "UnpairedCollator",
     "builtin_pairs_path",
@@ -47,6 +54,7 @@ __all__ = [
     "render_taskmaster_turn",
     "split_conversation",
     "split_implicit_prompt",
+    "split_shared_prompt",
     "unpaired_from_pairs",
 ]
 

@@ -30,6 +30,7 @@ raises ``ValueError``. An emitted row NEVER has an empty completion mask.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +40,15 @@ import torch
 from torch import Tensor
 
 from prefopt.data.report import BadRowError, LoadReport, SkipTally
+from prefopt.types import PairBatch, PromptBatch, SharedPromptBatch, UnpairedBatch, check_tensor
 
-__all__ = ["PreferenceCollator", "PromptCollator", "UnpairedCollator"]
+__all__ = [
+    "PreferenceCollator",
+    "PromptCollator",
+    "SharedPromptCollator",
+    "UnpairedCollator",
+    "split_shared_prompt",
+]
 
 logger = logging.getLogger("prefopt.data")
 
@@ -261,7 +269,8 @@ class PreferenceCollator(_CompletionMixin):
         pad_to_multiple_of: round the padded length up to a multiple of this.
         strict: raise ``ValueError("row i: reason (detail)")`` on a bad row instead of skipping it.
 
-    Returns (``__call__``) a dict of tensors, ``B`` = number of kept pairs, ``T`` = padded length:
+    Returns (``__call__``) a [`PairBatch`][prefopt.types.PairBatch], ``B`` = number of kept pairs,
+    ``T`` = padded length:
         ``input_ids`` ``(2B, T)`` long, right-padded with ``pad_token_id`` (eos when there is no pad token);
         ``attention_mask`` ``(2B, T)`` long; ``completion_mask`` ``(2B, T)`` bool;
         ``prompt_len`` / ``completion_len`` ``(2B,)`` long; ``row_index`` ``(B,)`` long: the position in the
@@ -299,7 +308,7 @@ class PreferenceCollator(_CompletionMixin):
         )
         self._init_completion(max_length, max_completion_length, add_eos)
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> PairBatch:
         if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of dicts with prompt/chosen/rejected")
         skipped, bad = self._start_batch(len(rows))
@@ -331,8 +340,7 @@ class PreferenceCollator(_CompletionMixin):
             kept.append((i, p_ids, c_ids, r_ids))
         self._finish_batch(len(rows), len(kept), skipped)
         batch = self._pack([(p, c) for _, p, c, _ in kept] + [(p, r) for _, p, _, r in kept])
-        batch["row_index"] = torch.tensor([i for i, *_ in kept], dtype=torch.long)
-        return batch
+        return PairBatch(**batch, row_index=torch.tensor([i for i, *_ in kept], dtype=torch.long))
 
 
 class UnpairedCollator(_CompletionMixin):
@@ -341,7 +349,7 @@ class UnpairedCollator(_CompletionMixin):
     Same tokenization, truncation and bad-row rules as :class:`PreferenceCollator` (minus the pair checks),
     plus ``bad_label`` for a label that is not a finite number or a bool.
 
-    Returns ``input_ids`` / ``attention_mask`` ``(B, T)`` long, ``completion_mask`` ``(B, T)`` bool,
+    Returns an [`UnpairedBatch`][prefopt.types.UnpairedBatch]: ``input_ids`` / ``attention_mask`` ``(B, T)`` long, ``completion_mask`` ``(B, T)`` bool,
     ``prompt_len`` / ``completion_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long,
     ``label`` ``(B,)`` float32 (bool → 1.0 / 0.0) and ``desirable`` ``(B,)`` bool ``= label >= threshold``.
     """
@@ -375,7 +383,7 @@ class UnpairedCollator(_CompletionMixin):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> UnpairedBatch:
         if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of dicts with prompt/completion/label")
         skipped, bad = self._start_batch(len(rows))
@@ -406,10 +414,13 @@ class UnpairedCollator(_CompletionMixin):
             kept.append((i, p_ids, c_ids, y))
         self._finish_batch(len(rows), len(kept), skipped)
         batch = self._pack([(p, c) for _, p, c, _ in kept])
-        batch["row_index"] = torch.tensor([i for i, *_ in kept], dtype=torch.long)
-        batch["label"] = torch.tensor([y for *_, y in kept], dtype=torch.float32)
-        batch["desirable"] = batch["label"] >= self.threshold
-        return batch
+        label = torch.tensor([y for *_, y in kept], dtype=torch.float32)
+        return UnpairedBatch(
+            **batch,
+            row_index=torch.tensor([i for i, *_ in kept], dtype=torch.long),
+            label=label,
+            desirable=label >= self.threshold,
+        )
 
 
 class PromptCollator(_Base):
@@ -423,8 +434,8 @@ class PromptCollator(_Base):
         add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in :class:`PreferenceCollator`).
         pad_to_multiple_of, strict: as in :class:`PreferenceCollator`.
 
-    Returns ``{"input_ids": (B, T) long, "attention_mask": (B, T) long, "prompt_len": (B,) long,
-    "row_index": (B,) long, "prompt": list[str]}``; padding sits on the LEFT, so ``input_ids[:, -1]`` is every
+    Returns a [`PromptBatch`][prefopt.types.PromptBatch]: ``input_ids`` ``(B, T)`` long, ``attention_mask``
+    ``(B, T)`` long, ``prompt_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long, ``prompt`` (tuple of str); padding sits on the LEFT, so ``input_ids[:, -1]`` is every
     prompt's last token and ``model.generate`` continues all rows from column ``T``. Bad rows:
     ``missing_field``, ``empty_prompt`` (zero tokens: nothing to condition on).
     """
@@ -450,7 +461,7 @@ class PromptCollator(_Base):
             strict=strict,
         )
 
-    def __call__(self, rows: Sequence[str | Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[str | Mapping[str, Any]]) -> PromptBatch:
         if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence) or len(rows) == 0:
             raise ValueError("rows must be a non-empty list of prompt strings or dicts with a 'prompt'")
         skipped, bad = self._start_batch(len(rows))
@@ -473,10 +484,127 @@ class PromptCollator(_Base):
         for k, (*_, ids) in enumerate(kept):
             input_ids[k, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[k, t - len(ids) :] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "prompt_len": torch.tensor([len(ids) for *_, ids in kept], dtype=torch.long),
-            "row_index": torch.tensor([i for i, *_ in kept], dtype=torch.long),
-            "prompt": [text for _, text, _ in kept],
-        }
+        return PromptBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            prompt_len=torch.tensor([len(ids) for *_, ids in kept], dtype=torch.long),
+            row_index=torch.tensor([i for i, *_ in kept], dtype=torch.long),
+            prompt=tuple(text for _, text, _ in kept),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared-prompt layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _field(batch: PairBatch | Mapping[str, Tensor], name: str, *, required: bool = True) -> Any:
+    if isinstance(batch, PairBatch):
+        return getattr(batch, name)
+    if required and name not in batch:
+        raise KeyError(f"batch is missing {name!r} (has {sorted(batch)})")
+    return batch.get(name)
+
+
+def split_shared_prompt(batch: PairBatch | Mapping[str, Tensor]) -> SharedPromptBatch:
+    """A duplicated-layout batch (``2B`` rows ``prompt ++ completion``) → the shared-prompt layout.
+
+    Args:
+        batch: a [`PairBatch`][prefopt.types.PairBatch] (from [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator]),
+            or a dict with its keys ``input_ids``, ``attention_mask``, bool ``completion_mask`` ``(2B, T)`` and
+            ``prompt_len`` ``(2B,)`` (``completion_len`` and ``row_index`` optional), right-padded; row
+            ``B + i`` must have the same prompt ids as row ``i``. Completion tokens are the ``completion_len``
+            tokens after the prompt (derived from ``attention_mask`` when absent).
+
+    Returns:
+        a [`SharedPromptBatch`][prefopt.types.SharedPromptBatch]: ``prompt_ids`` / ``prompt_mask`` ``(B, P)``
+        long (right-padded, ``P = max prompt_len``), ``prompt_len`` ``(B,)``; ``completion_ids`` /
+        ``completion_attention_mask`` ``(2B, C)`` long, ``completion_mask`` ``(2B, C)`` bool (the input's
+        ``completion_mask`` moved to completion coordinates), ``completion_len`` ``(2B,)``; ``row_index`` passed
+        through (``0..B-1`` when absent); ``duplicated`` is ``None``.
+
+    Raises:
+        KeyError / ValueError: a missing key, an odd row count, padding not on the right, or chosen and
+            rejected rows whose prompts differ.
+    """
+    if not isinstance(batch, (PairBatch, Mapping)):
+        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
+    ids, am, cm, plen = (
+        _field(batch, k) for k in ("input_ids", "attention_mask", "completion_mask", "prompt_len")
+    )
+    check_tensor("batch.input_ids", ids, ndim=2, floating=False)
+    n, t = ids.shape
+    if n == 0 or n % 2:
+        raise ValueError(f"batch.input_ids must have an even, non-zero number of rows, got {n}")
+    if am.shape != ids.shape or cm.shape != ids.shape:
+        raise ValueError("batch.attention_mask and batch.completion_mask must have input_ids' shape")
+    if cm.dtype != torch.bool:
+        raise TypeError(f"batch.completion_mask must be bool, got {cm.dtype}")
+    m = am.long()
+    if t > 1 and not bool((m[:, 1:] <= m[:, :-1]).all()):
+        raise ValueError("batch.attention_mask must be right-padded (ones then zeros in every row)")
+    plen = plen.long()
+    total = m.sum(1)
+    if plen.shape != (n,) or bool((plen < 1).any()) or bool((plen > total).any()):
+        raise ValueError("batch.prompt_len must be (2B,) with 1 <= prompt_len <= number of real tokens")
+    clen_given = _field(batch, "completion_len", required=False)
+    clen = total - plen if clen_given is None else clen_given.long()
+    if bool((plen + clen != total).any()):
+        raise ValueError(
+            "batch.prompt_len + batch.completion_len must equal the real-token count of each row"
+        )
+    b = n // 2
+    if not torch.equal(plen[:b], plen[b:]):
+        raise ValueError("chosen row i and rejected row B + i must have the same prompt_len")
+    p_max = int(plen.max())
+    cols = torch.arange(p_max, device=ids.device)
+    prompt_mask = (cols[None] < plen[:b, None]).long()
+    prompt_ids = ids[:b, :p_max] * prompt_mask
+    if not torch.equal(ids[b:, :p_max] * prompt_mask, prompt_ids):
+        raise ValueError("chosen row i and rejected row B + i must share the same prompt ids")
+    if bool((cm & (torch.arange(t, device=ids.device)[None] < plen[:, None])).any()):
+        raise ValueError("batch.completion_mask is True on a prompt token")
+    c_max = max(int(clen.max()), 1)
+    j = torch.arange(c_max, device=ids.device)
+    src = (plen[:, None] + j[None]).clamp(max=t - 1)
+    c_att = j[None] < clen[:, None]
+    row_index = _field(batch, "row_index", required=False)
+    return SharedPromptBatch(
+        prompt_ids=prompt_ids.long(),
+        prompt_mask=prompt_mask,
+        prompt_len=plen[:b].clone(),
+        completion_ids=(ids.gather(1, src) * c_att).long(),
+        completion_attention_mask=c_att.long(),
+        completion_mask=cm.gather(1, src) & c_att,
+        completion_len=clen.clone(),
+        row_index=torch.arange(b, device=ids.device) if row_index is None else row_index,
+    )
+
+
+class SharedPromptCollator:
+    """Rows ``{prompt, chosen, rejected}`` → a [`SharedPromptBatch`][prefopt.types.SharedPromptBatch] (each
+    prompt once, ``2B`` completion rows, chosen first).
+
+    Tokenization, truncation and bad-row handling are exactly [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator]'s
+    (same keyword arguments; the inner collator is ``self.collator``, its counters ``self.stats``); the
+    duplicated batch is then split by [`split_shared_prompt`][prefopt.data.collate.split_shared_prompt]. With
+    ``keep_duplicated=True`` the duplicated [`PairBatch`][prefopt.types.PairBatch] is kept as
+    ``batch.duplicated``.
+    """
+
+    def __init__(self, tokenizer: Any, *, keep_duplicated: bool = False, **kwargs: Any) -> None:
+        self.collator = PreferenceCollator(tokenizer, **kwargs)
+        self.keep_duplicated = bool(keep_duplicated)
+
+    @property
+    def stats(self) -> SkipTally:
+        return self.collator.stats
+
+    def report(self) -> LoadReport:
+        """Snapshot of the inner collator's running counters."""
+        return self.collator.report()
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> SharedPromptBatch:
+        dup = self.collator(rows)
+        out = split_shared_prompt(dup)
+        return dataclasses.replace(out, duplicated=dup) if self.keep_duplicated else out

@@ -27,7 +27,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefopt.types import PairBatch
 
 __all__ = ["COLUMNS", "add_diagnose_parser", "parse_loss_args", "run_diagnose"]
 
@@ -210,7 +213,7 @@ def _select(rows: list[dict[str, str]], collate: Any, n: int) -> list[tuple[int,
     out = []
     for i, row in enumerate(rows):
         try:
-            ok = collate([row])["input_ids"].shape[0] == 2
+            ok = collate([row]).num_pairs == 1
         except ValueError:
             ok = False
         if ok:
@@ -266,16 +269,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     table: list[dict[str, Any]] = []
-    batches: list[tuple[dict[str, torch.Tensor], list[int]]] = []
+    batches: list[tuple[PairBatch, list[int]]] = []
     bar = tqdm(total=len(picked), desc="diagnose", unit="pair", disable=args.no_progress, file=sys.stderr)
     for start in range(0, len(picked), args.batch):
         chunk = picked[start : start + args.batch]
-        batch = collate([r for _, r in chunk])
-        tensors = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+        tensors = collate([r for _, r in chunk])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             rep = entanglement(policy, tensors, loss=args.loss, eta=args.eta, verify=args.verify, **hparams)
-        cm = tensors["completion_mask"]
+        cm = tensors.completion_mask
         b = cm.shape[0] // 2
         for j in range(b):
             rec = {

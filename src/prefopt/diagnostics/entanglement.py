@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from prefopt.diagnostics.pergrad import Method, per_row_gradients, resolve_params
 from prefopt.registry import get_loss
-from prefopt.types import PairLogps
+from prefopt.types import PairBatch, PairLogps
 
 __all__ = [
     "EntanglementReport",
@@ -120,17 +120,22 @@ def resolve_model(policy_or_model: Any) -> tuple[nn.Module, Any]:
 
 
 def check_pair_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor, int]:
-    """Validate a collated preference batch; return ``(input_ids, attention_mask, completion_mask, B)``.
+    """Validate a [`PairBatch`][prefopt.types.PairBatch] (or a dict with its keys); return
+    ``(input_ids, attention_mask, completion_mask, B)``.
 
     Raises ``TypeError``/``KeyError``/``ValueError`` naming the offending key: not a dict, a missing key, an
     odd or zero row count, a non-bool completion mask, a shape mismatch, or a row with no completion token.
     """
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    for key in ("input_ids", "completion_mask"):
-        if key not in batch:
-            raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-    ids, cm, am = batch["input_ids"], batch["completion_mask"], batch.get("attention_mask")
+    am: Tensor | None
+    if isinstance(batch, PairBatch):
+        ids, cm, am = batch.input_ids, batch.completion_mask, batch.attention_mask
+    elif isinstance(batch, dict):
+        for key in ("input_ids", "completion_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        ids, cm, am = batch["input_ids"], batch["completion_mask"], batch.get("attention_mask")
+    else:
+        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ValueError("batch['input_ids'] must be a (2B, T) tensor")
     rows = ids.shape[0]
@@ -362,7 +367,7 @@ def _ref_from_arg(ref_logps: Any, b: int) -> tuple[Tensor, Tensor]:
 
 def entanglement(
     policy_or_model: Any,
-    batch: dict[str, Tensor],
+    batch: PairBatch | dict[str, Tensor],
     *,
     loss: str = "dpo",
     eta: float = 1e-3,

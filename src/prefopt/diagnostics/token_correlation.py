@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from prefopt.diagnostics.entanglement import check_pair_batch, eval_mode, resolve_model
 from prefopt.diagnostics.pergrad import per_row_gradients, resolve_params
+from prefopt.types import PairBatch
 
 __all__ = [
     "TokenCorrelation",
@@ -374,7 +375,7 @@ def _nanmean(x: Tensor) -> float:
 
 def token_gradient_correlation(
     policy_or_model: Any,
-    batch: dict[str, Tensor],
+    batch: PairBatch | dict[str, Tensor],
     index: int,
     *,
     tokenizer: Any = None,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.registry import ge, gt, register_loss
-from prefopt.types import LossOutput, PairLogps, check_mask, check_tensor
+from prefopt.types import LossOutput, PairBatch, PairLogps, check_mask, check_tensor
 
 __all__ = [
     "decoupled",
@@ -238,7 +238,7 @@ def _check_rows(name: str, x: Tensor) -> int:
     return rows // 2
 
 
-def shared_token_mask(batch: dict[str, Tensor]) -> Tensor:
+def shared_token_mask(batch: PairBatch | dict[str, Tensor]) -> Tensor:
     r"""Rule-based token weights ``μ`` ``(2B, T)`` float32 for :func:`token_masked`.
 
     ``μ = 1`` on completion tokens, except ``μ = 0`` on a token *shared* with the paired response: completion
@@ -248,9 +248,12 @@ def shared_token_mask(batch: dict[str, Tensor]) -> Tensor:
 
     Raises ``ValueError``/``TypeError`` naming the key: odd rows, non-bool completion mask, empty completion.
     """
-    if not isinstance(batch, dict) or "input_ids" not in batch or "completion_mask" not in batch:
-        raise KeyError("batch must be a dict with 'input_ids' and 'completion_mask'")
-    ids, cm = batch["input_ids"], batch["completion_mask"]
+    if isinstance(batch, PairBatch):
+        ids, cm = batch.input_ids, batch.completion_mask
+    elif not isinstance(batch, dict) or "input_ids" not in batch or "completion_mask" not in batch:
+        raise KeyError("batch must be a PairBatch or a dict with 'input_ids' and 'completion_mask'")
+    else:
+        ids, cm = batch["input_ids"], batch["completion_mask"]
     check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
     check_tensor("batch['completion_mask']", cm, ndim=2, floating=False)
     if cm.dtype != torch.bool or cm.shape != ids.shape:
