@@ -144,6 +144,17 @@ def ema_low_rank(
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    for name, t in (
+        ("b_anchor", b_anchor),
+        ("a_anchor", a_anchor),
+        ("b_policy", b_policy),
+        ("a_policy", a_policy),
+    ):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32/float64), got "
+                f"{getattr(t, 'dtype', type(t).__name__)}"
+            )
     left = torch.cat([decay * b_anchor, (1.0 - decay) * scale * b_policy], dim=-1)  # (..., m, k)
     right = torch.cat([a_anchor, a_policy], dim=-2)  # (..., k, n)
     q1, r1 = torch.linalg.qr(left)  # (..., m, p1), (..., p1, k)
@@ -529,6 +540,10 @@ class LoraPolicy(nn.Module):
         equal shapes are processed as one batch. J-BOND's ``η`` is ``1 − decay``.
 
         Returns an :class:`AnchorUpdate` with the relative Frobenius norm of what the rank truncation dropped.
+
+        All or nothing: the new factors of every layer are computed and checked first; if a policy or anchor
+        factor holds NaN/inf, or a new factor is not finite in the adapter's dtype, ``ValueError`` is raised
+        and no anchor layer has been written.
         """
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
             raise ValueError(f"decay must be a finite real number in [0, 1], got {decay!r}")
@@ -561,11 +576,22 @@ class LoraPolicy(nn.Module):
         ratios: list[Tensor] = []
         disc_total: list[Tensor] = []
         norm_total: list[Tensor] = []
+        # All or nothing: every group's new factors are computed and checked before the first write.
+        pending: list[tuple[list[Any], Tensor, Tensor]] = []
         for idx in groups.values():
             layers = [self._layers[j][1] for j in idx]
             dtype = torch.promote_types(factors[idx[0]][2].dtype, torch.float32)
             b_p = torch.stack([factors[j][0] for j in idx]).to(dtype)
             a_p = torch.stack([factors[j][1] for j in idx]).to(dtype)
+            b_a = torch.stack([factors[j][2] for j in idx]).to(dtype)
+            a_a = torch.stack([factors[j][3] for j in idx]).to(dtype)
+            finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in (b_p, a_p, b_a, a_a)]).all(0)
+            if not bool(finite.all()):
+                bad = [self._layers[idx[i]][0] for i in torch.nonzero(~finite).flatten().tolist()]
+                raise ValueError(
+                    f"update_anchor_: the policy or anchor adapter holds NaN or inf on {len(bad)} layer(s), "
+                    f"e.g. {bad[:3]}; the anchor was left unchanged"
+                )
             scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
             scale = scale.to(b_p.device).view(-1, 1, 1)
             r_p, r_a = a_p.shape[-2], self.anchor_rank
@@ -576,20 +602,24 @@ class LoraPolicy(nn.Module):
                 total = b_p.new_ones(len(layers))
             else:
                 b_new, a_new, disc, total = ema_low_rank(
-                    torch.stack([factors[j][2] for j in idx]).to(dtype),
-                    torch.stack([factors[j][3] for j in idx]).to(dtype),
-                    b_p,
-                    a_p,
-                    decay=decay,
-                    scale=scale,
-                    rank=r_a,
+                    b_a, a_a, b_p, a_p, decay=decay, scale=scale, rank=r_a
                 )
-            for i, layer in enumerate(layers):
-                _write_(layer.lora_B[ANCHOR_ADAPTER].weight, b_new[i])
-                _write_(layer.lora_A[ANCHOR_ADAPTER].weight, a_new[i])
+            # the values as they will be stored (an fp16 adapter can overflow where float32 did not)
+            b_new = b_new.to(factors[idx[0]][2].dtype)
+            a_new = a_new.to(factors[idx[0]][3].dtype)
+            if not bool(torch.isfinite(b_new).all() & torch.isfinite(a_new).all()):
+                raise ValueError(
+                    "update_anchor_: the new anchor factors are not finite in the adapter dtype "
+                    f"{b_new.dtype} (layers like {self._layers[idx[0]][0]!r}); the anchor was left unchanged"
+                )
+            pending.append((layers, b_new, a_new))
             ratios.append(torch.where(total > 0, disc / total.clamp_min(1e-300), 0.0).sqrt().to("cpu"))
             disc_total.append(disc.sum().to("cpu", torch.float64))
             norm_total.append(total.sum().to("cpu", torch.float64))
+        for layers, b_new, a_new in pending:
+            for i, layer in enumerate(layers):
+                _write_(layer.lora_B[ANCHOR_ADAPTER].weight, b_new[i])
+                _write_(layer.lora_A[ANCHOR_ADAPTER].weight, a_new[i])
         all_norm = float(torch.stack(norm_total).sum())
         total_rel = math.sqrt(float(torch.stack(disc_total).sum()) / all_norm) if all_norm > 0 else 0.0
         return AnchorUpdate(float(torch.cat(ratios).max()), total_rel, n_layers)
