@@ -506,6 +506,29 @@ def test_best_of_n_bad_input() -> None:
         best_of_n(sample, lambda p, s: [float("nan")] * len(s), [1], 2)
 
 
+@pytest.mark.parametrize(
+    ("rewards", "match"),
+    [
+        (["0.5", "0.7"], r"item 0 is str '0.5'"),
+        ([1.0, None], r"item 1 is NoneType"),
+        ([1.0, True], r"item 1 is bool"),
+        ([1.0, [2.0]], r"item 1 is list"),
+        ([1.0, 2j], r"item 1 is complex"),
+        (torch.tensor([True, False]), r"dtype torch.bool"),
+        (42, r"got int"),
+    ],
+)
+def test_best_of_n_reward_fn_returning_non_numbers(rewards, match) -> None:
+    def sample(repeated):
+        return [f"s{i}" for i in range(len(repeated))]
+
+    with pytest.raises(TypeError, match=match):
+        best_of_n(sample, lambda p, s: rewards, ["prompt"], 2)
+    # numbers of any real kind are fine
+    out = best_of_n(sample, lambda p, s: [1, torch.tensor(3.0)], ["prompt"], 2)
+    assert out.index.tolist() == [1]
+
+
 def test_ema_update() -> None:
     g = torch.Generator().manual_seed(0)
     policy = torch.randn(5, generator=g)

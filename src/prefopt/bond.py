@@ -20,6 +20,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -455,6 +456,8 @@ def best_of_n(
     Raises:
         ValueError: ``n < 1``, no prompts, a sampler/reward function that returns the wrong number of
             items, or NaN rewards.
+        TypeError: ``reward_fn`` returns something other than real numbers (strings, ``None``, bools,
+            complex values, nested lists); the message names the first bad item's index.
     """
     check_n(n)
     prompts = list(prompts)
@@ -466,7 +469,31 @@ def best_of_n(
     if len(samples) != b * n:
         raise ValueError(f"sample_fn returned {len(samples)} samples, expected len(prompts)·n = {b * n}")
     raw = reward_fn(repeated, samples)
-    rewards = raw if isinstance(raw, Tensor) else torch.as_tensor(list(raw))
+    if isinstance(raw, Tensor):
+        rewards = raw
+    else:
+        try:
+            items = list(raw)
+        except TypeError:
+            raise TypeError(
+                f"reward_fn must return a tensor or a sequence of real numbers, got {type(raw).__name__}"
+            ) from None
+        wrong = [
+            (i, x)
+            for i, x in enumerate(items)
+            if isinstance(x, bool)
+            or not isinstance(x, (numbers.Real, Tensor))
+            or (isinstance(x, Tensor) and (x.numel() != 1 or x.is_complex() or x.dtype == torch.bool))
+        ]
+        if wrong:
+            i, x = wrong[0]
+            raise TypeError(
+                f"reward_fn must return real numbers; item {i} is {type(x).__name__} {x!r:.60} "
+                f"({len(wrong)} such item(s))"
+            )
+        rewards = torch.as_tensor(items)
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise TypeError(f"reward_fn returned a tensor of dtype {rewards.dtype}; expected real numbers")
     if rewards.numel() != b * n:
         raise ValueError(f"reward_fn returned {rewards.numel()} rewards, expected len(prompts)·n = {b * n}")
     rewards = rewards.reshape(b, n)
