@@ -9,19 +9,7 @@ empty or unreadable, a hyperparameter out of range) ends the command with ONE li
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
-
-#: Exceptions that mean "the user asked for something that cannot be done" (not a bug in prefopt).
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,  # includes UnicodeDecodeError and json.JSONDecodeError
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exceptions that mean "the user asked for something that cannot be done" (not a bug in prefopt).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # includes UnicodeDecodeError and json.JSONDecodeError
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
 def _message(exc: BaseException) -> str:
     """One line describing ``exc`` (OSErrors as ``what: path``)."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
@@ -56,6 +55,8 @@ def _message(exc: BaseException) -> str:
 
 
 def _check_out(out: str) -> None:
+    from pathlib import Path
+
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--out: {out!r} exists and is not a folder")
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except USER_ERRORS as exc:
+        import os
+
         if os.environ.get("PREFOPT_DEBUG"):
             raise
         print(f"prefopt {args.command}: error: {_message(exc)}", file=sys.stderr)
