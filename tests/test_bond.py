@@ -336,6 +336,9 @@ def test_kl_and_jeffreys_basic_values() -> None:
     )
     with pytest.raises(ValueError, match="beta"):
         jeffreys_divergence(probs, bon, beta=1.5)
+    for flag in (True, False):
+        with pytest.raises(ValueError, match="beta"):
+            jeffreys_divergence(probs, bon, beta=flag)
 
 
 def test_gradcheck_exact_functions_through_softmax() -> None:
@@ -503,6 +506,29 @@ def test_best_of_n_bad_input() -> None:
         best_of_n(sample, lambda p, s: [float("nan")] * len(s), [1], 2)
 
 
+@pytest.mark.parametrize(
+    ("rewards", "match"),
+    [
+        (["0.5", "0.7"], r"item 0 is str '0.5'"),
+        ([1.0, None], r"item 1 is NoneType"),
+        ([1.0, True], r"item 1 is bool"),
+        ([1.0, [2.0]], r"item 1 is list"),
+        ([1.0, 2j], r"item 1 is complex"),
+        (torch.tensor([True, False]), r"dtype torch.bool"),
+        (42, r"got int"),
+    ],
+)
+def test_best_of_n_reward_fn_returning_non_numbers(rewards, match) -> None:
+    def sample(repeated):
+        return [f"s{i}" for i in range(len(repeated))]
+
+    with pytest.raises(TypeError, match=match):
+        best_of_n(sample, lambda p, s: rewards, ["prompt"], 2)
+    # numbers of any real kind are fine
+    out = best_of_n(sample, lambda p, s: [1, torch.tensor(3.0)], ["prompt"], 2)
+    assert out.index.tolist() == [1]
+
+
 def test_ema_update() -> None:
     g = torch.Generator().manual_seed(0)
     policy = torch.randn(5, generator=g)
@@ -523,6 +549,27 @@ def test_ema_update() -> None:
         ema_update_([anchor], [policy, policy], eta=0.5)
     with pytest.raises(ValueError, match=r"anchor\[0\]"):
         ema_update_(anchor, torch.zeros(4), eta=0.5)
+
+
+def test_ema_update_all_or_nothing() -> None:
+    """A bad pair anywhere in the lists (integer dtype, wrong shape, NaN in the policy) writes no anchor."""
+    anchors = [torch.zeros(2), torch.zeros(3), torch.zeros(2)]
+    good = [torch.ones(2), torch.ones(3)]
+    cases = [
+        ([*good, torch.tensor([1.0, float("nan")])], ValueError, r"policy\[2\] hold NaN or inf"),
+        ([*good, torch.tensor([1.0, float("inf")])], ValueError, r"policy\[2\] hold NaN or inf"),
+        ([*good, torch.ones(3)], ValueError, r"anchor\[2\] has shape"),
+        ([*good, torch.ones(2, dtype=torch.long)], TypeError, r"policy\[2\] must be a floating-point"),
+        ([*good, [1.0, 1.0]], TypeError, r"policy\[2\] must be a torch.Tensor"),
+    ]
+    for policies, error, match in cases:
+        with pytest.raises(error, match=match):
+            ema_update_(anchors, policies, eta=0.5)
+        assert all(float(a.abs().sum()) == 0.0 for a in anchors)
+    with pytest.raises(
+        TypeError, match=r"anchor\[0\] must be a floating-point tensor, got dtype torch.int64"
+    ):
+        ema_update_(torch.zeros(3, dtype=torch.long), torch.ones(3), eta=0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -84,3 +84,47 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch, load, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
     assert auto_threads() == expected
+
+
+# ------------------------------------------------------------------------------------------- user errors
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"prefopt {command}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", ["demo", "diagnose"])
+def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys, command):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert main([command, "--tiny", "--out", str(f)]) == 2
+    assert "--out" in _one_error_line(capsys, command)
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (None, "holds no"),  # an empty folder
+        (["null"], "none of them a JSON object"),
+        (["null", "[1, 2]"], "none of them a JSON object"),
+        (['{"prompt": "p", '], "not valid JSON"),
+    ],
+)
+def test_diagnose_bad_data_is_one_error_line(tmp_path, capsys, rows, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    if rows is not None:
+        (data / "d.jsonl").write_text("\n".join(rows) + "\n")
+    code = main(["diagnose", "--tiny", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    assert message in _one_error_line(capsys, "diagnose")
+
+
+def test_debug_env_gives_the_traceback(tmp_path, monkeypatch):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    monkeypatch.setenv("PREFOPT_DEBUG", "1")
+    with pytest.raises(NotADirectoryError, match="--out"):
+        main(["demo", "--tiny", "--out", str(f)])

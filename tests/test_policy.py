@@ -316,6 +316,44 @@ def test_decay_zero_with_small_anchor_rank_truncates_and_reports():
     assert err == pytest.approx(stats.total_relative_error, rel=1e-4)
 
 
+def test_update_anchor_is_all_or_nothing():
+    """A NaN in the last layer's policy adapter (processed after the others) leaves every anchor layer as it
+    was; so does a new factor that overflows the adapter's float16."""
+    policy = LoraPolicy(make_llama(), cfg())
+    randomize_policy(policy)
+    policy.update_anchor_(0.5)
+    before = {k: v.clone() for k, v in policy.delta_weights(ANCHOR_ADAPTER).items()}
+    name, last = policy._layers[-1]
+    with torch.no_grad():
+        last.lora_A[POLICY_ADAPTER].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf") as err:
+        policy.update_anchor_(0.5)
+    assert name in str(err.value)
+    after = policy.delta_weights(ANCHOR_ADAPTER)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # float16 adapters (peft keeps them in float32 unless cast): the EMA is computed in float32 and would
+    # overflow when stored
+    half = LoraPolicy(make_llama(dtype=torch.float16), cfg()).to(torch.float16)
+    assert half._layers[0][1].lora_A[ANCHOR_ADAPTER].weight.dtype == torch.float16
+    randomize_policy(half)
+    half.update_anchor_(0.5)
+    before = {k: v.clone() for k, v in half.delta_weights(ANCHOR_ADAPTER).items()}
+    _, last = half._layers[-1]
+    with torch.no_grad():
+        last.lora_B[POLICY_ADAPTER].weight.fill_(60000.0)
+        last.lora_A[POLICY_ADAPTER].weight.fill_(60000.0)
+    with pytest.raises(ValueError, match="not finite in the adapter dtype"):
+        half.update_anchor_(0.0)
+    after = half.delta_weights(ANCHOR_ADAPTER)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ema_low_rank_rejects_integer_factors():
+    f = torch.ones(3, 2)
+    with pytest.raises(TypeError, match="b_policy must be a floating-point tensor"):
+        ema_low_rank(f, f.T, f.long(), f.T, decay=0.5, rank=2)
+
+
 def test_decay_one_leaves_anchor_bitwise_unchanged():
     policy = LoraPolicy(make_llama(), cfg())
     randomize_policy(policy, seed=3)

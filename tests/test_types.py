@@ -158,3 +158,18 @@ def test_check_mask_names_the_argument():
         check_mask("m", torch.ones(2, 3), (2, 3), "x")
     with pytest.raises(ValueError, match=r"m has shape \(2, 3\) but x has shape \(3, 2\)"):
         check_mask("m", good, (3, 2), "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_pair_logps_rejects_negative_or_nan_lengths(dtype):
+    z = torch.zeros(3)
+    good = torch.tensor([1, 0, 5]).to(dtype)
+    PairLogps(z, z, chosen_len=good, rejected_len=good)
+    bad = torch.tensor([1, -2, 5]).to(dtype)
+    with pytest.raises(ValueError, match=r"chosen_len must hold token counts >= 0, got \[-2"):
+        PairLogps(z, z, chosen_len=bad, rejected_len=good)
+    with pytest.raises(ValueError, match="rejected_len must hold token counts"):
+        PairLogps(z, z, chosen_len=good, rejected_len=bad)
+    if dtype.is_floating_point:
+        with pytest.raises(ValueError, match="rejected_len must hold token counts"):
+            PairLogps(z, z, chosen_len=good, rejected_len=torch.tensor([1.0, float("nan"), 2.0]))

@@ -20,6 +20,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -297,7 +298,7 @@ def jeffreys_divergence(policy_probs: Tensor, target_probs: Tensor, *, beta: flo
     ``beta = 0`` is the forward (mode-covering, SFT-like) KL, ``beta = 1`` the backward (mode-seeking) KL.
     Shapes ``(..., K)`` → ``(...)``.
     """
-    if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     return (1 - beta) * kl_categorical(target_probs, policy_probs) + beta * kl_categorical(
         policy_probs, target_probs
@@ -455,6 +456,8 @@ def best_of_n(
     Raises:
         ValueError: ``n < 1``, no prompts, a sampler/reward function that returns the wrong number of
             items, or NaN rewards.
+        TypeError: ``reward_fn`` returns something other than real numbers (strings, ``None``, bools,
+            complex values, nested lists); the message names the first bad item's index.
     """
     check_n(n)
     prompts = list(prompts)
@@ -466,7 +469,31 @@ def best_of_n(
     if len(samples) != b * n:
         raise ValueError(f"sample_fn returned {len(samples)} samples, expected len(prompts)·n = {b * n}")
     raw = reward_fn(repeated, samples)
-    rewards = raw if isinstance(raw, Tensor) else torch.as_tensor(list(raw))
+    if isinstance(raw, Tensor):
+        rewards = raw
+    else:
+        try:
+            items = list(raw)
+        except TypeError:
+            raise TypeError(
+                f"reward_fn must return a tensor or a sequence of real numbers, got {type(raw).__name__}"
+            ) from None
+        wrong = [
+            (i, x)
+            for i, x in enumerate(items)
+            if isinstance(x, bool)
+            or not isinstance(x, (numbers.Real, Tensor))
+            or (isinstance(x, Tensor) and (x.numel() != 1 or x.is_complex() or x.dtype == torch.bool))
+        ]
+        if wrong:
+            i, x = wrong[0]
+            raise TypeError(
+                f"reward_fn must return real numbers; item {i} is {type(x).__name__} {x!r:.60} "
+                f"({len(wrong)} such item(s))"
+            )
+        rewards = torch.as_tensor(items)
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise TypeError(f"reward_fn returned a tensor of dtype {rewards.dtype}; expected real numbers")
     if rewards.numel() != b * n:
         raise ValueError(f"reward_fn returned {rewards.numel()} rewards, expected len(prompts)·n = {b * n}")
     rewards = rewards.reshape(b, n)
@@ -490,7 +517,9 @@ def ema_update_(anchor: Tensor | Iterable[Tensor], policy: Tensor | Iterable[Ten
     """In place: ``anchor ← (1 − η)·anchor + η·policy`` (J-BOND's EMA anchor, Sessa et al., Alg. 2).
 
     ``eta = 1`` copies the policy into the anchor, ``eta = 0`` leaves the anchor fixed (non-iterative BOND
-    with ``N = 2``). Accepts one tensor or matching iterables of tensors (e.g. parameter lists).
+    with ``N = 2``). Accepts one tensor or matching iterables of tensors (e.g. parameter lists), floating
+    point, pairwise on one device. All or nothing: if any policy tensor holds NaN/inf (``ValueError``) or
+    any pair is malformed (``TypeError``/``ValueError`` naming its index), no anchor tensor is written.
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -498,9 +527,23 @@ def ema_update_(anchor: Tensor | Iterable[Tensor], policy: Tensor | Iterable[Ten
     policies = [policy] if isinstance(policy, Tensor) else list(policy)
     if len(anchors) != len(policies):
         raise ValueError(f"anchor has {len(anchors)} tensors but policy has {len(policies)}")
+    # All or nothing: every pair is checked before the first anchor is written.
     for i, (a, p) in enumerate(zip(anchors, policies)):
+        for name, t in (("anchor", a), ("policy", p)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{i}] must be a floating-point tensor, got dtype {t.dtype}")
         if a.shape != p.shape:
             raise ValueError(
                 f"anchor[{i}] has shape {tuple(a.shape)} but policy[{i}] has shape {tuple(p.shape)}"
             )
+        if a.device != p.device:
+            raise ValueError(f"anchor[{i}] is on {a.device} but policy[{i}] is on {p.device}")
+    if policies:
+        finite = torch.stack([torch.isfinite(p).all().to(policies[0].device) for p in policies])
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"policy{bad[:5]} hold NaN or inf; the anchor was left unchanged")
+    for a, p in zip(anchors, policies):
         a.lerp_(p.to(a.dtype), float(eta))

@@ -1,4 +1,10 @@
-"""The ``prefopt`` command line: ``prefopt demo`` (the tour) and ``prefopt diagnose`` (entanglement tables)."""
+"""The ``prefopt`` command line: ``prefopt demo`` (the tour) and ``prefopt diagnose`` (entanglement tables).
+
+Every user error (a bad option value, an ``--out`` that is an existing file, a data source that is missing,
+empty or unreadable, a hyperparameter out of range) ends the command with ONE line on stderr,
+``prefopt <command>: error: <what is wrong>``, and exit status 2, like argparse's own errors. Set
+``PREFOPT_DEBUG=1`` to get the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -35,32 +41,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+#: Exceptions that mean "the user asked for something that cannot be done" (not a bug in prefopt).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # includes UnicodeDecodeError and json.JSONDecodeError
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def _message(exc: BaseException) -> str:
+    """One line describing ``exc`` (OSErrors as ``what: path``)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _check_out(out: str) -> None:
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out: {out!r} exists and is not a folder")
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from prefopt.demo import run_demo
 
+        _check_out(args.out)
         losses = [s.strip() for s in args.losses.split(",") if s.strip()] if args.losses else None
-        try:
-            run_demo(
-                args.out,
-                steps=args.steps,
-                losses=losses,
-                tiny=args.tiny,
-                jbond_steps=args.jbond_steps,
-                threads=args.threads,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"prefopt demo: error: {exc}", file=sys.stderr)
-            return 2
+        run_demo(
+            args.out,
+            steps=args.steps,
+            losses=losses,
+            tiny=args.tiny,
+            jbond_steps=args.jbond_steps,
+            threads=args.threads,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         return 0
     if args.command == "diagnose":
         from prefopt.diagnostics.cli import run_diagnose
 
+        _check_out(args.out)
         return run_diagnose(args)
     return 1  # pragma: no cover - argparse rejects unknown commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS as exc:
+        import os
+
+        if os.environ.get("PREFOPT_DEBUG"):
+            raise
+        print(f"prefopt {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +67,8 @@ POLICY_ADAPTER = "default"
 ANCHOR_ADAPTER = "anchor"
 VALUE_ADAPTER = "critic"  # not "value": that is a module name in some architectures (BERT-style attention)
 _META_FILE = "prefopt_policy.json"
-_TENSOR_FILE = "prefopt_policy.safetensors"
-_FORMAT_VERSION = 1
+_LEGACY_TENSOR_FILE = "prefopt_policy.safetensors"  # format 1
+_FORMAT_VERSION = 2
 # init_lora_weights values that leave the backbone untouched (PiSSA/OLoRA/CorDA/LoftQ/EVA/... rewrite W0 or
 # change the adapter's structure, so "adapters disabled" would no longer be the original model).
 _SAFE_INITS = (True, False, "gaussian")
@@ -142,6 +144,17 @@ def ema_low_rank(
         raise ValueError(f"decay must be in [0, 1], got {decay}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    for name, t in (
+        ("b_anchor", b_anchor),
+        ("a_anchor", a_anchor),
+        ("b_policy", b_policy),
+        ("a_policy", a_policy),
+    ):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32/float64), got "
+                f"{getattr(t, 'dtype', type(t).__name__)}"
+            )
     left = torch.cat([decay * b_anchor, (1.0 - decay) * scale * b_policy], dim=-1)  # (..., m, k)
     right = torch.cat([a_anchor, a_policy], dim=-2)  # (..., k, n)
     q1, r1 = torch.linalg.qr(left)  # (..., m, p1), (..., p1, k)
@@ -527,6 +540,10 @@ class LoraPolicy(nn.Module):
         equal shapes are processed as one batch. J-BOND's ``η`` is ``1 − decay``.
 
         Returns an :class:`AnchorUpdate` with the relative Frobenius norm of what the rank truncation dropped.
+
+        All or nothing: the new factors of every layer are computed and checked first; if a policy or anchor
+        factor holds NaN/inf, or a new factor is not finite in the adapter's dtype, ``ValueError`` is raised
+        and no anchor layer has been written.
         """
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
             raise ValueError(f"decay must be a finite real number in [0, 1], got {decay!r}")
@@ -559,11 +576,22 @@ class LoraPolicy(nn.Module):
         ratios: list[Tensor] = []
         disc_total: list[Tensor] = []
         norm_total: list[Tensor] = []
+        # All or nothing: every group's new factors are computed and checked before the first write.
+        pending: list[tuple[list[Any], Tensor, Tensor]] = []
         for idx in groups.values():
             layers = [self._layers[j][1] for j in idx]
             dtype = torch.promote_types(factors[idx[0]][2].dtype, torch.float32)
             b_p = torch.stack([factors[j][0] for j in idx]).to(dtype)
             a_p = torch.stack([factors[j][1] for j in idx]).to(dtype)
+            b_a = torch.stack([factors[j][2] for j in idx]).to(dtype)
+            a_a = torch.stack([factors[j][3] for j in idx]).to(dtype)
+            finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in (b_p, a_p, b_a, a_a)]).all(0)
+            if not bool(finite.all()):
+                bad = [self._layers[idx[i]][0] for i in torch.nonzero(~finite).flatten().tolist()]
+                raise ValueError(
+                    f"update_anchor_: the policy or anchor adapter holds NaN or inf on {len(bad)} layer(s), "
+                    f"e.g. {bad[:3]}; the anchor was left unchanged"
+                )
             scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
             scale = scale.to(b_p.device).view(-1, 1, 1)
             r_p, r_a = a_p.shape[-2], self.anchor_rank
@@ -574,20 +602,24 @@ class LoraPolicy(nn.Module):
                 total = b_p.new_ones(len(layers))
             else:
                 b_new, a_new, disc, total = ema_low_rank(
-                    torch.stack([factors[j][2] for j in idx]).to(dtype),
-                    torch.stack([factors[j][3] for j in idx]).to(dtype),
-                    b_p,
-                    a_p,
-                    decay=decay,
-                    scale=scale,
-                    rank=r_a,
+                    b_a, a_a, b_p, a_p, decay=decay, scale=scale, rank=r_a
                 )
-            for i, layer in enumerate(layers):
-                _write_(layer.lora_B[ANCHOR_ADAPTER].weight, b_new[i])
-                _write_(layer.lora_A[ANCHOR_ADAPTER].weight, a_new[i])
+            # the values as they will be stored (an fp16 adapter can overflow where float32 did not)
+            b_new = b_new.to(factors[idx[0]][2].dtype)
+            a_new = a_new.to(factors[idx[0]][3].dtype)
+            if not bool(torch.isfinite(b_new).all() & torch.isfinite(a_new).all()):
+                raise ValueError(
+                    "update_anchor_: the new anchor factors are not finite in the adapter dtype "
+                    f"{b_new.dtype} (layers like {self._layers[idx[0]][0]!r}); the anchor was left unchanged"
+                )
+            pending.append((layers, b_new, a_new))
             ratios.append(torch.where(total > 0, disc / total.clamp_min(1e-300), 0.0).sqrt().to("cpu"))
             disc_total.append(disc.sum().to("cpu", torch.float64))
             norm_total.append(total.sum().to("cpu", torch.float64))
+        for layers, b_new, a_new in pending:
+            for i, layer in enumerate(layers):
+                _write_(layer.lora_B[ANCHOR_ADAPTER].weight, b_new[i])
+                _write_(layer.lora_A[ANCHOR_ADAPTER].weight, a_new[i])
         all_norm = float(torch.stack(norm_total).sum())
         total_rel = math.sqrt(float(torch.stack(disc_total).sum()) / all_norm) if all_norm > 0 else 0.0
         return AnchorUpdate(float(torch.cat(ratios).max()), total_rel, n_layers)
@@ -639,56 +671,270 @@ class LoraPolicy(nn.Module):
         }
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the policy adapter (peft format: ``adapter_config.json``, ``adapter_model.safetensors``;
-        loadable with ``peft.PeftModel.from_pretrained``), plus ``prefopt_policy.safetensors`` (both adapters
-        and the value head, exact) and ``prefopt_policy.json`` (anchor rank, value head flag)."""
+        """Write the policy to ``directory`` **atomically**: after a crash at any point (process killed,
+        power lost once the OS has flushed what was fsynced) :meth:`load` finds either the previous
+        checkpoint in ``directory`` or the new one, complete — never a mix, never a broken file.
+
+        Files: ``prefopt_policy.json`` (the commit record: format version, anchor rank, value-head flags,
+        the LoRA config, the name of the tensor file and a fingerprint of the base model, see :meth:`load`),
+        ``prefopt_policy-<id>.safetensors`` (policy, anchor and critic adapters and the value head, exact),
+        and a plain peft export of the policy adapter (``adapter_config.json``,
+        ``adapter_model.safetensors``; loadable with ``peft.PeftModel.from_pretrained``).
+
+        Method: everything is written into a fresh hidden folder inside ``directory`` and fsynced; the tensor
+        file moves in under a new unique name (nothing is overwritten); then ``prefopt_policy.json`` is
+        replaced with one ``os.replace`` — the commit point — and the folder is fsynced. Only after the commit
+        are the peft export files replaced (each atomically) and the previous tensor file and leftovers of
+        interrupted saves deleted. Other files in ``directory`` are left alone. Two processes must not save
+        into the same directory at the same time.
+        """
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(str(directory), selected_adapters=[POLICY_ADAPTER])
-        save_file(self._saved_state(), os.path.join(directory, _TENSOR_FILE))
-        meta = {
-            "format_version": _FORMAT_VERSION,
-            "anchor_rank": self.anchor_rank,
-            "value_head": self.value_head is not None,
-            "value_adapter": self.value_adapter,
-        }
-        with open(os.path.join(directory, _META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+        root = os.fspath(directory)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"directory exists and is not a directory: {root}")
+        os.makedirs(root, exist_ok=True)
+        token = uuid.uuid4().hex[:16]
+        staging = os.path.join(root, f"{_STAGING_PREFIX}{token}")
+        os.mkdir(staging)
+        try:
+            self.model.save_pretrained(staging, selected_adapters=[POLICY_ADAPTER])
+            tensor_name = f"{_TENSOR_PREFIX}{token}.safetensors"
+            save_file(self._saved_state(), os.path.join(staging, tensor_name))
+            with open(os.path.join(staging, _PEFT_CONFIG)) as f:
+                lora_config = json.load(f)
+            meta = {
+                "format_version": _FORMAT_VERSION,
+                "anchor_rank": self.anchor_rank,
+                "value_head": self.value_head is not None,
+                "value_adapter": self.value_adapter,
+                "tensor_file": tensor_name,
+                "lora_config": lora_config,
+                "base_model": _base_fingerprint(self.model.get_base_model()),
+            }
+            with open(os.path.join(staging, _META_FILE), "w") as f:
+                json.dump(meta, f, indent=1)
+            for name in os.listdir(staging):
+                _fsync_file(os.path.join(staging, name))
+            _fsync_dir(staging)
+            os.replace(os.path.join(staging, tensor_name), os.path.join(root, tensor_name))
+            _fsync_dir(root)
+            os.replace(os.path.join(staging, _META_FILE), os.path.join(root, _META_FILE))  # commit
+            _fsync_dir(root)
+            for name in sorted(os.listdir(staging)):  # the peft export (and its README)
+                os.replace(os.path.join(staging, name), os.path.join(root, name))
+            _fsync_dir(root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for name in os.listdir(root):  # superseded tensor files, leftovers of interrupted saves
+            path = os.path.join(root, name)
+            if name == _LEGACY_TENSOR_FILE or (
+                name.startswith(_TENSOR_PREFIX) and name.endswith(".safetensors") and name != tensor_name
+            ):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            elif name.startswith(_STAGING_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
 
     @classmethod
-    def load(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> LoraPolicy:
-        """Rebuild a policy saved with :meth:`save` on ``base_model`` (the same backbone weights as at save
-        time; wrapped in place). Every saved tensor is restored exactly; a missing or unexpected tensor
-        raises ``ValueError``."""
-        from safetensors.torch import load_file
+    def load(
+        cls, base_model: nn.Module, directory: str | os.PathLike[str], *, check_base: bool = True
+    ) -> LoraPolicy:
+        """Rebuild a policy saved with :meth:`save` on ``base_model`` (wrapped in place). Every saved tensor
+        is restored exactly.
 
-        meta_path = os.path.join(directory, _META_FILE)
+        ``base_model`` must be the backbone the policy was trained on: :meth:`save` records every base
+        parameter's name and shape and four sampled values of each, and ``load`` compares them (values to
+        1% relative, so a float32 checkpoint loads onto the same model in bfloat16); a different
+        architecture or different weights raise ``ValueError`` saying what differs. ``check_base=False``
+        skips this check (e.g. a quantized base).
+
+        Every file is read and checked before ``base_model`` is touched, and if wrapping or restoring fails
+        the peft layers are removed again, so ``base_model`` is given back as it was and a retry works.
+        A missing ``prefopt_policy.json`` raises ``FileNotFoundError``; a corrupt or truncated file, a
+        missing field or a missing or unexpected tensor raises ``ValueError`` naming the file.
+        """
+        if not isinstance(check_base, bool):
+            raise TypeError(f"check_base must be a bool, got {type(check_base).__name__}")
+        root = os.fspath(directory)
+        meta_path = os.path.join(root, _META_FILE)
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"directory has no {_META_FILE}: {directory}")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported {_META_FILE} format_version {meta.get('format_version')!r}")
-        cfg = peft.LoraConfig.from_pretrained(str(directory))
+            raise FileNotFoundError(f"directory has no {_META_FILE}: {root}")
+        meta = _read_json(meta_path)
+        version = meta.get("format_version")
+        if version not in (1, _FORMAT_VERSION):
+            raise ValueError(f"{meta_path}: unsupported format_version {version!r}")
+        try:
+            anchor_rank = int(meta["anchor_rank"])
+            value_head = bool(meta["value_head"])
+            value_adapter = bool(meta.get("value_adapter", False))
+            if version == 1:
+                tensor_path = os.path.join(root, _LEGACY_TENSOR_FILE)
+                config_path = os.path.join(root, _PEFT_CONFIG)
+                config_dict = _read_json(config_path)
+            else:
+                tensor_name = str(meta["tensor_file"])
+                if os.path.basename(tensor_name) != tensor_name:
+                    raise ValueError(f"tensor_file must be a file name, got {tensor_name!r}")
+                tensor_path = os.path.join(root, tensor_name)
+                config_path = meta_path
+                config_dict = meta["lora_config"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{meta_path}: not a valid prefopt checkpoint record ({err!r})") from err
+        try:
+            cfg = peft.LoraConfig.from_peft_type(**peft.LoraConfig.check_kwargs(**config_dict))
+        except Exception as err:
+            raise ValueError(f"{config_path}: invalid LoRA config ({err!r})") from err
+        saved = _read_tensors(tensor_path)
+        if check_base and "base_model" in meta:
+            _check_base(base_model, meta["base_model"], meta_path)
         policy = cls(
-            base_model,
-            cfg,
-            anchor_rank=int(meta["anchor_rank"]),
-            value_head=bool(meta["value_head"]),
-            value_adapter=bool(meta.get("value_adapter", False)),
+            base_model, cfg, anchor_rank=anchor_rank, value_head=value_head, value_adapter=value_adapter
         )
-        saved = load_file(os.path.join(directory, _TENSOR_FILE))
-        expected = policy._saved_state()
-        if set(saved) != set(expected):
-            missing = sorted(set(expected) - set(saved))[:5]
-            extra = sorted(set(saved) - set(expected))[:5]
-            raise ValueError(f"saved tensors do not match the model: missing {missing}, unexpected {extra}")
-        with torch.no_grad():
+        try:
+            expected = policy._saved_state()
+            if set(saved) != set(expected):
+                missing = sorted(set(expected) - set(saved))[:5]
+                extra = sorted(set(saved) - set(expected))[:5]
+                raise ValueError(
+                    f"{tensor_path}: saved tensors do not match the model: missing {missing}, unexpected {extra}"
+                )
             for k, v in expected.items():
                 if v.shape != saved[k].shape:
                     raise ValueError(
-                        f"saved tensor {k} has shape {tuple(saved[k].shape)}, expected {tuple(v.shape)}"
+                        f"{tensor_path}: saved tensor {k} has shape {tuple(saved[k].shape)}, expected {tuple(v.shape)}"
                     )
-                v.copy_(saved[k])
+            with torch.no_grad():
+                for k, v in expected.items():
+                    v.copy_(saved[k])
+        except BaseException:
+            _tuner(policy.model).unload()  # give the caller back an un-wrapped model
+            raise
         return policy
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint io
+_PEFT_CONFIG = "adapter_config.json"
+_STAGING_PREFIX = ".prefopt-save-"
+_TENSOR_PREFIX = "prefopt_policy-"
+_FINGERPRINT_SAMPLES = 4
+_FINGERPRINT_RTOL = 1e-2
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames inside ``path`` durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt or truncated JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_tensors(path: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint tensor file is missing: {path}")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises SafetensorError (and others) for corrupt or truncated files
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+
+
+def _base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The base model's parameters under their original names (peft's ``.base_layer`` and adapters removed)."""
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        yield name.replace(".base_layer.", "."), p
+
+
+def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Names, shapes and ``_FINGERPRINT_SAMPLES`` evenly spaced values of every base parameter (float64).
+    Sharded (DTensor) and meta-device parameters contribute their shape only."""
+    shapes: dict[str, list[int]] = {}
+    picks: list[tuple[str, Tensor]] = []
+    for name, p in _base_parameters(model):
+        shapes[name] = list(p.shape)
+        if p.is_meta or hasattr(p, "device_mesh") or p.numel() == 0:
+            continue
+        n = p.numel()
+        idx = torch.tensor(
+            sorted({(i * (n - 1)) // max(_FINGERPRINT_SAMPLES - 1, 1) for i in range(_FINGERPRINT_SAMPLES)}),
+            device=p.device,
+        )
+        picks.append((name, p.detach().reshape(-1)[idx]))
+    samples: dict[str, list[float]] = {}
+    if picks:
+        flat = torch.cat([v.to("cpu", torch.float64) for _, v in picks]).tolist()
+        pos = 0
+        for name, v in picks:
+            samples[name] = flat[pos : pos + v.numel()]
+            pos += v.numel()
+    return {"shapes": shapes, "samples": samples}
+
+
+def _check_base(model: nn.Module, saved: Any, meta_path: str) -> None:
+    hint = " (pass check_base=False to load anyway)"
+    try:
+        want_shapes = {str(k): [int(x) for x in v] for k, v in saved["shapes"].items()}
+        want_samples = {str(k): [float(x) for x in v] for k, v in saved["samples"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{meta_path}: corrupt base_model record ({err!r})") from err
+    now = _base_fingerprint(model)
+    have_shapes: dict[str, list[int]] = now["shapes"]
+    missing = sorted(set(want_shapes) - set(have_shapes))
+    extra = sorted(set(have_shapes) - set(want_shapes))
+    if missing or extra:
+        raise ValueError(
+            f"base_model is not the model this checkpoint was saved on ({meta_path}): its parameters differ; "
+            f"missing {missing[:5]} ({len(missing)} in all), unexpected {extra[:5]} ({len(extra)} in all){hint}"
+        )
+    wrong = [k for k in want_shapes if want_shapes[k] != have_shapes[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"base_model is not the model this checkpoint was saved on ({meta_path}): parameter {k} has shape "
+            f"{tuple(have_shapes[k])}, saved {tuple(want_shapes[k])} ({len(wrong)} parameters differ in shape){hint}"
+        )
+    have_samples: dict[str, list[float]] = now["samples"]
+    differ = []
+    for k, want in want_samples.items():
+        have = have_samples.get(k)
+        if have is None or len(have) != len(want):
+            continue  # sharded or meta now: shapes were checked
+        if any(
+            not (abs(a - b) <= _FINGERPRINT_RTOL * max(abs(a), abs(b)) + 1e-6)  # NaN fails too
+            for a, b in zip(have, want)
+        ):
+            differ.append(k)
+    if differ:
+        raise ValueError(
+            f"base_model is not the model this checkpoint was saved on ({meta_path}): it has the same "
+            f"architecture but different weights in {len(differ)} of {len(want_samples)} parameters, "
+            f"e.g. {differ[:3]}{hint}"
+        )

@@ -146,7 +146,7 @@ class RewardModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Save a LoRA reward model (adapter + head, via :meth:`LoraPolicy.save`). Full models: use
+        """Save a LoRA reward model (adapter + head, via :meth:`LoraPolicy.save`, atomic). Full models: use
         ``torch.save(rm.state_dict(), path)``."""
         if self.policy is None:
             raise NotImplementedError(
@@ -155,9 +155,14 @@ class RewardModel(nn.Module):
         self.policy.save(directory)
 
     @classmethod
-    def load(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> RewardModel:
-        """Rebuild a LoRA reward model saved with :meth:`save` on ``base_model`` (same base weights)."""
-        policy = LoraPolicy.load(base_model, directory)
+    def load(
+        cls, base_model: nn.Module, directory: str | os.PathLike[str], *, check_base: bool = True
+    ) -> RewardModel:
+        """Rebuild a LoRA reward model saved with :meth:`save` on ``base_model`` (same base weights, checked
+        unless ``check_base=False``; see :meth:`LoraPolicy.load`, whose errors and clean-up on failure apply)."""
+        policy = LoraPolicy.load(base_model, directory, check_base=check_base)
         if policy.value_head is None:
+            tuner: Any = policy.model.base_model
+            tuner.unload()  # give the caller back an un-wrapped model
             raise ValueError(f"{directory} holds a LoraPolicy without a value head, not a reward model")
         return cls(kind="lora", policy=policy)

@@ -113,7 +113,8 @@ class PairLogps(_TensorFields):
         rejected: policy ``S(y_l)``.
         ref_chosen: reference ``S_ref(y_w)``; ``None`` for reference-free losses.
         ref_rejected: reference ``S_ref(y_l)``; ``None`` for reference-free losses.
-        chosen_len: number of completion tokens ``|y_w|`` (float or integer tensor); ``None`` if unused.
+        chosen_len: number of completion tokens ``|y_w|`` (float or integer tensor, ``>= 0``; checked on
+            construction for CPU tensors, not on a GPU, where it would synchronize); ``None`` if unused.
         rejected_len: ``|y_l|``.
 
     Shapes and dtypes are checked on construction; finiteness only on request
@@ -142,6 +143,11 @@ class PairLogps(_TensorFields):
                 )
             if value.device != self.chosen.device:
                 raise ValueError(f"{name} is on {value.device} but chosen is on {self.chosen.device}")
+            # token counts must be >= 0; checked for CPU tensors only (a value check would sync a GPU)
+            counts = name.endswith("_len") and value.device.type == "cpu" and not value.is_complex()
+            if counts and bool((~(value >= 0)).any()):  # negative or NaN
+                bad = value[~(value >= 0)][:3].tolist()
+                raise ValueError(f"{name} must hold token counts >= 0, got {bad}")
         if (self.ref_chosen is None) != (self.ref_rejected is None):
             raise ValueError("ref_chosen and ref_rejected must be given together (or both None)")
         if (self.chosen_len is None) != (self.rejected_len is None):

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -76,15 +77,28 @@ _LABEL_KEYS = ("label", "reward")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_file(path: Path) -> list[Any]:
+    """The rows of one file (non-object rows are kept as they are; the parsers skip them by index).
+    Undecodable bytes, corrupt or truncated compression and malformed JSON raise ``ValueError`` naming
+    ``path``."""
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return list(pq.read_table(path).to_pylist())
+        try:
+            return list(pq.read_table(path).to_pylist())
+        except Exception as err:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+            raise ValueError(f"{path}: cannot read as parquet ({type(err).__name__}: {err})") from err
     opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid UTF-8 (byte offset {err.start} of the decoded stream: {err.reason})"
+        ) from err
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({type(err).__name__}: {err})") from err
     if name.endswith((".jsonl", ".jsonl.gz")):
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -96,7 +110,10 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({err})") from err
         return rows
     if name.endswith((".json", ".json.gz")):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
         if isinstance(data, Mapping):  # {"data": [...]} or a dict of columns
             if "data" in data and isinstance(data["data"], list):
                 return list(data["data"])
@@ -113,16 +130,36 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     raise ValueError(f"source file {path} has an unsupported suffix; expected one of {', '.join(_SUFFIXES)}")
 
 
+class _Rows(list):  # type: ignore[type-arg]
+    """Rows already read (handed from one loader to another: taken as rows, never as file paths)."""
+
+
+def _object(row: Any) -> Mapping[str, Any]:
+    """``row`` if it is a mapping, else a ``not_an_object`` bad row."""
+    if not isinstance(row, Mapping):
+        raise BadRowError("not_an_object", f"the row is {type(row).__name__} {row!r:.40}, not an object")
+    return row
+
+
+def _first_object(rows: Sequence[Any]) -> Mapping[str, Any] | None:
+    """The first row that is a mapping (format detection looks at it), or ``None``."""
+    return next((r for r in rows if isinstance(r, Mapping)), None)
+
+
 def _is_local_path_like(s: str) -> bool:
     return s.lower().endswith(_SUFFIXES) or any(ch in s for ch in "*?[") or s.startswith((".", "/", "~"))
 
 
-def read_rows(source: Source, *, split: str = "train", **load_kwargs: Any) -> list[dict[str, Any]]:
-    """Read raw rows (dicts) from any supported ``source`` without interpreting them.
+def read_rows(source: Source, *, split: str = "train", **load_kwargs: Any) -> list[Any]:
+    """Read raw rows from any supported ``source`` without interpreting them: normally dicts; a JSONL line
+    or JSON list item that is not an object (``null``, a list, a string, a number) is returned as it is and
+    skipped by the loaders as a ``not_an_object`` bad row.
 
     ``split`` and ``load_kwargs`` are only used for hub ids (``datasets.load_dataset(source, split=split,
     **load_kwargs)``); local files have no splits.
     """
+    if isinstance(source, _Rows):  # rows already read by another loader
+        return list(source)
     if isinstance(source, datasets.Dataset):
         return list(source.to_list())
     if isinstance(source, (str, os.PathLike)):
@@ -146,8 +183,9 @@ def read_rows(source: Source, *, split: str = "train", **load_kwargs: Any) -> li
         return list(ds.to_list())  # type: ignore[union-attr]
     if isinstance(source, Sequence):
         items = list(source)
-        if all(isinstance(x, Mapping) for x in items):
-            return [dict(x) for x in items]  # type: ignore[arg-type]
+        paths = [x for x in items if isinstance(x, (str, os.PathLike))]
+        if not paths and (not items or any(isinstance(x, Mapping) for x in items)):
+            return [dict(x) if isinstance(x, Mapping) else x for x in items]
         if items and all(isinstance(x, (str, os.PathLike)) for x in items):
             return [row for x in items for row in read_rows(x)]  # type: ignore[arg-type]
         raise TypeError("source must be a list of dicts or a list of file paths, not a mix or other objects")
@@ -268,9 +306,12 @@ def _check_messages(name: str, messages: Any) -> list[dict[str, str]]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as err:  # a template may raise on some rows only (e.g. "roles must alternate")
+        raise BadRowError("template_error", f"{type(err).__name__}: {err}") from err
     if not isinstance(text, str):  # pragma: no cover - depends on the transformers version
         raise TypeError("tokenizer.apply_chat_template(..., tokenize=False) must return a string")
     return text
@@ -330,7 +371,8 @@ def split_conversation(
     return prompt_text, completions[0], completions[1]
 
 
-def _parse_pair(row: Mapping[str, Any], fmt: str, marker: str, tokenizer: Any) -> dict[str, Any]:
+def _parse_pair(row: Any, fmt: str, marker: str, tokenizer: Any) -> dict[str, Any]:
+    row = _object(row)
     if fmt == "explicit":
         prompt, chosen, rejected = _get_str(row, "prompt"), _get_str(row, "chosen"), _get_str(row, "rejected")
         if chosen == rejected:
@@ -387,9 +429,11 @@ def load_preferences(
     rows = read_rows(source, split=split, **load_kwargs)
     fmt: str = format
     if fmt == "auto":
-        if not rows:
-            raise ValueError("source holds no rows; cannot detect the format (pass format=...)")
-        fmt = detect_format(rows[0])
+        first = _first_object(rows)
+        if first is None:
+            what = "no rows" if not rows else f"{len(rows)} rows, none of them a JSON object"
+            raise ValueError(f"source holds {what}; cannot detect the format (pass format=...)")
+        fmt = detect_format(first)
         if fmt == "pointwise":
             raise ValueError(
                 "source looks pointwise (prompt/context, completion/generation, label/reward): use "
@@ -398,7 +442,7 @@ def load_preferences(
     if fmt == "conversational" and tokenizer is None:
         raise ValueError("tokenizer is required for the conversational format (its chat template renders it)")
 
-    def parser(row: Mapping[str, Any]) -> Callable[[], dict[str, Any]]:
+    def parser(row: Any) -> Callable[[], dict[str, Any]]:
         return lambda: _parse_pair(row, fmt, marker, tokenizer)
 
     ds, report = _finish(
@@ -409,6 +453,12 @@ def load_preferences(
         strict=strict,
         features=datasets.Features({k: datasets.Value("string") for k in ("prompt", "chosen", "rejected")}),
     )
+    failed = report.skipped.get("template_error", 0)
+    if report.n_kept == 0 and failed and failed == report.n_skipped:
+        raise ValueError(
+            f"the chat template raised on every row ({failed}), e.g. "
+            f"{report.first_details.get('template_error', '')}; check tokenizer.chat_template"
+        )
     return (ds, report) if return_report else ds
 
 
@@ -517,10 +567,11 @@ def load_pointwise(
     """
     rows = read_rows(source, split=split, **load_kwargs)
 
-    def parse(row: Mapping[str, Any]) -> Callable[[], dict[str, Any]]:
+    def parse(row: Any) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
-            prompt, completion = _pointwise_text(row)
-            return {"prompt": prompt, "completion": completion, "label": _label(row)}
+            obj = _object(row)
+            prompt, completion = _pointwise_text(obj)
+            return {"prompt": prompt, "completion": completion, "label": _label(obj)}
 
         return run
 
@@ -632,11 +683,12 @@ def load_unpaired(
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     rows = read_rows(source, split=split, **load_kwargs)
-    if rows and {"chosen", "rejected"} <= set(rows[0]):
-        pairs, report = load_preferences(rows, strict=strict, return_report=True)
+    first = _first_object(rows)
+    if first is not None and {"chosen", "rejected"} <= set(first):
+        pairs, report = load_preferences(_Rows(rows), strict=strict, return_report=True)
         out = unpaired_from_pairs(pairs)
         return (out, report) if return_report else out
-    ds, report = load_pointwise(rows, strict=strict, return_report=True)
+    ds, report = load_pointwise(_Rows(rows), strict=strict, return_report=True)
     features = datasets.Features(
         {
             "prompt": datasets.Value("string"),

@@ -19,6 +19,8 @@ __all__ = ["REASONS", "BadRowError", "LoadReport", "SkipTally"]
 REASONS: Mapping[str, str] = MappingProxyType(
     {
         "missing_field": "a required field is absent, None, or not of the expected type",
+        "not_an_object": "the row is not a JSON object / mapping (null, a list, a string, a number)",
+        "template_error": "conversational format: the tokenizer's chat template raised on this row",
         "identical": "chosen and rejected are the same text",
         "missing_marker": "implicit-prompt format: the assistant marker does not occur in chosen or rejected",
         "prompt_mismatch": "chosen and rejected do not share the same prompt",

@@ -6,6 +6,10 @@ they estimate are stated in each docstring and checked exactly (by enumeration) 
 ``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N helpers are in
 :mod:`prefopt.bond`. The primary text's equation numbers could not be checked; section/algorithm numbers
 follow a secondary transcription.
+
+Extreme values: the surrogate products ``−(R − B)·logp`` and ``γ·sg(logp − anchor_logp)·logp`` go through
+[`saturating_product`][prefopt.losses.margin.saturating_product]: with one row's log-prob at ``−1e30`` their
+value saturates at ``±e^40`` (instead of ``inf``) while the gradient stays exact and finite.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor
 
 from prefopt.bond import jbond_reward, log_empirical_quantile
+from prefopt.losses.margin import saturating_product
 from prefopt.registry import Check, between, ge, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput
 
@@ -127,7 +132,7 @@ def bond(
     ret = (n - 1) * log_q - kl_ref
     adv = ret - _baseline(ret, baseline)
     forward = -best_logp
-    backward = -adv * logp
+    backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
     loss = (1 - beta) * forward + beta * backward
     metrics = {
         "bond/log_quantile": log_q.detach(),
@@ -201,8 +206,8 @@ def jbond(
     ret = r_j - kl_anchor
     adv = ret - _baseline(ret, baseline)
     forward = -best_anchor_logp
-    backward = -adv * logp
-    kl_reg = gamma * kl_anchor * logp
+    backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
+    kl_reg = saturating_product(gamma * kl_anchor, logp)
     loss = (1 - beta) * forward + beta * backward + kl_reg
     metrics = {
         "jbond/reward": r_j.detach(),

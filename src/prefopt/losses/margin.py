@@ -34,6 +34,14 @@ score (``(α−1)ρ``) are clamped at 40 before ``exp``. TRL clamps the α-diver
 does not clamp the forward-KL one (``exp(−ρ)`` overflows to ``inf`` once ``ρ < −88``); 40 keeps even IPO's
 *squared* score finite in float32 (``e^80`` squared overflows). Values equal TRL's whenever the exponent is
 below 40 (i.e. ``π/π_ref > e^-40`` for forward KL); beyond it the score saturates and its gradient is 0.
+
+Extreme values (every finite input, every accepted hyperparameter gives a finite loss and finite gradients):
+the exponential term of :func:`discopop` has its exponent clamped at 40 in the same way (it matters only for
+``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as ``z → −∞``); the squared terms of
+:func:`ipo` and :func:`sppo_hard` go through [`saturating_product`][prefopt.losses.margin.saturating_product],
+whose *value* saturates at ``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every
+finite ``d``); and their ``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the
+float32 range of the square, so the loss would be the saturation constant for every input).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ __all__ = [
     "nca_pair",
     "rdpo",
     "robust_dpo",
+    "saturating_product",
     "sft",
     "sigmoid_norm",
     "sppo_hard",
@@ -72,6 +81,7 @@ __all__ = [
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _EXP_CLAMP = 40.0
+_SATURATION = math.exp(_EXP_CLAMP)
 _LOG2 = math.log(2.0)
 
 
@@ -81,6 +91,7 @@ def _finite_real(v: object) -> bool:
 
 FINITE = Check(_finite_real, "a finite number")
 BETA = {"beta": gt(0)}
+SQUARE_BETA = {"beta": ge(1e-8)}  # ipo, sppo_hard: 1/(2β) must stay well inside the square's range
 F_CHECKS = {"f_divergence": one_of(*F_DIVERGENCES), "f_alpha": FINITE}
 
 
@@ -108,6 +119,26 @@ def f_divergence_score(logratio: Tensor, f_divergence: str = "reverse_kl", f_alp
         t = torch.clamp((f_alpha - 1.0) * logratio, max=_EXP_CLAMP)
         return torch.expm1(t) / (f_alpha - 1.0)
     raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}; got {f_divergence!r}")
+
+
+def saturating_product(a: Tensor, b: Tensor) -> Tensor:
+    r"""``a·b`` whose value is clamped to ``[−e^40, e^40]`` while its gradient is the exact product rule
+    ``b·∂a + a·∂b`` (each coefficient clamped to the dtype's finite range, so it is finite for finite
+    inputs; pass the same tensor twice for a square, whose gradient ``2a·∂a`` is then clamped as one).
+
+    For loss terms that are products or squares of unbounded quantities (IPO's ``(h̃ − 1/(2τ))²``, a
+    policy-gradient surrogate ``−A·log π``): at absurd inputs (a log-ratio of ``−1e30``) the true value is not
+    representable and would round to ``inf``, which poisons a batch mean; the gradient, which is what trains,
+    is still exact. Below the clamp the value is ``a·b`` bit for bit. First-order only (the clamp and the
+    detached factors make second derivatives zero).
+    """
+    big = torch.finfo(a.dtype).max
+    value = (a.detach() * b.detach()).clamp(-_SATURATION, _SATURATION)
+    da = a - a.detach()  # 0 in value, ∂a in gradient
+    if a is b:
+        return value + (2.0 * a.detach()).clamp(-big, big) * da
+    db = b - b.detach()
+    return value + b.detach().clamp(-big, big) * da + a.detach().clamp(-big, big) * db
 
 
 def logratios(logps: PairLogps) -> tuple[Tensor, Tensor]:
@@ -276,7 +307,7 @@ def robust_dpo(
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
-@register_loss("ipo", inputs="pairs", needs_reference=True, checks={**BETA, **F_CHECKS})
+@register_loss("ipo", inputs="pairs", needs_reference=True, checks={**SQUARE_BETA, **F_CHECKS})
 def ipo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
@@ -287,12 +318,14 @@ def ipo(
     ``loss_type="ipo"``, log-ratios are divided by the completion token counts (clamped at 1); TRL states this
     normalization was confirmed with the IPO authors. Needs ``chosen_len``/``rejected_len``.
 
-    Args: beta = ``τ > 0`` (default 0.1); f_divergence, f_alpha as in :func:`dpo`.
-    Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``.
+    Args: beta = ``τ ≥ 1e-8`` (default 0.1); f_divergence, f_alpha as in :func:`dpo`.
+    Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``. The square's value
+    saturates at ``e^40`` (gradient exact; see the module docstring).
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "ipo")
-    loss = (s_w / n_w - s_l / n_l - 1.0 / (2.0 * beta)) ** 2
+    d = s_w / n_w - s_l / n_l - 1.0 / (2.0 * beta)
+    loss = saturating_product(d, d)
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
@@ -387,16 +420,18 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
     return _out(loss, beta, rho_w, rho_l, logps, delta=d.expand_as(rho_w))
 
 
-@register_loss("sppo_hard", inputs="pairs", needs_reference=True, checks=BETA)
+@register_loss("sppo_hard", inputs="pairs", needs_reference=True, checks=SQUARE_BETA)
 def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""SPPO with hard labels: ``L = (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²``.
 
     Wu et al. 2024, "Self-Play Preference Optimization" (arXiv 2405.00675), Eq. (4.7) of Algorithm 1 with the
     win probability set to 1 for the chosen and 0 for the rejected response (``η = 1/β``); TRL
-    ``loss_type="sppo_hard"``. Args: beta ``> 0`` (0.1). Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
+    ``loss_type="sppo_hard"``. Args: beta ``≥ 1e-8`` (0.1). Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
+    Each square's value saturates at ``e^40`` (gradient exact; see the module docstring).
     """
     rho_w, rho_l = logratios(logps)
-    loss = (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
+    d_w, d_l = rho_w - 0.5 / beta, rho_l + 0.5 / beta
+    loss = saturating_product(d_w, d_w) + saturating_product(d_l, d_l)
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
@@ -479,14 +514,18 @@ def discopop(
     Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language Models"
     (arXiv 2406.08414), Eq. (5) (log-ratio modulated loss). TRL ``loss_type="discopop"`` (``discopop_tau``).
     Numerics (same value as TRL): ``w·exp(−z)`` is computed as ``exp(−z + log σ(z/τ))`` and ``(1−w)`` as
-    ``σ(−z/τ)``, so that ``z → −∞`` gives a finite loss instead of TRL's ``inf·0 = NaN``.
+    ``σ(−z/τ)``, so that ``z → −∞`` gives a finite loss instead of TRL's ``inf·0 = NaN``; for ``τ > 1`` the
+    exponent ``−z + log σ(z/τ)`` grows without bound as ``z → −∞`` and is clamped at 40 (that term's value
+    saturates at ``e^40`` and its gradient is 0 beyond; the ``−log σ(z)`` term still pushes ``z`` up). For
+    ``τ ≤ 1`` the exponent is ``≤ min(−z, z(1/τ − 1)) ≤ 0``, so the clamp is inactive and the value is TRL's.
 
     Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in :func:`dpo`.
     Zero point: ``h = 0`` ⇒ ``(log 2 + 1)/2``. Not monotone in ``h`` (no gradient-sign guarantee).
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
-    loss = -F.logsigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(-z + F.logsigmoid(z / tau))
+    exponent = torch.clamp(-z + F.logsigmoid(z / tau), max=_EXP_CLAMP)
+    loss = -F.logsigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(exponent)
     return _out(loss, beta, rho_w, rho_l, logps)
 
 
