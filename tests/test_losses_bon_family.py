@@ -365,7 +365,8 @@ def test_qrpo_log_transform_converges_to_best_of_n_as_the_categorical_gets_finer
         pi = _qrpo_fixed_point(k, n)
         bon = bon_distribution(torch.full((k,), 1.0 / k, dtype=F64), torch.arange(k, dtype=F64), n)
         dists.append(tv(pi, bon))
-    assert dists[1] < dists[0] / 4 and dists[1] < 5e-3, dists
+    # O(1/K²): measured 5.4e-4 → 8.5e-6 for K = 20 → 160
+    assert dists[1] < dists[0] / 40 and dists[1] < 2e-5, dists
 
 
 # ----------------------------------------------------------------------------------------------------------
