@@ -609,3 +609,46 @@ def test_alphapo_matches_trl_cpo_loss(alpha: float, label_smoothing: float) -> N
     g_ours = torch.autograd.grad(out.loss.sum(), [pl.chosen, pl.rejected])
     for a, c in zip(g_ours, g_trl):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input_names_the_argument() -> None:
+    x, mask = _token_batch(2, 5, 40)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        ld_dpo(x, x, mask, ld_alpha=1.5)
+    with pytest.raises(ValueError, match="even, non-zero number of rows"):
+        ld_dpo(x[:3], x[:3], mask[:3])
+    with pytest.raises(ValueError, match="ref_logps has shape"):
+        ld_dpo(x, x[:, :4], mask)
+    with pytest.raises(ValueError, match="completion_mask has shape"):
+        ld_dpo(x, x, mask[:, :4])
+    with pytest.raises(ValueError, match="alphapo needs completion lengths"):
+        alphapo(PairLogps(torch.zeros(2), torch.zeros(2)))
+    with pytest.raises(ValueError, match="alpha"):
+        alphapo(_pairs(2, 0), alpha=math.inf)
+    pl = _pairs(2, 0)
+    with pytest.raises(ValueError, match="token_kl has 6 rows"):
+        tdpo(pl, token_kl=torch.zeros(6, 5, dtype=F64), completion_mask=torch.ones(6, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="variant"):
+        tdpo(pl, token_kl=x, completion_mask=mask, variant="tdpo3")
+    with pytest.raises(ValueError, match="needs reference"):
+        tdpo(PairLogps(pl.chosen, pl.rejected), token_kl=x, completion_mask=mask)
+    with pytest.raises(ValueError, match="ref_logits has shape"):
+        token_kl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_extreme_valid_inputs_stay_finite() -> None:
+    big = torch.tensor([-1e4, 1e4, 0.0, -3e3], dtype=torch.float32)
+    pl = PairLogps(
+        big, big.flip(0), big.roll(1), big.roll(2), torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 2, 1])
+    )
+    t = torch.full((8, 5), 1e4, dtype=torch.float32)
+    m = torch.ones(8, 5, dtype=torch.bool)
+    assert bool(torch.isfinite(tdpo(pl, token_kl=t, completion_mask=m).loss).all())
+    assert bool(torch.isfinite(alphapo(pl, alpha=2.0).loss).all())
+    lp = torch.full((8, 5), -50.0)
+    w = wpo(pl, token_logps=lp, log_sum_sq_probs=torch.zeros(8, 5), completion_mask=m, clamp=1.0)
+    assert bool(torch.isfinite(w.loss).all())
+    z = torch.tensor([[1e4, -1e4, 0.0]], requires_grad=True)
+    kl = token_kl(z, torch.tensor([[-1e4, 1e4, 0.0]]))
+    (g,) = torch.autograd.grad(kl.sum(), z)
+    assert bool(torch.isfinite(kl).all()) and bool(torch.isfinite(g).all())
