@@ -412,6 +412,8 @@ def test_bad_input_and_hyperparameters() -> None:
         vbon(s, n=1)
     with pytest.raises(ValueError, match="variant"):
         vbon(s, variant="l1")
+    with pytest.raises(ValueError, match="quantile_floor"):
+        vbon(s, variant="bound", quantile_floor=3.0)
     with pytest.raises(ValueError, match="baseline='loo' needs at least 2"):
         vbon(BestOfNSamples(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1, 3)))
     with pytest.raises(ValueError, match="transform"):

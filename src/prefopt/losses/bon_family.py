@@ -232,7 +232,7 @@ def vbon_log_ratio(quantile: Tensor, ref_logp: Tensor, n: int, variant: str = "e
         "n": _int_ge(2),
         "variant": one_of("exact", "bound", "released_exact"),
         "quantile": one_of(*_QUANTILES),
-        "quantile_floor": gt(0),
+        "quantile_floor": between(0.0, 1.0, lo_open=True),
         "baseline": one_of("loo", "none"),
     },
 )
@@ -276,7 +276,7 @@ def vbon(
             ``"released_exact"``.
         quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see :func:`pool_quantile`;
             the exact form needs the strict quantile ``F``, which ``"lt"`` estimates without bias).
-        quantile_floor: ``F̂`` is floored at ``quantile_floor/k`` before the ``log`` of the bound (default
+        quantile_floor: ``c ∈ (0, 1]``; ``F̂`` is floored at ``c/k`` before the ``log`` of the bound (default
             0.5, as BOND's ``1/(2k)``); the exact form needs no floor.
         baseline: ``"loo"`` (default; needs ``b >= 2``) or ``"none"``.
 
