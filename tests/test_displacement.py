@@ -543,6 +543,8 @@ def test_squeezing_probe_loop_oracle_garbage_and_errors(model):
         assert torch.equal(p, keep)
     with pytest.raises(ValueError, match="eta"):
         squeezing_probe(model, ids, cm, am, eta=0.0)
+    with pytest.raises(TypeError, match="completion_mask"):
+        squeezing_probe(model, ids, None, am)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no completion"):
         squeezing_probe(model, ids, torch.zeros_like(cm), am)
     with pytest.raises(ValueError, match="params"):

@@ -551,6 +551,7 @@ def squeezing_probe(
     from prefopt.masked import seq_sum
 
     mdl, _ = resolve_model(model)
+    check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
     _check_inputs(input_ids, attention_mask, completion_mask)
     eta = _check_number("eta", eta, lo=0.0)
     if bool((~completion_mask.any(dim=1)).any()):
