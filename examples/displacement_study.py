@@ -127,7 +127,7 @@ def batches_of(rows: Sequence[dict[str, str]], collate: Any, n: int, size: int, 
             break
         row = {k: rows[i][k] for k in ("prompt", "chosen", "rejected")}
         try:
-            ok = collate([row])["input_ids"].shape[0] == 2
+            ok = collate([row]).input_ids.shape[0] == 2
         except ValueError:
             ok = False
         if ok:
