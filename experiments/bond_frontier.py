@@ -29,11 +29,14 @@ import torch
 from prefopt.lab import Lab, LabConfig, best_of_n_point, evaluate_policy, lab_sampler, reference_pool
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import bond, jbond
-from prefopt.masked import seq_sum
+from prefopt.masked import aggregate, seq_sum
 from prefopt.policy import LoraPolicy
+from prefopt.registry import get_loss
+from prefopt.rl import rloo_advantages
 from prefopt.types import BestOfNSamples
 
 METHODS = ("jbond", "bond4", "bond8", "rloo")
+RLOO = get_loss("rloo")
 
 
 def completion_mask(ids: torch.Tensor, lab: Lab) -> torch.Tensor:
@@ -104,17 +107,20 @@ def rloo_step(
 ) -> torch.Tensor:
     """RLOO on the KL-regularised reward ``r − kl_coef·Σ_t(log π − log π_ref)``, ``k`` samples per prompt.
 
-    On-policy (one gradient step per batch), so the surrogate is ``−A_i·S_θ(y_i)`` with the leave-one-out
-    advantage ``A_i = R_i − mean_{j≠i} R_j`` (Ahmadian et al. 2024, Eq. 6).
+    On-policy (one gradient step per batch): the registry's ``rloo`` with ``old_logp=None`` and the
+    leave-one-out advantages of ``rl.rloo_advantages`` (Ahmadian et al. 2024, Eq. 9), reduced with
+    ``aggregate(..., "seq-mean-token-sum")`` (the mean over sequences of ``−A_i·S_θ(y_i)``).
     """
     k = args.rloo_k
     rows = sample(policy, lab, prompts, k, "policy")
-    logp = seq_logp(policy, rows, lab)
+    mask = completion_mask(rows, lab)
+    logp = token_logps(policy.model, rows, torch.ones_like(rows), mask)
     with torch.no_grad(), policy.reference():
-        ref_logp = seq_logp(policy, rows, lab)
-    shaped = (reward_of(lab, rows).to(logp.dtype) - kl_coef * (logp.detach() - ref_logp)).view(-1, k)
-    adv = (shaped - (shaped.sum(1, keepdim=True) - shaped) / (k - 1)).reshape(-1)
-    return -(adv * logp).mean()
+        ref_logp = token_logps(policy.model, rows, torch.ones_like(rows), mask)
+    kl = seq_sum(logp.detach() - ref_logp, mask)
+    shaped = reward_of(lab, rows).to(logp.dtype) - kl_coef * kl
+    adv = rloo_advantages(shaped.view(-1, k)).reshape(-1)
+    return aggregate(RLOO(logp, None, adv, mask).loss, mask, "seq-mean-token-sum")
 
 
 def run(
