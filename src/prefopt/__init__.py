@@ -32,6 +32,8 @@ _LAZY: dict[str, str] = {
     "seq_sum": "prefopt.masked",
     "seq_mean": "prefopt.masked",
     "seq_len": "prefopt.masked",
+    "aggregate": "prefopt.masked",
+    "pair_logps": "prefopt.logprobs",
     "load_preferences": "prefopt.data",
     "load_pointwise": "prefopt.data",
     "load_unpaired": "prefopt.data",
