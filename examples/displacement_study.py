@@ -169,7 +169,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     policy = LoraPolicy(model)
     collate = PreferenceCollator(tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     batches = batches_of(rows, collate, args.pairs, args.batch, args.seed)
-    cols: dict[str, list[float]] = {k: [] for k in ("ches", "ln_ches", "pred_dchosen", "measured_dchosen")}
+    keys = (
+        "ches",
+        "ln_ches",
+        "pred_dchosen",
+        "measured_dchosen",
+        "pred_batch_dchosen",
+        "measured_batch_dchosen",
+    )
+    cols: dict[str, list[float]] = {k: [] for k in keys}
     t_ches = t_rep = 0.0
     for k, batch in enumerate(batches):
         s = time.perf_counter()
@@ -178,44 +186,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         s = time.perf_counter()
         rep = entanglement(policy, batch, loss="dpo", beta=args.beta, eta=args.eta, verify=True)
         t_rep += time.perf_counter() - s
-        assert rep.measured_dchosen is not None
+        assert rep.measured_dchosen is not None and rep.measured_batch_dchosen is not None
         cols["ches"] += cs.ches.tolist()
         cols["ln_ches"] += cs.ln_ches.tolist()
         cols["pred_dchosen"] += rep.pred_dchosen.tolist()
         cols["measured_dchosen"] += rep.measured_dchosen.tolist()
+        cols["pred_batch_dchosen"] += rep.pred_batch_dchosen.tolist()
+        cols["measured_batch_dchosen"] += rep.measured_batch_dchosen.tolist()
         print(f"batch {k + 1}/{len(batches)}  ches {t_ches:.1f}s  report+verify {t_rep:.1f}s", flush=True)
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()}
-    displaced = t["measured_dchosen"] < 0
-    target = -t["measured_dchosen"]
-    predictors = {"first_order": -t["pred_dchosen"], "ches": t["ches"], "ln_ches": t["ln_ches"]}
-    table = {}
-    for name, score in predictors.items():
-        table[name] = {
-            "auc": auc(score, displaced),
-            "auc_ci95": bootstrap(auc, score, displaced, reps=args.bootstrap, seed=args.seed),
-            "spearman": spearman(score, target),
-            "spearman_ci95": bootstrap(spearman, score, target, reps=args.bootstrap, seed=args.seed),
+    table: dict[str, dict[str, Any]] = {}
+    summary: dict[str, dict[str, float]] = {}
+    for step, prefix in (("alone", ""), ("batch", "batch_")):
+        measured, pred = t[f"measured_{prefix}dchosen"], t[f"pred_{prefix}dchosen"]
+        displaced, target = measured < 0, -measured
+        summary[step] = {
+            "displaced_fraction": float(displaced.double().mean()),
+            "first_order_sign_agreement": float(((pred < 0) == displaced).double().mean()),
         }
-    sign_agree = float(((t["pred_dchosen"] < 0) == displaced).double().mean())
+        for name, score in {"first_order": -pred, "ches": t["ches"], "ln_ches": t["ln_ches"]}.items():
+            table[f"{step}/{name}"] = {
+                "auc": auc(score, displaced),
+                "auc_ci95": bootstrap(auc, score, displaced, reps=args.bootstrap, seed=args.seed),
+                "spearman": spearman(score, target),
+                "spearman_ci95": bootstrap(spearman, score, target, reps=args.bootstrap, seed=args.seed),
+            }
     result = {
         "args": {k: v for k, v in vars(args).items()},
         "n_pairs": len(cols["ches"]),
-        "displaced_fraction": float(displaced.double().mean()),
-        "first_order_sign_agreement": sign_agree,
+        "steps": summary,
         "predictors": table,
         "seconds": {"ches": t_ches, "report_verify": t_rep, "total": time.perf_counter() - t0},
         "per_pair": cols,
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(
-        f"{result['n_pairs']} pairs; displaced (measured δS_w < 0): {result['displaced_fraction']:.3f}; "
-        f"first-order sign agreement {sign_agree:.3f}"
-    )
+    for step, v in summary.items():
+        print(
+            f"{step}: {result['n_pairs']} pairs; displaced (measured δS_w < 0) {v['displaced_fraction']:.3f}; "
+            f"first-order sign agreement {v['first_order_sign_agreement']:.3f}"
+        )
     for name, r in table.items():
         lo, hi = r["auc_ci95"]
         slo, shi = r["spearman_ci95"]
         print(
-            f"{name:12s} AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}]   "
+            f"{name:18s} AUC {r['auc']:.3f} [{lo:.3f}, {hi:.3f}]   "
             f"Spearman {r['spearman']:+.3f} [{slo:+.3f}, {shi:+.3f}]"
         )
     print(f"time: CHES {t_ches:.1f}s, report+verify {t_rep:.1f}s; results: {out / 'results.json'}")

@@ -50,4 +50,4 @@ def test_smoke_run(tmp_path):
     pp = {k: torch.tensor(v, dtype=torch.float64) for k, v in res["per_pair"].items()}
     assert all(len(v) == 8 and torch.isfinite(v).all() for v in pp.values())
     displaced = pp["measured_dchosen"] < 0
-    assert res["predictors"]["ches"]["auc"] == ex.auc(pp["ches"], displaced)
+    assert res["predictors"]["alone/ches"]["auc"] == ex.auc(pp["ches"], displaced)
