@@ -4,12 +4,35 @@
   change of each log-prob after one SGD step (optionally verified by taking the step).
 - :func:`token_gradient_correlation` — per-token gradient cosines of one pair; :func:`plot_token_correlation`.
 - :func:`per_row_gradients` — the one-backward per-example gradient engine both use.
+- Likelihood displacement (``docs/displacement.md``): :func:`ches_scores` / :func:`ches_table` /
+  :func:`ches_filter` (CHES, Razin et al. 2024), :func:`ranking_accuracy` and
+  :func:`idealized_ranking_accuracy` (Chen et al. 2024), :func:`squeeze_step` and :func:`squeezing_probe`
+  (Ren & Sutherland 2024), one-token gradient inner products.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from prefopt.diagnostics.displacement import (
+    ChesFilter,
+    ChesScores,
+    SqueezeReport,
+    ches_filter,
+    ches_from_hidden,
+    ches_positions,
+    ches_scores,
+    ches_table,
+    dpo_flip_loss,
+    hidden_grad_inner,
+    idealized_ranking_accuracy,
+    ranking_accuracy,
+    squeeze_first_order,
+    squeeze_step,
+    squeezing_probe,
+    tabular_grad_inner,
+    unembedding_grad_inner,
+)
 from prefopt.diagnostics.entanglement import (
     EntanglementReport,
     entanglement,
@@ -20,17 +43,34 @@ from prefopt.diagnostics.pergrad import RowGradients, per_row_gradients, resolve
 from prefopt.diagnostics.token_correlation import TokenCorrelation, shared_offsets, token_gradient_correlation
 
 __all__ = [
+    "ChesFilter",
+    "ChesScores",
     "EntanglementReport",
     "RowGradients",
+    "SqueezeReport",
     "TokenCorrelation",
+    "ches_filter",
+    "ches_from_hidden",
+    "ches_positions",
+    "ches_scores",
+    "ches_table",
+    "dpo_flip_loss",
     "entanglement",
     "first_order_changes",
+    "hidden_grad_inner",
+    "idealized_ranking_accuracy",
     "loss_weights",
     "per_row_gradients",
     "plot_token_correlation",
+    "ranking_accuracy",
     "resolve_params",
     "shared_offsets",
+    "squeeze_first_order",
+    "squeeze_step",
+    "squeezing_probe",
+    "tabular_grad_inner",
     "token_gradient_correlation",
+    "unembedding_grad_inner",
 ]
 
 
