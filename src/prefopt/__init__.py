@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "PreferenceCollator": "prefopt.data",
     "PromptCollator": "prefopt.data",
     "UnpairedCollator": "prefopt.data",
+    "SharedPromptCollator": "prefopt.data",
     "load_builtin_pairs": "prefopt.data",
     "load_smollm2": "prefopt.models",
     "HFSampler": "prefopt.sampling",
