@@ -37,6 +37,19 @@ from prefopt.types import BestOfNSamples
 
 METHODS = ("jbond", "bond4", "bond8", "rloo")
 RLOO = get_loss("rloo")
+# A smaller lab for the reduced run of the test suite (pre-trains in seconds; same code path).
+TINY_LAB = LabConfig(
+    vocab=8,
+    prompt_len=2,
+    completion_len=6,
+    branching=3,
+    hidden_size=48,
+    num_layers=2,
+    num_heads=4,
+    pretrain_steps=200,
+    pretrain_batch=64,
+    pretrain_lr=1e-2,
+)
 
 
 def completion_mask(ids: torch.Tensor, lab: Lab) -> torch.Tensor:
@@ -264,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jeffreys-beta", type=float, default=0.5, help="Jeffreys weight of BOND / J-BOND")
     ap.add_argument("--rloo-k", type=int, default=4, help="RLOO samples per prompt")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--tiny", action="store_true", help="a smaller lab (the test suite's reduced run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     t_start = time.perf_counter()
-    lab = Lab(LabConfig())
+    lab = Lab(TINY_LAB if args.tiny else LabConfig())
     model, rep = lab.reference(progress=True)
     print(
         f"reference LM: {rep.num_parameters:,} parameters, NLL {rep.nll_per_token:.4f} nats/token "
