@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ import torch
 import transformers as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
 from prefopt.logprobs import (
     DEFAULT_CHUNK_SIZE,
@@ -676,3 +677,118 @@ def test_pair_seq_logps_matches_per_row_loop(tiny):
         pair_seq_logps(tiny, {"input_ids": ids})
     with pytest.raises(TypeError, match="batch"):
         pair_seq_logps(tiny, [ids, mask])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Left padding: positions come from the attention mask (absolute position embeddings, GPT-2)
+# --------------------------------------------------------------------------------------------------------------
+
+TINY_ARCHS = ["llama", "gpt2", "qwen2", "mistral", "gpt_neox", "gemma"]
+
+
+def _padded_rows(seq: Tensor, total: int, n_completion: int, left: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``seq`` padded with token 0 to ``total`` tokens on the left or right; completion = its last tokens."""
+    n, pad = seq.shape[0], total - seq.shape[0]
+    ids = torch.zeros(total, dtype=torch.long)
+    attn = torch.zeros(total, dtype=torch.long)
+    mask = torch.zeros(total, dtype=torch.bool)
+    start = pad if left else 0
+    ids[start : start + n] = seq
+    attn[start : start + n] = 1
+    mask[start + n - n_completion : start + n] = True
+    return ids, attn, mask
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_left_and_right_padding_give_the_unpadded_logps(arch):
+    """The same sequence left-padded, right-padded (next to a longer row) and alone: same completion log-probs.
+
+    Without position ids from the attention mask, GPT-2's learned absolute positions see the left-padded row
+    shifted by the padding length and its log-probs move by ~0.1 nats/token (this test then fails for gpt2).
+    """
+    from prefopt.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(arch, vocab_size=V)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(2, V, (7,), generator=g)
+    other = torch.randint(2, V, (11,), generator=g)
+    n_c = 4
+    left = _padded_rows(seq, 11, n_c, left=True)
+    right = _padded_rows(seq, 11, n_c, left=False)
+    full = _padded_rows(other, 11, n_c, left=False)
+    ids, attn, mask = (torch.stack(x) for x in zip(left, right, full))
+    with torch.no_grad():
+        batch = token_logps(model, ids, attn, mask, chunk_size=3)
+        alone = token_logps(model, seq[None], None, _padded_rows(seq, 7, n_c, left=False)[2][None])
+        other_alone = token_logps(model, other[None])
+    want = alone[0, -n_c:]
+    assert want.abs().min() > 0  # real log-probs, not masked zeros
+    torch.testing.assert_close(batch[0][mask[0]], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1][mask[1]], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[2][mask[2]], other_alone[0, -n_c:], atol=1e-5, rtol=0)
+    # and the naive full-logits path with the same explicit positions agrees on the left-padded row
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()
+    naive = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(batch[0, 1:][mask[0, 1:]], naive[0][mask[0, 1:]], atol=1e-5, rtol=0)
+
+
+def test_left_padding_gradients_match_unpadded_gpt2():
+    """Gradients w.r.t. the weights of a left-padded row's log-likelihood equal those of the unpadded row."""
+    from prefopt.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("gpt2", vocab_size=V)
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(2, V, (6,), generator=g)
+    ids, attn, mask = (x[None] for x in _padded_rows(seq, 9, 3, left=True))
+    w = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(fn):
+        model.zero_grad()
+        fn().sum().backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in w]
+
+    padded = grads(lambda: token_logps(model, ids, attn, mask))
+    unpadded = grads(lambda: token_logps(model, seq[None], None, _padded_rows(seq, 6, 3, False)[2][None]))
+    for a, b in zip(padded, unpadded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class _NoPositionBackbone(nn.Module):
+    """A backbone whose forward has no ``position_ids`` argument (embedding only), for the fallback path."""
+
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.calls.append({"attention_mask": attention_mask, "use_cache": use_cache})
+        return types.SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+
+class _NoPositionLM(nn.Module):
+    base_model_prefix = "body"
+
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.body = _NoPositionBackbone(vocab, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.config = types.SimpleNamespace(model_type="toy")
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def test_backbone_without_position_ids_still_works():
+    torch.manual_seed(0)
+    model = _NoPositionLM(V, 16)
+    ids, attn, mask = (x[None] for x in _padded_rows(torch.randint(2, V, (5,)), 8, 3, left=True))
+    with torch.no_grad():
+        lp = token_logps(model, ids, attn, mask)
+        naive = torch.log_softmax(model.head(model.body.embed(ids[:, :-1])), -1)
+        naive = naive.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert len(model.body.calls) == 1 and model.body.calls[0]["attention_mask"] is attn
+    torch.testing.assert_close(lp[:, 1:][mask[:, 1:]], naive[mask[:, 1:]], atol=1e-6, rtol=0)
+    assert (lp[~mask] == 0).all()

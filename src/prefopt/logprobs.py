@@ -33,6 +33,7 @@ not a change of the quantity: results equal the naive path up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -509,6 +510,28 @@ def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module, Any]:
     return backbone, head, base.config
 
 
+def _accepts_position_ids(backbone: nn.Module) -> bool:
+    """Whether ``backbone.forward`` takes a ``position_ids`` argument by name (all transformers decoders do)."""
+    try:
+        params = inspect.signature(backbone.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """``(b, t)`` positions: ``cumsum(mask) − 1`` on attended tokens, the default ``arange(t)`` on padding.
+
+    With left padding (or a padding gap inside a row) every real token gets its position in the unpadded
+    sequence; models with absolute position embeddings (GPT-2, ...) would otherwise see positions shifted by
+    the padding length. Padding tokens keep the backbone's default position: no real token attends to them,
+    and a row without left padding or gaps gets exactly the default ``0, 1, 2, …`` everywhere.
+    """
+    mask = attention_mask.bool()
+    default = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask, mask.long().cumsum(-1) - 1, default)
+
+
 def _check_inputs(
     input_ids: Any, attention_mask: Any, completion_mask: Any
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -562,7 +585,10 @@ def token_logps(
         model: a transformers causal LM (``PreTrainedModel`` with ``base_model_prefix`` and
             ``get_output_embeddings()``), or a peft ``PeftModel`` wrapping one.
         input_ids: ``(b, t)`` integer token ids.
-        attention_mask: ``(b, t)`` 0/1 (int or bool) or None (all ones); passed to the backbone as is.
+        attention_mask: ``(b, t)`` 0/1 (int or bool) or None (all ones); passed to the backbone as is, with
+            ``position_ids = cumsum(attention_mask) − 1`` on the attended tokens when the backbone accepts
+            them, so a left-padded row gets the positions of its unpadded sequence (this matters for absolute
+            position embeddings such as GPT-2's; rotary models are unaffected up to float rounding).
         completion_mask: ``(b, t)`` bool, True where token ``i`` counts; must be False at ``i = 0``.
             None: every position ``i ≥ 1`` counts.
         chunk_size: completion tokens per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
@@ -590,7 +616,10 @@ def token_logps(
     ):
         raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary size)")
 
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None and _accepts_position_ids(backbone):
+        kwargs["position_ids"] = _position_ids(attention_mask)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if t < 2:
         zero = hidden.new_zeros(b, t, dtype=_acc_dtype(hidden)) + 0.0 * hidden.sum()
