@@ -152,3 +152,27 @@ def test_lora_reward_model_learns_synthetic_preference(loss):
     acc1 = accuracy()
     assert acc1 >= 0.9, (acc0, acc1)
     assert acc1 > acc0 + 0.2, (acc0, acc1)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_left_padded_rows_score_like_unpadded_rows_on_gpt2(kind):
+    """Absolute position embeddings (GPT-2): the reward and the values of a left-padded row equal those of the
+    same sequence alone (positions come from the attention mask)."""
+    torch.manual_seed(0)
+    model = tiny_causal_lm("gpt2", vocab_size=50).float()
+    rm = RewardModel.lora(model) if kind == "lora" else RewardModel.full(model)
+    rm.eval()
+    seq = torch.randint(2, 50, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = rm(seq, torch.ones_like(seq))
+        left = rm(padded, mask)
+    torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)
+    if kind == "lora":
+        policy = rm.policy
+        policy.value_head = torch.nn.Linear(model.config.n_embd, 1)
+        with torch.no_grad():
+            v_alone = policy.values(seq, torch.ones_like(seq))
+            v_left = policy.values(padded, mask)
+        torch.testing.assert_close(v_left[:, 3:], v_alone, rtol=0, atol=1e-5)

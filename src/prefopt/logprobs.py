@@ -54,6 +54,7 @@ __all__ = [
     "logit_transform",
     "pair_logps",
     "pair_seq_logps",
+    "position_kwargs",
     "token_logps",
 ]
 
@@ -510,6 +511,18 @@ def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module, Any]:
     return backbone, head, base.config
 
 
+def position_kwargs(backbone: nn.Module, attention_mask: Tensor | None) -> dict[str, Tensor]:
+    """``{"position_ids": ...}`` for a forward of ``backbone`` on possibly left-padded rows, else ``{}``.
+
+    Positions are ``cumsum(attention_mask) − 1`` on attended tokens (see ``_position_ids``), given only when
+    there is a mask and ``backbone.forward`` accepts ``position_ids``; ``token_logps``, ``LoraPolicy.values``
+    and ``RewardModel`` call their backbones with it.
+    """
+    if attention_mask is None or not _accepts_position_ids(backbone):
+        return {}
+    return {"position_ids": _position_ids(attention_mask)}
+
+
 def _accepts_position_ids(backbone: nn.Module) -> bool:
     """Whether ``backbone.forward`` takes a ``position_ids`` argument by name (all transformers decoders do)."""
     try:
@@ -616,9 +629,7 @@ def token_logps(
     ):
         raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary size)")
 
-    kwargs: dict[str, Any] = {}
-    if attention_mask is not None and _accepts_position_ids(backbone):
-        kwargs["position_ids"] = _position_ids(attention_mask)
+    kwargs = position_kwargs(backbone, attention_mask)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if t < 2:

@@ -52,6 +52,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
+from prefopt.logprobs import position_kwargs
+
 __all__ = [
     "ANCHOR_ADAPTER",
     "POLICY_ADAPTER",
@@ -523,9 +525,13 @@ class LoraPolicy(nn.Module):
         critic = self._switch("critic", False) if self.value_adapter else contextlib.nullcontext()
         with critic, contextlib.nullcontext() if backbone_grad else torch.no_grad():
             if backbone is not base:
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                pos = position_kwargs(backbone, attention_mask)
+                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **pos).last_hidden_state
             else:
-                out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                pos = position_kwargs(base, attention_mask)
+                out = base(
+                    input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **pos
+                )
                 hidden = out.hidden_states[-1]
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 

@@ -30,6 +30,7 @@ import peft
 import torch
 from torch import Tensor, nn
 
+from prefopt.logprobs import position_kwargs
 from prefopt.policy import LoraPolicy
 
 __all__ = ["RewardModel", "last_token_index"]
@@ -137,7 +138,8 @@ class RewardModel(nn.Module):
         if self.policy is not None:
             return self.policy.values(input_ids, attention_mask)[rows, last]
         assert self.backbone is not None and self.head is not None
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pos = position_kwargs(self.backbone, attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **pos).last_hidden_state
         return self.head(hidden[rows, last].float()).squeeze(-1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
