@@ -615,3 +615,60 @@ def test_reinforce_pp_bad_input():
         rl.reinforce_pp_advantages(s, m.long())
     with pytest.raises(ValueError, match="kl has shape"):
         rl.reinforce_pp_advantages(s, m, kl=torch.zeros(4, 2), beta=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO: overlong penalty, zero-variance group filter
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_overlong_penalty_hand_values():
+    """(L_max, L_c) = (100, 20): ramp from 80; |y| = 90 ⇒ −0.5 (hand-computed), 100 ⇒ −1, beyond ⇒ −1."""
+    lengths = torch.tensor([0, 50, 80, 81, 90, 95, 100, 101, 500])
+    got = rl.overlong_penalty(lengths, 100, 20)
+    want = torch.tensor([0.0, 0.0, 0.0, -0.05, -0.5, -0.75, -1.0, -1.0, -1.0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    torch.testing.assert_close(rl.overlong_penalty(lengths, 100, 20, factor=2.0), 2 * want, rtol=0, atol=1e-6)
+    # float64 lengths stay float64; cache_len = max_len ramps from 0
+    got64 = rl.overlong_penalty(torch.tensor([0.0, 1.0, 4.0, 5.0], dtype=torch.float64), 4, 4)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, torch.tensor([0.0, -0.25, -1.0, -1.0], dtype=torch.float64))
+
+
+def test_overlong_penalty_bad_input():
+    n = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="cache_len"):
+        rl.overlong_penalty(n, 10, 11)
+    with pytest.raises(ValueError, match="cache_len"):
+        rl.overlong_penalty(n, 10, 0)
+    with pytest.raises(ValueError, match="max_len"):
+        rl.overlong_penalty(n, 10.0, 2)
+    with pytest.raises(ValueError, match="factor"):
+        rl.overlong_penalty(n, 10, 2, factor=-1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        rl.overlong_penalty(torch.tensor([-1, 2]), 10, 2)
+    with pytest.raises(ValueError, match="lengths"):
+        rl.overlong_penalty(torch.zeros(2, 2), 10, 2)
+
+
+def test_informative_groups_hand_values_and_constant_groups_have_zero_advantage():
+    rewards = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.7]])
+    keep = rl.informative_groups(rewards)
+    assert keep.tolist() == [False, True, False, True]
+    # OpenRLHF's open interval on the mean: identical for 0/1 rewards, different for continuous ones
+    binary = rewards[:3]
+    assert (
+        rl.informative_groups(binary, mean_bounds=(0.0, 1.0)).tolist()
+        == rl.informative_groups(binary).tolist()
+    )
+    assert rl.informative_groups(rewards, mean_bounds=(0.0, 0.55)).tolist() == [False, False, False, False]
+    # the dropped groups carried exactly zero advantage under both group estimators
+    for adv in (rl.group_advantages(rewards), rl.rloo_advantages(rewards)):
+        assert (adv[~keep] == 0).all() and (adv[keep] != 0).any()
+    assert rl.informative_groups(torch.tensor([[3.0], [4.0]])).tolist() == [False, False]
+    with pytest.raises(ValueError, match="mean_bounds"):
+        rl.informative_groups(rewards, mean_bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="rewards"):
+        rl.informative_groups(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="rewards"):
+        rl.informative_groups(torch.tensor([[0.0, float("nan")]]))

@@ -31,9 +31,11 @@ __all__ = [
     "PenalizedRewards",
     "gae",
     "group_advantages",
+    "informative_groups",
     "kl_estimate",
     "kl_penalized_rewards",
     "last_valid_index",
+    "overlong_penalty",
     "reinforce_pp_advantages",
     "rloo_advantages",
 ]
@@ -465,3 +467,95 @@ def reinforce_pp_advantages(
     var = masked_mean(centred.square(), mask).clamp(min=eps)
     safe = torch.where(var > 0, var, torch.ones_like(var))
     return torch.where((var > 0) & mask, centred * torch.rsqrt(safe), zero)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO: overlong reward shaping, zero-variance group filtering
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: float = 1.0) -> Tensor:
+    r"""DAPO's soft overlong punishment, added to the task reward (Yu et al. 2025, arXiv:2503.14476, Eq. 13).
+
+    With $L_{max}$ = ``max_len``, $L_c$ = ``cache_len`` and $f$ = ``factor``:
+
+    $$ R_{len}(y) = \begin{cases} 0 & |y| \le L_{max} - L_c \\
+       f\,\frac{(L_{max} - L_c) - |y|}{L_c} & L_{max} - L_c < |y| \le L_{max} \\
+       -f & |y| > L_{max} \end{cases} $$
+
+    A linear ramp from 0 to $-f$ over the last $L_c$ tokens. verl's DAPO reward manager and OpenRLHF agree with
+    this for $|y| \le L_{max}$ (the only case for engine-truncated completions); beyond $L_{max}$ verl keeps
+    the ramp going (unbounded) while the paper and OpenRLHF stop at $-f$. The paper's setting is
+    $L_{max} = 20480$, $L_c = 4096$, $f = 1$.
+
+    Args:
+        lengths: ``(b,)`` completion lengths $|y|$ (integer or float tensor, finite, ≥ 0), e.g.
+            ``mask.sum(-1)``.
+        max_len: $L_{max} \ge 1$.
+        cache_len: $L_c$, ``1 ≤ cache_len ≤ max_len``.
+        factor: $f \ge 0$ (default 1.0).
+
+    Returns:
+        ``(b,)`` penalties in $[-f, 0]$ (float32, or float64 for a float64 input).
+    """
+    max_len = _positive_int("max_len", max_len)
+    cache_len = _positive_int("cache_len", cache_len)
+    if cache_len > max_len:
+        raise ValueError(f"cache_len={cache_len} must be <= max_len={max_len}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < float("inf"):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor!r}")
+    n = check_tensor("lengths", lengths, ndim=1, floating=False)
+    if n.dtype == torch.bool:
+        raise TypeError("lengths must be an integer or floating-point tensor, got dtype torch.bool")
+    if n.dtype != torch.float64:
+        n = n.float()
+    check_finite("lengths", n)
+    if (n < 0).any():
+        raise ValueError("lengths must be >= 0")
+    start = max_len - cache_len
+    ramp = (start - n) / cache_len * factor
+    zero = torch.zeros((), dtype=n.dtype, device=n.device)
+    out = torch.where(n <= start, zero, ramp)
+    return torch.where(n > max_len, torch.full_like(n, -float(factor)), out)
+
+
+def informative_groups(rewards: Tensor, *, mean_bounds: tuple[float, float] | None = None) -> Tensor:
+    r"""DAPO's dynamic-sampling filter: which prompt groups carry a learning signal (Yu et al. 2025,
+    arXiv:2503.14476, Eq. 11, the constraint $0 < |\{o_i : \text{correct}\}| < G$).
+
+    * ``mean_bounds=None`` (verl ``filter_groups``): keep a group iff its rewards are not all equal. A
+      constant group has advantage exactly 0 under any group-normalised estimator
+      ([`group_advantages`][prefopt.rl.group_advantages], [`rloo_advantages`][prefopt.rl.rloo_advantages]),
+      so dropping it changes only the batch composition (and token-mean denominators).
+    * ``mean_bounds=(lo, hi)`` (OpenRLHF): keep iff ``lo < mean(r) < hi``. For 0/1 rewards ``(0, 1)`` is the
+      same filter.
+
+    Resampling until the batch is full is the caller's loop.
+
+    Args:
+        rewards: ``(prompts, G)`` grouped rewards (``G ≥ 1``), finite.
+        mean_bounds: ``None`` or ``(lo, hi)`` with ``lo < hi``.
+
+    Returns:
+        ``(prompts,)`` bool: True = keep. ``rewards[keep]`` are the kept groups.
+    """
+    r = _grouped_rewards(rewards, "rewards", min_group=1)
+    if mean_bounds is None:
+        return r.amax(dim=1) != r.amin(dim=1)
+    if (
+        not isinstance(mean_bounds, tuple)
+        or len(mean_bounds) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mean_bounds)
+        or not mean_bounds[0] < mean_bounds[1]
+    ):
+        raise ValueError(
+            f"mean_bounds must be None or a (lo, hi) tuple of numbers with lo < hi, got {mean_bounds!r}"
+        )
+    mean = r.mean(dim=1)
+    return (mean > mean_bounds[0]) & (mean < mean_bounds[1])
