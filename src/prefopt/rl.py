@@ -1,4 +1,5 @@
-"""Online-RL building blocks: GAE, leave-one-out and group advantages, KL estimators, KL-penalized rewards.
+"""Online-RL building blocks: GAE, leave-one-out, group and REINFORCE++ advantages, KL estimators,
+KL-penalized rewards, DAPO overlong penalty and group filter.
 
 Whitening (PPO advantages) is [`masked_whiten`][prefopt.masked.masked_whiten]; the reduction of a per-token
 loss is [`aggregate`][prefopt.masked.aggregate].
