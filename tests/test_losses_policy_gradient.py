@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import prefopt as po
 from prefopt import rl
 from prefopt.losses import policy_gradient
-from prefopt.losses.policy_gradient import grpo, gspo, gspo_token, ppo, reinforce, rloo
+from prefopt.losses.policy_gradient import cispo, grpo, gspo, gspo_token, ppo, reinforce, rloo
 from prefopt.masked import aggregate, masked_mean, masked_sum, mean_of_seq_means, token_mean
 
 F64 = torch.float64
@@ -45,6 +45,7 @@ def test_registered_in_family():
         "grpo",
         "gspo",
         "gspo_token",
+        "cispo",
         "ppo",
     }
 
@@ -607,7 +608,7 @@ def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
 # ----------------------------------------------------------------------------------------------------------
 
 B, T = 4, 5
-PG_LOSSES = ["reinforce", "rloo", "grpo", "gspo", "gspo_token", "ppo"]
+PG_LOSSES = ["reinforce", "rloo", "grpo", "gspo", "gspo_token", "cispo", "ppo"]
 
 
 def pg_inputs(seed: int, fill: float | None = None) -> dict[str, torch.Tensor]:
@@ -649,6 +650,8 @@ def call_pg(name: str, d: dict[str, torch.Tensor], logp: torch.Tensor, values: t
         return gspo(logp, d["old_logp"], d["seq_advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
     if name == "gspo_token":
         return gspo_token(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+    if name == "cispo":
+        return cispo(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
     return ppo(
         logp,
         d["old_logp"],
@@ -725,7 +728,7 @@ def test_extreme_ratios_stay_finite_and_clipped_gradients_are_exactly_zero(name,
             assert (logp.grad[mask] == 0).all()  # the other side is saturated by the clamp (or dual-clipped)
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce", "gspo", "gspo_token"])
+@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce", "gspo", "gspo_token", "cispo"])
 def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
     d = pg_inputs(2)
     mask = d["mask"]
@@ -744,6 +747,8 @@ def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
         out = gspo(logp, d["old_logp"], d["seq_advantages"], m)
     elif name == "gspo_token":
         out = gspo_token(logp, d["old_logp"], d["advantages"], m)
+    elif name == "cispo":
+        out = cispo(logp, d["old_logp"], d["advantages"], m)
     else:
         out = reinforce(logp, d["old_logp"], d["advantages"], m)
     aggregate(out.loss, mask, "token-mean").backward()
@@ -1023,5 +1028,138 @@ def test_gspo_matches_trl_sequence_importance_sampling(beta):
     ours.backward()
     clipped = masked_mean(out.metrics["clip_low"] + out.metrics["clip_high"], mask, dim=-1)
     assert 0 < int((clipped > 0).sum()) < b  # both regimes
+    torch.testing.assert_close(ours, trl_loss.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CISPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "lo", "hi"),
+    [
+        ({}, 0.0, 5.0),
+        ({"max_weight": 1.1}, 0.0, 1.1),
+        ({"bounds": "two_sided", "epsilon_low": 0.1, "epsilon_high": 0.15}, 0.9, 1.15),
+    ],
+)
+def test_cispo_matches_loop_oracle_value_and_gradient(kw, lo, hi):
+    """Python-float oracle: l = −min(max(ρ, lo), hi)·A·ℓ, gradient −ŵ·A at unmasked tokens, 0 elsewhere."""
+    gen = torch.Generator().manual_seed(40)
+    b, t = 5, 6
+    logp = -torch.rand(b, t, generator=gen, dtype=F64) * 2
+    old = logp + torch.randn(b, t, generator=gen, dtype=F64)  # ratios from ~0.1 to ~10: every regime
+    adv = torch.randn(b, t, generator=gen, dtype=F64)
+    mask = right_mask([6, 1, 4, 3, 5], t)
+    x = logp.clone().requires_grad_(True)
+    out = cispo(x, old, adv, mask, **kw)
+    out.loss.sum().backward()
+    n_low = n_high = n_in = 0
+    for i in range(b):
+        for j in range(t):
+            if not mask[i, j]:
+                assert out.loss[i, j] == 0 and x.grad[i, j] == 0
+                continue
+            rho = math.exp(float(logp[i, j] - old[i, j]))
+            w = min(max(rho, lo), hi)
+            n_low += rho < lo
+            n_high += rho > hi
+            n_in += lo <= rho <= hi
+            a, lp_ij = float(adv[i, j]), float(logp[i, j])
+            assert math.isclose(float(out.loss.detach()[i, j]), -w * a * lp_ij, rel_tol=1e-12, abs_tol=1e-15)
+            assert math.isclose(float(x.grad[i, j]), -w * a, rel_tol=1e-12, abs_tol=1e-15)
+            assert math.isclose(float(out.metrics["weight"][i, j]), w, rel_tol=1e-12)
+            assert math.isclose(float(out.metrics["ratio"][i, j]), rho, rel_tol=1e-12)
+            assert bool(out.metrics["clip_high"][i, j]) == (rho > hi)
+    assert n_high > 0 and n_in > 0 and (n_low > 0 or lo == 0.0)
+
+
+def test_cispo_gradient_is_stop_gradient_weighted_pg_and_never_zero():
+    """[R] The gradient is sg(clip(ρ))·A·∇ℓ (negated); on-policy it is plain PG (−A∇ℓ) with 1 ∈ [lo, hi], and
+    exactly C× that with a cap C < 1 (TRL's footgun); a capped token with A > 0 keeps gradient −C·A (PPO: 0)."""
+    gen = torch.Generator().manual_seed(41)
+    b, t = 4, 5
+    logp = -torch.rand(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    plain = grads_wrt(lambda x: aggregate(reinforce(x, None, adv, mask).loss, mask, "token-mean"), logp)
+    for kw in ({}, {"bounds": "two_sided"}, {"max_weight": 1.0}):
+        g = grads_wrt(
+            lambda x, kw=kw: aggregate(cispo(x, None, adv, mask, **kw).loss, mask, "token-mean"), logp
+        )
+        torch.testing.assert_close(g, plain, rtol=1e-12, atol=0)
+    g = grads_wrt(
+        lambda x: aggregate(cispo(x, None, adv, mask, max_weight=0.2).loss, mask, "token-mean"), logp
+    )
+    torch.testing.assert_close(g, 0.2 * plain, rtol=1e-12, atol=0)
+    # far off-policy, A > 0: PPO's gradient is exactly 0, CISPO's is −C·A·∇ℓ
+    old = logp - 2.0  # ρ = e² > 5
+    pos = torch.ones(b, dtype=F64)
+    g_ppo = grads_wrt(lambda x: ppo(x, old, pos, mask).loss, logp)
+    g_cispo = grads_wrt(lambda x: cispo(x, old, pos, mask).loss, logp)
+    assert (g_ppo == 0).all()
+    torch.testing.assert_close(g_cispo, torch.where(mask, -5.0, 0.0).to(F64), rtol=1e-12, atol=0)
+
+
+def test_cispo_gradcheck_kl_term_and_bad_input():
+    gen = torch.Generator().manual_seed(42)
+    logp = (-torch.rand(3, 4, generator=gen, dtype=F64)).requires_grad_()
+    mask = right_mask([4, 2, 3], 4)
+    old = logp.detach() + 0.5 * torch.randn(3, 4, generator=gen, dtype=F64)
+    ref = logp.detach() + 0.3 * torch.randn(3, 4, generator=gen, dtype=F64)
+    adv = torch.randn(3, generator=gen, dtype=F64)
+    # on-policy the weight is a constant 1, so the value's derivative is the loss's gradient
+    assert torch.autograd.gradcheck(lambda x: cispo(x, None, adv, mask, ref_logp=ref, beta=0.1).loss, (logp,))
+    # the KL term is GRPO's β·k3, exactly
+    with_kl = cispo(logp, old, adv, mask, ref_logp=ref, beta=0.1)
+    without = cispo(logp, old, adv, mask)
+    kl = grpo(logp, old, adv, mask, ref_logp=ref).metrics["kl"]
+    torch.testing.assert_close(with_kl.loss - without.loss, 0.1 * kl, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(with_kl.metrics["kl"], kl, rtol=0, atol=0)
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="ref_logp is required"):
+        cispo(lp, None, torch.zeros(2), m, beta=0.1)
+    with pytest.raises(ValueError, match="bounds"):
+        po.get_loss("cispo", bounds="upper_abs")
+    with pytest.raises(ValueError, match="max_weight"):
+        po.get_loss("cispo", max_weight=0.0)
+    with pytest.raises(ValueError, match="cispo: hyperparameter epsilon_low"):
+        po.get_loss("cispo", bounds="two_sided", epsilon_low=1.0)
+    with pytest.raises(ValueError, match="advantages"):
+        cispo(lp, None, torch.zeros(3), m)
+    with pytest.raises(TypeError, match="mask"):
+        cispo(lp, None, torch.zeros(2), m.long())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("cap", [5.0, 1.2])
+def test_cispo_matches_trl_compute_loss(beta, cap):
+    """TRL 1.16 ``loss_type="cispo"`` (cap = its ``epsilon_high``, token-level, sum / num_items_in_batch) is
+    ``aggregate(cispo(..., max_weight=cap).loss, mask, "token-mean", num_tokens=num_items)``: value and gradient."""
+    gen = torch.Generator().manual_seed(43)
+    b, t = 6, 7
+    logp0 = -torch.rand(b, t, generator=gen, dtype=F64) * 2
+    old = logp0 + 1.5 * torch.randn(b, t, generator=gen, dtype=F64)  # ratios up to ~e^3: some capped at 5
+    ref = logp0 + 0.5 * torch.randn(b, t, generator=gen, dtype=F64)
+    adv = torch.randn(b, generator=gen, dtype=F64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    n_items = int(mask.sum()) + 3  # a global count larger than the local one
+    lp_trl = logp0.clone().requires_grad_(True)
+    trl_loss = _trl_grpo_loss(
+        "cispo", lp_trl, old, ref, adv, mask, beta=beta, eps_low=0.2, eps_high=cap, max_len=t, n_items=n_items
+    )
+    trl_loss.backward()
+    lp = logp0.clone().requires_grad_(True)
+    out = cispo(lp, old, adv, mask, ref_logp=ref, beta=beta, max_weight=cap)
+    ours = aggregate(out.loss, mask, "token-mean", num_tokens=n_items)
+    ours.backward()
+    capped = out.metrics["clip_high"][mask]
+    assert 0 < int(capped.sum()) < int(mask.sum())  # both regimes
     torch.testing.assert_close(ours, trl_loss.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)

@@ -479,3 +479,196 @@ def test_kl_penalized_rewards_bad_input():
         rl.kl_penalized_rewards(s, lp, lp, m2)
     with pytest.raises(ValueError, match="ref_logp"):
         rl.kl_penalized_rewards(s, lp, torch.zeros(2, 4), m)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REINFORCE++ / REINFORCE++-baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reinforce_pp_oracle(scores, kl, mask, beta, group_size, baseline_returns, whiten_var, eps):
+    """Python-float loops: shaped rewards, reverse sums over the valid tokens, then global token whitening."""
+    b, t = mask.shape
+    r = [float(x) for x in scores]
+    k = [[float(kl[i, j]) if mask[i, j] else 0.0 for j in range(t)] for i in range(b)]
+    g = group_size or 1
+    means = {}
+    if group_size is not None:
+        for i in range(b):
+            grp = range(i // g * g, i // g * g + g)
+            if baseline_returns == "per_token":
+                means[i] = sum(r[j] for j in grp) / g
+            else:
+                means[i] = sum(r[j] - beta * sum(k[j]) for j in grp) / g
+    returns = {}
+    for i in range(b):
+        valid = [j for j in range(t) if mask[i, j]]
+        if baseline_returns == "sequence_sum":
+            s_i = r[i] - beta * sum(k[i]) - means[i]
+            for j in valid:
+                returns[i, j] = s_i
+            continue
+        terminal = r[i] - means.get(i, 0.0)
+        for j in valid:
+            later = [s for s in valid if s >= j]
+            returns[i, j] = sum(-beta * k[i][s] for s in later) + terminal
+    vals = list(returns.values())
+    n = len(vals)
+    mu = sum(vals) / n
+    ss = sum((v - mu) ** 2 for v in vals)
+    if whiten_var == "biased":
+        denom = math.sqrt(max(ss / n, eps))
+    else:
+        denom = math.sqrt(ss / (n - 1) + eps)
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for (i, j), v in returns.items():
+        out[i, j] = (v - mu) / denom
+    return out
+
+
+@pytest.mark.parametrize(
+    ("group_size", "baseline_returns"),
+    [(None, "per_token"), (2, "per_token"), (4, "per_token"), (2, "sequence_sum"), (4, "sequence_sum")],
+)
+@pytest.mark.parametrize("whiten_var", ["biased", "unbiased"])
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+def test_reinforce_pp_advantages_match_loop_oracle(group_size, baseline_returns, whiten_var, kind):
+    gen = torch.Generator().manual_seed(50)
+    b, t = 8, 6
+    mask = random_mask(b, t, gen, kind)
+    scores = torch.randn(b, generator=gen, dtype=torch.float64)
+    kl = torch.randn(b, t, generator=gen, dtype=torch.float64).abs()
+    kl[~mask] = float("nan")  # ignored
+    got = rl.reinforce_pp_advantages(
+        scores,
+        mask,
+        kl=kl,
+        beta=0.1,
+        group_size=group_size,
+        baseline_returns=baseline_returns,
+        whiten_var=whiten_var,
+    )
+    want = reinforce_pp_oracle(scores, kl, mask, 0.1, group_size, baseline_returns, whiten_var, 1e-8)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert not got.requires_grad and (got[~mask] == 0).all()
+    assert abs(float(got[mask].mean())) < 1e-12
+
+
+def test_reinforce_pp_properties():
+    """[R] per-prompt shift invariance of the baseline variant; biased vs unbiased whitening differ by exactly
+    sqrt(N/(N−1)) at eps = 0; with beta = 0 the advantage is constant along a sequence and both baseline
+    conventions agree."""
+    gen = torch.Generator().manual_seed(51)
+    b, t, k = 6, 5, 3
+    mask = random_mask(b, t, gen, "holes")
+    scores = torch.randn(b, generator=gen, dtype=torch.float64)
+    kl = torch.randn(b, t, generator=gen, dtype=torch.float64).abs()
+    shift = torch.tensor([5.0, -3.0], dtype=torch.float64).repeat_interleave(k)
+    for br in ("per_token", "sequence_sum"):
+        a = rl.reinforce_pp_advantages(scores, mask, kl=kl, beta=0.2, group_size=k, baseline_returns=br)
+        a2 = rl.reinforce_pp_advantages(
+            scores + shift, mask, kl=kl, beta=0.2, group_size=k, baseline_returns=br
+        )
+        torch.testing.assert_close(a2, a, rtol=1e-12, atol=1e-12)
+    biased = rl.reinforce_pp_advantages(scores, mask, kl=kl, beta=0.2, eps=0.0)
+    unbiased = rl.reinforce_pp_advantages(scores, mask, kl=kl, beta=0.2, eps=0.0, whiten_var="unbiased")
+    n = int(mask.sum())
+    torch.testing.assert_close(biased, unbiased * math.sqrt(n / (n - 1)), rtol=1e-12, atol=1e-14)
+    per_tok = rl.reinforce_pp_advantages(scores, mask, group_size=k)
+    seq_sum = rl.reinforce_pp_advantages(scores, mask, group_size=k, baseline_returns="sequence_sum")
+    torch.testing.assert_close(per_tok, seq_sum, rtol=1e-12, atol=1e-14)
+    for i in range(b):
+        row = per_tok[i][mask[i]]
+        assert (row == row[0]).all()
+    # without the baseline the global whitening is not shift invariant per prompt, but is for a global shift
+    a = rl.reinforce_pp_advantages(scores, mask, kl=kl, beta=0.2)
+    torch.testing.assert_close(rl.reinforce_pp_advantages(scores + 7.0, mask, kl=kl, beta=0.2), a)
+    # equal scores in every group, beta = 0: all returns are 0 → exactly 0, never NaN, even with eps = 0
+    same = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    for wv in ("biased", "unbiased"):
+        z = rl.reinforce_pp_advantages(same, mask, group_size=k, whiten_var=wv, eps=0.0)
+        assert (z == 0).all()
+
+
+def test_reinforce_pp_bad_input():
+    m = torch.ones(4, 3, dtype=torch.bool)
+    s = torch.zeros(4)
+    with pytest.raises(ValueError, match="group_size"):
+        rl.reinforce_pp_advantages(s, m, group_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        rl.reinforce_pp_advantages(s, m, group_size=1)
+    with pytest.raises(ValueError, match="sequence_sum"):
+        rl.reinforce_pp_advantages(s, m, baseline_returns="sequence_sum")
+    with pytest.raises(ValueError, match="whiten_var"):
+        rl.reinforce_pp_advantages(s, m, whiten_var="bessel")
+    with pytest.raises(ValueError, match="kl is required"):
+        rl.reinforce_pp_advantages(s, m, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        rl.reinforce_pp_advantages(s, m, beta=-1.0)
+    with pytest.raises(ValueError, match="scores"):
+        rl.reinforce_pp_advantages(torch.tensor([0.0, float("nan"), 0.0, 0.0]), m)
+    with pytest.raises(ValueError, match="scores has 3 rows"):
+        rl.reinforce_pp_advantages(torch.zeros(3), m)
+    with pytest.raises(ValueError, match="no valid token"):
+        rl.reinforce_pp_advantages(s, torch.zeros(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        rl.reinforce_pp_advantages(s, m.long())
+    with pytest.raises(ValueError, match="kl has shape"):
+        rl.reinforce_pp_advantages(s, m, kl=torch.zeros(4, 2), beta=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO: overlong penalty, zero-variance group filter
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_overlong_penalty_hand_values():
+    """(L_max, L_c) = (100, 20): ramp from 80; |y| = 90 ⇒ −0.5 (hand-computed), 100 ⇒ −1, beyond ⇒ −1."""
+    lengths = torch.tensor([0, 50, 80, 81, 90, 95, 100, 101, 500])
+    got = rl.overlong_penalty(lengths, 100, 20)
+    want = torch.tensor([0.0, 0.0, 0.0, -0.05, -0.5, -0.75, -1.0, -1.0, -1.0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    torch.testing.assert_close(rl.overlong_penalty(lengths, 100, 20, factor=2.0), 2 * want, rtol=0, atol=1e-6)
+    # float64 lengths stay float64; cache_len = max_len ramps from 0
+    got64 = rl.overlong_penalty(torch.tensor([0.0, 1.0, 4.0, 5.0], dtype=torch.float64), 4, 4)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, torch.tensor([0.0, -0.25, -1.0, -1.0], dtype=torch.float64))
+
+
+def test_overlong_penalty_bad_input():
+    n = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="cache_len"):
+        rl.overlong_penalty(n, 10, 11)
+    with pytest.raises(ValueError, match="cache_len"):
+        rl.overlong_penalty(n, 10, 0)
+    with pytest.raises(ValueError, match="max_len"):
+        rl.overlong_penalty(n, 10.0, 2)
+    with pytest.raises(ValueError, match="factor"):
+        rl.overlong_penalty(n, 10, 2, factor=-1.0)
+    with pytest.raises(ValueError, match="lengths"):
+        rl.overlong_penalty(torch.tensor([-1, 2]), 10, 2)
+    with pytest.raises(ValueError, match="lengths"):
+        rl.overlong_penalty(torch.zeros(2, 2), 10, 2)
+
+
+def test_informative_groups_hand_values_and_constant_groups_have_zero_advantage():
+    rewards = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.7]])
+    keep = rl.informative_groups(rewards)
+    assert keep.tolist() == [False, True, False, True]
+    # OpenRLHF's open interval on the mean: identical for 0/1 rewards, different for continuous ones
+    binary = rewards[:3]
+    assert (
+        rl.informative_groups(binary, mean_bounds=(0.0, 1.0)).tolist()
+        == rl.informative_groups(binary).tolist()
+    )
+    assert rl.informative_groups(rewards, mean_bounds=(0.0, 0.55)).tolist() == [False, False, False, False]
+    # the dropped groups carried exactly zero advantage under both group estimators
+    for adv in (rl.group_advantages(rewards), rl.rloo_advantages(rewards)):
+        assert (adv[~keep] == 0).all() and (adv[keep] != 0).any()
+    assert rl.informative_groups(torch.tensor([[3.0], [4.0]])).tolist() == [False, False]
+    with pytest.raises(ValueError, match="mean_bounds"):
+        rl.informative_groups(rewards, mean_bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="rewards"):
+        rl.informative_groups(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="rewards"):
+        rl.informative_groups(torch.tensor([[0.0, float("nan")]]))

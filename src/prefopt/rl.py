@@ -1,4 +1,5 @@
-"""Online-RL building blocks: GAE, leave-one-out and group advantages, KL estimators, KL-penalized rewards.
+"""Online-RL building blocks: GAE, leave-one-out, group and REINFORCE++ advantages, KL estimators,
+KL-penalized rewards, DAPO overlong penalty and group filter.
 
 Whitening (PPO advantages) is [`masked_whiten`][prefopt.masked.masked_whiten]; the reduction of a per-token
 loss is [`aggregate`][prefopt.masked.aggregate].
@@ -24,15 +25,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from prefopt.masked import masked_mean, masked_whiten
 from prefopt.types import check_finite, check_mask, check_tensor
 
 __all__ = [
     "PenalizedRewards",
     "gae",
     "group_advantages",
+    "informative_groups",
     "kl_estimate",
     "kl_penalized_rewards",
     "last_valid_index",
+    "overlong_penalty",
+    "reinforce_pp_advantages",
     "rloo_advantages",
 ]
 
@@ -353,3 +358,205 @@ def kl_penalized_rewards(
     terminal[torch.arange(kl.shape[0], device=kl.device), last] = scores.detach().to(kl.dtype)
     token_rewards = terminal - beta * kl if kl_in_reward else terminal
     return PenalizedRewards(token_rewards=token_rewards, sequence_rewards=token_rewards.sum(dim=1), kl=kl)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REINFORCE++
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reinforce_pp_advantages(
+    scores: Tensor,
+    mask: Tensor,
+    *,
+    kl: Tensor | None = None,
+    beta: float = 0.0,
+    group_size: int | None = None,
+    baseline_returns: Literal["per_token", "sequence_sum"] = "per_token",
+    whiten_var: Literal["biased", "unbiased"] = "biased",
+    eps: float = 1e-8,
+) -> Tensor:
+    r"""REINFORCE++ and REINFORCE++-baseline advantages, whitened over every valid token of the batch
+    (Hu et al. 2025, arXiv:2501.03262, §3).
+
+    Per-token rewards $R_{i,t} = -\beta k_{i,t} + \mathbb 1[t = T_i]\,\tilde r_i$ ($T_i$ the last valid token,
+    $k$ the caller's per-token KL estimate of ``old_logp`` vs ``ref_logp``, e.g.
+    [`kl_estimate`][prefopt.rl.kl_estimate]), returns $G_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s}$ ($\gamma = 1$),
+    then $A_{i,t} = (G_{i,t} - \mu)/\sigma$ with $\mu, \sigma^2$ over all valid tokens of the batch.
+
+    * ``group_size=None`` (REINFORCE++): $\tilde r_i = r_i$.
+    * ``group_size=k`` (REINFORCE++-baseline; rows ``i·k + j`` are the ``k`` completions of prompt ``i``):
+      ``baseline_returns="per_token"`` (OpenRLHF, the authors' code) subtracts the group mean of the scores,
+      $\tilde r_i = r_i - \frac1k\sum_{j \in g(i)} r_j$, then builds $G$ as above;
+      ``"sequence_sum"`` (verl) instead uses $G_{i,t} = S_i - \frac1k\sum_{j\in g(i)} S_j$ on every token,
+      $S_i = r_i - \beta\sum_t m_{i,t} k_{i,t}$ (constant along the sequence). With ``beta = 0`` the two agree.
+      Adding a per-prompt constant to the scores leaves either unchanged.
+    * ``whiten_var="biased"`` (OpenRLHF): $\sigma^2 = \frac1N\sum (G-\mu)^2$, $A = (G-\mu)\,/\sqrt{\max(\sigma^2,
+      \epsilon)}$; ``"unbiased"`` (verl): [`masked_whiten`][prefopt.masked.masked_whiten], Bessel
+      $\sigma^2$ and $\sqrt{\sigma^2 + \epsilon}$. With $\epsilon$ negligible they differ by exactly
+      $\sqrt{N/(N-1)}$, $N$ the number of valid tokens. A constant $G$ gives exactly 0.
+
+    Reward clipping (OpenRLHF clips $r$ to ±10) is left to the caller.
+
+    Args:
+        scores: ``(b,)`` sequence scores $r_i$.
+        mask: ``(b, t)`` bool completion mask; every row needs at least one valid token.
+        kl: optional ``(b, t)`` per-token KL estimate (values at masked positions are ignored).
+        beta: KL coefficient ≥ 0 (default 0.0; OpenRLHF's ``init_kl_coef`` is 0.01). Needs ``kl`` when > 0.
+        group_size: ``k ≥ 2`` for the baseline variant (``b`` must be a multiple of it), or None.
+        baseline_returns: ``"per_token"`` or ``"sequence_sum"`` (the latter needs ``group_size``).
+        whiten_var: ``"biased"`` or ``"unbiased"``.
+        eps: variance floor ≥ 0 (default 1e-8, both peers).
+
+    Returns:
+        ``(b, t)`` advantages (detached), 0 where masked; their mean over valid tokens is 0.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad shapes, non-finite values, a row with no valid token,
+        ``group_size`` not dividing ``b`` or < 2, ``beta > 0`` without ``kl``, unknown option strings.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if baseline_returns not in ("per_token", "sequence_sum"):
+        raise ValueError(f"baseline_returns must be 'per_token' or 'sequence_sum', got {baseline_returns!r}")
+    if whiten_var not in ("biased", "unbiased"):
+        raise ValueError(f"whiten_var must be 'biased' or 'unbiased', got {whiten_var!r}")
+    r = _as_float("scores", scores, ndim=1).detach()
+    check_finite("scores", r)
+    last = last_valid_index(mask)  # validates mask: 2-D bool, a valid token in every row
+    b = r.shape[0]
+    if mask.shape[0] != b:
+        raise ValueError(f"scores has {b} rows but mask has {mask.shape[0]}")
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    if kl is None:
+        if beta > 0:
+            raise ValueError("kl is required when beta > 0 (the per-token KL penalty)")
+        k = torch.zeros(mask.shape, dtype=r.dtype, device=r.device)
+    else:
+        k = _as_float("kl", kl, ndim=2).detach().to(r.dtype)
+        _same_shape("kl", k, "mask", mask)
+        k = torch.where(mask, k, zero)
+        check_finite("kl", k)
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"group_size must be an int >= 2 (or None), got {group_size!r}")
+        if b % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the batch size {b}")
+    elif baseline_returns == "sequence_sum":
+        raise ValueError("baseline_returns='sequence_sum' is the baseline variant: it needs group_size")
+
+    def group_centre(x: Tensor) -> Tensor:
+        assert group_size is not None
+        g = x.view(-1, group_size)
+        return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+
+    if baseline_returns == "sequence_sum":
+        seq = r - beta * k.sum(dim=1)
+        returns = torch.where(mask, group_centre(seq).unsqueeze(1), zero)
+    else:
+        r_t = group_centre(r) if group_size is not None else r
+        rewards = -beta * k
+        rewards[torch.arange(b, device=r.device), last] += r_t
+        rewards = torch.where(mask, rewards, zero)
+        returns = torch.where(mask, rewards.flip(1).cumsum(dim=1).flip(1), zero)
+    if whiten_var == "unbiased":
+        return masked_whiten(returns, mask, eps=eps)
+    mean = masked_mean(returns, mask)
+    centred = torch.where(mask, returns - mean, zero)
+    var = masked_mean(centred.square(), mask).clamp(min=eps)
+    safe = torch.where(var > 0, var, torch.ones_like(var))
+    return torch.where((var > 0) & mask, centred * torch.rsqrt(safe), zero)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO: overlong reward shaping, zero-variance group filtering
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: float = 1.0) -> Tensor:
+    r"""DAPO's soft overlong punishment, added to the task reward (Yu et al. 2025, arXiv:2503.14476, Eq. 13).
+
+    With $L_{max}$ = ``max_len``, $L_c$ = ``cache_len`` and $f$ = ``factor``:
+
+    $$ R_{len}(y) = \begin{cases} 0 & |y| \le L_{max} - L_c \\
+       f\,\frac{(L_{max} - L_c) - |y|}{L_c} & L_{max} - L_c < |y| \le L_{max} \\
+       -f & |y| > L_{max} \end{cases} $$
+
+    A linear ramp from 0 to $-f$ over the last $L_c$ tokens. verl's DAPO reward manager and OpenRLHF agree with
+    this for $|y| \le L_{max}$ (the only case for engine-truncated completions); beyond $L_{max}$ verl keeps
+    the ramp going (unbounded) while the paper and OpenRLHF stop at $-f$. The paper's setting is
+    $L_{max} = 20480$, $L_c = 4096$, $f = 1$.
+
+    Args:
+        lengths: ``(b,)`` completion lengths $|y|$ (integer or float tensor, finite, ≥ 0), e.g.
+            ``mask.sum(-1)``.
+        max_len: $L_{max} \ge 1$.
+        cache_len: $L_c$, ``1 ≤ cache_len ≤ max_len``.
+        factor: $f \ge 0$ (default 1.0).
+
+    Returns:
+        ``(b,)`` penalties in $[-f, 0]$ (float32, or float64 for a float64 input).
+    """
+    max_len = _positive_int("max_len", max_len)
+    cache_len = _positive_int("cache_len", cache_len)
+    if cache_len > max_len:
+        raise ValueError(f"cache_len={cache_len} must be <= max_len={max_len}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < float("inf"):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor!r}")
+    n = check_tensor("lengths", lengths, ndim=1, floating=False)
+    if n.dtype == torch.bool:
+        raise TypeError("lengths must be an integer or floating-point tensor, got dtype torch.bool")
+    if n.dtype != torch.float64:
+        n = n.float()
+    check_finite("lengths", n)
+    if (n < 0).any():
+        raise ValueError("lengths must be >= 0")
+    start = max_len - cache_len
+    ramp = (start - n) / cache_len * factor
+    zero = torch.zeros((), dtype=n.dtype, device=n.device)
+    out = torch.where(n <= start, zero, ramp)
+    return torch.where(n > max_len, torch.full_like(n, -float(factor)), out)
+
+
+def informative_groups(rewards: Tensor, *, mean_bounds: tuple[float, float] | None = None) -> Tensor:
+    r"""DAPO's dynamic-sampling filter: which prompt groups carry a learning signal (Yu et al. 2025,
+    arXiv:2503.14476, Eq. 11, the constraint $0 < |\{o_i : \text{correct}\}| < G$).
+
+    * ``mean_bounds=None`` (verl ``filter_groups``): keep a group iff its rewards are not all equal. A
+      constant group has advantage exactly 0 under any group-normalised estimator
+      ([`group_advantages`][prefopt.rl.group_advantages], [`rloo_advantages`][prefopt.rl.rloo_advantages]),
+      so dropping it changes only the batch composition (and token-mean denominators).
+    * ``mean_bounds=(lo, hi)`` (OpenRLHF): keep iff ``lo < mean(r) < hi``. For 0/1 rewards ``(0, 1)`` is the
+      same filter.
+
+    Resampling until the batch is full is the caller's loop.
+
+    Args:
+        rewards: ``(prompts, G)`` grouped rewards (``G ≥ 1``), finite.
+        mean_bounds: ``None`` or ``(lo, hi)`` with ``lo < hi``.
+
+    Returns:
+        ``(prompts,)`` bool: True = keep. ``rewards[keep]`` are the kept groups.
+    """
+    r = _grouped_rewards(rewards, "rewards", min_group=1)
+    if mean_bounds is None:
+        return r.amax(dim=1) != r.amin(dim=1)
+    if (
+        not isinstance(mean_bounds, tuple)
+        or len(mean_bounds) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mean_bounds)
+        or not mean_bounds[0] < mean_bounds[1]
+    ):
+        raise ValueError(
+            f"mean_bounds must be None or a (lo, hi) tuple of numbers with lo < hi, got {mean_bounds!r}"
+        )
+    mean = r.mean(dim=1)
+    return (mean > mean_bounds[0]) & (mean < mean_bounds[1])

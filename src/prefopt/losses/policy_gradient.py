@@ -1,4 +1,4 @@
-r"""Policy-gradient losses for online RLHF on one interface: REINFORCE, RLOO, GRPO, GSPO, PPO.
+r"""Policy-gradient losses for online RLHF on one interface: REINFORCE, RLOO, GRPO, GSPO, CISPO, PPO.
 
 Every loss here is
 
@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.registry import ge, gt, register_loss
+from prefopt.registry import ge, gt, one_of, register_loss
 from prefopt.types import LossOutput, check_mask, check_tensor
 
-__all__ = ["LOG_RATIO_CLAMP", "grpo", "gspo", "gspo_token", "ppo", "reinforce", "rloo"]
+__all__ = ["LOG_RATIO_CLAMP", "cispo", "grpo", "gspo", "gspo_token", "ppo", "reinforce", "rloo"]
 
 LOG_RATIO_CLAMP = 20.0
 """Log-ratios (policy vs. sampling policy, policy vs. reference) are clamped to ``±LOG_RATIO_CLAMP``."""
@@ -528,6 +528,117 @@ def gspo_token(
         token=True,
         loss="gspo_token",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CISPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cispo_validator(hp: Mapping[str, Any]) -> None:
+    if hp["bounds"] == "two_sided" and hp["epsilon_low"] >= 1:
+        raise ValueError(
+            f"cispo: hyperparameter epsilon_low={hp['epsilon_low']!r} must be < 1 (weight ≥ 1 − ε > 0)"
+        )
+
+
+@register_loss(
+    "cispo",
+    inputs="tokens",
+    checks={
+        "bounds": one_of("upper", "two_sided"),
+        "max_weight": gt(0),
+        "epsilon_low": ge(0),
+        "epsilon_high": ge(0),
+        "beta": ge(0),
+    },
+    validator=_cispo_validator,
+    extras=("ref_logp",),
+)
+def cispo(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    bounds: str = "upper",
+    max_weight: float = 5.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+) -> LossOutput:
+    r"""CISPO: clipped importance-sampling-weight policy optimisation (MiniMax-M1, arXiv:2506.13585, Eq. 4–5).
+
+    A REINFORCE loss whose importance weight $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$ is clipped
+    and then used as a stop-gradient coefficient:
+
+    $$ l_{i,t} = -\mathrm{sg}(\hat w_{i,t})\, A_{i,t}\, \ell_{i,t} + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}),
+       \qquad \nabla l_{i,t} = -\hat w_{i,t} A_{i,t} \nabla\ell_{i,t} + \beta\nabla k_3 $$
+
+    Unlike PPO/GRPO no token's gradient is ever removed: a token far off-policy keeps the gradient
+    $-\hat w A\nabla\ell$ with a capped weight. The loss *value* contains $\ell$ itself (it is not a ratio
+    surrogate), so compare gradients, not values, with the PPO family. Two peer conventions for $\hat w$:
+
+    * ``bounds="upper"`` (default): $\hat w = \min(\rho, C)$ with the absolute cap $C$ = ``max_weight``
+      (default 5.0). This is TRL's ``loss_type="cispo"`` with ``epsilon_high=C`` (TRL uses its
+      ``epsilon_high`` as the cap itself; tested equal in value and gradient) and ScaleRL
+      (arXiv:2510.13786). MiniMax's upper-only $1 + \epsilon^{IS}_{high}$ is ``max_weight=1 + ε``. Note a cap
+      below 1 scales even on-policy gradients by $C$.
+    * ``bounds="two_sided"``: $\hat w = \mathrm{clip}(\rho, 1-\epsilon_{low}, 1+\epsilon_{high})$ (verl's and
+      NeMo-RL's CISPO; defaults 0.2 / 0.2 as verl). ``max_weight`` is unused.
+
+    The paper normalises over all tokens of the batch: reduce with ``aggregate(loss, mask, "token-mean")``
+    (TRL: ``"token-mean"`` with ``num_tokens=num_items_in_batch``). $\log\rho$ is clamped to ±20 before the
+    ``exp`` (only the stop-gradient weight is affected).
+
+    Args:
+        logp: ``(b, t)`` current-policy log-probs (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $\rho = 1$).
+        advantages: ``(b,)`` or ``(b, t)`` (detached inside).
+        mask: ``(b, t)`` bool completion mask.
+        ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        bounds: ``"upper"`` (TRL / ScaleRL / MiniMax) or ``"two_sided"`` (verl / NeMo-RL).
+        max_weight: the cap $C > 0$ of ``"upper"`` (default 5.0, TRL's recommended value).
+        epsilon_low: lower clip of ``"two_sided"``, in [0, 1) (default 0.2).
+        epsilon_high: upper clip of ``"two_sided"``, ≥ 0 (default 0.2).
+        beta: k3 coefficient ≥ 0 (default 0.0).
+
+    Returns:
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``ratio`` ($\rho$), ``weight``
+        ($\hat w$), ``clip_low`` / ``clip_high`` (1.0 where the weight was raised / capped), ``kl`` (k3; 0
+        without ``ref_logp``), ``advantages``.
+    """
+    mask = _mask(mask, logp)
+    if beta > 0 and ref_logp is None:
+        raise ValueError("cispo: ref_logp is required when beta > 0 (the KL term is computed against it)")
+    lp = torch.where(mask, logp, _zero(logp))
+    adv = _per_token("advantages", advantages, mask).to(lp.dtype)
+    ratio = torch.exp(_log_ratio(logp, old_logp, mask)).detach()
+    if bounds == "upper":
+        lo, hi = 0.0, float(max_weight)
+    else:
+        lo, hi = 1.0 - epsilon_low, 1.0 + epsilon_high
+    clip_low, clip_high = ratio < lo, ratio > hi
+    weight = ratio.clamp(lo, hi)
+    per_token = -weight * adv * lp
+    kl = torch.zeros_like(lp)
+    if ref_logp is not None:
+        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
+        if beta > 0:
+            per_token = per_token + beta * kl
+    loss = torch.where(mask, per_token, _zero(lp))
+    metrics = _metrics(
+        mask,
+        lp,
+        ratio=ratio,
+        weight=weight,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        kl=kl,
+        advantages=adv,
+    )
+    return LossOutput(loss, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------
