@@ -272,25 +272,46 @@ def test_keep_end_without_bos(tok_nobos):
     assert out.input_ids[0].tolist() == [*ids("def"), VOCAB["x"], EOS]
 
 
+@pytest.mark.parametrize("max_completion_length", [None, 3])
 @pytest.mark.parametrize("keep", ["keep_end", "keep_start"])
 @pytest.mark.parametrize("max_prompt_length", [None, 3, 6])
 @pytest.mark.parametrize("max_length", [8, 12, 40])
-def test_truncation_matches_oracle(tok, keep, max_prompt_length, max_length):
+def test_truncation_matches_oracle(tok, keep, max_prompt_length, max_length, max_completion_length):
     rows = [
         {"prompt": "the quick brown fox", "chosen": " jumps over", "rejected": " sleeps all day long"},
         {"prompt": "ab", "chosen": " c", "rejected": " dd"},
     ]
     col = PreferenceCollator(
-        tok, max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=keep
+        tok,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        prompt_truncation=keep,
+        max_completion_length=max_completion_length,
     )
     out = col(rows)
     assert out.row_index.tolist() == [0, 1]  # no pair is dropped, whatever the prompt length
-    exp = oracle_batch(rows, max_length=max_length, max_prompt_length=max_prompt_length, keep=keep)
+    kw = {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "keep": keep,
+        "max_completion_length": max_completion_length,
+    }
+    exp = oracle_batch(rows, **kw)
     for key, e in zip(
         ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"), exp
     ):
         assert torch.equal(getattr(out, key), e), key
     assert int(out.attention_mask.sum(1).max()) <= max_length
+    # keep_end: the kept prompt is BOS followed by the LAST prompt tokens
+    lp = int(out.prompt_len[0])
+    full = ids(rows[0]["prompt"])
+    if keep == "keep_end" and lp > 1:
+        assert out.input_ids[0, :lp].tolist() == [BOS, *full[len(full) - (lp - 1) :]]
+    expected_cuts: dict[str, int] = {}
+    for r in rows:
+        for reason in oracle_pair(r["prompt"], [r["chosen"], r["rejected"]], **kw)[2]:
+            expected_cuts[reason] = expected_cuts.get(reason, 0) + 1
+    assert dict(col.report().truncated) == expected_cuts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -512,6 +533,37 @@ def test_unpaired_collator(tok, caplog):
         UnpairedCollator(tok, threshold=float("nan"))
 
 
+@pytest.mark.parametrize("max_length", [1, 2, 5, 9, 14, 40])
+@pytest.mark.parametrize("max_completion_length", [None, 3])
+@pytest.mark.parametrize("keep", ["keep_end", "keep_start"])
+def test_unpaired_long_prompt_matches_oracle(tok, max_length, max_completion_length, keep):
+    rows = [
+        {"prompt": "a rather long prompt", "completion": " short", "label": 1},
+        {"prompt": "p", "completion": " a completion longer than most", "label": 0},
+    ]
+    col = UnpairedCollator(
+        tok, max_length=max_length, max_completion_length=max_completion_length, prompt_truncation=keep
+    )
+    kw = {"max_length": max_length, "max_completion_length": max_completion_length, "keep": keep}
+    if max_length == 1:
+        with pytest.raises(ValueError, match="every row"):
+            col(rows)
+        assert dict(col.report().skipped) == {"empty_completion_after_truncation": 2}
+        return
+    out = col(rows)
+    assert out.row_index.tolist() == [0, 1]
+    expected_cuts: dict[str, int] = {}
+    for k, r in enumerate(rows):
+        p, (c,), cuts = oracle_pair(r["prompt"], [r["completion"]], **kw)
+        lp = int(out.prompt_len[k])
+        assert out.input_ids[k, :lp].tolist() == p
+        assert out.input_ids[k][out.completion_mask[k]].tolist() == c
+        for reason in cuts:
+            expected_cuts[reason] = expected_cuts.get(reason, 0) + 1
+    assert dict(col.report().truncated) == expected_cuts
+    assert (out.attention_mask.sum(1) <= max_length).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # PromptCollator
 # ---------------------------------------------------------------------------------------------------------
@@ -533,7 +585,9 @@ def test_prompt_collator_left_padding(tok):
 
 
 def test_prompt_collator_truncation_and_bad_rows(tok, tok_nobos):
-    out = PromptCollator(tok, max_prompt_length=3)(["abcdef"])
+    col = PromptCollator(tok, max_prompt_length=3)
+    out = col(["abcdef", "ab"])
+    assert dict(col.report().truncated) == {"prompt_max_prompt_length": 1}
     assert out.input_ids[0].tolist() == [BOS, *ids("ef")]
     out = PromptCollator(tok, max_prompt_length=3, prompt_truncation="keep_start")(["abcdef"])
     assert out.input_ids[0].tolist() == [BOS, *ids("ab")]
@@ -593,3 +647,23 @@ def test_pair_batch_select_matches_a_row_loop(tok):
     for name in ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"):
         assert getattr(sub, name).tolist() == [getattr(batch, name)[r].tolist() for r in rows], name
     assert torch.equal(batch.select(slice(0, b)).input_ids, batch.input_ids)
+
+
+def test_shared_prompt_collator_keeps_long_prompt_pairs(tok):
+    """The shared-prompt collator truncates exactly as PreferenceCollator: a long prompt keeps its end."""
+    from prefopt.data import SharedPromptCollator
+
+    rows = [
+        {"prompt": "x" * 40 + " the question?", "chosen": " yes", "rejected": " no"},
+        {"prompt": "short", "chosen": " a", "rejected": " b"},
+    ]
+    col = SharedPromptCollator(tok, max_length=16)
+    out = col(rows)
+    assert out.row_index.tolist() == [0, 1]
+    p, (c, r), cuts = oracle_pair(rows[0]["prompt"], [rows[0]["chosen"], rows[0]["rejected"]], max_length=16)
+    assert p == [BOS, *ids("the question?")[-(16 - 5 - 1) :]]  # room for " yes" + EOS (5 tokens)
+    assert out.prompt_ids[0, : int(out.prompt_len[0])].tolist() == p
+    assert out.completion_ids[0][out.completion_mask[0]].tolist() == c
+    assert out.completion_ids[2][out.completion_mask[2]].tolist() == r
+    assert cuts == {"prompt_to_fit"}
+    assert dict(col.report().truncated) == {"prompt_to_fit": 1} and not col.report().skipped
