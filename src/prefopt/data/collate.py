@@ -30,7 +30,7 @@ the SAME prompt ids; ``L`` = the longer of the two completions after step 1):
 
 Every kept row that was shortened is counted in ``collator.report().truncated`` under the step's reason
 (``completion_max_completion_length``, ``prompt_max_prompt_length``, ``prompt_to_fit``,
-``completion_to_fit``; see [`TRUNCATIONS`][prefopt.data.report.TRUNCATIONS]).
+``completion_to_fit``; see ``prefopt.data.report.TRUNCATIONS``).
 
 TRL 1.16's ``DPOTrainer`` differs: its default ``truncation_mode="keep_start"`` cuts ``prompt ++ completion``
 at ``max_length`` from the right and DROPS rows whose prompt alone fills ``max_length``; the deprecated
