@@ -50,28 +50,61 @@ def ids(text: str) -> list[int]:
     return [VOCAB.get(ch, UNK) for ch in text]
 
 
-def oracle_row(
-    prompt, completion, *, max_length, max_prompt_length=None, keep="keep_end", bos=True, eos=True
+def oracle_pair(
+    prompt,
+    completions,
+    *,
+    max_length,
+    max_prompt_length=None,
+    keep="keep_end",
+    bos=True,
+    eos=True,
+    max_completion_length=None,
 ):
-    """Slow, obvious per-row construction of (prompt ids, completion ids) following docs/data.md."""
+    """Slow, obvious per-row construction of (prompt ids, [completion ids]) following docs/data.md.
+
+    Returns ``(p, cs, cuts)`` with ``cuts`` the set of truncation reasons that applied, or ``None`` when the
+    row must be dropped (nothing of a completion left).
+    """
     p = ([BOS] if bos else []) + ids(prompt)
-    c = ids(completion) + ([EOS] if eos else [])
-    if max_prompt_length is not None and len(p) > max_prompt_length:
+    cs = [ids(c) + ([EOS] if eos else []) for c in completions]
+    cuts = set()
+
+    def drop_one_prompt_token(p):  # keep_end drops from the front (after a leading BOS), keep_start the back
         if keep == "keep_start":
-            p = p[:max_prompt_length]
-        elif bos:
-            p = [BOS, *p[len(p) - (max_prompt_length - 1) :]]
-        else:
-            p = p[len(p) - max_prompt_length :]
-    while c and len(p) + len(c) > max_length:  # the completion gives way, one token at a time
-        c = c[:-1]
-    assert c, "oracle: nothing of the completion is left; the row should have been skipped"
-    return p, c
+            return p[:-1]
+        return [BOS, *p[2:]] if bos else p[1:]
+
+    while max_completion_length is not None and any(len(c) > max_completion_length for c in cs):
+        cs = [c[:-1] if len(c) > max_completion_length else c for c in cs]
+        cuts.add("completion_max_completion_length")
+    if max_prompt_length is not None:
+        while len(p) > max_prompt_length:
+            p = drop_one_prompt_token(p)
+            cuts.add("prompt_max_prompt_length")
+    else:
+        floor = min(len(p), max(1, max_length // 2))  # the prompt keeps at least half of max_length
+        while len(p) > floor and len(p) + max(len(c) for c in cs) > max_length:
+            p = drop_one_prompt_token(p)
+            cuts.add("prompt_to_fit")
+    while any(c and len(p) + len(c) > max_length for c in cs):  # then the completions give way
+        cs = [c[:-1] if len(p) + len(c) > max_length else c for c in cs]
+        cuts.add("completion_to_fit")
+    if not all(cs):
+        return None
+    return p, cs, cuts
+
+
+def oracle_row(prompt, completion, **kw):
+    out = oracle_pair(prompt, [completion], **kw)
+    assert out is not None, "oracle: nothing of the completion is left; the row should have been skipped"
+    return out[0], out[1][0]
 
 
 def oracle_batch(rows, **kw):
-    seqs = [oracle_row(r["prompt"], r["chosen"], **kw) for r in rows]
-    seqs += [oracle_row(r["prompt"], r["rejected"], **kw) for r in rows]
+    pairs = [oracle_pair(r["prompt"], [r["chosen"], r["rejected"]], **kw) for r in rows]
+    assert all(x is not None for x in pairs), "oracle: a row should have been skipped"
+    seqs = [(p, cs[0]) for p, cs, _ in pairs] + [(p, cs[1]) for p, cs, _ in pairs]
     t = max(len(p) + len(c) for p, c in seqs)
     input_ids, attn, cmask = [], [], []
     for p, c in seqs:
@@ -200,10 +233,28 @@ def test_pad_to_multiple_of(tok):
 
 def test_truncation_hand_numbers(tok):
     row = {"prompt": "abcdef", "chosen": "xyz", "rejected": "uvw"}
-    # prompt = BOS + 6 = 7 tokens, completion = 3 + EOS = 4 tokens; max_length 9 leaves 2 completion tokens
-    out = PreferenceCollator(tok, max_length=9)([row])
-    assert out.input_ids[0].tolist() == [BOS, *ids("abcdef"), *ids("xy")]
-    assert out.completion_len.tolist() == [2, 2]
+    # prompt = BOS + 6 = 7 tokens, completion = 3 + EOS = 4 tokens; max_length 9: the PROMPT gives way first
+    # (default max_prompt_length=None), keeping BOS + its last 4 tokens, and the completions stay whole.
+    # (Before issue 16 the completions were cut to 2 tokens here instead.)
+    col = PreferenceCollator(tok, max_length=9)
+    out = col([row])
+    assert out.input_ids[0].tolist() == [BOS, *ids("cdef"), *ids("xyz"), EOS]
+    assert out.input_ids[1].tolist() == [BOS, *ids("cdef"), *ids("uvw"), EOS]
+    assert out.completion_len.tolist() == [4, 4] and out.prompt_len.tolist() == [5, 5]
+    assert dict(col.report().truncated) == {"prompt_to_fit": 1}
+    # keep_start keeps the first 5 prompt tokens instead
+    out = PreferenceCollator(tok, max_length=9, prompt_truncation="keep_start")([row])
+    assert out.input_ids[0].tolist() == [BOS, *ids("abcd"), *ids("xyz"), EOS]
+    # a completion longer than max_length: the prompt keeps max_length // 2 = 4 tokens (BOS + "def"),
+    # the completions their first 5 tokens
+    long = {"prompt": "abcdef", "chosen": "0123456789", "rejected": "9876543210"}
+    col = PreferenceCollator(tok, max_length=9)
+    out = col([long])
+    assert out.input_ids.tolist() == [[BOS, *ids("def"), *ids("01234")], [BOS, *ids("def"), *ids("98765")]]
+    assert dict(col.report().truncated) == {"prompt_to_fit": 1, "completion_to_fit": 1}
+    # a short prompt is never cut below itself: BOS + "ab" stays, the completions get 6 tokens
+    out = PreferenceCollator(tok, max_length=9)([{**long, "prompt": "ab"}])
+    assert out.input_ids[0].tolist() == [BOS, *ids("ab"), *ids("012345")]
     # max_prompt_length 4, keep_end: BOS + last 3 prompt tokens, then the whole completion fits
     out = PreferenceCollator(tok, max_length=9, max_prompt_length=4)([row])
     assert out.input_ids[0].tolist() == [BOS, *ids("def"), *ids("xyz"), EOS]
@@ -221,26 +272,46 @@ def test_keep_end_without_bos(tok_nobos):
     assert out.input_ids[0].tolist() == [*ids("def"), VOCAB["x"], EOS]
 
 
+@pytest.mark.parametrize("max_completion_length", [None, 3])
 @pytest.mark.parametrize("keep", ["keep_end", "keep_start"])
 @pytest.mark.parametrize("max_prompt_length", [None, 3, 6])
 @pytest.mark.parametrize("max_length", [8, 12, 40])
-def test_truncation_matches_oracle(tok, keep, max_prompt_length, max_length):
+def test_truncation_matches_oracle(tok, keep, max_prompt_length, max_length, max_completion_length):
     rows = [
         {"prompt": "the quick brown fox", "chosen": " jumps over", "rejected": " sleeps all day long"},
         {"prompt": "ab", "chosen": " c", "rejected": " dd"},
     ]
-    if max_prompt_length is None and max_length < 40:
-        rows = rows[1:]  # the first prompt alone would fill max_length: tested in test_bad_rows_reasons
     col = PreferenceCollator(
-        tok, max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=keep
+        tok,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        prompt_truncation=keep,
+        max_completion_length=max_completion_length,
     )
     out = col(rows)
-    exp = oracle_batch(rows, max_length=max_length, max_prompt_length=max_prompt_length, keep=keep)
+    assert out.row_index.tolist() == [0, 1]  # no pair is dropped, whatever the prompt length
+    kw = {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "keep": keep,
+        "max_completion_length": max_completion_length,
+    }
+    exp = oracle_batch(rows, **kw)
     for key, e in zip(
         ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"), exp
     ):
         assert torch.equal(getattr(out, key), e), key
     assert int(out.attention_mask.sum(1).max()) <= max_length
+    # keep_end: the kept prompt is BOS followed by the LAST prompt tokens
+    lp = int(out.prompt_len[0])
+    full = ids(rows[0]["prompt"])
+    if keep == "keep_end" and lp > 1:
+        assert out.input_ids[0, :lp].tolist() == [BOS, *full[len(full) - (lp - 1) :]]
+    expected_cuts: dict[str, int] = {}
+    for r in rows:
+        for reason in oracle_pair(r["prompt"], [r["chosen"], r["rejected"]], **kw)[2]:
+            expected_cuts[reason] = expected_cuts.get(reason, 0) + 1
+    assert dict(col.report().truncated) == expected_cuts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,7 +329,7 @@ def test_bad_rows_reasons(tok, tok_nobos, caplog):
             "prompt": "a very long prompt indeed",
             "chosen": " a",
             "rejected": " b",
-        },  # 4 prompt fills max_length
+        },  # 4 prompt longer than max_length: kept, prompt cut (was dropped before issue 16)
         {
             "prompt": "p",
             "chosen": " abcdefghijklmnop1",
@@ -269,26 +340,28 @@ def test_bad_rows_reasons(tok, tok_nobos, caplog):
     col = PreferenceCollator(tok, max_length=12)
     with caplog.at_level(logging.WARNING, logger="prefopt.data"):
         out = col(rows)
-    assert out.row_index.tolist() == [0, 6]
-    assert out.input_ids.shape[0] == 4
+    assert out.row_index.tolist() == [0, 4, 6]
+    assert out.input_ids.shape[0] == 6
+    assert out.input_ids[1, :10].tolist() == [BOS, *ids("t indeed"), VOCAB[" "]]  # BOS + last 8 + " a"
     rep = col.report()
     assert dict(rep.skipped) == {
         "identical": 1,
         "empty_completion": 1,
         "missing_field": 1,
-        "empty_completion_after_truncation": 1,
         "identical_after_truncation": 1,
     }
+    assert dict(rep.truncated) == {"prompt_to_fit": 1}
     assert rep.first_indices["identical"] == (1,)
     assert rep.first_indices["missing_field"] == (3,)
-    assert rep.n_rows == 7 and rep.n_kept == 2
-    assert "skipped 5 of 7 rows" in caplog.text
+    assert rep.n_rows == 7 and rep.n_kept == 3
+    assert "skipped 4 of 7 rows" in caplog.text
+    assert "(truncated: prompt_to_fit: 1)" in rep.summary()
     # indices are global across calls
     col(
         [{"prompt": "p", "chosen": " x", "rejected": " x"}, {"prompt": "p", "chosen": " x", "rejected": " y"}]
     )
     assert col.report().first_indices["identical"] == (1, 7)
-    assert col.stats.rows_seen == 9 and col.stats.rows_kept == 3
+    assert col.stats.rows_seen == 9 and col.stats.rows_kept == 4
     # empty prompt: zero tokens without BOS is bad; with BOS it is fine
     out = PreferenceCollator(tok, max_length=12)([{"prompt": "", "chosen": " a", "rejected": " b"}])
     assert out.prompt_len.tolist() == [1, 1]
@@ -306,10 +379,6 @@ def test_bad_rows_reasons(tok, tok_nobos, caplog):
         ({"prompt": "p", "chosen": "", "rejected": " x"}, "empty_completion"),
         ({"prompt": "p", "chosen": " x", "rejected": None}, "missing_field"),
         ({"prompt": 3, "chosen": " x", "rejected": " y"}, "missing_field"),
-        (
-            {"prompt": "long prompt here", "chosen": " x", "rejected": " y"},
-            "empty_completion_after_truncation",
-        ),
     ],
 )
 def test_strict_raises_with_index_and_reason(tok, row, reason):
@@ -317,6 +386,23 @@ def test_strict_raises_with_index_and_reason(tok, row, reason):
     good = {"prompt": "p", "chosen": " a", "rejected": " b"}
     with pytest.raises(ValueError, match=rf"row 1: {reason}"):
         col([good, row])
+
+
+def test_drop_only_when_nothing_fits(tok):
+    """max_length=1 leaves no room for any completion token after the (>= 1 token) prompt: the one case
+    where the default truncation still drops a pair; a long prompt alone no longer does."""
+    row = {"prompt": "long prompt here", "chosen": "x", "rejected": "y"}
+    with pytest.raises(ValueError, match="row 0: empty_completion_after_truncation"):
+        PreferenceCollator(tok, max_length=1, strict=True)([row])
+    col = PreferenceCollator(tok, max_length=1)
+    with pytest.raises(ValueError, match="every row of the batch"):
+        col([row])
+    assert dict(col.report().skipped) == {"empty_completion_after_truncation": 1}
+    assert dict(col.report().truncated) == {}  # a dropped row is counted as skipped, not as truncated
+    col = PreferenceCollator(tok, max_length=2, strict=True)
+    out = col([row])  # the prompt keeps BOS only (max(1, 2 // 2) = 1 token), each completion one token
+    assert out.input_ids.tolist() == [[BOS, VOCAB["x"]], [BOS, VOCAB["y"]]]
+    assert dict(col.report().truncated) == {"prompt_to_fit": 1, "completion_to_fit": 1}
 
 
 def test_all_bad_raises(tok):
@@ -389,6 +475,15 @@ def test_property_never_empty_mask_and_consistent(tok, rows, max_length, max_pro
         return
     n = out.row_index.numel()
     assert n == col.stats.rows_kept and n + sum(col.stats.skipped.values()) == len(rows)
+    if max_length > 1:  # a pair is dropped for length only when nothing else works
+        assert "empty_completion_after_truncation" not in col.stats.skipped
+    kept = [rows[i] for i in out.row_index.tolist()]
+    kw = {"max_length": max_length, "max_prompt_length": max_prompt_length, "keep": keep}
+    expected_cuts: dict[str, int] = {}
+    for r in kept:
+        for reason in oracle_pair(r["prompt"], [r["chosen"], r["rejected"]], **kw)[2]:
+            expected_cuts[reason] = expected_cuts.get(reason, 0) + 1
+    assert dict(col.report().truncated) == expected_cuts
     assert out.input_ids.shape == out.attention_mask.shape == out.completion_mask.shape
     assert out.input_ids.shape[0] == 2 * n
     assert (out.completion_mask.sum(1) >= 1).all()
@@ -396,8 +491,7 @@ def test_property_never_empty_mask_and_consistent(tok, rows, max_length, max_pro
     assert (out.attention_mask.sum(1) <= max_length).all()
     # the mask lies inside the attended region and right after the prompt
     assert not (out.completion_mask & (out.attention_mask == 0)).any()
-    kept = [rows[i] for i in out.row_index.tolist()]
-    exp = oracle_batch(kept, max_length=max_length, max_prompt_length=max_prompt_length, keep=keep)
+    exp = oracle_batch(kept, **kw)
     assert torch.equal(out.input_ids, exp[0])
     assert torch.equal(out.completion_mask, exp[2])
     # chosen and rejected of a pair never collide
@@ -439,6 +533,37 @@ def test_unpaired_collator(tok, caplog):
         UnpairedCollator(tok, threshold=float("nan"))
 
 
+@pytest.mark.parametrize("max_length", [1, 2, 5, 9, 14, 40])
+@pytest.mark.parametrize("max_completion_length", [None, 3])
+@pytest.mark.parametrize("keep", ["keep_end", "keep_start"])
+def test_unpaired_long_prompt_matches_oracle(tok, max_length, max_completion_length, keep):
+    rows = [
+        {"prompt": "a rather long prompt", "completion": " short", "label": 1},
+        {"prompt": "p", "completion": " a completion longer than most", "label": 0},
+    ]
+    col = UnpairedCollator(
+        tok, max_length=max_length, max_completion_length=max_completion_length, prompt_truncation=keep
+    )
+    kw = {"max_length": max_length, "max_completion_length": max_completion_length, "keep": keep}
+    if max_length == 1:
+        with pytest.raises(ValueError, match="every row"):
+            col(rows)
+        assert dict(col.report().skipped) == {"empty_completion_after_truncation": 2}
+        return
+    out = col(rows)
+    assert out.row_index.tolist() == [0, 1]
+    expected_cuts: dict[str, int] = {}
+    for k, r in enumerate(rows):
+        p, (c,), cuts = oracle_pair(r["prompt"], [r["completion"]], **kw)
+        lp = int(out.prompt_len[k])
+        assert out.input_ids[k, :lp].tolist() == p
+        assert out.input_ids[k][out.completion_mask[k]].tolist() == c
+        for reason in cuts:
+            expected_cuts[reason] = expected_cuts.get(reason, 0) + 1
+    assert dict(col.report().truncated) == expected_cuts
+    assert (out.attention_mask.sum(1) <= max_length).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # PromptCollator
 # ---------------------------------------------------------------------------------------------------------
@@ -460,7 +585,9 @@ def test_prompt_collator_left_padding(tok):
 
 
 def test_prompt_collator_truncation_and_bad_rows(tok, tok_nobos):
-    out = PromptCollator(tok, max_prompt_length=3)(["abcdef"])
+    col = PromptCollator(tok, max_prompt_length=3)
+    out = col(["abcdef", "ab"])
+    assert dict(col.report().truncated) == {"prompt_max_prompt_length": 1}
     assert out.input_ids[0].tolist() == [BOS, *ids("ef")]
     out = PromptCollator(tok, max_prompt_length=3, prompt_truncation="keep_start")(["abcdef"])
     assert out.input_ids[0].tolist() == [BOS, *ids("ab")]
@@ -520,3 +647,23 @@ def test_pair_batch_select_matches_a_row_loop(tok):
     for name in ("input_ids", "attention_mask", "completion_mask", "prompt_len", "completion_len"):
         assert getattr(sub, name).tolist() == [getattr(batch, name)[r].tolist() for r in rows], name
     assert torch.equal(batch.select(slice(0, b)).input_ids, batch.input_ids)
+
+
+def test_shared_prompt_collator_keeps_long_prompt_pairs(tok):
+    """The shared-prompt collator truncates exactly as PreferenceCollator: a long prompt keeps its end."""
+    from prefopt.data import SharedPromptCollator
+
+    rows = [
+        {"prompt": "x" * 40 + " the question?", "chosen": " yes", "rejected": " no"},
+        {"prompt": "short", "chosen": " a", "rejected": " b"},
+    ]
+    col = SharedPromptCollator(tok, max_length=16)
+    out = col(rows)
+    assert out.row_index.tolist() == [0, 1]
+    p, (c, r), cuts = oracle_pair(rows[0]["prompt"], [rows[0]["chosen"], rows[0]["rejected"]], max_length=16)
+    assert p == [BOS, *ids("the question?")[-(16 - 5 - 1) :]]  # room for " yes" + EOS (5 tokens)
+    assert out.prompt_ids[0, : int(out.prompt_len[0])].tolist() == p
+    assert out.completion_ids[0][out.completion_mask[0]].tolist() == c
+    assert out.completion_ids[2][out.completion_mask[2]].tolist() == r
+    assert cuts == {"prompt_to_fit"}
+    assert dict(col.report().truncated) == {"prompt_to_fit": 1} and not col.report().skipped

@@ -13,15 +13,29 @@ True at position 0 (a token at position 0 has no context to be predicted from), 
 tokenizes to nothing is a bad row.
 
 Prompt and completion are tokenized SEPARATELY and their ids concatenated, so the prompt/completion
-boundary is exact (no merge across it). Truncation, in this order:
+boundary is exact (no merge across it). Truncation, in this order (a pair's chosen and rejected always keep
+the SAME prompt ids; ``L`` = the longer of the two completions after step 1):
 
 1. a completion longer than ``max_completion_length`` keeps its first tokens;
-2. a prompt longer than ``max_prompt_length`` keeps its last tokens (``prompt_truncation="keep_end"``,
-   default; a leading BOS is kept too, followed by the last ``max_prompt_length - 1`` tokens) or its first
-   (``"keep_start"``);
-3. if ``len(prompt) + len(completion) > max_length``, the completion keeps its first
-   ``max_length - len(prompt)`` tokens; nothing left → bad row ``empty_completion_after_truncation``.
-   (So set ``max_prompt_length < max_length`` to guarantee room for the completions.)
+2. with ``max_prompt_length`` set, a prompt longer than it keeps its last tokens (``prompt_truncation=
+   "keep_end"``, default; a leading BOS is kept too, followed by the last ``max_prompt_length - 1`` tokens)
+   or its first (``"keep_start"``);
+3. with ``max_prompt_length=None`` (default), if ``len(prompt) + L > max_length`` the PROMPT gives way
+   first, cut the same way as in step 2 to ``max(max_length - L, min(len(prompt), max(1, max_length // 2)))``
+   tokens: the completions get all the room they need, but the prompt keeps at least half of ``max_length``
+   (or all of itself, if shorter), so a very long completion does not erase its context;
+4. if still ``len(prompt) + len(completion) > max_length``, the completion keeps its first
+   ``max_length - len(prompt)`` tokens; nothing left → bad row ``empty_completion_after_truncation``
+   (with step 3 this only happens at ``max_length=1``; with ``max_prompt_length`` it never does).
+
+Every kept row that was shortened is counted in ``collator.report().truncated`` under the step's reason
+(``completion_max_completion_length``, ``prompt_max_prompt_length``, ``prompt_to_fit``,
+``completion_to_fit``; see ``prefopt.data.report.TRUNCATIONS``).
+
+TRL 1.16's ``DPOTrainer`` differs: its default ``truncation_mode="keep_start"`` cuts ``prompt ++ completion``
+at ``max_length`` from the right and DROPS rows whose prompt alone fills ``max_length``; the deprecated
+``"keep_end"`` keeps the last ``max_length`` tokens of each sequence separately (so chosen and rejected can
+see different prompts). Step 3 keeps every such row and one shared prompt per pair instead.
 
 Bad rows are skipped with a reason and a row index (counted in ``collator.stats``, warned on the
 ``prefopt.data`` logger) or, with ``strict=True``, raise ``ValueError``. A batch in which every row is bad
@@ -125,19 +139,18 @@ class _Base:
             bos = self.bos_token_id
             while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
                 ids = ids[1:]
-            n = self.max_prompt_length
-            if (
-                n is not None
-                and len(ids) > n
-                and self.prompt_truncation == "keep_end"
-                and bos is not None
-                and ids[0] == bos
-            ):
-                ids = [bos, *ids[len(ids) - (n - 1) :]]  # keep the leading BOS, then the last n - 1 tokens
-            else:
-                ids = _truncate(ids, n, self.prompt_truncation)
             out.append(ids)
         return out
+
+    def _cut_prompt(self, ids: list[int], n: int | None) -> list[int]:
+        """The prompt cut to at most ``n`` tokens on the ``prompt_truncation`` side (keep_end keeps a leading
+        BOS, then the last ``n - 1`` tokens)."""
+        bos = self.bos_token_id
+        if n is None or len(ids) <= n:
+            return ids
+        if self.prompt_truncation == "keep_end" and bos is not None and ids[0] == bos:
+            return [bos, *ids[len(ids) - (n - 1) :]] if n > 1 else [bos]
+        return _truncate(ids, n, self.prompt_truncation)
 
     # -- bad rows ---------------------------------------------------------------------------------------
 
@@ -215,23 +228,54 @@ class _CompletionMixin(_Base):
         self.add_eos = bool(add_eos)
 
     def _completion_ids(self, texts: list[str]) -> list[list[int]]:
+        """Completion ids (EOS appended with ``add_eos``), NOT yet truncated (see :meth:`_fit`)."""
         out = []
         for ids in self._ids(texts, special=False):
             if self.add_eos and (not ids or ids[-1] != self.eos_token_id):
                 ids = [*ids, int(self.eos_token_id)]  # type: ignore[arg-type]
-            out.append(_truncate(ids, self.max_completion_length, "keep_start"))
+            out.append(ids)
         return out
 
-    def _fit(self, prompt: list[int], completion: list[int]) -> list[int]:
-        """Step 3 of the truncation rules: the completion gives way to the (already bounded) prompt."""
+    def _fit(
+        self, prompt: list[int], completions: list[list[int]]
+    ) -> tuple[list[int], list[list[int]], list[str]]:
+        """Steps 1-4 of the module's truncation rules for one row: one prompt, its 1 or 2 completions.
+
+        Returns the cut prompt, the cut completions and the truncation reasons that applied (each once);
+        raises :class:`BadRowError` when nothing of a completion is left.
+        """
         if not prompt:
             raise BadRowError("empty_prompt", "the prompt tokenizes to zero tokens")
+        cuts: list[str] = []
+        m = self.max_completion_length
+        if m is not None and any(len(c) > m for c in completions):
+            completions = [c[:m] for c in completions]
+            cuts.append("completion_max_completion_length")
+        longest = max(len(c) for c in completions)
+        n = len(prompt)
+        if self.max_prompt_length is not None:
+            prompt = self._cut_prompt(prompt, self.max_prompt_length)
+            if len(prompt) < n:
+                cuts.append("prompt_max_prompt_length")
+        elif n + longest > self.max_length:
+            floor = min(n, max(1, self.max_length // 2))
+            prompt = self._cut_prompt(prompt, max(self.max_length - longest, floor))
+            if len(prompt) < n:
+                cuts.append("prompt_to_fit")
         room = self.max_length - len(prompt)
         if room < 1:
             raise BadRowError(
-                "empty_completion_after_truncation", f"the prompt alone has {len(prompt)} tokens"
+                "empty_completion_after_truncation",
+                f"the prompt alone has {len(prompt)} tokens (max_length {self.max_length})",
             )
-        return completion[:room]
+        if longest > room:
+            completions = [c[:room] for c in completions]
+            cuts.append("completion_to_fit")
+        return prompt, completions, cuts
+
+    def _record_cuts(self, cuts: list[str]) -> None:
+        for reason in cuts:
+            self.stats.truncate(reason)
 
     def _pack(self, seqs: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         """Right-pad ``(prompt_ids, completion_ids)`` rows into input_ids / attention_mask / completion_mask."""
@@ -260,9 +304,12 @@ class PreferenceCollator(_CompletionMixin):
     Args:
         tokenizer: a Hugging Face tokenizer (called as ``tokenizer(list_of_str, add_special_tokens=...)``).
         max_length: maximum total length ``len(prompt) + len(completion)`` of a row (default 512).
-        max_prompt_length: cap on the prompt alone (``None``: no separate cap; must be ``< max_length``).
+        max_prompt_length: fixed cap on the prompt alone (must be ``< max_length``; the completions then get
+            whatever ``max_length`` leaves). ``None`` (default): the prompt is cut only when the pair does not
+            fit ``max_length``, and then before the completions (step 3 of the module docstring).
         max_completion_length: cap on each completion alone (``None``: no separate cap).
-        prompt_truncation: which end of an over-long prompt to keep, ``"keep_end"`` (default) or ``"keep_start"``.
+        prompt_truncation: which end of an over-long prompt to keep, ``"keep_end"`` (default: the tokens next
+            to the completion, as a chat turn needs) or ``"keep_start"``.
         add_eos: append ``eos_token_id`` to each completion unless it already ends with it (default True).
         add_special_tokens: let the tokenizer add its special tokens (BOS) to the PROMPT (default True; a
             doubled leading BOS, e.g. from a chat template, is collapsed to one). Completions never get any.
@@ -280,7 +327,8 @@ class PreferenceCollator(_CompletionMixin):
     (empty/whitespace text), ``empty_prompt`` (zero prompt tokens), ``empty_completion_after_truncation``,
     ``identical_after_truncation`` (equal ids after truncation: the pair carries no signal).
     ``collator.stats`` counts them over all calls; indices there are global (rows seen before this batch
-    plus the position in the batch).
+    plus the position in the batch). ``collator.report().truncated`` counts the kept pairs that were
+    shortened, by reason.
     """
 
     kind = "PreferenceCollator"
@@ -331,12 +379,13 @@ class PreferenceCollator(_CompletionMixin):
         kept: list[tuple[int, list[int], list[int], list[int]]] = []
         for (i, *_), p_ids, c_ids, r_ids in zip(texts, prompts, chosen, rejected):
             try:
-                c_ids, r_ids = self._fit(p_ids, c_ids), self._fit(p_ids, r_ids)
+                p_ids, (c_ids, r_ids), cuts = self._fit(p_ids, [c_ids, r_ids])
                 if c_ids == r_ids:
                     raise BadRowError("identical_after_truncation", f"both are the same {len(c_ids)} tokens")
             except BadRowError as err:
                 bad(err, i)
                 continue
+            self._record_cuts(cuts)
             kept.append((i, p_ids, c_ids, r_ids))
         self._finish_batch(len(rows), len(kept), skipped)
         batch = self._pack([(p, c) for _, p, c, _ in kept] + [(p, r) for _, p, _, r in kept])
@@ -407,10 +456,11 @@ class UnpairedCollator(_CompletionMixin):
         kept: list[tuple[int, list[int], list[int], float]] = []
         for (i, _, _, y), p_ids, c_ids in zip(texts, prompts, completions):
             try:
-                c_ids = self._fit(p_ids, c_ids)
+                p_ids, (c_ids,), cuts = self._fit(p_ids, [c_ids])
             except BadRowError as err:
                 bad(err, i)
                 continue
+            self._record_cuts(cuts)
             kept.append((i, p_ids, c_ids, y))
         self._finish_batch(len(rows), len(kept), skipped)
         batch = self._pack([(p, c) for _, p, c, _ in kept])
@@ -473,6 +523,10 @@ class PromptCollator(_Base):
                 bad(err, i)
         kept: list[tuple[int, str, list[int]]] = []
         for (i, text), ids in zip(texts, self._prompt_ids([t for _, t in texts])):
+            n = len(ids)
+            ids = self._cut_prompt(ids, self.max_prompt_length)
+            if len(ids) < n:
+                self.stats.truncate("prompt_max_prompt_length")
             if not ids:
                 bad(BadRowError("empty_prompt", "the prompt tokenizes to zero tokens"), i)
                 continue

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["REASONS", "BadRowError", "LoadReport", "SkipTally"]
+__all__ = ["REASONS", "TRUNCATIONS", "BadRowError", "LoadReport", "SkipTally"]
 
 #: Every reason a row can be skipped for, with its meaning (documented in ``docs/data.md``).
 REASONS: Mapping[str, str] = MappingProxyType(
@@ -33,6 +33,16 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "empty_completion_after_truncation": "collator: no completion token is left after truncation",
         "identical_after_truncation": "collator: chosen and rejected token ids are equal after truncation",
         "duplicate_pair": "pairs_from_pointwise: the same (prompt, chosen, rejected) triple was already formed",
+    }
+)
+
+#: Every way a collator can shorten a KEPT row, with its meaning (a row is counted once per reason).
+TRUNCATIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "prompt_max_prompt_length": "collator: the prompt was cut to max_prompt_length",
+        "prompt_to_fit": "collator: the prompt was cut (keeping its end, or start) to leave the completions room in max_length",
+        "completion_max_completion_length": "collator: a completion was cut to max_completion_length (keeping its start)",
+        "completion_to_fit": "collator: a completion was cut (keeping its start) to fit max_length",
     }
 )
 
@@ -62,6 +72,8 @@ class LoadReport:
         skipped: reason → number of rows skipped for it.
         first_indices: reason → the first (at most 5) row indices skipped for it, 0-based in the source.
         first_details: reason → a human-readable detail of the first skipped row.
+        truncated: collators only: truncation (see :data:`TRUNCATIONS`) → number of KEPT rows shortened that
+            way (a pair counts once per reason, whichever of its sequences was cut).
     """
 
     format: str
@@ -70,6 +82,7 @@ class LoadReport:
     skipped: Mapping[str, int] = field(default_factory=dict)
     first_indices: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     first_details: Mapping[str, str] = field(default_factory=dict)
+    truncated: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def n_skipped(self) -> int:
@@ -79,6 +92,11 @@ class LoadReport:
     def summary(self) -> str:
         """One line: ``"implicit: kept 2339 of 2354 rows; skipped 15 (identical: 2 [rows 5, 9], ...)"``."""
         head = f"{self.format}: kept {self.n_kept} of {self.n_rows} rows"
+        if self.truncated:
+            cut = ", ".join(
+                f"{r}: {n}" for r, n in sorted(self.truncated.items(), key=lambda kv: (-kv[1], kv[0]))
+            )
+            head = f"{head} (truncated: {cut})"
         if not self.skipped:
             return head
         parts = []
@@ -99,6 +117,7 @@ class SkipTally:
         rows_seen: rows handed to the owner so far.
         rows_kept: rows that made it into an output.
         skipped: ``Counter`` reason → count.
+        truncated: ``Counter`` truncation (see :data:`TRUNCATIONS`) → number of kept rows shortened that way.
     """
 
     def __init__(self, format: str) -> None:
@@ -106,6 +125,7 @@ class SkipTally:
         self.rows_seen = 0
         self.rows_kept = 0
         self.skipped: Counter[str] = Counter()
+        self.truncated: Counter[str] = Counter()
         self._indices: dict[str, list[int]] = {}
         self._details: dict[str, str] = {}
 
@@ -119,6 +139,12 @@ class SkipTally:
             lst.append(index)
         self._details.setdefault(reason, detail)
 
+    def truncate(self, reason: str) -> None:
+        """Record one kept row shortened for ``reason`` (a key of :data:`TRUNCATIONS`)."""
+        if reason not in TRUNCATIONS:  # pragma: no cover - programming error
+            raise KeyError(f"unknown truncation {reason!r}")
+        self.truncated[reason] += 1
+
     def snapshot(self) -> LoadReport:
         """An immutable :class:`LoadReport` of the counts so far."""
         return LoadReport(
@@ -128,6 +154,7 @@ class SkipTally:
             skipped=MappingProxyType(dict(self.skipped)),
             first_indices=MappingProxyType({k: tuple(v) for k, v in self._indices.items()}),
             first_details=MappingProxyType(dict(self._details)),
+            truncated=MappingProxyType(dict(self.truncated)),
         )
 
     def reset(self) -> None:
