@@ -638,8 +638,11 @@ def test_values_match_manual_head(arch):
     mask[0, :2] = 0
     v = policy.values(ids, mask)
     assert v.shape == ids.shape and v.dtype == torch.float32
+    # positions of the unpadded sequence on attended tokens (row 0 is left-padded; GPT-2 has absolute positions)
+    pos = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.arange(ids.shape[1]).expand_as(ids))
     with torch.no_grad():
-        hidden = policy.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
         assert policy.value_head is not None
         want = hidden.float() @ policy.value_head.weight[0] + policy.value_head.bias[0]
     torch.testing.assert_close(v.detach(), want, rtol=0, atol=1e-6)
