@@ -128,3 +128,20 @@ def test_debug_env_gives_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_DEBUG", "1")
     with pytest.raises(NotADirectoryError, match="--out"):
         main(["demo", "--tiny", "--out", str(f)])
+
+
+def test_help_is_plain_text_and_describes_every_demo_flag(capsys):
+    import re
+
+    from prefopt.cli import _parser
+
+    parser = _parser()
+    top = parser.format_help()
+    assert "``" not in top and ":class:" not in top and ":func:" not in top
+    demo = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "demo")[1]
+    text = demo.format_help()
+    assert "offline tour" in text
+    flags = [a for a in demo._actions if a.option_strings and a.dest != "help"]
+    for action in flags:
+        assert action.help, f"demo flag {action.option_strings} has no help"
+    assert re.search(r"--seed SEED\s+seed of data order", text)
