@@ -145,3 +145,6 @@ def test_help_is_plain_text_and_describes_every_demo_flag(capsys):
     for action in flags:
         assert action.help, f"demo flag {action.option_strings} has no help"
     assert re.search(r"--seed SEED\s+seed of data order", text)
+    diagnose = parser._subparsers._group_actions[0].choices["diagnose"].format_help()
+    assert "``" not in diagnose and ":class:" not in diagnose and ":func:" not in diagnose
+    assert "prefopt.diagnostics.EntanglementReport" in diagnose

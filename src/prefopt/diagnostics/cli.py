@@ -67,12 +67,19 @@ class DiagnoseError(Exception):
     """A user error reported as ``prefopt diagnose: error: ...`` (exit status 2)."""
 
 
+def _plain(text: str) -> str:
+    """Docstring markup → terminal text: ``:role:`x``` → ``x``, double backquotes removed."""
+    import re
+
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
 def add_diagnose_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``diagnose`` subcommand to an ``argparse`` subparsers object and return its parser."""
     p = subparsers.add_parser(
         "diagnose",
         help="per-pair gradient-entanglement table (CSV/JSON) and token heatmaps",
-        description=__doc__,
+        description=_plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
