@@ -316,6 +316,17 @@ def _check_ids(name: str, x: Any, ndim: int = 2) -> Tensor:
     return x
 
 
+def _check_ids_and_mask(ids_name: str, ids: Any, mask_name: str, mask: Any) -> Tensor:
+    """Check integer ``ids`` ``(rows, T)`` and an integer attention ``mask`` of the same shape; return ``ids``."""
+    _check_ids(ids_name, ids)
+    _check_ids(mask_name, mask)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"{mask_name} has shape {tuple(mask.shape)} but {ids_name} has shape {tuple(ids.shape)}"
+        )
+    return ids
+
+
 def _check_rows(name: str, x: Any, rows: int, like: str) -> Tensor:
     _check_ids(name, x, ndim=1)
     if x.shape[0] != rows:
@@ -345,16 +356,10 @@ class PairBatch(_TensorFields):
     row_index: Tensor
 
     def __post_init__(self) -> None:
-        ids = _check_ids("input_ids", self.input_ids)
+        ids = _check_ids_and_mask("input_ids", self.input_ids, "attention_mask", self.attention_mask)
         n = ids.shape[0]
         if n == 0 or n % 2:
             raise ValueError(f"input_ids must have an even, non-zero number of rows (2B), got {n}")
-        _check_ids("attention_mask", self.attention_mask)
-        if self.attention_mask.shape != ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(self.attention_mask.shape)} but input_ids has shape "
-                f"{tuple(ids.shape)}"
-            )
         check_mask("completion_mask", self.completion_mask, tuple(ids.shape), "input_ids")
         _check_rows("prompt_len", self.prompt_len, n, "input_ids")
         _check_rows("completion_len", self.completion_len, n, "input_ids")
@@ -407,26 +412,17 @@ class SharedPromptBatch(_TensorFields):
     duplicated: PairBatch | None = None
 
     def __post_init__(self) -> None:
-        p = _check_ids("prompt_ids", self.prompt_ids)
+        p = _check_ids_and_mask("prompt_ids", self.prompt_ids, "prompt_mask", self.prompt_mask)
         b = p.shape[0]
         if b == 0:
             raise ValueError("prompt_ids has no rows")
-        _check_ids("prompt_mask", self.prompt_mask)
-        if self.prompt_mask.shape != p.shape:
-            raise ValueError(
-                f"prompt_mask has shape {tuple(self.prompt_mask.shape)} but prompt_ids has shape {tuple(p.shape)}"
-            )
         _check_rows("prompt_len", self.prompt_len, b, "prompt_ids")
-        c = _check_ids("completion_ids", self.completion_ids)
+        c = _check_ids_and_mask(
+            "completion_ids", self.completion_ids, "completion_attention_mask", self.completion_attention_mask
+        )
         n = c.shape[0]
         if n == 0 or n % b:
             raise ValueError(f"completion_ids has {n} rows, not a positive multiple of the {b} prompt rows")
-        _check_ids("completion_attention_mask", self.completion_attention_mask)
-        if self.completion_attention_mask.shape != c.shape:
-            raise ValueError(
-                f"completion_attention_mask has shape {tuple(self.completion_attention_mask.shape)} but "
-                f"completion_ids has shape {tuple(c.shape)}"
-            )
         check_mask("completion_mask", self.completion_mask, tuple(c.shape), "completion_ids")
         _check_rows("completion_len", self.completion_len, n, "completion_ids")
         _check_rows("row_index", self.row_index, b, "prompt_ids")
@@ -465,11 +461,8 @@ class UnpairedBatch(_TensorFields):
     desirable: Tensor
 
     def __post_init__(self) -> None:
-        ids = _check_ids("input_ids", self.input_ids)
+        ids = _check_ids_and_mask("input_ids", self.input_ids, "attention_mask", self.attention_mask)
         n = ids.shape[0]
-        _check_ids("attention_mask", self.attention_mask)
-        if self.attention_mask.shape != ids.shape:
-            raise ValueError("attention_mask must have the shape of input_ids")
         check_mask("completion_mask", self.completion_mask, tuple(ids.shape), "input_ids")
         for name in ("prompt_len", "completion_len", "row_index"):
             _check_rows(name, getattr(self, name), n, "input_ids")
@@ -495,11 +488,8 @@ class PromptBatch(_TensorFields):
     prompt: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        ids = _check_ids("input_ids", self.input_ids)
+        ids = _check_ids_and_mask("input_ids", self.input_ids, "attention_mask", self.attention_mask)
         n = ids.shape[0]
-        _check_ids("attention_mask", self.attention_mask)
-        if self.attention_mask.shape != ids.shape:
-            raise ValueError("attention_mask must have the shape of input_ids")
         _check_rows("prompt_len", self.prompt_len, n, "input_ids")
         _check_rows("row_index", self.row_index, n, "input_ids")
         if self.prompt and len(self.prompt) != n:
