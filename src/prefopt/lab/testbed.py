@@ -172,33 +172,27 @@ class Lab:
     # the language
     # ------------------------------------------------------------------------------------------------------
 
-    def _chain(self, first: Tensor, steps: int, g: torch.Generator) -> Tensor:
-        out = [first]
-        cur = first
-        for _ in range(steps):
+    def _draw(self, n: int, length: int, seed: int | None, generator: torch.Generator | None) -> Tensor:
+        """``n`` rows ``BOS, x_1 … x_length`` from the chain (``generator`` if given, else seeded)."""
+        g = generator or torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        cur = torch.multinomial(self.start.expand(n, -1), 1, generator=g).squeeze(1)
+        out = [cur]
+        for _ in range(length - 1):
             cur = torch.multinomial(self.transition[cur], 1, generator=g).squeeze(1)
             out.append(cur)
-        return torch.stack(out, dim=1)
+        return torch.cat([torch.full((n, 1), BOS), torch.stack(out, dim=1) + _FIRST], dim=1)
 
     def sample_sequences(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """``n`` full sequences ``BOS, prompt, completion`` from the language: ``(n, 1 + P + L)`` long ids."""
-        g = generator or torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        cfg = self.config
-        first = torch.multinomial(self.start.expand(n, -1), 1, generator=g).squeeze(1)
-        content = self._chain(first, cfg.prompt_len + cfg.completion_len - 1, g) + _FIRST
-        return torch.cat([torch.full((n, 1), BOS), content], dim=1)
+        return self._draw(n, self.config.prompt_len + self.config.completion_len, seed, generator)
 
     def sample_prompts(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """``n`` prompts ``BOS, x_1 … x_P`` from the language: ``(n, 1 + P)`` long ids."""
-        g = generator or torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        cfg = self.config
-        first = torch.multinomial(self.start.expand(n, -1), 1, generator=g).squeeze(1)
-        content = self._chain(first, cfg.prompt_len - 1, g) + _FIRST
-        return torch.cat([torch.full((n, 1), BOS), content], dim=1)
+        return self._draw(n, self.config.prompt_len, seed, generator)
 
     def language_logp(self, sequences: Tensor) -> Tensor:
         """Exact ``log p(completion | prompt)`` under the language for full sequences ``(n, 1 + P + L)`` → ``(n,)``."""
