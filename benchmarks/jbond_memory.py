@@ -8,7 +8,7 @@ sequences of the same shapes, so both configurations do exactly the same arithme
     reference log-probs of the policy samples           (no grad; what a KL(π‖π_ref) monitor needs)
     policy forward + backward on [policy samples; best anchor samples]   (prefopt.losses.bond.jbond)
     Adam update                                          (LoRA adapter only  |  all weights)
-    anchor EMA  θ_a ← (1−η)·θ_a + η·θ                    (LoraPolicy.update_anchor_  |  prefopt.bond.ema_update_)
+    anchor EMA  θ_a ← (1−η)·θ_a + η·θ                    (LoraPolicy.update_anchor_  |  prefopt.policy.ema_update_(decay=1−η))
 
 Method: every measurement is a fresh subprocess (``--child CONFIG``) that imports torch, loads the model, runs
 ``--steps`` steps after one warm-up step and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the peak
@@ -65,11 +65,10 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     import peft
     import torch
 
-    from prefopt.bond import ema_update_
     from prefopt.logprobs import token_logps
     from prefopt.losses.bond import jbond
     from prefopt.masked import seq_sum
-    from prefopt.policy import LoraPolicy
+    from prefopt.policy import LoraPolicy, ema_update_
     from prefopt.types import BestOfNSamples
 
     rss_imports = _rss_now_mib()
@@ -133,7 +132,7 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
                 return seq(reference, pol_ids, am, cm)
 
         def ema() -> None:
-            ema_update_(list(anchor.parameters()), list(lm.parameters()), eta=args.eta)
+            ema_update_(list(anchor.parameters()), list(lm.parameters()), decay=1.0 - args.eta)
 
     else:
         raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")

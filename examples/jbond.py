@@ -20,7 +20,7 @@ The same script runs the two baselines of the comparison plot:
   ``β_KL``;
 * Best-of-N on the reference, N ∈ {2, 4, 8, 16}: its expected quantile is computed exactly on the empirical
   distribution of a pool of reference samples (:func:`bon_expected_quantile`), its KL is bounded by
-  ``log N − (N−1)/N`` (``prefopt.bond.bon_kl_bound``) and drawn at the bound.
+  ``log N − (N−1)/N`` (``prefopt.bon.bon_kl_bound``) and drawn at the bound.
 
 The reward (:func:`reward`, cheap, programmatic, deterministic): a *friendly, on-topic reply*::
 
@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from prefopt import rl
-from prefopt.bond import bon_distribution, bon_kl_bound
+from prefopt.bon import bon_distribution, bon_kl_bound
 from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
@@ -181,7 +181,7 @@ def bon_expected_quantile(pool: Tensor, n: int) -> Tensor:
     """Expected quantile of Best-of-``n`` when the ``n`` draws come from the empirical pool (with replacement).
 
     Per prompt, ``π̂_ref`` is uniform over the ``M`` pool members; ``π̂_BoN = bon_distribution(π̂_ref, r, n)``
-    (exact, first-drawn wins among tied maxima, ``prefopt.bond``); each member is scored by its
+    (exact, first-drawn wins among tied maxima, ``prefopt.sampling.best_of_n``); each member is scored by its
     :func:`loo_mid_quantile` among the other members (so the reference, ``n = 1``, scores exactly ½ on
     average). Returns ``(E,)`` float64 ``Σ_j π̂_BoN(j)·q_j``. Drawing with replacement from ``M`` samples
     under-estimates the true Best-of-``n`` when ``n`` is not small compared with ``M`` (repeated draws).
@@ -367,7 +367,7 @@ def jbond_step(
     policy.train()
     both = seq_logps(policy.model, ids, am, cm)
     samples = BestOfNSamples(both[:b], anchor_logp, r_pol, r_anc, both[b:])
-    out = jbond(samples, beta=args.jbond_beta, gamma=args.jbond_gamma)
+    out = jbond(samples, backward_weight=args.jbond_beta, gamma=args.jbond_gamma)
     loss = out.loss.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -646,7 +646,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--eta", type=float, default=0.2, help="anchor EMA rate η (decay 1 − η)")
-    ap.add_argument("--jbond-beta", type=float, default=0.5, help="Jeffreys weight β")
+    ap.add_argument(
+        "--jbond-beta",
+        type=float,
+        default=0.5,
+        help="Jeffreys weight w on the backward KL (jbond backward_weight)",
+    )
     ap.add_argument("--jbond-gamma", type=float, default=0.0, help="extra KL-to-anchor weight γ")
     ap.add_argument("--rloo-k", type=int, default=2, help="REINFORCE samples per prompt")
     ap.add_argument(
@@ -692,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for m in methods:
         if m not in ("jbond", "reinforce"):
             raise SystemExit(f"--methods: unknown method {m!r} (jbond, reinforce)")
-    title = f"J-BOND (η={args.eta}, β={args.jbond_beta}) vs RLOO vs BoN — {'tiny smoke model' if args.smoke else 'SmolLM2-135M'}"
+    title = f"J-BOND (η={args.eta}, w={args.jbond_beta}) vs RLOO vs BoN — {'tiny smoke model' if args.smoke else 'SmolLM2-135M'}"
     results: dict[str, Any] = {
         "args": vars(args),
         "reward": "tone (#positive − #negative words) + relevance (fraction of the question's content words)",

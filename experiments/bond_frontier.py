@@ -98,7 +98,7 @@ def bond_step(
         ref_logp = seq_logp(policy, own, lab)
     both = seq_logp(policy, torch.cat([own, best]), lab)
     samples = BestOfNSamples(both[:b], ref_logp, reward_of(lab, own), r_pool, both[b:])
-    return bond(samples, n=n, beta=args.jeffreys_beta).loss.mean()
+    return bond(samples, n=n, backward_weight=args.jeffreys_beta).loss.mean()
 
 
 def jbond_step(policy: LoraPolicy, lab: Lab, prompts: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -112,7 +112,7 @@ def jbond_step(policy: LoraPolicy, lab: Lab, prompts: torch.Tensor, args: argpar
         anchor_logp = seq_logp(policy, own, lab)
     both = seq_logp(policy, torch.cat([own, best]), lab)
     samples = BestOfNSamples(both[:b], anchor_logp, reward_of(lab, own), r_anc, both[b:])
-    return jbond(samples, beta=args.jeffreys_beta).loss.mean()
+    return jbond(samples, backward_weight=args.jeffreys_beta).loss.mean()
 
 
 def rloo_step(

@@ -1,4 +1,5 @@
-"""Exactness tests for prefopt.bond: Best-of-N distribution (with ties), quantiles, r_BOND, helpers.
+"""Exactness tests for Best-of-N: prefopt.bon (distribution with ties, quantiles, r_BOND), the training-time
+transforms of prefopt.losses.bond, prefopt.sampling.best_of_n and prefopt.policy.ema_update_.
 
 Oracles: brute-force enumeration of all K^N draw sequences (first-occurrence tie-breaking), explicit
 Python loops for quantiles and the geometric sum, Monte-Carlo Best-of-N with standard-error tolerances.
@@ -14,23 +15,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefopt.bond import (
+from prefopt.bon import (
     LOG16,
-    best_of_n,
     bon_distribution,
     bon_kl_bound,
-    ema_update_,
-    empirical_quantile,
     jbond_expected_reward,
-    jbond_reward,
     jeffreys_divergence,
     kl_categorical,
-    log_empirical_quantile,
     practical_bond_target,
     quantiles,
     r_bond,
     r_bond_terms,
 )
+from prefopt.losses.bond import empirical_quantile, jbond_reward, log_empirical_quantile
+from prefopt.policy import ema_update_
+from prefopt.sampling import best_of_n
 
 F64 = torch.float64
 
@@ -329,16 +328,16 @@ def test_kl_and_jeffreys_basic_values() -> None:
     probs, rewards = random_case(12, 6, ties=False)
     bon = bon_distribution(probs, rewards, 4)
     for beta in (0.0, 0.5, 1.0):
-        assert float(jeffreys_divergence(bon, bon, beta=beta)) == 0.0
-    j = jeffreys_divergence(probs, bon, beta=0.3)
+        assert float(jeffreys_divergence(bon, bon, backward_weight=beta)) == 0.0
+    j = jeffreys_divergence(probs, bon, backward_weight=0.3)
     assert float(j) == pytest.approx(
         0.7 * float(kl_categorical(bon, probs)) + 0.3 * float(kl_categorical(probs, bon))
     )
-    with pytest.raises(ValueError, match="beta"):
-        jeffreys_divergence(probs, bon, beta=1.5)
+    with pytest.raises(ValueError, match="backward_weight"):
+        jeffreys_divergence(probs, bon, backward_weight=1.5)
     for flag in (True, False):
-        with pytest.raises(ValueError, match="beta"):
-            jeffreys_divergence(probs, bon, beta=flag)
+        with pytest.raises(ValueError, match="backward_weight"):
+            jeffreys_divergence(probs, bon, backward_weight=flag)
 
 
 def test_gradcheck_exact_functions_through_softmax() -> None:
@@ -534,21 +533,21 @@ def test_ema_update() -> None:
     policy = torch.randn(5, generator=g)
     anchor = torch.randn(5, generator=g)
     start = anchor.clone()
-    ema_update_(anchor, policy, eta=0.0)
+    ema_update_(anchor, policy, decay=1.0)
     assert torch.equal(anchor, start)
-    ema_update_(anchor, policy, eta=0.3)
+    ema_update_(anchor, policy, decay=0.7)
     torch.testing.assert_close(anchor, 0.7 * start + 0.3 * policy)
-    ema_update_(anchor, policy, eta=1.0)
+    ema_update_(anchor, policy, decay=0.0)
     assert torch.equal(anchor, policy)
     a_list = [torch.zeros(2), torch.zeros(3)]
-    ema_update_(a_list, [torch.ones(2), torch.full((3,), 2.0)], eta=0.5)
+    ema_update_(a_list, [torch.ones(2), torch.full((3,), 2.0)], decay=0.5)
     assert a_list[0].tolist() == [0.5, 0.5] and a_list[1].tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(ValueError, match="eta"):
-        ema_update_(anchor, policy, eta=1.5)
+    with pytest.raises(ValueError, match="decay"):
+        ema_update_(anchor, policy, decay=1.5)
     with pytest.raises(ValueError, match="anchor"):
-        ema_update_([anchor], [policy, policy], eta=0.5)
+        ema_update_([anchor], [policy, policy], decay=0.5)
     with pytest.raises(ValueError, match=r"anchor\[0\]"):
-        ema_update_(anchor, torch.zeros(4), eta=0.5)
+        ema_update_(anchor, torch.zeros(4), decay=0.5)
 
 
 def test_ema_update_all_or_nothing() -> None:
@@ -564,12 +563,12 @@ def test_ema_update_all_or_nothing() -> None:
     ]
     for policies, error, match in cases:
         with pytest.raises(error, match=match):
-            ema_update_(anchors, policies, eta=0.5)
+            ema_update_(anchors, policies, decay=0.5)
         assert all(float(a.abs().sum()) == 0.0 for a in anchors)
     with pytest.raises(
         TypeError, match=r"anchor\[0\] must be a floating-point tensor, got dtype torch.int64"
     ):
-        ema_update_(torch.zeros(3, dtype=torch.long), torch.ones(3), eta=0.5)
+        ema_update_(torch.zeros(3, dtype=torch.long), torch.ones(3), decay=0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_loss_registry_and_pure_modules_are_light():
         "po.available_losses()\n"
         "import prefopt.masked, prefopt.types, prefopt.registry\n"
         "import importlib, importlib.util\n"
-        "for m in ('prefopt.rl', 'prefopt.bond'):\n"
+        "for m in ('prefopt.rl', 'prefopt.bon'):\n"
         "    if importlib.util.find_spec(m) is not None:\n"
         "        importlib.import_module(m)\n"
     )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from prefopt.bond import bon_distribution
+from prefopt.bon import bon_distribution
 from prefopt.lab import (
     BOS,
     Lab,

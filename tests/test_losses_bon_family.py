@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from prefopt.bond import bon_distribution, kl_categorical
+from prefopt.bon import bon_distribution, kl_categorical
 from prefopt.losses.bon_family import (
     bonbon,
     bonbon_beta,
@@ -278,7 +278,7 @@ def test_vbon_bound_equals_bond_at_beta_one() -> None:
     theta = logp.clone().requires_grad_(True)
     s = BestOfNSamples(theta, ref_logp, reward, pool, theta * 0 - 1.0)
     ours = vbon(s, n=5, variant="bound", quantile="le", quantile_floor=0.5)
-    theirs = bond(s, n=5, beta=1.0)
+    theirs = bond(s, n=5, backward_weight=1.0)
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-13, atol=1e-13)
     g1 = torch.autograd.grad(ours.loss.sum(), theta)[0]
     g2 = torch.autograd.grad(theirs.loss.sum(), theta)[0]

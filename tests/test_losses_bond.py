@@ -16,11 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefopt.bond import (
+from prefopt.bon import (
     LOG16,
-    best_of_n,
     bon_distribution,
-    ema_update_,
     jbond_expected_reward,
     jeffreys_divergence,
     kl_categorical,
@@ -28,7 +26,9 @@ from prefopt.bond import (
     quantiles,
 )
 from prefopt.losses.bond import bond, jbond
+from prefopt.policy import ema_update_
 from prefopt.registry import available_losses, get_loss
+from prefopt.sampling import best_of_n
 from prefopt.types import BestOfNSamples
 
 F64 = torch.float64
@@ -56,7 +56,7 @@ def exact_bond_objective_surrogate(theta: torch.Tensor, n: int, beta: float) -> 
     out = bond(
         BestOfNSamples(logp_all[i], torch.log(REF)[i], REWARDS[i], POOL.expand(K * K, -1), logp_all[j]),
         n=n,
-        beta=beta,
+        backward_weight=beta,
         baseline="none",
     )
     return (pi[i] * bon[j] * out.loss).sum()
@@ -101,8 +101,18 @@ def lbfgs_argmin(fn, theta0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-u
 
 def test_registered_in_bond_family() -> None:
     assert {"bond", "jbond"} <= set(available_losses("bond"))
-    assert get_loss("bond").hparams == {"n": 8, "beta": 0.5, "quantile_floor": "half", "baseline": "loo"}
-    assert get_loss("jbond").hparams == {"beta": 0.5, "gamma": 0.0, "strict": True, "baseline": "loo"}
+    assert get_loss("bond").hparams == {
+        "n": 8,
+        "backward_weight": 0.5,
+        "quantile_floor": "half",
+        "baseline": "loo",
+    }
+    assert get_loss("jbond").hparams == {
+        "backward_weight": 0.5,
+        "gamma": 0.0,
+        "strict": True,
+        "baseline": "loo",
+    }
 
 
 def test_bond_hand_computed_example() -> None:
@@ -111,7 +121,7 @@ def test_bond_hand_computed_example() -> None:
     reward = torch.tensor([2.0, 0.0], dtype=F64)
     ref_rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], dtype=F64)
     best_logp = torch.tensor([-0.5, -0.7], dtype=F64)
-    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=3, beta=0.5)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=3, backward_weight=0.5)
     # quantiles 2/4 and (floor) 1/8; returns R = 2·log q − (logp − ref_logp); LOO baseline = the other R
     r0 = 2 * math.log(0.5) - 0.5
     r1 = 2 * math.log(1 / 8) + 1.0
@@ -132,7 +142,9 @@ def test_jbond_hand_computed_example() -> None:
     reward = torch.tensor([0.0, 1.0, 3.0], dtype=F64)
     anchor_rewards = torch.tensor([[1.0, 2.0], [1.0, 0.5], [3.0, 4.0]], dtype=F64)
     best = torch.tensor([-0.3, -0.4, -0.6], dtype=F64)
-    out = jbond(BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), beta=0.25, gamma=2.0)
+    out = jbond(
+        BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), backward_weight=0.25, gamma=2.0
+    )
     r_j = [-LOG16, 0.0, 0.0]  # 0 < min(1, 2); 1 ≥ 0.5; 3 is not < 3 (strict)
     kl = [0.2, -1.0, 0.0]
     ret = [a - b for a, b in zip(r_j, kl)]
@@ -156,7 +168,7 @@ def test_bond_gradient_is_the_stated_estimator() -> None:
     reward = torch.randn(b, generator=g, dtype=F64)
     ref_rewards = torch.randn(b, k, generator=g, dtype=F64)
     beta, n = 0.3, 4
-    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=n, beta=beta)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best_logp), n=n, backward_weight=beta)
     g_logp, g_ref, g_best = torch.autograd.grad(
         out.loss.sum(), (logp, ref_logp, best_logp), allow_unused=True
     )
@@ -181,7 +193,9 @@ def test_jbond_gradient_is_the_stated_estimator() -> None:
     reward = torch.randint(0, 3, (b,), generator=g).to(F64)
     anchor_rewards = torch.randint(0, 3, (b, 2), generator=g).to(F64)
     beta, gamma = 0.6, 0.7
-    out = jbond(BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), beta=beta, gamma=gamma)
+    out = jbond(
+        BestOfNSamples(logp, anchor_logp, reward, anchor_rewards, best), backward_weight=beta, gamma=gamma
+    )
     g_logp, g_anchor, g_best = torch.autograd.grad(
         out.loss.sum(), (logp, anchor_logp, best), allow_unused=True
     )
@@ -214,7 +228,10 @@ def test_gradcheck_float64() -> None:
     )
     lp = logp.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: bond(BestOfNSamples(x, ref_logp, reward, ref_rewards, best.detach()), beta=0.0).loss, (lp,)
+        lambda x: (
+            bond(BestOfNSamples(x, ref_logp, reward, ref_rewards, best.detach()), backward_weight=0.0).loss
+        ),
+        (lp,),
     )
     # the closed-form objectives the surrogates' expected gradients are compared with (tests below)
     theta = torch.randn(K, generator=g, dtype=F64).requires_grad_(True)
@@ -270,7 +287,7 @@ def exact_jbond_surrogate(
     anchor_rewards = torch.stack([REWARDS[a1], REWARDS[a2]], dim=1)
     out = jbond(
         BestOfNSamples(logp_all[y], log_a[y], REWARDS[y], anchor_rewards, logp_all[best]),
-        beta=beta,
+        backward_weight=beta,
         gamma=gamma,
         strict=strict,
         baseline="none",
@@ -345,7 +362,7 @@ def test_bond_sampled_training_with_loo_baseline_converges() -> None:
         out = bond(
             BestOfNSamples(logp_all[y], torch.log(REF)[y], REWARDS[y], POOL.expand(b, -1), logp_all[star]),
             n=n,
-            beta=beta,
+            backward_weight=beta,
         )
         opt.zero_grad()
         out.loss.mean().backward()
@@ -377,7 +394,7 @@ def test_jbond_with_ema_anchor_beats_best_of_4() -> None:
         opt.zero_grad()
         exact_jbond_surrogate(theta, anchor, beta, gamma).backward()
         opt.step()
-        ema_update_(anchor, theta.detach(), eta=eta)
+        ema_update_(anchor, theta.detach(), decay=1 - eta)
         history.append(expected_ref_quantile(torch.softmax(theta.detach(), 0)))
     assert history[-1] > bo4 > bo2
     first_past_bo2 = next(i for i, v in enumerate(history) if v > bo2)
@@ -397,7 +414,7 @@ def test_jbond_with_fixed_anchor_stops_near_best_of_2() -> None:
         opt.zero_grad()
         exact_jbond_surrogate(theta, anchor, beta, 0.0).backward()
         opt.step()
-        ema_update_(anchor, theta.detach(), eta=0.0)
+        ema_update_(anchor, theta.detach(), decay=1.0)
     assert torch.equal(anchor, theta0)
     oracle = torch.softmax(
         lbfgs_argmin(lambda t: closed_form_jbond_objective(t, REF, beta, 0.0, True), theta0), 0
@@ -431,7 +448,7 @@ def test_bond_properties_and_loop_oracle(
     best = (-scale * torch.rand(b, generator=g, dtype=F64)).to(dtype)
     reward = torch.randn(b, generator=g).to(dtype)
     ref_rewards = torch.randn(b, k, generator=g).to(dtype)
-    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best), n=n, beta=beta)
+    out = bond(BestOfNSamples(logp, ref_logp, reward, ref_rewards, best), n=n, backward_weight=beta)
     assert out.loss.shape == (b,)
     assert out.loss.dtype == (F64 if dtype == F64 else torch.float32)  # half precision is upcast
     assert bool(torch.isfinite(out.loss).all())
@@ -483,18 +500,18 @@ def test_jeffreys_endpoints_through_the_loss() -> None:
         torch.randn(b, 3, generator=g),
         -torch.rand(b, generator=g),
     )
-    out0 = bond(BestOfNSamples(*args), beta=0.0)
-    out1 = bond(BestOfNSamples(*args), beta=1.0)
+    out0 = bond(BestOfNSamples(*args), backward_weight=0.0)
+    out1 = bond(BestOfNSamples(*args), backward_weight=1.0)
     torch.testing.assert_close(out0.loss, out0.metrics["loss/forward"], rtol=0, atol=0)
     torch.testing.assert_close(out1.loss, out1.metrics["loss/backward"], rtol=0, atol=0)
-    out_mid = bond(BestOfNSamples(*args), beta=0.25)
+    out_mid = bond(BestOfNSamples(*args), backward_weight=0.25)
     torch.testing.assert_close(out_mid.loss, 0.75 * out0.loss + 0.25 * out1.loss)
 
 
 def test_jeffreys_divergence_at_target_is_zero_and_positive_elsewhere() -> None:
     bon = bon_distribution(REF, REWARDS, 4)
-    assert float(jeffreys_divergence(bon, bon, beta=0.5)) == 0.0
-    assert float(jeffreys_divergence(REF, bon, beta=0.5)) > 0.0
+    assert float(jeffreys_divergence(bon, bon, backward_weight=0.5)) == 0.0
+    assert float(jeffreys_divergence(REF, bon, backward_weight=0.5)) > 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,8 +549,8 @@ def test_bond_bad_input(index: int, bad: torch.Tensor, match: str) -> None:
         ({"n": 0}, "n=0"),
         ({"n": 2.5}, "n=2.5"),
         ({"n": True}, "n=True"),
-        ({"beta": -0.1}, "beta"),
-        ({"beta": float("nan")}, "beta"),
+        ({"backward_weight": -0.1}, "backward_weight"),
+        ({"backward_weight": float("nan")}, "backward_weight"),
         ({"quantile_floor": "zero"}, "quantile_floor"),
         ({"quantile_floor": 0.0}, "quantile_floor"),
         ({"baseline": "mean"}, "baseline"),
@@ -570,6 +587,10 @@ def test_bad_input_misc() -> None:
         bad_args[index] = bad
         with pytest.raises(ValueError, match=match):
             jbond(BestOfNSamples(*bad_args))
-    for hparams, match in [({"gamma": -1.0}, "gamma"), ({"strict": "yes"}, "strict"), ({"beta": 2}, "beta")]:
+    for hparams, match in [
+        ({"gamma": -1.0}, "gamma"),
+        ({"strict": "yes"}, "strict"),
+        ({"backward_weight": 2}, "backward_weight"),
+    ]:
         with pytest.raises(ValueError, match=match):
             get_loss("jbond", **hparams)

@@ -48,7 +48,7 @@ _LAZY: dict[str, str] = {
     "Rollout": "prefopt.sampling",
     "masked": "prefopt.masked",
     "rl": "prefopt.rl",
-    "bond": "prefopt.bond",
+    "bon": "prefopt.bon",
     "losses": "prefopt.losses",
 }
 

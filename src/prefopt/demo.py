@@ -412,7 +412,7 @@ def _jbond(
         best_logp = seq_logp(
             theirs.input_ids[best_rows], theirs.attention_mask[best_rows], theirs.completion_mask[best_rows]
         )
-        loss = jbond(BestOfNSamples(logp, anchor_logp, r, ra, best_logp), beta=0.5).loss.mean()
+        loss = jbond(BestOfNSamples(logp, anchor_logp, r, ra, best_logp), backward_weight=0.5).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ __all__ = [
     "ParameterCounts",
     "default_lora_config",
     "ema_low_rank",
+    "ema_update_",
 ]
 
 POLICY_ADAPTER = "default"
@@ -825,6 +826,46 @@ _STAGING_PREFIX = ".prefopt-save-"
 _TENSOR_PREFIX = "prefopt_policy-"
 _FINGERPRINT_SAMPLES = 4
 _FINGERPRINT_RTOL = 1e-2
+
+
+@torch.no_grad()
+def ema_update_(
+    anchor: Tensor | Iterable[Tensor], policy: Tensor | Iterable[Tensor], *, decay: float
+) -> None:
+    """In place: ``anchor ← decay·anchor + (1 − decay)·policy``, the tensor-level EMA anchor.
+
+    The same parametrisation as :meth:`LoraPolicy.update_anchor_`, for anchors kept as full weights; J-BOND's
+    ``η`` (Sessa et al., Alg. 2) is ``1 − decay``. ``decay = 0`` copies the policy into the anchor, ``decay =
+    1`` leaves the anchor fixed (non-iterative BOND with ``N = 2``). Accepts one tensor or matching iterables of tensors (e.g. parameter lists), floating
+    point, pairwise on one device. All or nothing: if any policy tensor holds NaN/inf (``ValueError``) or
+    any pair is malformed (``TypeError``/``ValueError`` naming its index), no anchor tensor is written.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 <= decay <= 1):
+        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    anchors = [anchor] if isinstance(anchor, Tensor) else list(anchor)
+    policies = [policy] if isinstance(policy, Tensor) else list(policy)
+    if len(anchors) != len(policies):
+        raise ValueError(f"anchor has {len(anchors)} tensors but policy has {len(policies)}")
+    # All or nothing: every pair is checked before the first anchor is written.
+    for i, (a, p) in enumerate(zip(anchors, policies)):
+        for name, t in (("anchor", a), ("policy", p)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{i}] must be a floating-point tensor, got dtype {t.dtype}")
+        if a.shape != p.shape:
+            raise ValueError(
+                f"anchor[{i}] has shape {tuple(a.shape)} but policy[{i}] has shape {tuple(p.shape)}"
+            )
+        if a.device != p.device:
+            raise ValueError(f"anchor[{i}] is on {a.device} but policy[{i}] is on {p.device}")
+    if policies:
+        finite = torch.stack([torch.isfinite(p).all().to(policies[0].device) for p in policies])
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"policy{bad[:5]} hold NaN or inf; the anchor was left unchanged")
+    for a, p in zip(anchors, policies):
+        a.lerp_(p.to(a.dtype), 1.0 - float(decay))
 
 
 def _fsync_file(path: str) -> None:

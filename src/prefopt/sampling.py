@@ -45,20 +45,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from prefopt.bon import check_n
 from prefopt.logprobs import token_logps
 from prefopt.types import PromptBatch
 
 __all__ = [
+    "BestOfN",
     "HFSampler",
     "Rollout",
     "Sampler",
+    "best_of_n",
     "completion_mask_after_eos",
     "pack_rollout",
     "score_rollout",
@@ -581,3 +585,111 @@ class HFSampler:
             num_samples=n,
         ).to(device)
         return score_rollout(rollout, self.model, reference=self.reference, temperature=self.temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Best-of-N
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BestOfN:
+    """Result of :func:`best_of_n` for ``B`` prompts and ``N`` samples each.
+
+    Attributes:
+        samples: all samples, prompt-major: a tensor ``(B, N, ...)`` if the sampler returned a tensor,
+            else a list of ``B`` lists of ``N`` samples.
+        rewards: ``(B, N)`` rewards of every sample (reuse them as the quantile pool ``ref_rewards``).
+        index: ``(B,)`` long, position of the kept sample (first occurrence among tied maxima).
+        best_reward: ``(B,)`` reward of the kept sample.
+        best: the kept samples, a tensor ``(B, ...)`` or a list of ``B`` samples.
+    """
+
+    samples: Any
+    rewards: Tensor
+    index: Tensor
+    best_reward: Tensor
+    best: Any
+
+
+def best_of_n(
+    sample_fn: Callable[[list[Any]], Any],
+    reward_fn: Callable[[list[Any], Any], Any],
+    prompts: Sequence[Any],
+    n: int,
+) -> BestOfN:
+    """Draw ``n`` samples per prompt, score them and keep the best (first occurrence among tied maxima).
+
+    Model-agnostic: ``sample_fn`` is whatever produces samples from the reference or the anchor policy
+    (e.g. a wrapper of ``generate`` with ``do_sample=True``), ``reward_fn`` is a reward function or model.
+
+    Args:
+        sample_fn: called once as ``sample_fn(repeated)`` where ``repeated`` is the list of prompts, each
+            repeated ``n`` times in a row (``[p0]*n + [p1]*n + ...``); it must return ``B·n`` samples in that
+            order, as a list/sequence or as a tensor with leading dim ``B·n``.
+        reward_fn: called once as ``reward_fn(repeated, samples)``; must return ``B·n`` real rewards
+            (tensor or sequence of numbers).
+        prompts: ``B >= 1`` prompts (any objects).
+        n: samples per prompt, ``>= 1``.
+
+    Returns:
+        :class:`BestOfN`.
+
+    Raises:
+        ValueError: ``n < 1``, no prompts, a sampler/reward function that returns the wrong number of
+            items, or NaN rewards.
+        TypeError: ``reward_fn`` returns something other than real numbers (strings, ``None``, bools,
+            complex values, nested lists); the message names the first bad item's index.
+    """
+    check_n(n)
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must contain at least one prompt")
+    b = len(prompts)
+    repeated = [p for p in prompts for _ in range(n)]
+    samples = sample_fn(repeated)
+    if len(samples) != b * n:
+        raise ValueError(f"sample_fn returned {len(samples)} samples, expected len(prompts)·n = {b * n}")
+    raw = reward_fn(repeated, samples)
+    if isinstance(raw, Tensor):
+        rewards = raw
+    else:
+        try:
+            items = list(raw)
+        except TypeError:
+            raise TypeError(
+                f"reward_fn must return a tensor or a sequence of real numbers, got {type(raw).__name__}"
+            ) from None
+        wrong = [
+            (i, x)
+            for i, x in enumerate(items)
+            if isinstance(x, bool)
+            or not isinstance(x, (numbers.Real, Tensor))
+            or (isinstance(x, Tensor) and (x.numel() != 1 or x.is_complex() or x.dtype == torch.bool))
+        ]
+        if wrong:
+            i, x = wrong[0]
+            raise TypeError(
+                f"reward_fn must return real numbers; item {i} is {type(x).__name__} {x!r:.60} "
+                f"({len(wrong)} such item(s))"
+            )
+        rewards = torch.as_tensor(items)
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise TypeError(f"reward_fn returned a tensor of dtype {rewards.dtype}; expected real numbers")
+    if rewards.numel() != b * n:
+        raise ValueError(f"reward_fn returned {rewards.numel()} rewards, expected len(prompts)·n = {b * n}")
+    rewards = rewards.reshape(b, n)
+    if torch.is_floating_point(rewards) and bool(torch.isnan(rewards).any()):
+        raise ValueError(f"rewards (from reward_fn) has {int(torch.isnan(rewards).sum())} NaN value(s)")
+    index = rewards.argmax(dim=-1)  # first occurrence of the maximum
+    rows = torch.arange(b, device=rewards.device)
+    best_reward = rewards[rows, index]
+    if isinstance(samples, Tensor):
+        grid = samples.reshape(b, n, *samples.shape[1:])
+        best: Any = grid[rows.to(grid.device), index.to(grid.device)]
+        all_samples: Any = grid
+    else:
+        flat = list(samples)
+        all_samples = [flat[i * n : (i + 1) * n] for i in range(b)]
+        best = [all_samples[i][int(index[i])] for i in range(b)]
+    return BestOfN(samples=all_samples, rewards=rewards, index=index, best_reward=best_reward, best=best)

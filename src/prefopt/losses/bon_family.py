@@ -13,7 +13,7 @@ loss          input kind      data per row
 
 Notation: ``F(y) = P_{y'∼π_ref}[r(y') < r(y)]`` and ``p_≤(y)`` the reference quantiles; with distinct rewards
 ``π_BoN(y) = (F(y) + π_ref(y))^N − F(y)^N = Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref^i`` (exact helpers in
-:mod:`prefopt.bond`, e.g. :func:`prefopt.bond.bon_distribution`). For continuous rewards
+:mod:`prefopt.bon`, e.g. :func:`prefopt.bon.bon_distribution`). For continuous rewards
 ``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised RL optimum with
 reward ``log Q`` and coefficient ``1/(N−1)``.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.bond import check_n
+from prefopt.bon import check_n
 from prefopt.losses.margin import logratios, pair_metrics
 from prefopt.registry import Check, between, gt, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput, PairLogps
@@ -264,7 +264,7 @@ def vbon(
     ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)`` (``quantile="vbon"``).
 
     Relation to BOND: ``variant="bound"`` with ``quantile="le"`` and a floor ``1/(2k)``
-    (``quantile_floor=0.5``) is exactly :func:`prefopt.losses.bond.bond` at ``beta=1`` with the ``"loo"``
+    (``quantile_floor=0.5``) is exactly :func:`prefopt.losses.bond.bond` at ``backward_weight=1`` with the ``"loo"``
     baseline (the ``log N`` cancels in ``R − B``).
 
     Args:

@@ -3,9 +3,10 @@
 Both losses are *surrogates*: pure functions of per-sequence log-probs and rewards whose autograd gradient,
 averaged over a batch of samples, is an unbiased estimate of the gradient of a divergence. The expectations
 they estimate are stated in each docstring and checked exactly (by enumeration) on a categorical policy in
-``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N helpers are in
-:mod:`prefopt.bond`. The primary text's equation numbers could not be checked; section/algorithm numbers
-follow a secondary transcription.
+``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N math is in
+:mod:`prefopt.bon`. This module also holds the training-time reward transforms the losses use:
+:func:`empirical_quantile` / :func:`log_empirical_quantile` (BOND's Monte-Carlo quantile) and
+:func:`jbond_reward`.
 
 Extreme values: the surrogate products ``−(R − B)·logp`` and ``γ·sg(logp − anchor_logp)·logp`` go through
 [`saturating_product`][prefopt.losses.margin.saturating_product]: with one row's log-prob at ``−1e30`` their
@@ -19,12 +20,109 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prefopt.bond import jbond_reward, log_empirical_quantile
+from prefopt.bon import LOG16
 from prefopt.losses.margin import saturating_product
 from prefopt.registry import Check, between, ge, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput
 
-__all__ = ["bond", "jbond"]
+__all__ = ["bond", "empirical_quantile", "jbond", "jbond_reward", "log_empirical_quantile"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training-time reward transforms
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _real_tensor(name: str, x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if torch.is_floating_point(x) and bool(torch.isnan(x).any()):
+        raise ValueError(f"{name} has {int(torch.isnan(x).sum())} NaN value(s)")
+    return x
+
+
+def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
+    """Monte-Carlo quantile ``p̂_≤(y) = (1/k)·Σ_{i=1}^{k} 1[r(y'_i) ≤ r(y)]`` of ``y`` among ``k`` reference samples.
+
+    The practical BOND reward is ``log p̂_≤`` (Sessa et al., Sec. 4), which is ``−inf`` when ``y`` is below
+    every reference sample. The paper's handling of ``p̂ = 0`` is not known to us, so it is configurable:
+
+    * ``floor="half"`` (default): ``max(count/k, 1/(2k))`` — a zero count is treated as half a sample;
+      every other value is the plain empirical CDF (unbiased for ``p_≤``).
+    * ``floor="smoothed"``: ``(count + ½)/(k + 1)`` — shrinks every estimate (never 0, never 1).
+    * ``floor=c`` with ``0 < c ≤ 1`` (a float): ``max(count/k, c)``.
+
+    Args:
+        reward: ``(...)`` rewards of the responses being scored, e.g. ``(b,)``.
+        ref_rewards: ``(..., k)`` rewards of ``k >= 2`` reference samples for the same prompt.
+
+    Returns:
+        ``(...)`` quantiles in ``(0, 1]`` with ``reward``'s floating dtype (float32 for integer rewards).
+        Not differentiable (an indicator).
+    """
+    _real_tensor("reward", reward)
+    _real_tensor("ref_rewards", ref_rewards)
+    if ref_rewards.ndim != reward.ndim + 1 or ref_rewards.shape[:-1] != reward.shape:
+        raise ValueError(
+            f"ref_rewards must have shape {(*tuple(reward.shape), 'k')} to match reward {tuple(reward.shape)}, "
+            f"got {tuple(ref_rewards.shape)}"
+        )
+    k = ref_rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"ref_rewards needs at least 2 reference samples per response (k >= 2), got k = {k}")
+    dtype = reward.dtype if torch.is_floating_point(reward) else torch.get_default_dtype()
+    count = (ref_rewards <= reward.unsqueeze(-1)).sum(dim=-1).to(dtype)
+    if isinstance(floor, str):
+        if floor == "half":
+            return torch.clamp(count / k, min=1.0 / (2 * k))
+        if floor == "smoothed":
+            return (count + 0.5) / (k + 1)
+        raise ValueError(f"floor must be 'half', 'smoothed' or a number in (0, 1], got {floor!r}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (0 < floor <= 1):
+        raise ValueError(f"floor must be 'half', 'smoothed' or a number in (0, 1], got {floor!r}")
+    return torch.clamp(count / k, min=float(floor))
+
+
+def log_empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
+    """``log p̂_≤(y)`` (see :func:`empirical_quantile`; finite thanks to the floor). Shape of ``reward``."""
+    return torch.log(empirical_quantile(reward, ref_rewards, floor=floor))
+
+
+def jbond_reward(reward: Tensor, anchor_rewards: Tensor, *, strict: bool = True) -> Tensor:
+    """J-BOND's reward ``r_J(y) = −log 16 · 1[y loses to both anchor samples]`` (Sessa et al., Alg. 2).
+
+    ``strict=True`` (the main text): "loses" means ``r(y) < min(r(y'_1), r(y'_2))``;
+    ``strict=False`` (the appendix variant): ``r(y) ≤ min(r(y'_1), r(y'_2))``.
+
+    Calibration: with ``y'_1, y'_2 ~ π_anchor`` i.i.d., ``E[r_J(y)] = −log 16 · (1 − p_≤(y))²`` (strict) or
+    ``−log 16 · (1 − p_<(y))²`` (non-strict), quantiles under ``π_anchor``; at the median ``p = ½`` this is
+    ``−log 16 / 4 = log ½``, the log-quantile there. Elsewhere it only approximates ``log p``.
+
+    Args:
+        reward: ``(b,)`` reward of the policy sample.
+        anchor_rewards: ``(b, 2)`` rewards of the two anchor samples.
+
+    Returns:
+        ``(b,)`` values in ``{−log 16, 0}`` with ``reward``'s floating dtype.
+    """
+    _real_tensor("reward", reward)
+    _real_tensor("anchor_rewards", anchor_rewards)
+    if reward.ndim != 1:
+        raise ValueError(f"reward must have shape (b,), got {tuple(reward.shape)}")
+    if anchor_rewards.shape != (reward.shape[0], 2):
+        raise ValueError(
+            f"anchor_rewards must have shape ({reward.shape[0]}, 2), got {tuple(anchor_rewards.shape)}"
+        )
+    worst = anchor_rewards.min(dim=-1).values
+    lost = reward < worst if strict else reward <= worst
+    dtype = reward.dtype if torch.is_floating_point(reward) else torch.get_default_dtype()
+    penalty = torch.full(lost.shape, -LOG16, dtype=dtype, device=lost.device)
+    return torch.where(lost, penalty, torch.zeros_like(penalty))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _int_ge(lo: int) -> Check:
@@ -67,7 +165,7 @@ def _baseline(ret: Tensor, kind: str) -> Tensor:
     needs_reference=True,
     checks={
         "n": _int_ge(1),
-        "beta": between(0, 1),
+        "backward_weight": between(0, 1),
         "quantile_floor": _FLOOR_CHECK,
         "baseline": one_of("loo", "none"),
     },
@@ -76,7 +174,7 @@ def bond(
     samples: BestOfNSamples,
     *,
     n: int = 8,
-    beta: float = 0.5,
+    backward_weight: float = 0.5,
     quantile_floor: str | float = "half",
     baseline: str = "loo",
 ) -> LossOutput:
@@ -87,33 +185,34 @@ def bond(
         log p̂_i = log p̂_≤(y_i)            empirical quantile of reward_i among the k ref_rewards (floored)
         R_i     = sg[(N−1)·log p̂_i − (logp_i − ref_logp_i)]          the return  ("bond/return")
         B_i     = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0  (baseline='none')
-        loss_i  = (1−β)·(−best_logp_i)  +  β·(−(R_i − B_i)·logp_i)
+        loss_i  = (1−w)·(−best_logp_i)  +  w·(−(R_i − B_i)·logp_i)
                    └── forward KL ──┘      └──── backward KL ────┘
 
     Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
-    **multiplied by (N−1)**, so that ``β`` weighs two KL divergences on the same scale. With the exact
-    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` (:func:`prefopt.bond.practical_bond_target`), the expected
+    **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale. With the exact
+    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` (:func:`prefopt.bon.practical_bond_target`), the expected
     gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is::
 
-        (1−β)·∇KL(π_BoN ‖ π_θ)  +  β·∇KL(π_θ ‖ π̃)
+        (1−w)·∇KL(π_BoN ‖ π_θ)  +  w·∇KL(π_θ ‖ π̃)
 
     (the baseline does not change it: ``E[∇log π] = 0`` and ``B_i`` is independent of ``y_i``). So
-    ``β = 0`` is SFT on Best-of-N samples and converges to ``π_BoN``; ``β = 1`` converges to ``π̃``, not
-    ``π_BoN``, because the practical reward drops the tie/collision term (B) of ``r_BOND``; ``0 < β < 1``
-    converges to ``argmin_π (1−β)·KL(π_BoN‖π) + β·KL(π‖π̃)``. The empirical quantile adds a further bias
-    (``E log p̂ ≠ log p`` and the floor). Divide ``β``'s term by ``N−1`` to recover the unscaled convention.
+    ``w = 0`` is SFT on Best-of-N samples and converges to ``π_BoN``; ``w = 1`` converges to ``π̃``, not
+    ``π_BoN``, because the practical reward drops the tie/collision term (B) of ``r_BOND``; ``0 < w < 1``
+    converges to ``argmin_π (1−w)·KL(π_BoN‖π) + w·KL(π‖π̃)``. The empirical quantile adds a further bias
+    (``E log p̂ ≠ log p`` and the floor). Divide ``w``'s term by ``N−1`` to recover the unscaled convention.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] — ``logp`` ``(b,)`` the policy log-prob
             ``S_θ(y)`` of its own sample (sum over completion tokens); ``ref_logp`` ``(b,)`` the reference
             log-prob ``S_ref(y)`` of the same sample (enters the return only); ``reward`` ``(b,)``;
             ``ref_rewards`` ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the
-            quantile pool; it may be the Best-of-N pool itself, :attr:`prefopt.bond.BestOfN.rewards`);
+            quantile pool; it may be the Best-of-N pool itself, :attr:`prefopt.sampling.BestOfN.rewards`);
             ``best_logp`` ``(b,)`` the policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample
             (required).
         n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
-        beta: Jeffreys weight in ``[0, 1]`` (0 = forward only, 1 = backward only; default 0.5 as recommended).
-        quantile_floor: floor for ``p̂ = 0`` (see :func:`prefopt.bond.empirical_quantile`; default ``'half'``
+        backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 = forward
+            only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys divergence).
+        quantile_floor: floor for ``p̂ = 0`` (see :func:`empirical_quantile`; default ``'half'``
             = ``1/(2k)``).
         baseline: ``'loo'`` (leave-one-out mean return of the other samples in the batch; needs ``b >= 2``)
             or ``'none'``.
@@ -133,7 +232,7 @@ def bond(
     adv = ret - _baseline(ret, baseline)
     forward = -best_logp
     backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
-    loss = (1 - beta) * forward + beta * backward
+    loss = (1 - backward_weight) * forward + backward_weight * backward
     metrics = {
         "bond/log_quantile": log_q.detach(),
         "bond/return": ret.detach(),
@@ -151,7 +250,7 @@ def bond(
     inputs="best_of_n",
     needs_reference=False,
     checks={
-        "beta": between(0, 1),
+        "backward_weight": between(0, 1),
         "gamma": ge(0),
         "strict": one_of(True, False),
         "baseline": one_of("loo", "none"),
@@ -160,7 +259,7 @@ def bond(
 def jbond(
     samples: BestOfNSamples,
     *,
-    beta: float = 0.5,
+    backward_weight: float = 0.5,
     gamma: float = 0.0,
     strict: bool = True,
     baseline: str = "loo",
@@ -172,24 +271,24 @@ def jbond(
         r_J,i  = −log 16 · 1[r(y_i) < min(r(y'_1), r(y'_2))]     ("≤" with strict=False, the appendix form)
         R_i    = sg[r_J,i − (logp_i − anchor_logp_i)]              β_BOND = 1/(N−1) = 1 for N = 2
         B_i    = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0
-        loss_i = (1−β)·(−best_anchor_logp_i) + β·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
+        loss_i = (1−w)·(−best_anchor_logp_i) + w·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
 
     With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``::
 
-        (1−β)·∇KL(BoN_2(π_anchor) ‖ π_θ) + β·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
+        (1−w)·∇KL(BoN_2(π_anchor) ‖ π_θ) + w·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
 
     where ``π̃_J ∝ π_anchor·exp(E[r_J | y])`` and ``E[r_J | y] = −log 16·(1 − p_≤(y))²`` (quantile under
     ``π_anchor``; ``p_<`` for ``strict=False``) — equal to ``log p_≤`` at the median, an approximation
     elsewhere. The ``γ`` term is the single-sample score-function estimator of ``∇KL(π_θ‖π_anchor)`` (the
     paper does not specify its estimator). The caller updates the anchor, e.g. with
-    :func:`prefopt.bond.ema_update_` or ``LoraPolicy.update_anchor_``.
+    :func:`prefopt.policy.ema_update_` or ``LoraPolicy.update_anchor_``.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] whose pool is the anchor: ``logp`` ``(b,)``
             the policy log-prob of its own sample; ``ref_logp`` ``(b,)`` the *anchor* log-prob of the same
             sample; ``reward`` ``(b,)``; ``ref_rewards`` ``(b, 2)`` rewards of the two anchor samples;
             ``best_logp`` ``(b,)`` the policy log-prob of the better anchor sample (required).
-        beta: Jeffreys weight in ``[0, 1]`` (default 0.5).
+        backward_weight: ``w``, the Jeffreys weight on the backward KL, in ``[0, 1]`` (default 0.5).
         gamma: extra KL-to-anchor weight ``>= 0`` (default 0).
         strict: ``True`` = "<" (main text), ``False`` = "≤" (appendix).
         baseline: ``'loo'`` (needs ``b >= 2``) or ``'none'``.
@@ -208,7 +307,7 @@ def jbond(
     forward = -best_anchor_logp
     backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
     kl_reg = saturating_product(gamma * kl_anchor, logp)
-    loss = (1 - beta) * forward + beta * backward + kl_reg
+    loss = (1 - backward_weight) * forward + backward_weight * backward + kl_reg
     metrics = {
         "jbond/reward": r_j.detach(),
         "jbond/return": ret.detach(),
