@@ -97,7 +97,6 @@ def child(config: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def seq(m: Any, ids: torch.Tensor, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lp = token_logps(m, ids, a, mask)
-        assert isinstance(lp, torch.Tensor)
         return seq_sum(lp, mask)
 
     if config == "one_backbone":

@@ -55,7 +55,6 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
         else:
             flat = h[:, :-1].reshape(-1, d)
             lp = chunked_head_logps(flat, w, y, chunk_size=args.chunk_size)
-            assert isinstance(lp, torch.Tensor)
             total = lp.sum()
         total.backward()
 

@@ -145,7 +145,6 @@ def diagnose(
 
     def forward() -> Tensor:
         lp = token_logps(model, ids, am, cm)
-        assert isinstance(lp, Tensor)
         return seq_sum(lp, cm)
 
     rg = per_row_gradients(model, forward, 2 * b, named, flat=True)
@@ -278,7 +277,6 @@ def seq_logps_nograd(model: nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor
     """``(token log-probs (2B, T), sequence sums (2B,))`` without grad."""
     with torch.no_grad():
         lp = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-        assert isinstance(lp, Tensor)
         return lp, seq_sum(lp, batch.completion_mask)
 
 

@@ -146,7 +146,6 @@ def main() -> None:
         logp = token_logps(
             policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
         )
-        assert isinstance(logp, torch.Tensor)
         out = grpo(logp, roll.logp, adv, mask, ref_logp=roll.ref_logp, beta=args.beta)
         opt.zero_grad(set_to_none=True)
         aggregate(out.loss, mask, "seq-mean-token-mean").backward()

@@ -258,7 +258,6 @@ def sample(
 def seq_logps(model: Any, ids: Tensor, am: Tensor, cm: Tensor) -> Tensor:
     """``(b,)`` sequence log-probs ``Σ_t log π(y_t | ·)`` over the completion (temperature 1)."""
     lp = token_logps(model, ids, am, cm)
-    assert isinstance(lp, Tensor)
     return seq_sum(lp, cm)
 
 
@@ -405,7 +404,6 @@ def reinforce_step(
         ref = token_logps(policy.model, roll.input_ids, roll.attention_mask, roll.completion_mask)
     policy.train()
     logp = token_logps(policy.model, roll.input_ids, roll.attention_mask, roll.completion_mask)
-    assert isinstance(logp, Tensor) and isinstance(ref, Tensor)
     pen = rl.kl_penalized_rewards(scores, logp.detach(), ref, roll.completion_mask, beta=kl_coef)
     adv = rl.rloo_advantages(pen.sequence_rewards.view(-1, k)).reshape(-1)
     out = rloo(logp, None, adv, roll.completion_mask)

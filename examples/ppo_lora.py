@@ -121,7 +121,6 @@ def main() -> None:
             logp = token_logps(
                 policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
             )
-            assert isinstance(logp, torch.Tensor)
             values = state_values(policy, roll)
             out = ppo(
                 logp,

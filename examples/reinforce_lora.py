@@ -147,7 +147,6 @@ def main() -> None:
         logp = token_logps(
             policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
         )
-        assert isinstance(logp, torch.Tensor)
         values = policy.values(roll.input_ids, roll.attention_mask)  # critic adapter + head
         # values[:, i] has read tokens 0..i; the baseline for token t is the value of the state y_<t
         v_before = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)

@@ -18,9 +18,11 @@ from prefopt.logprobs import (
     DEFAULT_CHUNK_SIZE,
     LogitTransform,
     chunked_head_logps,
+    head_stats,
     logit_transform,
     pair_seq_logps,
     token_logps,
+    token_logps_and_entropy,
 )
 from prefopt.masked import seq_len, seq_mean, seq_sum
 from prefopt.types import PairLogps
@@ -209,7 +211,7 @@ def test_temperature_and_entropy_match_naive():
     w2 = torch.randn(ids.shape, generator=torch.Generator().manual_seed(8))
 
     def fast():
-        lp, ent = token_logps(model, ids, attn, mask, chunk_size=4, return_entropy=True, temperature=0.7)
+        lp, ent = token_logps_and_entropy(model, ids, attn, mask, chunk_size=4, temperature=0.7)
         return torch.stack([lp, ent])
 
     def slow():
@@ -235,7 +237,7 @@ def test_entropy_with_frozen_head_precompute_path():
     w = torch.randn(2, *ids.shape, generator=torch.Generator().manual_seed(9))
     f, g_f, h_f = grads_of(
         model,
-        lambda: torch.stack(token_logps(model, ids, attn, mask, chunk_size=3, return_entropy=True)),
+        lambda: torch.stack(token_logps_and_entropy(model, ids, attn, mask, chunk_size=3)),
         w,
     )
     s, g_s, h_s = grads_of(model, lambda: torch.stack(naive_logps(model, ids, attn, mask, entropy=True)), w)
@@ -355,7 +357,7 @@ def test_empty_completion_mask_gives_zeros_and_zero_grads(lora_head):
             model = peft.get_peft_model(model, cfg)
     ids, attn, _ = random_batch()
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    lp, ent = token_logps(model, ids, attn, mask, return_entropy=True)
+    lp, ent = token_logps_and_entropy(model, ids, attn, mask)
     assert lp.shape == ids.shape and (lp == 0).all() and (ent == 0).all()
     (lp.sum() + ent.sum()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -393,7 +395,7 @@ def test_property_random_masks_match_naive(tiny, b, t, chunk, seed, entropy):
     mask = torch.rand(b, t, generator=g) > 0.5
     mask[:, 0] = False
     with torch.no_grad():
-        ours = token_logps(tiny, ids, None, mask, chunk_size=chunk, return_entropy=entropy)
+        ours = (token_logps_and_entropy if entropy else token_logps)(tiny, ids, None, mask, chunk_size=chunk)
         ref = naive_logps(tiny, ids, None, mask, entropy=entropy)
     for a, r in zip(ours if entropy else [ours], ref if entropy else [ref]):
         assert a.shape == (b, t)
@@ -406,7 +408,7 @@ def test_length_one_and_batch_of_one():
     ids = torch.tensor([[5]])
     lp = token_logps(model, ids)
     assert lp.shape == (1, 1) and lp.item() == 0.0
-    lp, ent = token_logps(model, ids, return_entropy=True)
+    lp, ent = token_logps_and_entropy(model, ids)
     assert ent.shape == (1, 1)
 
 
@@ -794,3 +796,52 @@ def test_backbone_without_position_ids_still_works():
     assert len(model.body.calls) == 1 and model.body.calls[0]["attention_mask"] is attn
     torch.testing.assert_close(lp[:, 1:][mask[:, 1:]], naive[mask[:, 1:]], atol=1e-6, rtol=0)
     assert (lp[~mask] == 0).all()
+
+
+class _WrappedHead(torch.nn.Module):
+    """The same linear head, but not a plain ``nn.Linear``: forces head_stats' generic checkpointed path."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_stats_linear_and_generic_paths_agree_with_naive(dtype: torch.dtype) -> None:
+    """head_stats (the seam both forward strategies use): fast nn.Linear path == generic module path == naive
+    log-softmax, values and gradients (hidden and head weight), with a logit transform and temperature."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 11, 6, 9
+    lin = torch.nn.Linear(d, v, dtype=dtype)
+    h = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    tr = LogitTransform(scale=0.7, softcap=3.0)
+
+    def naive(hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.tanh(lin(hh) * 0.7 / 3.0) * 3.0 / 1.3
+        lsm = torch.log_softmax(z, -1)
+        return lsm.gather(1, y[:, None]).squeeze(1), -(lsm.exp() * lsm).sum(-1)
+
+    results = []
+    for head in (lin, _WrappedHead(lin)):
+        hh = h.clone().requires_grad_(True)
+        st = head_stats(head, hh, y, transform=tr, temperature=1.3, chunk_size=4, entropy=True)
+        assert st.entropy is not None and st.logp.dtype == dtype
+        (st.logp.sum() + 0.5 * st.entropy.sum()).backward()
+        results.append((st.logp.detach(), st.entropy.detach(), hh.grad, lin.weight.grad.clone()))
+        lin.weight.grad = None
+        lin.bias.grad = None
+        assert head_stats(head, h, y, transform=tr, temperature=1.3).entropy is None
+    hh = h.clone().requires_grad_(True)
+    lp, ent = naive(hh)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    oracle = (lp.detach(), ent.detach(), hh.grad, lin.weight.grad.clone())
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-5}
+    for got in results:
+        for a, b in zip(got, oracle):
+            torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(TypeError, match="entropy"):
+        head_stats(lin, h, y, entropy=1)  # type: ignore[arg-type]

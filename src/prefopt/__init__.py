@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "LoraPolicy": "prefopt.policy",
     "token_logps": "prefopt.logprobs",
+    "token_logps_and_entropy": "prefopt.logprobs",
     "seq_sum": "prefopt.masked",
     "seq_mean": "prefopt.masked",
     "seq_len": "prefopt.masked",

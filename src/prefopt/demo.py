@@ -389,7 +389,6 @@ def _jbond(
 
     def seq_logp(ids: torch.Tensor, am: torch.Tensor, cm: torch.Tensor) -> torch.Tensor:
         logp = token_logps(policy.model, ids, am, cm)
-        assert isinstance(logp, torch.Tensor)
         return seq_sum(logp, cm)
 
     res.reward.append(mean_reward())

@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -49,13 +49,17 @@ from prefopt.types import PairBatch, PairLogps, SharedPromptBatch, check_mask, c
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "HeadStats",
     "LogitTransform",
+    "backbone_and_head",
     "chunked_head_logps",
+    "head_stats",
     "logit_transform",
     "pair_logps",
     "pair_seq_logps",
     "position_kwargs",
     "token_logps",
+    "token_logps_and_entropy",
 ]
 
 #: Default number of completion tokens per LM-head chunk (tuned by ``benchmarks/logprobs.py``, see
@@ -384,6 +388,34 @@ def _check_temperature(temperature: Any) -> float:
     return float(temperature)
 
 
+@overload
+def chunked_head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = ...,
+    *,
+    transform: LogitTransform | None = ...,
+    temperature: float = ...,
+    chunk_size: int = ...,
+    return_entropy: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def chunked_head_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = ...,
+    *,
+    transform: LogitTransform | None = ...,
+    temperature: float = ...,
+    chunk_size: int = ...,
+    return_entropy: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
 def chunked_head_logps(
     hidden: Tensor,
     weight: Tensor,
@@ -477,6 +509,78 @@ def _module_head_logps(
     return lp_all, (torch.cat(parts_ent) if return_entropy else None)
 
 
+@dataclass(frozen=True)
+class HeadStats:
+    """Per-token statistics from an LM head: ``logp`` ``(n,)`` and, when asked for, ``entropy`` ``(n,)``."""
+
+    logp: Tensor
+    entropy: Tensor | None = None
+
+
+def head_stats(
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    *,
+    transform: LogitTransform | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    entropy: bool = False,
+) -> HeadStats:
+    r"""Hidden states → per-token log-probs (and entropy) through an LM head, without keeping ``(n, V)`` logits.
+
+    ``z_i = softcap(κ·head(h_i))/τ``, ``logp_i = log softmax(z_i)[y_i]``, ``H_i = −Σ_v p_iv log p_iv``. The one
+    seam between a forward strategy and the head: :func:`token_logps` and the shared-prompt forward
+    (:mod:`prefopt.shared_prefix`) both select the hidden states that count and call this. A plain
+    ``nn.Linear`` head goes through :func:`chunked_head_logps` (a custom backward; no logits kept); any other
+    head module (LoRA on ``lm_head``, ``modules_to_save``) is called chunk by chunk under activation
+    checkpointing (slower, same values).
+
+    Args:
+        head: the LM head module (``model.get_output_embeddings()``).
+        hidden: ``(n, d)`` hidden states.
+        targets: ``(n,)`` integer token ids.
+        transform: the model's :class:`LogitTransform` (default: none).
+        temperature: ``τ > 0`` (default 1).
+        chunk_size: rows per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        entropy: also compute the (differentiable) entropy.
+
+    Returns:
+        :class:`HeadStats` with float32 tensors (float64 for float64 ``hidden``).
+    """
+    if not isinstance(entropy, bool):
+        raise TypeError(f"entropy must be a bool, got {type(entropy).__name__}")
+    if type(head) is nn.Linear:
+        if entropy:
+            lp, ent = chunked_head_logps(
+                hidden,
+                head.weight,
+                targets,
+                head.bias,
+                transform=transform,
+                temperature=temperature,
+                chunk_size=chunk_size,
+                return_entropy=True,
+            )
+            return HeadStats(lp, ent)
+        lp = chunked_head_logps(
+            hidden,
+            head.weight,
+            targets,
+            head.bias,
+            transform=transform,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+        return HeadStats(lp)
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    lp, ent_or_none = _module_head_logps(
+        head, hidden, targets.long(), transform or LogitTransform(), tau, chunk_size, entropy
+    )
+    return HeadStats(lp, ent_or_none)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # token_logps on a model
 # --------------------------------------------------------------------------------------------------------------
@@ -499,7 +603,12 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
-def _backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module, Any]:
+def backbone_and_head(model: Any) -> tuple[nn.Module, nn.Module, Any]:
+    """``(backbone, lm_head, config)`` of a transformers causal LM, a peft model or a ``LoraPolicy``.
+
+    The backbone (``model.<base_model_prefix>``) returns the final hidden states; the head maps them to
+    logits. Raises ``TypeError`` naming the model class when the split is not possible.
+    """
     base: Any = _unwrap(model)
     backbone = getattr(base, str(base.base_model_prefix), None)
     head = base.get_output_embeddings()
@@ -582,9 +691,8 @@ def token_logps(
     completion_mask: Tensor | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    return_entropy: bool = False,
     temperature: float = 1.0,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor:
     """Per-token log-probs ``ℓ[:, i] = log p(input_ids[:, i] | input_ids[:, :i])`` of a causal LM.
 
     Runs the model's backbone once, then its LM head (with the config's logit scaling / soft-capping and
@@ -605,20 +713,49 @@ def token_logps(
         completion_mask: ``(b, t)`` bool, True where token ``i`` counts; must be False at ``i = 0``.
             None: every position ``i ≥ 1`` counts.
         chunk_size: completion tokens per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
-        return_entropy: also return the per-token entropy ``H[:, i] = −Σ_v p(v | input_ids[:, :i]) log p(…)``.
         temperature: ``τ > 0``; the final logits are divided by it (sampling log-probs). Default 1.
 
     Returns:
         ``(b, t)`` log-probs (float32; float64 for a float64 model), 0 at ``i = 0`` and where
-        ``completion_mask`` is False; with
-        ``return_entropy`` the tuple ``(logp, entropy)`` in the same layout.
+        ``completion_mask`` is False. For the per-token entropy as well, use :func:`token_logps_and_entropy`.
     """
+    logp, _ = _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature, False)
+    return logp
+
+
+def token_logps_and_entropy(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_logps` and the per-token entropy ``H[:, i] = −Σ_v p(v | input_ids[:, :i]) log p(v | …)``.
+
+    Same arguments, one forward. Both ``(b, t)`` in the same layout (0 at ``i = 0`` and where
+    ``completion_mask`` is False); the entropy is differentiable (an entropy bonus, the high-entropy token
+    mask) and, like the log-probs, no ``(b, t, V)`` tensor is kept for backward.
+    """
+    logp, ent = _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature, True)
+    assert ent is not None  # entropy=True always computes it
+    return logp, ent
+
+
+def _token_stats(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    completion_mask: Tensor | None,
+    chunk_size: int,
+    temperature: float,
+    return_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
     input_ids, attention_mask, completion_mask = _check_inputs(input_ids, attention_mask, completion_mask)
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    backbone, head, config = _backbone_and_head(model)
+    backbone, head, config = backbone_and_head(model)
     tr = logit_transform(config)
     b, t = input_ids.shape
     vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
@@ -634,7 +771,7 @@ def token_logps(
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if t < 2:
         zero = hidden.new_zeros(b, t, dtype=_acc_dtype(hidden)) + 0.0 * hidden.sum()
-        return (zero, zero.clone()) if return_entropy else zero
+        return zero, (zero.clone() if return_entropy else None)
     sel = (
         torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
         if completion_mask is None
@@ -645,32 +782,17 @@ def token_logps(
     h_sel = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, idx)
     y_sel = input_ids[:, 1:].reshape(-1).index_select(0, idx).long()
 
-    ent_sel: Tensor | None
-    if type(head) is nn.Linear:
-        res = chunked_head_logps(
-            h_sel,
-            head.weight,
-            y_sel,
-            head.bias,
-            transform=tr,
-            temperature=tau,
-            chunk_size=chunk_size,
-            return_entropy=return_entropy,
-        )
-        lp_sel, ent_sel = res if isinstance(res, tuple) else (res, None)
-    else:
-        lp_sel, ent_sel = _module_head_logps(head, h_sel, y_sel, tr, tau, chunk_size, return_entropy)
+    stats = head_stats(
+        head, h_sel, y_sel, transform=tr, temperature=tau, chunk_size=chunk_size, entropy=return_entropy
+    )
 
     def scatter(vals: Tensor) -> Tensor:
         dense = vals.new_zeros(b * (t - 1)).index_put((idx,), vals)
         return torch.cat([vals.new_zeros(b, 1), dense.view(b, t - 1)], dim=1)
 
     acc = _acc_dtype(hidden)  # float32, or float64 for a float64 model
-    logp = scatter(lp_sel.to(acc))
-    if return_entropy:
-        assert ent_sel is not None
-        return logp, scatter(ent_sel.to(acc))
-    return logp
+    logp = scatter(stats.logp.to(acc))
+    return logp, (None if stats.entropy is None else scatter(stats.entropy.to(acc)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -713,7 +835,6 @@ def pair_seq_logps(
     else:
         raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
     logp = token_logps(model, ids, attention_mask, mask, chunk_size=chunk_size, temperature=temperature)
-    assert isinstance(logp, Tensor)
     s = seq_sum(logp, mask)
     n = seq_len(mask)
     half = ids.shape[0] // 2

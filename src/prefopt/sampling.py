@@ -346,7 +346,6 @@ def score_rollout(
                 rollout.completion_mask[sl],
                 temperature=tau,
             )
-            assert isinstance(lp, Tensor)
             parts.append(lp)
         return torch.cat(parts)
 

@@ -49,16 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefopt.logprobs import (
-    DEFAULT_CHUNK_SIZE,
-    _backbone_and_head,
-    _check_chunk_size,
-    _check_temperature,
-    _ChunkedHeadLogps,
-    _module_head_logps,
-    chunked_head_logps,
-    logit_transform,
-)
+from prefopt.logprobs import DEFAULT_CHUNK_SIZE, backbone_and_head, head_stats, logit_transform
 from prefopt.masked import seq_len, seq_sum
 from prefopt.types import PairLogps, SharedPromptBatch, check_mask, check_tensor
 
@@ -287,7 +278,7 @@ def shared_prompt_token_logps(
         if bool((completion_mask & (cam == 0)).any()):
             raise ValueError("completion_mask is True where completion_attention_mask is 0 (a padding token)")
 
-    backbone, head, config = _backbone_and_head(model)
+    backbone, head, config = backbone_and_head(model)
     model_type = str(getattr(config, "model_type", ""))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -300,8 +291,6 @@ def shared_prompt_token_logps(
             f"the model's sliding attention window ({window}) is shorter than prompt_ids.shape[1] + "
             f"completion_ids.shape[1] = {p + c}; the shared-prompt forward would not be exact"
         )
-    chunk_size = _check_chunk_size(chunk_size)
-    tau = _check_temperature(temperature)
     if method not in ("packed", "cache"):
         raise ValueError(f"method must be 'packed' or 'cache', got {method!r}")
     tr = logit_transform(config)
@@ -318,19 +307,7 @@ def shared_prompt_token_logps(
     idx = completion_mask.reshape(-1).nonzero().squeeze(1)
     h_sel = pred.reshape(-1, pred.shape[-1]).index_select(0, idx)
     y_sel = completion_ids.reshape(-1).index_select(0, idx).long()
-    if type(head) is nn.Linear and h_sel.dtype == torch.float64:
-        # float64 model: keep float64 log-probs (chunked_head_logps rounds its output to float32), so that
-        # gradchecks and float64 comparisons are meaningful
-        lp, _ = _ChunkedHeadLogps.apply(
-            h_sel, head.weight, head.bias, y_sel, tr.scale, tr.softcap, tau, chunk_size, False
-        )
-    elif type(head) is nn.Linear:
-        lp = chunked_head_logps(
-            h_sel, head.weight, y_sel, head.bias, transform=tr, temperature=tau, chunk_size=chunk_size
-        )
-        assert isinstance(lp, Tensor)
-    else:
-        lp, _ = _module_head_logps(head, h_sel, y_sel, tr, tau, chunk_size, False)
+    lp = head_stats(head, h_sel, y_sel, transform=tr, temperature=temperature, chunk_size=chunk_size).logp
     if lp.dtype != torch.float64:
         lp = lp.float()
     dense = lp.new_zeros(n * c).index_put((idx,), lp)

@@ -172,9 +172,9 @@ class ChesScores:
 
 
 def _last_hidden(model: nn.Module, ids: Tensor, am: Tensor | None) -> Tensor:
-    from prefopt.logprobs import _backbone_and_head
+    from prefopt.logprobs import backbone_and_head
 
-    backbone, _, _ = _backbone_and_head(model)
+    backbone, _, _ = backbone_and_head(model)
     out = backbone(input_ids=ids, attention_mask=am, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -177,7 +177,6 @@ def _seq_logps(model: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> 
     from prefopt.masked import seq_sum
 
     lp = token_logps(model, ids, am, cm)
-    assert isinstance(lp, Tensor)
     return seq_sum(lp, cm)
 
 

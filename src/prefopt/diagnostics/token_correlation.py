@@ -153,7 +153,6 @@ def per_token_gradients(
 
         def forward(ids: Tensor = ids, am: Tensor | None = am, cm: Tensor = cm) -> Tensor:
             lp = token_logps(model, ids, am, cm)
-            assert isinstance(lp, Tensor)
             return lp.sum(dim=1)
 
         rg = per_row_gradients(model, forward, n, named_params, flat=True)
@@ -186,10 +185,10 @@ def per_token_gradients_vjp(
     Positions are taken in increasing order, ``chunk_rows`` at a time; a chunk whose last position is ``p``
     runs the backbone on ``input_ids[:p]`` only (causality: token ``p`` depends on nothing later), so a VJP
     costs its own prefix, not the whole row."""
-    from prefopt.logprobs import _backbone_and_head, logit_transform
+    from prefopt.logprobs import backbone_and_head, logit_transform
 
     try:
-        backbone, head, config = _backbone_and_head(model)
+        backbone, head, config = backbone_and_head(model)
     except TypeError:
         return None
     params = [p for _, p in named_params]
@@ -308,7 +307,6 @@ def _prefix_chunk(
     h_sel = hidden[0, pos - 1].detach().requires_grad_(True)
     with torch.enable_grad():
         lp = chunked_head_logps(h_sel, head.weight, input_ids[pos].long(), head.bias, transform=transform)
-        assert isinstance(lp, Tensor)
         (dh,) = torch.autograd.grad(lp.sum(), h_sel)
     k = pos.shape[0]
     d = hidden.shape[-1]
