@@ -845,3 +845,74 @@ def test_head_stats_linear_and_generic_paths_agree_with_naive(dtype: torch.dtype
             torch.testing.assert_close(a, b, **tol)
     with pytest.raises(TypeError, match="entropy"):
         head_stats(lin, h, y, entropy=1)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# device synchronisations
+# ----------------------------------------------------------------------------------------------------
+
+
+class _ToyOut:
+    def __init__(self, h: torch.Tensor) -> None:
+        self.last_hidden_state = h
+
+
+class _ToyBackbone(nn.Module):
+    def __init__(self, v: int, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(v, d)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, position_ids=None):  # type: ignore[no-untyped-def]
+        return _ToyOut(self.emb(input_ids))
+
+
+class _ToyLM(nn.Module):
+    base_model_prefix = "body"
+
+    def __init__(self, v: int = 11, d: int = 4) -> None:
+        super().__init__()
+        self.body = _ToyBackbone(v, d)
+        self.head = nn.Linear(d, v, bias=False)
+        self.config = types.SimpleNamespace(model_type="toy")
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def count_syncs(monkeypatch, fn):  # type: ignore[no-untyped-def]
+    """Names of the tensor read-backs (``bool``/``int``/``float``/``item``/``tolist``) made while ``fn`` runs."""
+    calls = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    fn()
+    monkeypatch.undo()
+    return calls
+
+
+def test_token_logps_value_checks_cost_one_synchronisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All value checks of a token_logps call (token-id range, completion mask at position 0 and on padding)
+    are read back together: one device synchronisation, not one per check (on a GPU each one stalls the
+    stream). A toy backbone that synchronises nothing isolates prefopt's own checks. The checks still fire."""
+    lm = _ToyLM()
+    ids = torch.randint(0, 11, (3, 6))
+    am = torch.ones(3, 6, dtype=torch.long)
+    cm = torch.zeros(3, 6, dtype=torch.bool)
+    cm[:, 3:] = True
+    calls = count_syncs(monkeypatch, lambda: token_logps(lm, ids, am, cm))
+    assert calls == ["tolist"]
+    bad = cm.clone()
+    bad[0, 0] = True
+    with pytest.raises(ValueError, match="position 0"):
+        token_logps(lm, ids, am, bad)
+    am_pad = am.clone()
+    am_pad[1, -1] = 0
+    with pytest.raises(ValueError, match="padding"):
+        token_logps(lm, ids, am_pad, cm)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 11\)"):
+        token_logps(lm, ids + 11, am, cm)

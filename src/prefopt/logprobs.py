@@ -52,6 +52,7 @@ __all__ = [
     "HeadStats",
     "LogitTransform",
     "backbone_and_head",
+    "check_token_ids",
     "chunked_head_logps",
     "head_stats",
     "logit_transform",
@@ -442,6 +443,25 @@ def chunked_head_logps(
     Returns:
         ``(n,)`` log-probs (float32; float64 for float64 ``hidden``), or ``(logp, entropy)``.
     """
+    logp, ent = _linear_head(
+        hidden, weight, targets, bias, transform, temperature, chunk_size, return_entropy, validate=True
+    )
+    return (logp, ent) if return_entropy else logp  # float32, or float64 for float64 hidden
+
+
+def _linear_head(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    transform: LogitTransform | None,
+    temperature: float,
+    chunk_size: int,
+    return_entropy: bool,
+    *,
+    validate: bool,
+) -> tuple[Tensor, Tensor]:
+    """Shape/dtype checks (no synchronisation), the token-id range (one, if ``validate``), the chunked head."""
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_tensor("targets", targets, ndim=1, floating=False)
@@ -458,13 +478,12 @@ def chunked_head_logps(
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
     tr = transform or LogitTransform()
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) (the vocabulary size)")
-    targets = targets.long()
+    if validate:
+        _raise_first(_id_range_check("targets", targets, weight.shape[0]))
     logp, ent = _ChunkedHeadLogps.apply(
-        hidden, weight, bias, targets, tr.scale, tr.softcap, tau, chunk_size, return_entropy
+        hidden, weight, bias, targets.long(), tr.scale, tr.softcap, tau, chunk_size, return_entropy
     )
-    return (logp, ent) if return_entropy else logp  # float32, or float64 for float64 hidden
+    return logp, ent
 
 
 def _module_head_logps(
@@ -526,6 +545,7 @@ def head_stats(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     entropy: bool = False,
+    validate: bool = True,
 ) -> HeadStats:
     r"""Hidden states → per-token log-probs (and entropy) through an LM head, without keeping ``(n, V)`` logits.
 
@@ -544,35 +564,32 @@ def head_stats(
         temperature: ``τ > 0`` (default 1).
         chunk_size: rows per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
         entropy: also compute the (differentiable) entropy.
+        validate: check that ``targets`` lie in ``[0, V)`` (one device synchronisation). ``False`` when the
+            caller has checked the token ids already, as both forward strategies do.
 
     Returns:
         :class:`HeadStats` with float32 tensors (float64 for float64 ``hidden``).
     """
     if not isinstance(entropy, bool):
         raise TypeError(f"entropy must be a bool, got {type(entropy).__name__}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     if type(head) is nn.Linear:
-        if entropy:
-            lp, ent = chunked_head_logps(
-                hidden,
-                head.weight,
-                targets,
-                head.bias,
-                transform=transform,
-                temperature=temperature,
-                chunk_size=chunk_size,
-                return_entropy=True,
-            )
-            return HeadStats(lp, ent)
-        lp = chunked_head_logps(
+        lp, ent = _linear_head(
             hidden,
             head.weight,
             targets,
             head.bias,
-            transform=transform,
-            temperature=temperature,
-            chunk_size=chunk_size,
+            transform,
+            temperature,
+            chunk_size,
+            entropy,
+            validate=validate,
         )
-        return HeadStats(lp)
+        return HeadStats(lp, ent if entropy else None)
+    check_tensor("targets", targets, ndim=1, floating=False)
+    if validate:
+        _raise_first(_id_range_check("targets", targets, _head_vocab(head)))
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
     lp, ent_or_none = _module_head_logps(
@@ -654,9 +671,44 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return torch.where(mask, mask.long().cumsum(-1) - 1, default)
 
 
+def _raise_first(checks: list[tuple[Tensor, str]]) -> None:
+    """Raise ``ValueError`` with the message of the first check whose 0-d bool tensor is True.
+
+    All the value checks of one call are read back with a single device synchronisation (``tolist`` of the
+    stacked flags) instead of one ``bool(...)`` each: on a GPU every read-back stalls the stream.
+    """
+    if not checks:
+        return
+    flags = torch.stack([flag.to(checks[0][0].device) for flag, _ in checks]).tolist()
+    for failed, (_, message) in zip(flags, checks):
+        if failed:
+            raise ValueError(message)
+
+
+def _id_range_check(name: str, ids: Tensor, vocab: int | None) -> list[tuple[Tensor, str]]:
+    """The (deferred) check that integer ``ids`` lie in ``[0, vocab)``."""
+    if vocab is None or not ids.numel():
+        return []
+    bad = (ids.min() < 0) | (ids.max() >= vocab)
+    return [(bad, f"{name} must lie in [0, {vocab}) (the model's vocabulary size)")]
+
+
+def check_token_ids(head: nn.Module, **ids: Tensor) -> None:
+    """Raise ``ValueError`` naming the argument if any token id lies outside ``[0, V)``, ``V`` the head's
+    vocabulary size; every tensor is checked with one device synchronisation in all."""
+    vocab = _head_vocab(head)
+    _raise_first([c for name, x in ids.items() for c in _id_range_check(name, x, vocab)])
+
+
+def _head_vocab(head: nn.Module) -> int | None:
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    return None if vocab is None else int(vocab)
+
+
 def _check_inputs(
-    input_ids: Any, attention_mask: Any, completion_mask: Any
+    input_ids: Any, attention_mask: Any, completion_mask: Any, *, vocab: int | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Types and shapes (no synchronisation), then every value check at once (one synchronisation)."""
     check_tensor("input_ids", input_ids, ndim=2, floating=False)
     if input_ids.dtype == torch.bool or torch.is_floating_point(input_ids) or torch.is_complex(input_ids):
         raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
@@ -671,16 +723,26 @@ def _check_inputs(
             raise TypeError(
                 f"attention_mask must be an integer or bool tensor, got dtype {attention_mask.dtype}"
             )
+    checks = _id_range_check("input_ids", input_ids, vocab)
     if completion_mask is not None:
         check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
         check_mask("completion_mask", completion_mask, tuple(input_ids.shape), "input_ids")
-        if completion_mask.shape[1] and bool(completion_mask[:, 0].any()):
-            raise ValueError(
-                "completion_mask is True at position 0, which has no prefix to be predicted from; "
-                "completion_mask[:, i] refers to input_ids[:, i] and position 0 is always a prompt token"
+        if completion_mask.shape[1]:
+            checks.append(
+                (
+                    completion_mask[:, 0].any(),
+                    "completion_mask is True at position 0, which has no prefix to be predicted from; "
+                    "completion_mask[:, i] refers to input_ids[:, i] and position 0 is always a prompt token",
+                )
             )
-        if attention_mask is not None and bool((completion_mask & ~attention_mask.bool()).any()):
-            raise ValueError("completion_mask is True where attention_mask is 0 (a padding token)")
+        if attention_mask is not None:
+            checks.append(
+                (
+                    (completion_mask & ~attention_mask.bool()).any(),
+                    "completion_mask is True where attention_mask is 0 (a padding token)",
+                )
+            )
+    _raise_first(checks)
     return input_ids, attention_mask, completion_mask
 
 
@@ -752,19 +814,14 @@ def _token_stats(
     temperature: float,
     return_entropy: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    input_ids, attention_mask, completion_mask = _check_inputs(input_ids, attention_mask, completion_mask)
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
     backbone, head, config = backbone_and_head(model)
+    input_ids, attention_mask, completion_mask = _check_inputs(
+        input_ids, attention_mask, completion_mask, vocab=_head_vocab(head)
+    )
     tr = logit_transform(config)
     b, t = input_ids.shape
-    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
-    if (
-        vocab is not None
-        and input_ids.numel()
-        and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab)
-    ):
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary size)")
 
     kwargs = position_kwargs(backbone, attention_mask)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
@@ -783,7 +840,14 @@ def _token_stats(
     y_sel = input_ids[:, 1:].reshape(-1).index_select(0, idx).long()
 
     stats = head_stats(
-        head, h_sel, y_sel, transform=tr, temperature=tau, chunk_size=chunk_size, entropy=return_entropy
+        head,
+        h_sel,
+        y_sel,
+        transform=tr,
+        temperature=tau,
+        chunk_size=chunk_size,
+        entropy=return_entropy,
+        validate=False,  # input_ids were checked above, with the masks, in one synchronisation
     )
 
     def scatter(vals: Tensor) -> Tensor:

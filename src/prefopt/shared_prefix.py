@@ -49,7 +49,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prefopt.logprobs import DEFAULT_CHUNK_SIZE, backbone_and_head, head_stats, logit_transform
+from prefopt.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    backbone_and_head,
+    check_token_ids,
+    head_stats,
+    logit_transform,
+)
 from prefopt.masked import seq_len, seq_sum
 from prefopt.types import PairLogps, SharedPromptBatch, check_mask, check_tensor
 
@@ -294,10 +300,7 @@ def shared_prompt_token_logps(
     if method not in ("packed", "cache"):
         raise ValueError(f"method must be 'packed' or 'cache', got {method!r}")
     tr = logit_transform(config)
-    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
-    for name, ids in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
-        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocabulary size)")
+    check_token_ids(head, prompt_ids=prompt_ids, completion_ids=completion_ids)
 
     k = n // b
     if method == "packed":
@@ -307,7 +310,9 @@ def shared_prompt_token_logps(
     idx = completion_mask.reshape(-1).nonzero().squeeze(1)
     h_sel = pred.reshape(-1, pred.shape[-1]).index_select(0, idx)
     y_sel = completion_ids.reshape(-1).index_select(0, idx).long()
-    lp = head_stats(head, h_sel, y_sel, transform=tr, temperature=temperature, chunk_size=chunk_size).logp
+    lp = head_stats(
+        head, h_sel, y_sel, transform=tr, temperature=temperature, chunk_size=chunk_size, validate=False
+    ).logp
     if lp.dtype != torch.float64:
         lp = lp.float()
     dense = lp.new_zeros(n * c).index_put((idx,), lp)
