@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.bon import check_n
+from prefopt.losses.bond import loo_baseline
 from prefopt.losses.margin import logratios, pair_metrics
 from prefopt.registry import Check, between, gt, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput, PairLogps
@@ -179,17 +180,6 @@ def pool_quantile(reward: Tensor, ref_rewards: Tensor, kind: str) -> Tensor:
     raise ValueError(f"quantile must be one of {', '.join(_QUANTILES)}; got {kind!r}")
 
 
-def _loo(ret: Tensor, kind: str) -> Tensor:
-    if kind == "none":
-        return torch.zeros_like(ret)
-    b = ret.shape[0]
-    if b < 2:
-        raise ValueError(
-            f"baseline='loo' needs at least 2 samples in the batch (logp has {b}); pass baseline='none'"
-        )
-    return (ret.sum() - ret) / (b - 1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # vBoN
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +284,7 @@ def vbon(
     c = (n - 1) / n if variant == "released_exact" else 1.0
     kl_ref = (logp - ref_logp).detach()
     ret = c * g - kl_ref
-    adv = ret - _loo(ret, baseline)
+    adv = ret - loo_baseline(ret, baseline)
     metrics = {
         "vbon/quantile": q.detach(),
         "vbon/log_ratio": g.detach(),

@@ -25,7 +25,7 @@ from prefopt.losses.margin import saturating_product
 from prefopt.registry import Check, between, ge, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput
 
-__all__ = ["bond", "empirical_quantile", "jbond", "jbond_reward", "log_empirical_quantile"]
+__all__ = ["bond", "empirical_quantile", "jbond", "jbond_reward", "log_empirical_quantile", "loo_baseline"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,8 +147,12 @@ def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor,
     return samples.logp, samples.ref_logp, samples.reward, samples.ref_rewards, samples.best_logp
 
 
-def _baseline(ret: Tensor, kind: str) -> Tensor:
-    """Leave-one-out batch mean ``B_i = (Σ_j R_j − R_i)/(b − 1)`` (``kind='loo'``) or 0 (``'none'``)."""
+def loo_baseline(ret: Tensor, kind: str = "loo") -> Tensor:
+    """Leave-one-out batch mean ``B_i = (Σ_{j≠i} R_j)/(b − 1)`` (``kind='loo'``, needs ``b ≥ 2``) or 0 (``'none'``).
+
+    The baseline of the score-function terms of :func:`bond`, :func:`jbond` and vBoN: independent of ``y_i``, so
+    it leaves the expected gradient unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
+    """
     if kind == "none":
         return torch.zeros_like(ret)
     b = ret.shape[0]
@@ -229,7 +233,7 @@ def bond(
     log_q = log_empirical_quantile(reward, ref_rewards, floor=quantile_floor).to(logp.dtype)
     kl_ref = (logp - ref_logp).detach()
     ret = (n - 1) * log_q - kl_ref
-    adv = ret - _baseline(ret, baseline)
+    adv = ret - loo_baseline(ret, baseline)
     forward = -best_logp
     backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
     loss = (1 - backward_weight) * forward + backward_weight * backward
@@ -303,7 +307,7 @@ def jbond(
     r_j = jbond_reward(reward, anchor_rewards, strict=strict).to(logp.dtype)
     kl_anchor = (logp - anchor_logp).detach()
     ret = r_j - kl_anchor
-    adv = ret - _baseline(ret, baseline)
+    adv = ret - loo_baseline(ret, baseline)
     forward = -best_anchor_logp
     backward = saturating_product(-adv, logp)  # value clamped at ±e^40, gradient exact
     kl_reg = saturating_product(gamma * kl_anchor, logp)
