@@ -49,7 +49,7 @@ def test_last_token_index_matches_loop(rows):
 
 
 def test_last_token_index_bad_input():
-    with pytest.raises(ValueError, match="attention_mask has rows with no token: \\[1\\]"):
+    with pytest.raises(ValueError, match="attention_mask has rows with no valid token: \\[1\\]"):
         last_token_index(torch.tensor([[1, 0], [0, 0]]))
     with pytest.raises(TypeError, match="attention_mask"):
         last_token_index(torch.ones(2, 2))

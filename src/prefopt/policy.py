@@ -174,6 +174,15 @@ def ema_low_rank(
     return b_new, a_new, sq[..., keep:].sum(-1), sq.sum(-1)
 
 
+def config_hidden_size(config: Any, *, why: str = "a value or reward head") -> int:
+    """The width of a transformers model's final hidden state: ``hidden_size`` (or ``n_embd`` / ``d_model``)."""
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ValueError(f"{why} needs model.config.hidden_size (or n_embd / d_model)")
+
+
 def _tuner(peft_model: peft.PeftModel) -> Any:
     """The peft ``LoraModel`` inside a ``PeftModel`` (typed ``Any``: mypy sees ``Tensor | Module``)."""
     return peft_model.base_model
@@ -395,11 +404,7 @@ class LoraPolicy(nn.Module):
                     )
 
     def _hidden_size(self) -> int:
-        config = getattr(self.model.get_base_model(), "config", None)
-        for key in ("hidden_size", "n_embd", "d_model"):
-            if config is not None and isinstance(getattr(config, key, None), int):
-                return int(getattr(config, key))
-        raise ValueError("value_head=True needs model.config.hidden_size (or n_embd / d_model)")
+        return config_hidden_size(getattr(self.model.get_base_model(), "config", None), why="value_head=True")
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

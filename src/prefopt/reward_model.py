@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from prefopt.logprobs import position_kwargs
-from prefopt.policy import LoraPolicy
+from prefopt.policy import LoraPolicy, config_hidden_size
+from prefopt.rl import last_valid_index
 
 __all__ = ["RewardModel", "last_token_index"]
 
@@ -48,21 +49,7 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
         raise ValueError(f"attention_mask must be 2-D (b, t), got shape {tuple(attention_mask.shape)}")
     if torch.is_floating_point(attention_mask) or attention_mask.is_complex():
         raise TypeError(f"attention_mask must be an integer or bool tensor, got dtype {attention_mask.dtype}")
-    m = attention_mask != 0
-    empty = ~m.any(dim=1)
-    if bool(empty.any()):
-        rows = torch.nonzero(empty).flatten().tolist()[:10]
-        raise ValueError(f"attention_mask has rows with no token: {rows}")
-    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
-    return torch.where(m, positions, -1).amax(dim=1)
-
-
-def _hidden_size(config: Any) -> int:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError("model.config has no hidden_size (or n_embd / d_model)")
+    return last_valid_index(attention_mask != 0, name="attention_mask")
 
 
 class RewardModel(nn.Module):
@@ -96,7 +83,7 @@ class RewardModel(nn.Module):
             # keep the backbone only: the LM head is not used by a reward model
             self.backbone = backbone
             device = next(backbone.parameters()).device
-            self.head = nn.Linear(_hidden_size(model.config), 1, device=device, dtype=torch.float32)
+            self.head = nn.Linear(config_hidden_size(model.config), 1, device=device, dtype=torch.float32)
             nn.init.zeros_(self.head.bias)
             for p in self.parameters():
                 p.requires_grad_(True)

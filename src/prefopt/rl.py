@@ -268,10 +268,10 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: KLEstimator = "k1"
     return torch.expm1(-log_ratio) + log_ratio
 
 
-def last_valid_index(mask: Tensor) -> Tensor:
+def last_valid_index(mask: Tensor, *, name: str = "mask") -> Tensor:
     """``(b,)`` long: the index of the last True of each row of a ``(b, t)`` bool mask.
 
-    Raises ``ValueError`` naming ``mask`` if a row has no True (no token to carry a terminal reward).
+    Raises ``ValueError`` naming ``name`` if a row has no True (no token to carry a terminal reward).
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
         got = (
@@ -279,11 +279,11 @@ def last_valid_index(mask: Tensor) -> Tensor:
             if isinstance(mask, Tensor)
             else type(mask).__name__
         )
-        raise TypeError(f"mask must be a 2-D bool tensor, got {got}")
+        raise TypeError(f"{name} must be a 2-D bool tensor, got {got}")
     has_any = mask.any(dim=1)
     if not bool(has_any.all()):
         rows = torch.nonzero(~has_any).flatten().tolist()
-        raise ValueError(f"mask has rows with no valid token: {rows[:10]}")
+        raise ValueError(f"{name} has rows with no valid token: {rows[:10]}")
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask, positions, -1).amax(dim=1)
 
