@@ -7,6 +7,14 @@ call ``backward``.
 * naive:   ``logits = h[:, :-1] @ Wᵀ`` → ``log_softmax(float32)`` → ``gather`` → ``sum`` → ``backward``
 * chunked: :func:`prefopt.logprobs.chunked_head_logps` on the same flattened hidden states → ``sum`` → ``backward``
 
+``--stat`` adds the per-token statistics of WPO and TDPO (Zhou et al. 2024; Zeng et al. 2024):
+
+* ``wpo``: the log-probs **and** WPO's normaliser ``log Σ_v π_v²`` — naive: both from the full logits
+  (``prefopt.losses.weighted.log_sum_sq_probs``); chunked: :func:`prefopt.logprobs.head_stats` with
+  ``log_sum_sq_probs=True`` (one pass over each chunk of logits).
+* ``tdpo``: the per-token ``KL(π_ref ‖ π_θ)`` over the vocabulary, reference hidden states fixed — naive:
+  ``prefopt.losses.weighted.token_kl`` on both full logits; chunked: :func:`prefopt.logprobs.chunked_head_kl`.
+
 Memory method: every measurement runs in a fresh subprocess. After the inputs are built, the process's
 peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is read; the step is run once; the
 peak is read again. The difference is the extra peak memory of the step (everything torch allocates on CPU
@@ -35,7 +43,8 @@ import torch
 
 
 def _worker(args: argparse.Namespace) -> dict[str, float]:
-    from prefopt.logprobs import chunked_head_logps
+    from prefopt.logprobs import chunked_head_kl, chunked_head_logps, head_stats
+    from prefopt.losses.weighted import log_sum_sq_probs, token_kl
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -44,10 +53,36 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
     w = torch.randn(vocab, d).mul_(0.05).requires_grad_(args.head_grad == "trainable")
     ids = torch.randint(0, vocab, (rows, tokens))
     y = ids[:, 1:].reshape(-1)
+    h_ref = (h.detach() + 0.1 * torch.randn_like(h)) if args.stat == "tdpo" else None
+    head = torch.nn.Linear(d, vocab, bias=False)
+    head.weight = torch.nn.Parameter(w.detach(), requires_grad=w.requires_grad)
+    w = head.weight
 
     def step() -> None:
         h.grad = None
         w.grad = None
+        if args.stat == "wpo":
+            if args.impl == "naive":
+                logits = (h[:, :-1] @ w.T).float()
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                lss = log_sum_sq_probs(logits)
+            else:
+                st = head_stats(
+                    head, h[:, :-1].reshape(-1, d), y, chunk_size=args.chunk_size, log_sum_sq_probs=True
+                )
+                lp, lss = st.logp, st.log_sum_sq_probs
+            (lp.sum() + 0.0 * lss.sum()).backward()
+            return
+        if args.stat == "tdpo":
+            assert h_ref is not None
+            if args.impl == "naive":
+                kl = token_kl(h[:, :-1] @ w.T, h_ref[:, :-1] @ w.T.detach())
+            else:
+                kl = chunked_head_kl(
+                    h[:, :-1].reshape(-1, d), h_ref[:, :-1].reshape(-1, d), w, chunk_size=args.chunk_size
+                )
+            kl.sum().backward()
+            return
         if args.impl == "naive":
             logits = h[:, :-1] @ w.T
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -100,6 +135,8 @@ def _run_one(args: argparse.Namespace, impl: str, vocab: int, chunk: int) -> dic
         str(args.threads),
         "--head-grad",
         args.head_grad[0],
+        "--stat",
+        args.stat[0],
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["frozen"],
         help="head weight frozen (LoRA case) and/or trainable (tied/full fine-tuning)",
     )
+    p.add_argument(
+        "--stat",
+        nargs="+",
+        choices=["logp", "wpo", "tdpo"],
+        default=["logp"],
+        help="what the step computes: log-probs; + WPO's normaliser; TDPO's per-token KL",
+    )
     p.add_argument("--json", type=str, default=None, help="write the figures to this path")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["naive", "chunked"], default="naive", help=argparse.SUPPRESS)
@@ -135,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab = args.vocab[0]
         args.chunk_size = args.chunk_size[0]
         args.head_grad = args.head_grad[0]
+        args.stat = args.stat[0]
         print(json.dumps(_worker(args)))
         return 0
 
@@ -147,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         f"rows={args.rows} tokens={args.tokens} hidden={args.hidden} threads={args.threads} rounds={args.rounds}"
     )
     print(
-        f"{'head':>9} {'vocab':>7} {'chunk':>6} {'naive MiB':>10} {'chunk MiB':>10} {'mem ratio':>9} "
+        f"{'stat':>5} {'head':>9} {'vocab':>7} {'chunk':>6} {'naive MiB':>10} {'chunk MiB':>10} {'mem ratio':>9} "
         f"{'naive s':>8} {'chunk s':>8} {'time ratio':>10} {'naive cpu':>9} {'chunk cpu':>9} {'cpu ratio':>9}"
     )
-    for head_grad in args.head_grad:
+    for stat, head_grad in ((st, hg) for st in args.stat for hg in args.head_grad):
         for vocab in args.vocab:
             for chunk in chunks:
                 runs: dict[str, list[dict[str, float]]] = {"naive": [], "chunked": []}
-                a = argparse.Namespace(**{**vars(args), "head_grad": [head_grad]})
+                a = argparse.Namespace(**{**vars(args), "head_grad": [head_grad], "stat": [stat]})
                 for _ in range(args.rounds):
                     for impl in ("naive", "chunked"):  # alternate A/B/A/B
                         runs[impl].append(_run_one(a, impl, vocab, chunk))
@@ -162,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     impl: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for impl, rs in runs.items()
                 }
                 row = {
+                    "stat": stat,
                     "head": head_grad,
                     "vocab": vocab,
                     "chunk_size": chunk,
@@ -176,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 results.append(row)
                 print(
-                    f"{head_grad:>9} {vocab:>7} {chunk:>6} {med['naive']['peak_delta_mib']:>10.0f} "
+                    f"{stat:>5} {head_grad:>9} {vocab:>7} {chunk:>6} {med['naive']['peak_delta_mib']:>10.0f} "
                     f"{med['chunked']['peak_delta_mib']:>10.0f} {row['mem_ratio']:>9.3f} "
                     f"{med['naive']['time_s']:>8.2f} {med['chunked']['time_s']:>8.2f} {row['time_ratio']:>10.3f} "
                     f"{med['naive']['cpu_s']:>9.2f} {med['chunked']['cpu_s']:>9.2f} {row['cpu_ratio']:>9.3f}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 import warnings
@@ -446,7 +447,7 @@ def test_gradcheck_float64(head_grad, chunk, softcap):
 
     def f(*xs):
         ww, bb = (xs[1], xs[2]) if head_grad else (w, b)
-        return _ChunkedHeadLogps.apply(xs[0], ww, bb, y, 1.7, softcap, 0.8, chunk, True)
+        return _ChunkedHeadLogps.apply(xs[0], ww, bb, y, 1.7, softcap, 0.8, chunk, True)[:2]
 
     inputs = (h, w, b) if head_grad else (h,)
     lp, ent = f(*inputs)
@@ -916,3 +917,124 @@ def test_token_logps_value_checks_cost_one_synchronisation(monkeypatch: pytest.M
         token_logps(lm, ids, am_pad, cm)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 11\)"):
         token_logps(lm, ids + 11, am, cm)
+
+
+@pytest.mark.parametrize("generic_head", [False, True])
+def test_token_stats_log_sum_sq_probs_matches_full_logits(tiny, generic_head: bool) -> None:
+    """WPO's normaliser log Σ_v π_v² from the chunked head (one pass with the log-probs, both head paths) equals
+    the full-logits oracle of prefopt.losses.weighted at every counted position, is 0 elsewhere, carries no
+    gradient, and leaves the log-probs and their gradient unchanged."""
+    from prefopt.logprobs import token_stats
+    from prefopt.losses.weighted import log_sum_sq_probs
+
+    model = tiny
+    if generic_head:
+        model = copy.deepcopy(tiny)
+        model.lm_head = _WrappedHead(model.lm_head)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, V, (3, 9), generator=g)
+    mask = torch.rand(3, 9, generator=g) > 0.4
+    mask[:, 0] = False
+    st = token_stats(model, ids, None, mask, chunk_size=4, entropy=True, log_sum_sq_probs=True)
+    assert st.log_sum_sq_probs is not None and st.entropy is not None
+    assert not st.log_sum_sq_probs.requires_grad
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    want = torch.zeros(3, 9)
+    want[:, 1:] = log_sum_sq_probs(logits)
+    want = torch.where(mask, want, 0.0)
+    torch.testing.assert_close(st.log_sum_sq_probs, want, atol=1e-5, rtol=0)
+    assert bool((st.log_sum_sq_probs <= 0).all()) and bool((st.log_sum_sq_probs >= -math.log(V) - 1e-5).all())
+    torch.testing.assert_close(st.logp, token_logps(model, ids, None, mask, chunk_size=4), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TDPO's per-token KL(π_ref ‖ π_θ) from the chunked head
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("head_grad", [False, True])
+def test_chunked_head_kl_gradcheck_and_full_logits_oracle(softcap: float | None, head_grad: bool) -> None:
+    """chunked_head_kl == the full-logits oracle (prefopt.losses.weighted.token_kl) in float64, values and
+    gradients, through both backward paths (frozen head: precomputed directions; trainable head: recompute);
+    float64 gradcheck; the reference side gets no gradient."""
+    from prefopt.logprobs import chunked_head_kl
+    from prefopt.losses.weighted import token_kl
+
+    g = torch.Generator().manual_seed(17)
+    n, d, v = 9, 5, 13
+    h = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    hr = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(v, d, dtype=torch.float64, generator=g, requires_grad=head_grad)
+    b = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=head_grad)
+    tr = LogitTransform(scale=0.8, softcap=softcap)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        a = (x @ w.T + b) * 0.8
+        if softcap is not None:
+            a = torch.tanh(a / softcap) * softcap
+        return a / 1.2
+
+    kl = chunked_head_kl(h, hr, w, b, transform=tr, temperature=1.2, chunk_size=4)
+    want = token_kl(logits(h), logits(hr))
+    torch.testing.assert_close(kl, want, atol=1e-12, rtol=1e-10)
+    inputs = (h, w, b) if head_grad else (h,)
+    up = torch.randn(n, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((kl * up).sum(), inputs)
+    exp = torch.autograd.grad((want * up).sum(), inputs)
+    for a_, e_ in zip(got, exp):
+        torch.testing.assert_close(a_, e_, atol=1e-12, rtol=1e-10)
+    assert hr.grad is None
+
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()  # a fixed reference head: only the policy side moves
+
+    def f(*xs: torch.Tensor) -> torch.Tensor:
+        ww, bb = (xs[1], xs[2]) if head_grad else (w, b)
+        return chunked_head_kl(
+            xs[0], hr, ww, bb, ref_weight=w_ref, ref_bias=b_ref, transform=tr, temperature=1.2, chunk_size=4
+        )
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert bool((kl >= -1e-12).all())
+    torch.testing.assert_close(chunked_head_kl(h, h, w, b, transform=tr), torch.zeros(n, dtype=torch.float64))
+
+
+def test_token_kl_to_reference_lora_policy_matches_full_logits() -> None:
+    """On a LoraPolicy with a random non-zero adapter, token_kl_to_reference (reference = adapters off) equals
+    the full-logits KL at every counted position (0 elsewhere), its gradient into the adapter equals the
+    full-logits gradient, and the KL is exactly 0 at initialisation (policy == reference)."""
+    import peft
+
+    from prefopt.logprobs import token_kl_to_reference
+    from prefopt.losses.weighted import token_kl
+    from prefopt.policy import LoraPolicy
+
+    model = make_model("llama-tied").double()
+    policy = LoraPolicy(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (3, 8), generator=g)
+    am = torch.ones(3, 8, dtype=torch.long)
+    am[2, 6:] = 0
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, 3:] = True
+    mask[2, 6:] = False
+    zero = token_kl_to_reference(policy, ids, am, mask, chunk_size=5)
+    assert float(zero.abs().max()) == 0.0
+    with torch.no_grad():
+        for p_ in policy.trainable_parameters():
+            p_.copy_(torch.randn(p_.shape, generator=g, dtype=p_.dtype) * 0.3)
+    kl = token_kl_to_reference(policy, ids, am, mask, chunk_size=5)
+    params = policy.trainable_parameters()
+    grads = torch.autograd.grad(kl.sum(), params)
+    pol_logits = policy.model(input_ids=ids, attention_mask=am).logits
+    with policy.reference():
+        ref_logits = policy.model(input_ids=ids, attention_mask=am).logits
+    full = torch.zeros(3, 8, dtype=torch.float64)
+    full[:, 1:] = token_kl(pol_logits[:, :-1], ref_logits[:, :-1])
+    full = torch.where(mask, full, torch.zeros((), dtype=full.dtype))
+    torch.testing.assert_close(kl, full, atol=1e-10, rtol=1e-8)
+    assert float(kl[mask].min()) > 0.0
+    want = torch.autograd.grad(full.sum(), params)
+    for a_, e_ in zip(grads, want):
+        torch.testing.assert_close(a_, e_, atol=1e-10, rtol=1e-8)

@@ -53,14 +53,17 @@ __all__ = [
     "LogitTransform",
     "backbone_and_head",
     "check_token_ids",
+    "chunked_head_kl",
     "chunked_head_logps",
     "head_stats",
     "logit_transform",
     "pair_logps",
     "pair_seq_logps",
     "position_kwargs",
+    "token_kl_to_reference",
     "token_logps",
     "token_logps_and_entropy",
+    "token_stats",
 ]
 
 #: Default number of completion tokens per LM-head chunk (tuned by ``benchmarks/logprobs.py``, see
@@ -197,6 +200,7 @@ def _chunk_pass(
     g_ent: Tensor | None = None,
     split: bool = False,
     known: tuple[Tensor, Tensor | None] | None = None,
+    sumsq_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
     """One chunk: log-probs, entropies and (optionally) gradients w.r.t. the raw head output ``a``.
 
@@ -204,6 +208,7 @@ def _chunk_pass(
     ``(logp, lse, entropy or None, dz_list)`` where ``dz_list`` is ``[]`` (no gradient wanted), ``[∂(g_logp·ℓ +
     g_ent·H)/∂a]`` or, with ``split=True``, the unit-weight directions ``[∂ℓ/∂a (, ∂H/∂a)]``.
     ``known=(lse, entropy)`` (from the forward pass) skips recomputing them; ``logp`` is then not computed.
+    ``sumsq_out`` (forward pass only): a ``(c,)`` buffer that receives ``log Σ_v p_v²`` (WPO's normaliser).
     """
     acc = _acc_dtype(h)
     a = nn.functional.linear(h, weight, bias)
@@ -229,6 +234,8 @@ def _chunk_pass(
         lse = (m + log_s).squeeze(1)
         logp = zy - lse
         p = e.div_(s)
+        if sumsq_out is not None:  # Σ_v p_v² ≥ max_v p_v² ≥ 1/V²: no underflow to 0
+            sumsq_out.copy_(torch.bmm(p[:, None, :], p[:, :, None]).reshape(-1).log_())
         if want_entropy:
             logp_all = z.sub_(log_s)
             ent = -torch.bmm(p[:, None, :], logp_all[:, :, None]).reshape(-1)
@@ -284,7 +291,8 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         tau: float,
         chunk_size: int,
         want_entropy: bool,
-    ) -> tuple[Tensor, Tensor]:
+        want_sumsq: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -296,10 +304,20 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         ent = h.new_empty(n if want_entropy else 0, dtype=acc)
         u = h.new_empty((n, h.shape[1]) if precompute else (0,), dtype=acc)
         v = h.new_empty((n, h.shape[1]) if (precompute and want_entropy) else (0,), dtype=acc)
+        sumsq = h.new_empty(n if want_sumsq else 0, dtype=acc)
         for start in range(0, n, chunk_size):
             sl = slice(start, min(start + chunk_size, n))
             lp_c, lse_c, ent_c, dzs = _chunk_pass(
-                h[sl], weight, bias, targets[sl], scale, softcap, tau, want_entropy, split=precompute
+                h[sl],
+                weight,
+                bias,
+                targets[sl],
+                scale,
+                softcap,
+                tau,
+                want_entropy,
+                split=precompute,
+                sumsq_out=sumsq[sl] if want_sumsq else None,
             )
             logp[sl] = lp_c
             if not precompute:
@@ -318,14 +336,15 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             ctx.save_for_backward(h, weight, bias, targets, lse, ent)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
-        return logp, ent
+        ctx.mark_non_differentiable(sumsq)  # WPO uses it as a constant weight
+        return logp, ent, sumsq
 
     @staticmethod
-    def backward(ctx: Any, g_logp: Tensor | None, g_ent: Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, g_logp: Tensor | None, g_ent: Tensor | None, _g_sumsq: Tensor | None):  # type: ignore[override]
         scale, softcap, tau, chunk_size, want_entropy, precompute = ctx.meta
         if not want_entropy:
             g_ent = None
-        nones = (None,) * 6
+        nones = (None,) * 7
         if precompute:
             u, v = ctx.saved_tensors
             grad = torch.zeros_like(u)
@@ -443,7 +462,7 @@ def chunked_head_logps(
     Returns:
         ``(n,)`` log-probs (float32; float64 for float64 ``hidden``), or ``(logp, entropy)``.
     """
-    logp, ent = _linear_head(
+    logp, ent, _ = _linear_head(
         hidden, weight, targets, bias, transform, temperature, chunk_size, return_entropy, validate=True
     )
     return (logp, ent) if return_entropy else logp  # float32, or float64 for float64 hidden
@@ -460,7 +479,8 @@ def _linear_head(
     return_entropy: bool,
     *,
     validate: bool,
-) -> tuple[Tensor, Tensor]:
+    log_sum_sq: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Shape/dtype checks (no synchronisation), the token-id range (one, if ``validate``), the chunked head."""
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
@@ -480,10 +500,19 @@ def _linear_head(
     tr = transform or LogitTransform()
     if validate:
         _raise_first(_id_range_check("targets", targets, weight.shape[0]))
-    logp, ent = _ChunkedHeadLogps.apply(
-        hidden, weight, bias, targets.long(), tr.scale, tr.softcap, tau, chunk_size, return_entropy
+    logp, ent, sumsq = _ChunkedHeadLogps.apply(
+        hidden,
+        weight,
+        bias,
+        targets.long(),
+        tr.scale,
+        tr.softcap,
+        tau,
+        chunk_size,
+        return_entropy,
+        log_sum_sq,
     )
-    return logp, ent
+    return logp, ent, sumsq
 
 
 def _module_head_logps(
@@ -494,14 +523,15 @@ def _module_head_logps(
     tau: float,
     chunk_size: int,
     return_entropy: bool,
-) -> tuple[Tensor, Tensor | None]:
+    log_sum_sq: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Fallback for heads that are not a plain ``nn.Linear`` (LoRA-wrapped, modules_to_save, ...).
 
     Calls the head module on chunks under non-reentrant activation checkpointing, so each chunk's logits are
     freed after the forward and recomputed during backward. Slower (a second head forward) but generic.
     """
 
-    def one(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def one(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = head(h).to(_acc_dtype(h))
         s = a * tr.scale if tr.scale != 1.0 else a
         if tr.softcap is not None:
@@ -510,30 +540,36 @@ def _module_head_logps(
         lsm = torch.log_softmax(z, dim=-1)
         lp = lsm.gather(1, y[:, None]).squeeze(1)
         ent = -(lsm.exp() * lsm).sum(-1) if return_entropy else lp.new_zeros(0)
-        return lp, ent
+        lss = torch.logsumexp(2 * lsm.detach(), dim=-1) if log_sum_sq else lp.new_zeros(0)
+        return lp, ent, lss
 
-    parts_lp, parts_ent = [], []
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         if torch.is_grad_enabled():
-            lp, ent = checkpoint(one, hidden[sl], targets[sl], use_reentrant=False)
+            parts.append(checkpoint(one, hidden[sl], targets[sl], use_reentrant=False))
         else:
-            lp, ent = one(hidden[sl], targets[sl])
-        parts_lp.append(lp)
-        parts_ent.append(ent)
-    if not parts_lp:  # nothing counts: still connect the (empty) result to the head's parameters
-        lp, ent = one(hidden[:0], targets[:0])
-        return lp, (ent if return_entropy else None)
-    lp_all = torch.cat(parts_lp)
-    return lp_all, (torch.cat(parts_ent) if return_entropy else None)
+            parts.append(one(hidden[sl], targets[sl]))
+    if not parts:  # nothing counts: still connect the (empty) result to the head's parameters
+        parts.append(one(hidden[:0], targets[:0]))
+    lp_all, ent_all, lss_all = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return lp_all, (ent_all if return_entropy else None), (lss_all.detach() if log_sum_sq else None)
 
 
 @dataclass(frozen=True)
 class HeadStats:
-    """Per-token statistics from an LM head: ``logp`` ``(n,)`` and, when asked for, ``entropy`` ``(n,)``."""
+    """Per-token statistics from an LM head, in the layout of the log-probs (``(n,)`` from :func:`head_stats`,
+    ``(b, t)`` from :func:`token_stats`), each present when asked for:
+
+    - ``logp``: ``log π(y_i)``, differentiable;
+    - ``entropy``: ``H_i = −Σ_v π_v log π_v``, differentiable;
+    - ``log_sum_sq_probs``: ``log Σ_v π_v²``, WPO's per-token normaliser (Zhou et al. 2024, arXiv 2406.11827,
+      Eq. (2); see [`wpo_weights`][prefopt.losses.weighted.wpo_weights]), detached (WPO's weight is a constant).
+    """
 
     logp: Tensor
     entropy: Tensor | None = None
+    log_sum_sq_probs: Tensor | None = None
 
 
 def head_stats(
@@ -545,6 +581,7 @@ def head_stats(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     entropy: bool = False,
+    log_sum_sq_probs: bool = False,
     validate: bool = True,
 ) -> HeadStats:
     r"""Hidden states → per-token log-probs (and entropy) through an LM head, without keeping ``(n, V)`` logits.
@@ -564,18 +601,20 @@ def head_stats(
         temperature: ``τ > 0`` (default 1).
         chunk_size: rows per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
         entropy: also compute the (differentiable) entropy.
+        log_sum_sq_probs: also compute ``log Σ_v π_v²`` (WPO), in the same pass over each chunk of logits.
         validate: check that ``targets`` lie in ``[0, V)`` (one device synchronisation). ``False`` when the
             caller has checked the token ids already, as both forward strategies do.
 
     Returns:
         :class:`HeadStats` with float32 tensors (float64 for float64 ``hidden``).
     """
-    if not isinstance(entropy, bool):
-        raise TypeError(f"entropy must be a bool, got {type(entropy).__name__}")
+    for flag_name, flag in (("entropy", entropy), ("log_sum_sq_probs", log_sum_sq_probs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     if type(head) is nn.Linear:
-        lp, ent = _linear_head(
+        lp, ent, lss = _linear_head(
             hidden,
             head.weight,
             targets,
@@ -585,17 +624,25 @@ def head_stats(
             chunk_size,
             entropy,
             validate=validate,
+            log_sum_sq=log_sum_sq_probs,
         )
-        return HeadStats(lp, ent if entropy else None)
+        return HeadStats(lp, ent if entropy else None, lss if log_sum_sq_probs else None)
     check_tensor("targets", targets, ndim=1, floating=False)
     if validate:
         _raise_first(_id_range_check("targets", targets, _head_vocab(head)))
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
-    lp, ent_or_none = _module_head_logps(
-        head, hidden, targets.long(), transform or LogitTransform(), tau, chunk_size, entropy
+    lp, ent_or_none, lss_or_none = _module_head_logps(
+        head,
+        hidden,
+        targets.long(),
+        transform or LogitTransform(),
+        tau,
+        chunk_size,
+        entropy,
+        log_sum_sq_probs,
     )
-    return HeadStats(lp, ent_or_none)
+    return HeadStats(lp, ent_or_none, lss_or_none)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -781,8 +828,7 @@ def token_logps(
         ``(b, t)`` log-probs (float32; float64 for a float64 model), 0 at ``i = 0`` and where
         ``completion_mask`` is False. For the per-token entropy as well, use :func:`token_logps_and_entropy`.
     """
-    logp, _ = _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature, False)
-    return logp
+    return _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature).logp
 
 
 def token_logps_and_entropy(
@@ -800,9 +846,41 @@ def token_logps_and_entropy(
     ``completion_mask`` is False); the entropy is differentiable (an entropy bonus, the high-entropy token
     mask) and, like the log-probs, no ``(b, t, V)`` tensor is kept for backward.
     """
-    logp, ent = _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature, True)
-    assert ent is not None  # entropy=True always computes it
-    return logp, ent
+    st = _token_stats(
+        model, input_ids, attention_mask, completion_mask, chunk_size, temperature, entropy=True
+    )
+    assert st.entropy is not None  # entropy=True always computes it
+    return st.logp, st.entropy
+
+
+def token_stats(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+) -> HeadStats:
+    """:func:`token_logps` plus the per-token statistics asked for, from one forward and one pass of the head.
+
+    Returns a :class:`HeadStats` whose fields are ``(b, t)`` in the layout of :func:`token_logps` (0 at
+    ``i = 0`` and where ``completion_mask`` is False): ``logp``, ``entropy`` (if ``entropy``) and
+    ``log_sum_sq_probs`` (if asked: ``log Σ_v π_v²``, WPO's normaliser, detached). No ``(b, t, V)`` tensor is
+    kept for backward. Same other arguments as :func:`token_logps`.
+    """
+    return _token_stats(
+        model,
+        input_ids,
+        attention_mask,
+        completion_mask,
+        chunk_size,
+        temperature,
+        entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs,
+    )
 
 
 def _token_stats(
@@ -812,8 +890,10 @@ def _token_stats(
     completion_mask: Tensor | None,
     chunk_size: int,
     temperature: float,
-    return_entropy: bool,
-) -> tuple[Tensor, Tensor | None]:
+    *,
+    entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+) -> HeadStats:
     chunk_size = _check_chunk_size(chunk_size)
     tau = _check_temperature(temperature)
     backbone, head, config = backbone_and_head(model)
@@ -828,7 +908,11 @@ def _token_stats(
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if t < 2:
         zero = hidden.new_zeros(b, t, dtype=_acc_dtype(hidden)) + 0.0 * hidden.sum()
-        return zero, (zero.clone() if return_entropy else None)
+        return HeadStats(
+            zero,
+            zero.clone() if entropy else None,
+            zero.detach().clone() if log_sum_sq_probs else None,
+        )
     sel = (
         torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
         if completion_mask is None
@@ -846,7 +930,8 @@ def _token_stats(
         transform=tr,
         temperature=tau,
         chunk_size=chunk_size,
-        entropy=return_entropy,
+        entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs,
         validate=False,  # input_ids were checked above, with the masks, in one synchronisation
     )
 
@@ -855,8 +940,326 @@ def _token_stats(
         return torch.cat([vals.new_zeros(b, 1), dense.view(b, t - 1)], dim=1)
 
     acc = _acc_dtype(hidden)  # float32, or float64 for a float64 model
-    logp = scatter(stats.logp.to(acc))
-    return logp, (None if stats.entropy is None else scatter(stats.entropy.to(acc)))
+    return HeadStats(
+        scatter(stats.logp.to(acc)),
+        None if stats.entropy is None else scatter(stats.entropy.to(acc)),
+        None if stats.log_sum_sq_probs is None else scatter(stats.log_sum_sq_probs.to(acc)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-token KL(π_ref ‖ π_θ) over the vocabulary (TDPO), chunked
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _head_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, tau: float
+) -> tuple[Tensor, Tensor | float]:
+    """``z = softcap(κ·(W h + b))/τ`` in the accumulation dtype, and ``∂z/∂a`` (a tensor, or a constant)."""
+    a = nn.functional.linear(h, weight, bias).to(_acc_dtype(h))
+    if softcap is None:
+        return (a * (scale / tau) if scale != tau else a), scale / tau
+    t = torch.tanh(a * (scale / softcap))
+    return t * (softcap / tau), (1.0 - t * t) * (scale / tau)
+
+
+def _kl_chunk(
+    h: Tensor,
+    h_ref: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None,
+    meta: tuple[float, float | None, float],
+    g: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk: ``KL(π_ref ‖ π_θ)`` per row and, with upstream ``g``, ``∂(g·KL)/∂a = g·(π_θ − π_ref)·∂z/∂a``."""
+    scale, softcap, tau = meta
+    z, dz_da = _head_logits(h, weight, bias, scale, softcap, tau)
+    with torch.no_grad():
+        zr, _ = _head_logits(h_ref, ref_weight, ref_bias, scale, softcap, tau)
+    log_q = z - torch.logsumexp(z, dim=1, keepdim=True)
+    log_p = zr - torch.logsumexp(zr, dim=1, keepdim=True)
+    p = log_p.exp()
+    kl = torch.bmm(p[:, None, :], (log_p - log_q)[:, :, None]).reshape(-1)
+    if g is None:
+        return kl, None
+    da = (log_q.exp() - p).mul_(g.to(z.dtype)[:, None]).mul_(dz_da)
+    return kl, da
+
+
+class _ChunkedHeadKL(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        h_ref: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        scale: float,
+        softcap: float | None,
+        tau: float,
+        chunk_size: int,
+    ) -> Tensor:
+        n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        precompute = need_h and not need_w and not need_b  # frozen head: grad_h's direction now, g·u later
+        meta = (scale, softcap, tau)
+        kl = h.new_empty(n, dtype=_acc_dtype(h))
+        u = h.new_empty((n, h.shape[1]) if precompute else (0,), dtype=_acc_dtype(h))
+        ones = h.new_ones(n, dtype=_acc_dtype(h))
+        for start in range(0, n, chunk_size):
+            sl = slice(start, min(start + chunk_size, n))
+            kl_c, da = _kl_chunk(
+                h[sl], h_ref[sl], weight, bias, ref_weight, ref_bias, meta, ones[sl] if precompute else None
+            )
+            kl[sl] = kl_c
+            if precompute:
+                assert da is not None
+                u[sl] = da.to(weight.dtype) @ weight
+        ctx.meta = (meta, chunk_size, precompute)
+        if precompute:
+            ctx.save_for_backward(u)
+        else:
+            ctx.save_for_backward(h, weight, bias, h_ref, ref_weight, ref_bias)
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):  # type: ignore[override]
+        meta, chunk_size, precompute = ctx.meta
+        nones = (None,) * 7
+        if precompute:
+            (u,) = ctx.saved_tensors
+            return u * g.to(u.dtype)[:, None], None, None, *nones
+        h, weight, bias, h_ref, ref_weight, ref_bias = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = _acc_dtype(h)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        for start in range(0, h.shape[0], chunk_size):
+            sl = slice(start, min(start + chunk_size, h.shape[0]))
+            _, da = _kl_chunk(h[sl], h_ref[sl], weight, bias, ref_weight, ref_bias, meta, g[sl])
+            assert da is not None
+            if grad_h is not None:
+                grad_h[sl] = da.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(da.t(), h[sl].to(acc))
+            if grad_b is not None:
+                grad_b.add_(da.sum(0))
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+            *nones,
+        )
+
+
+def chunked_head_kl(
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    transform: LogitTransform | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    r"""``KL(π_ref,i ‖ π_θ,i) = Σ_v π_ref(v)·(log π_ref(v) − log π_θ(v))`` per row, without keeping ``(n, V)`` logits.
+
+    ``π_θ,i = softmax(z(h_i))`` from the policy head (``weight``, ``bias``) and ``π_ref,i`` from ``ref_hidden``
+    through the reference head (``ref_weight``/``ref_bias``, default: the policy head, as with LoRA on the
+    backbone), both with the same logit ``transform`` and ``temperature``. TDPO's sequential KL term (Zeng et
+    al. 2024, arXiv 2404.11999); ``∂KL/∂z = π_θ − π_ref``. Gradients reach ``hidden`` (and ``weight``/``bias``
+    when they require one), never the reference side. With a frozen head the gradient directions are formed in
+    the forward pass (one extra ``(n, d)`` buffer) and backward costs no head matmul.
+
+    Args:
+        hidden: ``(n, d)`` policy hidden states (gradients flow back to it).
+        ref_hidden: ``(n, d)`` reference hidden states at the same positions (treated as constants).
+        weight, bias: the policy's LM head, ``(V, d)`` and ``(V,)`` or ``None``.
+        ref_weight, ref_bias: the reference's LM head (default: ``weight``/``bias``, detached).
+        transform, temperature, chunk_size: as in :func:`chunked_head_logps`.
+
+    Returns:
+        ``(n,)`` KL values ``≥ 0`` (float32; float64 for float64 ``hidden``), differentiable.
+    """
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("ref_hidden", ref_hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    if ref_hidden.shape != hidden.shape:
+        raise ValueError(
+            f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape {tuple(hidden.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden has width {hidden.shape[1]} but weight has shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {weight.shape[0]} rows")
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, bias
+    check_tensor("ref_weight", ref_weight, ndim=2)
+    if ref_weight.shape != weight.shape:
+        raise ValueError(
+            f"ref_weight has shape {tuple(ref_weight.shape)} but weight has shape {tuple(weight.shape)}"
+        )
+    if ref_bias is not None:
+        check_tensor("ref_bias", ref_bias, ndim=1)
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    tr = transform or LogitTransform()
+    return _ChunkedHeadKL.apply(
+        hidden,
+        weight,
+        bias,
+        ref_hidden.detach(),
+        ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(),
+        tr.scale,
+        tr.softcap,
+        tau,
+        chunk_size,
+    )
+
+
+def _module_head_kl(
+    head: nn.Module,
+    ref_head: nn.Module,
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    tr: LogitTransform,
+    tau: float,
+    chunk_size: int,
+) -> Tensor:
+    """Generic head modules (LoRA on ``lm_head``): full logits per chunk under activation checkpointing."""
+
+    def logits(m: nn.Module, h: Tensor) -> Tensor:
+        a = m(h).to(_acc_dtype(h)) * tr.scale
+        if tr.softcap is not None:
+            a = torch.tanh(a / tr.softcap) * tr.softcap
+        return a / tau
+
+    def one(h: Tensor, hr: Tensor) -> Tensor:
+        log_q = torch.log_softmax(logits(head, h), dim=-1)
+        with torch.no_grad():
+            log_p = torch.log_softmax(logits(ref_head, hr), dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(one, hidden[sl], ref_hidden[sl], use_reentrant=False))
+        else:
+            parts.append(one(hidden[sl], ref_hidden[sl]))
+    return torch.cat(parts) if parts else one(hidden[:0], ref_hidden[:0])
+
+
+def token_kl_to_reference(
+    policy: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    *,
+    reference: Any = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> Tensor:
+    r"""Per-position ``KL(π_ref(·|x, y_<i) ‖ π_θ(·|x, y_<i))`` over the vocabulary along given sequences.
+
+    TDPO's per-token KL (Zeng et al. 2024, arXiv 2404.11999) — the ``token_kl`` input of the ``tdpo`` loss —
+    from one reference forward (no grad) and one policy forward, through :func:`chunked_head_kl`: no
+    ``(b, t, V)`` tensor is formed for either model. Layout of :func:`token_logps`: ``(b, t)``, position ``i``
+    holds the KL of the distributions that predict token ``i``; 0 at ``i = 0`` and where ``completion_mask``
+    is False.
+
+    Args:
+        policy: a [`LoraPolicy`][prefopt.policy.LoraPolicy] or a plain causal LM.
+        input_ids, attention_mask, completion_mask: as in :func:`token_logps`.
+        reference: ``True`` (default): the ``LoraPolicy``'s adapters-off view; otherwise the reference model
+            (a plain causal LM or a ``LoraPolicy``, whose policy view is used).
+        chunk_size, temperature: as in :func:`token_logps`.
+
+    Returns:
+        ``(b, t)`` KL values (float32; float64 for a float64 model), differentiable in the policy.
+    """
+    is_policy = _is_lora_policy(policy)
+    if reference is True and not is_policy:
+        raise TypeError(
+            f"reference=True needs a LoraPolicy (its adapters-off view is the reference); {type(policy).__name__} "
+            "is not one: pass the reference model as reference=..."
+        )
+    if reference is None or reference is False:
+        raise TypeError("reference must be True (a LoraPolicy's own reference) or a reference model")
+    chunk_size = _check_chunk_size(chunk_size)
+    tau = _check_temperature(temperature)
+    model = policy.model if is_policy else policy
+    backbone, head, config = backbone_and_head(model)
+    input_ids, attention_mask, completion_mask = _check_inputs(
+        input_ids, attention_mask, completion_mask, vocab=_head_vocab(head)
+    )
+    b, t = input_ids.shape
+    kwargs = position_kwargs(backbone, attention_mask)
+
+    def hidden_of(bb: nn.Module) -> Tensor:
+        out = bb(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    if reference is True:
+        with policy.reference():
+            ref_backbone, ref_head, _ = backbone_and_head(policy.model)
+            ref_hidden = hidden_of(ref_backbone)
+            # a plain nn.Linear head has no adapter: the same weights serve both views (detached below)
+            ref_w = ref_head.weight if type(ref_head) is nn.Linear else None
+            ref_b = ref_head.bias if type(ref_head) is nn.Linear else None
+    else:
+        ref_model = reference.model if _is_lora_policy(reference) else reference
+        ref_backbone, ref_head, _ = backbone_and_head(ref_model)
+        with torch.no_grad():
+            ref_hidden = hidden_of(ref_backbone)
+        ref_w = ref_head.weight if type(ref_head) is nn.Linear else None
+        ref_b = ref_head.bias if type(ref_head) is nn.Linear else None
+    hidden = hidden_of(backbone)
+    acc = _acc_dtype(hidden)
+    if t < 2:
+        return hidden.new_zeros(b, t, dtype=acc) + 0.0 * hidden.sum()
+    sel = (
+        torch.ones(b, t - 1, dtype=torch.bool, device=input_ids.device)
+        if completion_mask is None
+        else completion_mask[:, 1:]
+    )
+    idx = sel.reshape(-1).nonzero().squeeze(1)
+    h_sel = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    hr_sel = ref_hidden[:, :-1].reshape(-1, ref_hidden.shape[-1]).index_select(0, idx).to(h_sel.dtype)
+    tr = logit_transform(config)
+    if type(head) is nn.Linear and ref_w is not None:
+        kl = chunked_head_kl(
+            h_sel,
+            hr_sel,
+            head.weight,
+            head.bias,
+            ref_weight=ref_w,
+            ref_bias=ref_b,
+            transform=tr,
+            temperature=tau,
+            chunk_size=chunk_size,
+        )
+    else:  # a LoRA-wrapped head: the reference head is the same module with its adapters off
+        if reference is True:
+            raise NotImplementedError(
+                "token_kl_to_reference with reference=True needs a plain nn.Linear LM head (no LoRA on lm_head); "
+                "pass a separate reference model instead"
+            )
+        kl = _module_head_kl(head, ref_head, h_sel, hr_sel, tr, tau, chunk_size)
+    dense = kl.to(acc).new_zeros(b * (t - 1)).index_put((idx,), kl.to(acc))
+    return torch.cat([dense.new_zeros(b, 1), dense.view(b, t - 1)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------

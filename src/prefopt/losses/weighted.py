@@ -21,9 +21,11 @@ loss           input kind       extra per-token data
 WPO's weight multiplies *any* registered pairwise loss (``base=``), and :func:`ld_pair_logps` turns
 per-token log-probs into length-desensitised [`PairLogps`][prefopt.types.PairLogps] for any pairwise loss,
 so both compose (WPO + IPO, WPO + SimPO, LD + IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²``
-for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for TDPO) have full-logits reference implementations here,
-:func:`log_sum_sq_probs` and :func:`token_kl`; they keep a ``(…, V)`` tensor, so use them on small models or
-as oracles.
+for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for TDPO) come from the chunked LM head on a model —
+[`token_stats`][prefopt.logprobs.token_stats] (``log_sum_sq_probs=True``) and
+[`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no ``(b, t, V)`` tensor kept. The
+full-logits implementations here, :func:`log_sum_sq_probs` and :func:`token_kl`, keep a ``(…, V)`` tensor: use
+them on small models or as oracles.
 """
 
 from __future__ import annotations
