@@ -987,7 +987,10 @@ def test_chunked_head_kl_gradcheck_and_full_logits_oracle(softcap: float | None,
         torch.testing.assert_close(a_, e_, atol=1e-12, rtol=1e-10)
     assert hr.grad is None
 
-    w_ref, b_ref = w.detach().clone(), b.detach().clone()  # a fixed reference head: only the policy side moves
+    w_ref, b_ref = (
+        w.detach().clone(),
+        b.detach().clone(),
+    )  # a fixed reference head: only the policy side moves
 
     def f(*xs: torch.Tensor) -> torch.Tensor:
         ww, bb = (xs[1], xs[2]) if head_grad else (w, b)

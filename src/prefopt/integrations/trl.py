@@ -33,17 +33,22 @@ Correspondence with TRL's ``loss_type`` on the same batch (tested in ``tests/tes
 ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop`` and ``sigmoid_norm`` = the prefopt loss of
 the same name. Losses TRL does not have (``simpo``, ``cpo``, ``orpo``, ``rdpo``, ``dpop``, ``cdpo``, ...) just work.
 
+TRL options that act on top of any loss work as in TRL (tested value-for-value and gradient-for-gradient):
+``ld_alpha`` (LD-DPO: the sums become :func:`prefopt.losses.weighted.ld_pair_logps`, policy and reference) and
+``use_weighting`` (WPO: each pair's loss is multiplied by :func:`prefopt.losses.weighted.wpo_weights` of the
+chosen and of the rejected response, from the ``log Σ_v π_v²`` of TRL's fused head).
+
 Not supported (a ``ValueError`` at construction, rather than silently ignored): TRL options that change the
 loss — ``loss_type`` other than the default ``["sigmoid"]``, ``loss_weights``, ``f_divergence_type`` other
-than ``"reverse_kl"`` (use prefopt's ``f_divergence`` hyperparameter), ``use_weighting`` (WPO), ``ld_alpha``
-(LD-DPO); and prefopt losses that need more than a ``PairLogps`` (e.g. ``pairwise_normalized``, KTO, RL losses).
+than ``"reverse_kl"`` (use prefopt's ``f_divergence`` hyperparameter); and prefopt losses that need more than
+a ``PairLogps`` (e.g. ``pairwise_normalized``, KTO, RL losses).
 For ``loss_type="sft"`` mixing use prefopt's ``mpo`` or the ``nll_*`` hyperparameters of ``cpo``/``orpo``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +67,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
 import torch
 from torch import Tensor
 
+from prefopt.losses.weighted import ld_pair_logps, wpo_weights
 from prefopt.registry import BoundLoss, get_loss, get_spec
 from prefopt.types import LossOutput, PairLogps
 
@@ -76,16 +82,12 @@ def check_pairwise_loss(name: str) -> None:
     (``KeyError`` with the list of names for an unknown ``name``.)
     """
     spec = get_spec(name)
-    required = [
-        p
-        for p in inspect.signature(spec.fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
-    ]
-    if len(required) != 1 or "PairLogps" not in str(required[0].annotation):
-        names = [p.name for p in required]
+    needed = list(spec.required_data)
+    if spec.inputs != "pairs" or needed:
+        what = f"input kind {spec.inputs!r}" + (f" and the data {needed}" if needed else "")
         raise ValueError(
-            f"loss={name!r} is not a pairwise loss on PairLogps (it needs {names}); PrefoptDPOTrainer supports "
-            "the margin, reference-free, combined and pairwise decoupled losses"
+            f"loss={name!r} is not a pairwise loss on PairLogps alone (it needs {what}); PrefoptDPOTrainer "
+            "supports the margin, reference-free, combined and pairwise decoupled losses"
         )
 
 
@@ -132,16 +134,13 @@ class PrefoptDPOTrainer(DPOTrainer):  # type: ignore[misc]
             problems.append(
                 f"f_divergence_type={self.f_divergence_type!r} (use the f_divergence hyperparameter)"
             )
-        if self.use_weighting:
-            problems.append("use_weighting=True (WPO)")
-        if self.ld_alpha is not None:
-            problems.append(f"ld_alpha={self.ld_alpha!r} (LD-DPO)")
         if problems:
             raise ValueError("PrefoptDPOTrainer: unsupported DPOConfig setting(s): " + "; ".join(problems))
 
     # ----------------------------------------------------------------------------------------------------------
-    def _reference_sums(self, model_kwargs: dict[str, Any], labels: Tensor, seq_len: int) -> Tensor:
-        """``S_ref`` per row, ``(2B,)``, the way TRL computes it (ref_model, or the PEFT model without adapter)."""
+    def _reference_token_logps(self, model_kwargs: dict[str, Any], labels: Tensor, seq_len: int) -> Tensor:
+        """Reference per-token log-probs ``(2B, seq_len)`` (0 where the label is -100), the way TRL computes
+        them (ref_model, or the PEFT model without adapter)."""
         policy: Any = self.model
         ref_model: Any = self.ref_model
         gc_kwargs: Any = self.args.gradient_checkpointing_kwargs
@@ -155,7 +154,7 @@ class PrefoptDPOTrainer(DPOTrainer):  # type: ignore[misc]
                 ctx = contextlib.nullcontext()
             with ctx:
                 out = ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-        return out.log_probs[:, -seq_len:].sum(dim=1)
+        return out.log_probs[:, -seq_len:]
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         policy: Any = self.model
@@ -171,23 +170,38 @@ class PrefoptDPOTrainer(DPOTrainer):  # type: ignore[misc]
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         seq_len = shift_mask.shape[1]
         # 0 where the label is -100, so a plain sum is Σ_t m_t log π(y_t | ·)
-        sums = outputs.log_probs[:, -seq_len:].sum(dim=1)
-        lengths = shift_mask.sum(dim=1)
-        chosen, rejected = sums.chunk(2, dim=0)
-        chosen_len, rejected_len = lengths.chunk(2, dim=0)
-
-        ref_chosen = ref_rejected = None
+        per_token = outputs.log_probs[:, -seq_len:]
+        ref_token: Tensor | None = None
+        ref_sums: tuple[Tensor, Tensor] | None = None
         if self.prefopt_loss.needs_reference:
             if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+                ref_sums = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
             else:
                 ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-                ref_chosen, ref_rejected = self._reference_sums(ref_kwargs, labels, seq_len).chunk(2, dim=0)
-            ref_chosen = ref_chosen.to(chosen.dtype)
-            ref_rejected = ref_rejected.to(chosen.dtype)
-        pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)
+                ref_token = self._reference_token_logps(ref_kwargs, labels, seq_len)
+        if self.ld_alpha is None:
+            lengths = shift_mask.sum(dim=1)
+            chosen, rejected = per_token.sum(dim=1).chunk(2, dim=0)
+            chosen_len, rejected_len = lengths.chunk(2, dim=0)
+            if ref_token is not None:
+                ref_sums = ref_token.sum(dim=1).chunk(2, dim=0)  # type: ignore[assignment]
+            pairs = PairLogps(chosen, rejected, None, None, chosen_len, rejected_len)
+        else:  # LD-DPO on policy and reference alike, as TRL (precomputed reference sums are used as given)
+            pairs = ld_pair_logps(per_token, ref_token, shift_mask, ld_alpha=float(self.ld_alpha))
+            if ref_token is not None:
+                ref_sums = (pairs.ref_chosen, pairs.ref_rejected)  # type: ignore[assignment]
+        chosen, rejected = pairs.chosen, pairs.rejected
+        if ref_sums is not None:
+            pairs = dataclasses.replace(
+                pairs, ref_chosen=ref_sums[0].to(chosen.dtype), ref_rejected=ref_sums[1].to(chosen.dtype)
+            )
         result: LossOutput = self.prefopt_loss(pairs)
-        loss = result.loss.mean()
+        per_pair = result.loss
+        if self.use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): detached weights of both responses, as TRL
+            w = wpo_weights(per_token, outputs.log_sum_sq_probs[:, -seq_len:], shift_mask)
+            w_chosen, w_rejected = w.chunk(2, dim=0)
+            per_pair = per_pair * (w_chosen * w_rejected).to(per_pair.dtype)
+        loss = per_pair.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
