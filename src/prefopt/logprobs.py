@@ -1337,7 +1337,9 @@ def pair_logps(
             ``reference()`` context the reference), or a plain causal LM (a transformers model or a peft model
             wrapping one).
         batch: the collated batch, ``B`` pairs.
-        reference: ``True`` (default): the ``LoraPolicy``'s own reference (adapters off); for a plain model
+        reference: ``True`` (default): the ``LoraPolicy``'s own reference (adapters off); ``"anchor"``: its
+            EMA anchor adapter as the reference (TR-DPO's moving reference, see
+            [`reference_sync_`][prefopt.policy.reference_sync_]); for a plain model
             ``True`` is an error — pass the reference model itself (any model ``policy`` may be, a
             ``LoraPolicy`` included, whose policy view is then used). ``False`` / ``None``: no reference
             (``ref_chosen``/``ref_rejected`` are ``None``, for reference-free losses).
@@ -1375,9 +1377,14 @@ def pair_logps(
             f"reference=True needs a LoraPolicy (its adapters-off view is the reference); {type(policy).__name__} "
             "is not one: pass the reference model as reference=..., or reference=False"
         )
+    if reference == "anchor" and not is_policy:
+        raise TypeError(f'reference="anchor" needs a LoraPolicy, got {type(policy).__name__}')
     ref: PairLogps | None = None
     if reference is True:
         with policy.reference():
+            ref = run(policy.model)
+    elif isinstance(reference, str) and reference == "anchor":  # TR-DPO: the moving reference
+        with policy.anchor():
             ref = run(policy.model)
     elif reference is not None and reference is not False:
         with torch.no_grad():

@@ -64,6 +64,7 @@ __all__ = [
     "default_lora_config",
     "ema_low_rank",
     "ema_update_",
+    "reference_sync_",
 ]
 
 POLICY_ADAPTER = "default"
@@ -871,6 +872,44 @@ def ema_update_(
             raise ValueError(f"policy{bad[:5]} hold NaN or inf; the anchor was left unchanged")
     for a, p in zip(anchors, policies):
         a.lerp_(p.to(a.dtype), 1.0 - float(decay))
+
+
+def reference_sync_(
+    policy: LoraPolicy, step: int, *, alpha: float = 0.6, every: int | None = 512
+) -> AnchorUpdate | None:
+    r"""TR-DPO's moving reference on one backbone: the anchor adapter is the reference, synced every ``every`` steps.
+
+    Call after optimizer step ``step`` (counted from 1, TRL's ``global_step``); when ``step % every == 0``::
+
+        ΔW_ref ← (1 − α)·ΔW_ref + α·ΔW_θ        i.e. policy.update_anchor_(decay=1 − α)
+
+    (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment", arXiv 2404.09656, §3: soft
+    update α < 1, hard update α = 1; TRL's ``sync_ref_model`` with ``ref_model_mixup_alpha`` (0.6) and
+    ``ref_model_sync_steps`` (512), which TRL refuses with PEFT). Use the anchor as the reference:
+    ``pair_logps(policy, batch, reference="anchor")`` for DPO-style losses, ``with policy.anchor():
+    token_logps(...)`` for the KL term of GRPO/PPO.
+
+    Properties (tested): ``every=None`` (never) leaves the anchor at its start ``ΔW = 0``, so the loss equals the
+    frozen-reference loss bitwise; a hard sync (``α = 1``) copies the policy adapter exactly (``anchor_rank ≥ r``)
+    and the reference log-probs then equal the policy's (to float rounding); a soft sync is the closed-form EMA
+    of the two low-rank updates — exact while ``anchor_rank`` holds its rank (``2r`` for the first sync with
+    the default ``anchor_rank = 2r``), otherwise the best rank-``r_a`` approximation (the returned
+    :class:`AnchorUpdate` reports what was dropped).
+
+    Returns:
+        the :class:`AnchorUpdate` of a sync, or ``None`` when ``step`` is not a sync step.
+    """
+    if not isinstance(policy, LoraPolicy):
+        raise TypeError(f"policy must be a LoraPolicy, got {type(policy).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an integer >= 1 (optimizer steps taken), got {step!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be an integer >= 1 or None (never sync), got {every!r}")
+    if every is None or step % every:
+        return None
+    return policy.update_anchor_(1.0 - float(alpha))
 
 
 def _fsync_file(path: str) -> None:
