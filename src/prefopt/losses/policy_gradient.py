@@ -10,7 +10,9 @@ Every loss here is
   ``advantages``: ``(b,)`` per sequence (broadcast over its tokens) or ``(b, t)`` per token, $A_{i,t}$;
   ``mask`` ``(b, t)`` **bool**, True on the completion tokens that count (left or right padding both fine).
 * Extras (keyword-only, registered as ``extras``): ``ref_logp`` (GRPO's KL), ``values`` / ``old_values`` /
-  ``returns`` / ``entropy`` (PPO, REINFORCE's learned baseline).
+  ``returns`` / ``entropy`` (PPO, REINFORCE's learned baseline); on every clipped variant ``sampler_logp``
+  (behaviour-policy correction, [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights])
+  and ``policy_mask`` (the tokens whose policy term counts, e.g. OPSM or the top-ρ entropy mask).
 * Out: ``loss`` ``(b, t)`` per token, **exactly 0 where ``mask`` is False**; every metric is a detached
   ``(b, t)`` tensor, 0 where masked. The caller reduces both with
   [`aggregate`][prefopt.masked.aggregate] (``"token-mean"``, ``"seq-mean-token-mean"``, ...), e.g.
@@ -29,8 +31,10 @@ Robustness, shared by every loss:
   ``torch.where``, never multiplied by 0), and a zero advantage gives exactly 0.
 * GRPO's k3 term clamps its log-ratio to $[-20, 20]$ likewise, so it stays finite (at most $e^{20}$).
 
-The shared core is ``_clipped`` (the PPO clipped surrogate on a log-ratio); a variant that changes the ratio
-(a sequence-level ratio, a stop-gradient weight) is a few lines on top of it.
+The shared core is ``_clipped`` (the PPO clipped surrogate on a log-ratio, with the optional dual clip and
+INTELLECT-2 δ caps); a variant that changes the ratio (a sequence-level ratio, a stop-gradient weight) is a
+few lines on top of it. The behaviour correction, OPSM and ``policy_mask`` are one shared helper applied to
+the policy term of every clipped variant (``_policy_keep``).
 """
 
 from __future__ import annotations
@@ -597,7 +601,7 @@ def grpo(
 
     Behaviour-policy correction (decoupled PPO): with ``sampler_logp`` (the inference engine's log-probs
     of the sampled tokens) the policy term is multiplied by the detached weight
-    $W$ of [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights]\ ``(old_logp,
+    $W$ of [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights] with ``(old_logp,
     sampler_logp, mask, correction=..., low=correction_min, high=correction_max)``; the ratio $\rho$ stays
     against ``old_logp``. ``opsm_threshold`` $\delta$ drops, from the policy term, the negative-advantage
     sequences of [`off_policy_sequence_mask`][prefopt.losses.policy_gradient.off_policy_sequence_mask]
