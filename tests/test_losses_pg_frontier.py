@@ -653,7 +653,10 @@ def test_opsm_in_the_loss_drops_only_the_policy_term():
     # without a sampler OPSM uses old_logp; on-policy (no old, no sampler) it keeps everything
     a = grpo(logp, old, adv, mask, opsm_threshold=0.0).metrics["policy_kept"].bool()
     assert torch.equal(a, off_policy_sequence_mask(logp, old, adv, mask, threshold=0.0))
-    assert torch.equal(grpo(logp, None, adv, mask, opsm_threshold=-1.0).metrics["policy_kept"].bool(), mask)
+    # on-policy the divergence is 0 (as TRL): δ ≥ 0 keeps everything, δ < 0 drops every A < 0 sequence
+    assert torch.equal(grpo(logp, None, adv, mask, opsm_threshold=0.0).metrics["policy_kept"].bool(), mask)
+    neg = grpo(logp, None, adv, mask, opsm_threshold=-1e-3).metrics["policy_kept"].bool()
+    assert torch.equal(neg, mask & (adv >= 0).unsqueeze(1)) and (adv < 0).any()
 
 
 def test_policy_mask_bad_input_and_opsm_bad_threshold():
@@ -909,28 +912,29 @@ def test_sapo_matches_trl(beta):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("with_sampler", [False, True])
+@pytest.mark.parametrize("source", ["old", "sampler", "on_policy"])
 @pytest.mark.parametrize("loss_type", ["grpo", "sapo"])
-def test_opsm_matches_trl(with_sampler, loss_type):
-    """TRL's ``off_policy_mask_threshold``: against the sampler's log-probs when given, else the old policy's."""
+def test_opsm_matches_trl(source, loss_type):
+    """TRL's ``off_policy_mask_threshold``: against the sampler's log-probs when given (here together with
+    its token-truncated IS weight), else the old policy's, else sg(logp) (divergence 0)."""
     logp0, old, samp, ref, adv, mask = batch(24, b=10, t=7, spread=0.8)
+    threshold = -0.05 if source == "on_policy" else 0.1
+    behaviour = {"old": old, "sampler": samp, "on_policy": logp0}[source]
+    keep = off_policy_sequence_mask(logp0, behaviour, adv, mask, threshold=threshold)
+    assert (mask & ~keep).any() and keep.any()  # OPSM drops something and keeps something
+    old_in = None if source == "on_policy" else old
+    trl_kw: dict = {}
+    kw: dict = {"opsm_threshold": threshold}
+    if source == "sampler":
+        trl_kw = {"sampling": samp, "is_ratio": trl_is_ratio(old, samp, mask, "token_truncate", None, 2.0)}
+        kw["sampler_logp"] = samp  # default correction: token_truncate, C_max = 2
     lp_trl = logp0.clone().requires_grad_(True)
-    ref_loss = trl_loss(
-        loss_type, lp_trl, old, ref, adv, mask, beta=0.04, opsm=0.1, sampling=samp if with_sampler else None
-    )
+    ref_loss = trl_loss(loss_type, lp_trl, old_in, ref, adv, mask, beta=0.04, opsm=threshold, **trl_kw)
     ref_loss.backward()
     lp = logp0.clone().requires_grad_(True)
-    kw = {"sampler_logp": samp, "correction": "token_mask", "correction_max": None} if with_sampler else {}
-    # TRL applies no IS weight here (no vLLM): ours with an unbounded mask mode has weights u ≠ 1, so compare
-    # with a policy_mask instead when the sampler is given
-    if with_sampler:
-        keep = off_policy_sequence_mask(logp0, samp, adv, mask, threshold=0.1)
-        assert (mask & ~keep).any() and keep.any()
-        kw = {"policy_mask": keep}
-    else:
-        kw = {"opsm_threshold": 0.1}
-    val, _ = ours(loss_type, lp, old, ref, adv, mask, 0.04, **kw)
+    val, out = ours(loss_type, lp, old_in, ref, adv, mask, 0.04, **kw)
     val.backward()
+    assert torch.equal(out.metrics["policy_kept"].bool(), keep)
     torch.testing.assert_close(val, ref_loss.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lp.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)
 

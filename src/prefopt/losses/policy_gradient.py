@@ -330,10 +330,10 @@ def _policy_keep(
             old, sampler_logp, mask, correction=correction, low=correction_min, high=correction_max
         )
         weight = weight.to(lp.dtype)
-    if opsm_threshold is not None:
+    if opsm_threshold is not None:  # against the sampler, else the old policy, else sg(logp) (as TRL)
         behaviour = sampler_logp if sampler_logp is not None else old_logp
-        if behaviour is not None:
-            keep = keep & off_policy_sequence_mask(lp, behaviour, adv, mask, threshold=opsm_threshold)
+        behaviour = lp.detach() if behaviour is None else behaviour
+        keep = keep & off_policy_sequence_mask(lp, behaviour, adv, mask, threshold=opsm_threshold)
     if policy_mask is not None:
         check_mask("policy_mask", policy_mask, tuple(mask.shape), "logp")
         keep = keep & policy_mask
@@ -605,7 +605,8 @@ def grpo(
     sampler_logp, mask, correction=..., low=correction_min, high=correction_max)``; the ratio $\rho$ stays
     against ``old_logp``. ``opsm_threshold`` $\delta$ drops, from the policy term, the negative-advantage
     sequences of [`off_policy_sequence_mask`][prefopt.losses.policy_gradient.off_policy_sequence_mask]
-    (against ``sampler_logp`` if given, else ``old_logp``); ``policy_mask`` ``(b, t)`` bool restricts the
+    (against ``sampler_logp`` if given, else ``old_logp``, else ``logp.detach()``: divergence 0, as TRL);
+    ``policy_mask`` ``(b, t)`` bool restricts the
     policy term to its tokens (e.g. [`high_entropy_mask`][prefopt.rl.high_entropy_mask]); the KL term
     keeps ``mask``. TRL applies them the same way (policy term × OPSM mask × entropy mask × IS weight,
     then + β·KL; tested equal in value and gradient). Without ``sampler_logp`` the result is bitwise the
