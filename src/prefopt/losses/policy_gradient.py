@@ -78,11 +78,11 @@ def _zero(x: Tensor) -> Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device)
 
 
-def _tokens(name: str, x: Any, mask: Tensor, *, detach: bool = False) -> Tensor:
+def _tokens(name: str, x: Any, mask: Tensor, *, detach: bool = False, like: str = "logp") -> Tensor:
     """Validate a ``(b, t)`` tensor of ``mask``'s shape and select it: 0 where masked (before any arithmetic)."""
     check_tensor(name, x, ndim=2)
     if x.shape != mask.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but logp has shape {tuple(mask.shape)}")
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but {like} has shape {tuple(mask.shape)}")
     if detach:
         x = x.detach()
     return torch.where(mask, x, _zero(x))
@@ -247,9 +247,10 @@ def behaviour_weights(
         ``(b, t)`` tokens whose weight is not dropped by a mask mode (``mask`` for the truncate modes).
     """
     _check_correction("behaviour_weights", correction, low, high, low_name="low", high_name="high")
-    mask = _mask(mask, old_logp)
+    check_tensor("old_logp", old_logp, ndim=2)
+    mask = check_mask("mask", mask, tuple(old_logp.shape), "old_logp")
     old = _tokens("old_logp", old_logp, mask, detach=True)
-    samp = _tokens("sampler_logp", sampler_logp, mask, detach=True).to(old.dtype)
+    samp = _tokens("sampler_logp", sampler_logp, mask, detach=True, like="old_logp").to(old.dtype)
     delta = old - samp
     delta = torch.where(torch.isnan(delta), _zero(delta), delta)
     lo, hi = _log_bound(low, -math.inf), _log_bound(high, math.inf)
