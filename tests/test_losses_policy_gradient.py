@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import prefopt as po
 from prefopt import rl
 from prefopt.losses import policy_gradient
-from prefopt.losses.policy_gradient import cispo, grpo, gspo, gspo_token, ppo, reinforce, rloo
+from prefopt.losses.policy_gradient import cispo, grpo, gspo, gspo_token, ppo, reinforce, rloo, sapo
 from prefopt.masked import aggregate, masked_mean, masked_sum, mean_of_seq_means, token_mean
 
 F64 = torch.float64
@@ -46,6 +46,7 @@ def test_registered_in_family():
         "gspo",
         "gspo_token",
         "cispo",
+        "sapo",
         "ppo",
     }
 
@@ -608,7 +609,7 @@ def test_token_losses_shapes_extremes_and_precision(b, t, floor, dtype, seed):
 # ----------------------------------------------------------------------------------------------------------
 
 B, T = 4, 5
-PG_LOSSES = ["reinforce", "rloo", "grpo", "gspo", "gspo_token", "cispo", "ppo"]
+PG_LOSSES = ["reinforce", "rloo", "grpo", "gspo", "gspo_token", "cispo", "sapo", "ppo"]
 
 
 def pg_inputs(seed: int, fill: float | None = None) -> dict[str, torch.Tensor]:
@@ -626,6 +627,7 @@ def pg_inputs(seed: int, fill: float | None = None) -> dict[str, torch.Tensor]:
         "old_values": torch.randn(B, T, generator=gen, dtype=F64),
         "returns": torch.randn(B, T, generator=gen, dtype=F64),
         "entropy": torch.rand(B, T, generator=gen, dtype=F64),
+        "sampler_logp": -torch.rand(B, T, generator=gen, dtype=F64) * 3,
         "seq_advantages": torch.randn(B, generator=gen, dtype=F64),
     }
     if fill is not None:
@@ -645,13 +647,33 @@ def call_pg(name: str, d: dict[str, torch.Tensor], logp: torch.Tensor, values: t
     if name == "rloo":
         return rloo(logp, d["old_logp"], d["seq_advantages"], m)
     if name == "grpo":
-        return grpo(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+        return grpo(
+            logp,
+            d["old_logp"],
+            d["advantages"],
+            m,
+            ref_logp=d["ref_logp"],
+            beta=0.1,
+            sampler_logp=d["sampler_logp"],
+        )
     if name == "gspo":
         return gspo(logp, d["old_logp"], d["seq_advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
     if name == "gspo_token":
         return gspo_token(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
     if name == "cispo":
         return cispo(logp, d["old_logp"], d["advantages"], m, ref_logp=d["ref_logp"], beta=0.1)
+    if name == "sapo":
+        return sapo(
+            logp,
+            d["old_logp"],
+            d["advantages"],
+            m,
+            ref_logp=d["ref_logp"],
+            beta=0.1,
+            sampler_logp=d["sampler_logp"],
+            correction="sequence_mask",
+            correction_max=None,
+        )
     return ppo(
         logp,
         d["old_logp"],
@@ -663,6 +685,9 @@ def call_pg(name: str, d: dict[str, torch.Tensor], logp: torch.Tensor, values: t
         entropy=d["entropy"],
         ent_coef=0.01,
         dual_clip=3.0,
+        sampler_logp=d["sampler_logp"],
+        correction="token_mask",
+        correction_min=0.1,
     )
 
 
@@ -728,7 +753,7 @@ def test_extreme_ratios_stay_finite_and_clipped_gradients_are_exactly_zero(name,
             assert (logp.grad[mask] == 0).all()  # the other side is saturated by the clamp (or dual-clipped)
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce", "gspo", "gspo_token", "cispo"])
+@pytest.mark.parametrize("name", ["grpo", "ppo", "rloo", "reinforce", "gspo", "gspo_token", "cispo", "sapo"])
 def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
     d = pg_inputs(2)
     mask = d["mask"]
@@ -749,6 +774,8 @@ def test_zero_advantage_gives_exactly_zero_loss_and_gradient_at_any_ratio(name):
         out = gspo_token(logp, d["old_logp"], d["advantages"], m)
     elif name == "cispo":
         out = cispo(logp, d["old_logp"], d["advantages"], m)
+    elif name == "sapo":
+        out = sapo(logp, d["old_logp"], d["advantages"], m)
     else:
         out = reinforce(logp, d["old_logp"], d["advantages"], m)
     aggregate(out.loss, mask, "token-mean").backward()

@@ -1,5 +1,6 @@
 """Online-RL building blocks: GAE, leave-one-out, group and REINFORCE++ advantages, KL estimators,
-KL-penalized rewards, DAPO overlong penalty and group filter.
+KL-penalized rewards, DAPO overlong penalty and group filter, sampler/trainer mismatch metrics, the
+top-ρ high-entropy token mask and the entropy bonus.
 
 Whitening (PPO advantages) is [`masked_whiten`][prefopt.masked.masked_whiten]; the reduction of a per-token
 loss is [`aggregate`][prefopt.masked.aggregate].
@@ -25,17 +26,20 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from prefopt.masked import masked_mean, masked_whiten
+from prefopt.masked import aggregate, masked_mean, masked_whiten
 from prefopt.types import check_finite, check_mask, check_tensor
 
 __all__ = [
     "PenalizedRewards",
+    "entropy_bonus",
     "gae",
     "group_advantages",
+    "high_entropy_mask",
     "informative_groups",
     "kl_estimate",
     "kl_penalized_rewards",
     "last_valid_index",
+    "mismatch_metrics",
     "overlong_penalty",
     "reinforce_pp_advantages",
     "rloo_advantages",
@@ -560,3 +564,155 @@ def informative_groups(rewards: Tensor, *, mean_bounds: tuple[float, float] | No
         )
     mean = r.mean(dim=1)
     return (mean > mean_bounds[0]) & (mean < mean_bounds[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampler / trainer mismatch
+# ----------------------------------------------------------------------------------------------------------
+
+_MISMATCH_CLAMP = 20.0
+
+
+def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    r"""How far the sampler (inference engine, $\ell^{samp}$) is from the trainer ($\ell^{old}$) on a rollout.
+
+    With $\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}$ on valid tokens (the rollout was sampled from
+    the sampler, so token means are Monte-Carlo estimates under it), $\bar\ell_i$ the per-sequence mean
+    log-prob, token means over all valid tokens and sequence means over rows with at least one token:
+
+    | key | value | estimates |
+    |---|---|---|
+    | ``"k1"`` | $\mathrm{mean}_{i,t}(-\Delta)$ | KL(π_samp ‖ π_old) per token (unbiased, can be < 0) |
+    | ``"k3"`` | $\mathrm{mean}_{i,t}(e^{\Delta} - 1 - \Delta)$ | the same KL (unbiased, each term ≥ 0) |
+    | ``"chi2_token"`` | $\mathrm{mean}_{i,t}(e^{2\Delta}) - 1$ | χ²(π_old ‖ π_samp) per token ($\sum \pi_{old}^2/\pi_{samp} - 1$) |
+    | ``"chi2_seq"`` | $\mathrm{mean}_i \exp(2\sum_t m\Delta) - 1$ | the same for whole sequences |
+    | ``"training_ppl"`` / ``"rollout_ppl"`` | $\mathrm{mean}_i e^{-\bar\ell^{old}_i}$ / $\mathrm{mean}_i e^{-\bar\ell^{samp}_i}$ | perplexities |
+    | ``"log_ppl_diff"`` | $\mathrm{mean}_i(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | log of training / rollout perplexity |
+    | ``"ppl_ratio"`` | $\mathrm{mean}_i \exp(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | training / rollout perplexity |
+    | ``"abs_diff_mean"`` / ``"abs_diff_max"`` | mean / max of $\lvert\Delta\rvert$ | TRL's ``sampling_logp_difference`` |
+
+    These are verl's ``compute_offpolicy_metrics`` (``kl``, ``k3_kl``, ``chi2_token``, ``chi2_seq``,
+    ``training_ppl``, ``rollout_ppl``, ``log_ppl_diff``, ``ppl_ratio``) and TRL's logged differences, in one
+    call. Identical log-probs give 0 for every key except the perplexities (equal) and ``ppl_ratio`` = 1.
+    Every exponent is clamped to ±20, so extreme inputs stay finite; a NaN sampler log-prob on a valid
+    token counts as $\Delta = 0$ (as TRL's correction does). With no valid token every key is 0 (the
+    perplexities and ``ppl_ratio`` too).
+
+    Args:
+        old_logp: ``(b, t)`` trainer log-probs of the sampled tokens.
+        sampler_logp: ``(b, t)`` sampler log-probs of the same tokens.
+        mask: ``(b, t)`` bool completion mask.
+
+    Returns:
+        dict of detached 0-dim tensors (float32 for half-precision input).
+    """
+    old = _as_float("old_logp", old_logp, ndim=2).detach()
+    samp = _as_float("sampler_logp", sampler_logp, ndim=2).detach().to(old.dtype)
+    _same_shape("sampler_logp", samp, "old_logp", old)
+    mask = check_mask("mask", mask, tuple(old.shape), "old_logp")
+    zero = torch.zeros((), dtype=old.dtype, device=old.device)
+    old = torch.where(mask, old, zero)
+    samp = torch.where(mask, samp, zero)
+    delta = old - samp
+    delta = torch.where(torch.isnan(delta), zero, delta)
+    samp = torch.where(torch.isnan(samp), old, samp)
+    c = _MISMATCH_CLAMP
+    lengths = mask.sum(dim=-1)
+    rows = lengths > 0
+    n_rows = rows.sum().clamp(min=1).to(old.dtype)
+    denom = lengths.clamp(min=1).to(old.dtype)
+    mean_old, mean_samp = old.sum(-1) / denom, samp.sum(-1) / denom
+
+    def row_mean(x: Tensor) -> Tensor:
+        return torch.where(rows, x, zero).sum() / n_rows
+
+    def exp(x: Tensor) -> Tensor:
+        return torch.exp(x.clamp(-c, c))
+
+    d = delta.clamp(-c, c)
+    abs_d = torch.where(mask, delta.abs(), zero)
+    return {
+        "k1": masked_mean(-delta, mask),
+        "k3": masked_mean(torch.expm1(d) - d, mask),
+        "chi2_token": masked_mean(torch.expm1(2 * d), mask),
+        "chi2_seq": row_mean(torch.expm1((2 * delta.sum(-1)).clamp(-c, c))),
+        "training_ppl": row_mean(exp(-mean_old)),
+        "rollout_ppl": row_mean(exp(-mean_samp)),
+        "log_ppl_diff": row_mean(mean_samp - mean_old),
+        "ppl_ratio": row_mean(exp(mean_samp - mean_old)),
+        "abs_diff_mean": masked_mean(abs_d, mask),
+        "abs_diff_max": abs_d.amax() if abs_d.numel() else zero,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entropy: top-ρ high-entropy tokens and the entropy bonus
+# ----------------------------------------------------------------------------------------------------------
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
+    r"""The top-ρ high-entropy ("forking") tokens of a batch (Wang et al. 2025, "Beyond the 80/20 rule",
+    arXiv:2506.01939): keep token $(i, t)$ iff $H_{i,t} \ge \tau_\rho$, the $(1-\rho)$-quantile (linear
+    interpolation, ``torch.quantile``) of $\{H_{i,t} : m_{i,t}\}$.
+
+    Pass the result as ``policy_mask`` to a policy-gradient loss (e.g.
+    [`grpo`][prefopt.losses.policy_gradient.grpo]) and reduce with the full ``mask``: the policy term then
+    counts only the kept tokens while the aggregation's denominator is unchanged, which is TRL's
+    ``top_entropy_quantile=ρ`` (tested equal in value and gradient). The paper uses ρ = 0.2. ρ = 1 keeps
+    every valid token; ρ = 0 keeps only the maximum (all of its ties). The quantile is over this call's
+    tokens: under data parallelism gather the valid entropies of all ranks first, as TRL does (or accept a
+    per-rank threshold). Per-token entropies come from
+    [`token_logps`][prefopt.logprobs.token_logps] with ``(..., return_entropy=True)`` (chunked head: no
+    ``(b, t, V)`` tensor is kept); the mask carries no gradient.
+
+    Args:
+        entropy: ``(b, t)`` per-token entropies (detached inside).
+        mask: ``(b, t)`` bool completion mask.
+        rho: the kept fraction ρ ∈ [0, 1].
+
+    Returns:
+        bool ``(b, t)``, False wherever ``mask`` is False (all False if no token is valid).
+    """
+    rho = _check_unit_interval("rho", rho)
+    h = _as_float("entropy", entropy, ndim=2).detach()
+    mask = check_mask("mask", mask, tuple(h.shape), "entropy")
+    valid = h[mask]
+    if valid.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(valid, 1.0 - rho)
+    return mask & (torch.where(mask, h, torch.zeros((), dtype=h.dtype, device=h.device)) >= threshold)
+
+
+def entropy_bonus(
+    entropy: Tensor,
+    mask: Tensor,
+    *,
+    coef: float,
+    mode: str = "token-mean",
+    num_tokens: Tensor | float | None = None,
+    num_sequences: Tensor | float | None = None,
+    max_length: int | None = None,
+) -> Tensor:
+    r"""The entropy bonus to **add** to a policy loss: $-c\,\mathrm{Agg}(H)$ (maximising entropy).
+
+    ``mode`` and the counts are those of [`aggregate`][prefopt.masked.aggregate]. TRL's ``entropy_coef``
+    is ``mode="token-mean"`` over the effective mask (``mask & high_entropy_mask(...)`` when
+    ``top_entropy_quantile < 1``) whatever the policy's ``loss_type`` (tested equal in value and gradient);
+    verl aggregates with the policy loss's own ``loss_agg_mode``. Per-token entropies with their gradient
+    come from [`token_logps`][prefopt.logprobs.token_logps] with ``(..., return_entropy=True)``.
+
+    Args:
+        entropy: ``(b, t)`` per-token entropies (with grad).
+        mask: ``(b, t)`` bool: the tokens the bonus acts on.
+        coef: $c \ge 0$.
+        mode, num_tokens, num_sequences, max_length: as [`aggregate`][prefopt.masked.aggregate].
+
+    Returns:
+        0-dim tensor, differentiable w.r.t. ``entropy``.
+    """
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+        raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
+    check_tensor("entropy", entropy, ndim=2)
+    return -coef * aggregate(
+        entropy, mask, mode, num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length
+    )
