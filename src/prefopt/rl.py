@@ -662,7 +662,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
     every valid token; ρ = 0 keeps only the maximum (all of its ties). The quantile is over this call's
     tokens: under data parallelism gather the valid entropies of all ranks first, as TRL does (or accept a
     per-rank threshold). Per-token entropies come from
-    [`token_logps`][prefopt.logprobs.token_logps] with ``(..., return_entropy=True)`` (chunked head: no
+    [`token_logps_and_entropy`][prefopt.logprobs.token_logps_and_entropy] (chunked head: no
     ``(b, t, V)`` tensor is kept); the mask carries no gradient.
 
     Args:
@@ -699,7 +699,7 @@ def entropy_bonus(
     is ``mode="token-mean"`` over the effective mask (``mask & high_entropy_mask(...)`` when
     ``top_entropy_quantile < 1``) whatever the policy's ``loss_type`` (tested equal in value and gradient);
     verl aggregates with the policy loss's own ``loss_agg_mode``. Per-token entropies with their gradient
-    come from [`token_logps`][prefopt.logprobs.token_logps] with ``(..., return_entropy=True)``.
+    come from [`token_logps_and_entropy`][prefopt.logprobs.token_logps_and_entropy].
 
     Args:
         entropy: ``(b, t)`` per-token entropies (with grad).
