@@ -215,7 +215,8 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
     correction; ``(B) = 0`` only for the worst item, where ``p_< = 0``).
 
     Args:
-        ref_probs, rewards: ``(..., K)`` as in :func:`bon_distribution`.
+        ref_probs: ``(..., K)`` as in :func:`bon_distribution`.
+        rewards: ``(..., K)`` as in :func:`bon_distribution`.
         n: ``N >= 2`` (``β_BOND = 1/(N−1)`` is undefined for ``N = 1``).
 
     Returns:

@@ -1083,9 +1083,13 @@ def chunked_head_kl(
     Args:
         hidden: ``(n, d)`` policy hidden states (gradients flow back to it).
         ref_hidden: ``(n, d)`` reference hidden states at the same positions (treated as constants).
-        weight, bias: the policy's LM head, ``(V, d)`` and ``(V,)`` or ``None``.
-        ref_weight, ref_bias: the reference's LM head (default: ``weight``/``bias``, detached).
-        transform, temperature, chunk_size: as in :func:`chunked_head_logps`.
+        weight: the policy's LM head, ``(V, d)`` and ``(V,)`` or ``None``.
+        bias: the policy's LM head, ``(V, d)`` and ``(V,)`` or ``None``.
+        ref_weight: the reference's LM head (default: ``weight``/``bias``, detached).
+        ref_bias: the reference's LM head (default: ``weight``/``bias``, detached).
+        transform: as in :func:`chunked_head_logps`.
+        temperature: as in :func:`chunked_head_logps`.
+        chunk_size: as in :func:`chunked_head_logps`.
 
     Returns:
         ``(n,)`` KL values ``≥ 0`` (float32; float64 for float64 ``hidden``), differentiable.
@@ -1182,10 +1186,13 @@ def token_kl_to_reference(
 
     Args:
         policy: a [`LoraPolicy`][prefopt.policy.LoraPolicy] or a plain causal LM.
-        input_ids, attention_mask, completion_mask: as in :func:`token_logps`.
+        input_ids: as in :func:`token_logps`.
+        attention_mask: as in :func:`token_logps`.
+        completion_mask: as in :func:`token_logps`.
         reference: ``True`` (default): the ``LoraPolicy``'s adapters-off view; otherwise the reference model
             (a plain causal LM or a ``LoraPolicy``, whose policy view is used).
-        chunk_size, temperature: as in :func:`token_logps`.
+        chunk_size: as in :func:`token_logps`.
+        temperature: as in :func:`token_logps`.
 
     Returns:
         ``(b, t)`` KL values (float32; float64 for a float64 model), differentiable in the policy.

@@ -258,8 +258,9 @@ def shared_prompt_token_logps(
         parameter that the prompt or the completion forward uses.
 
     Raises:
-        ValueError / TypeError naming the argument for bad shapes, dtypes, padding or ids; ``ValueError`` for an
-        unsupported model type or a sliding attention window shorter than ``P + C``.
+        TypeError: a wrong type or dtype, naming the argument.
+        ValueError: bad shapes, padding or ids (naming the argument), an unsupported model type, or a sliding
+            attention window shorter than ``P + C``.
     """
     prompt_ids = _check_ids("prompt_ids", prompt_ids)
     completion_ids = _check_ids("completion_ids", completion_ids)

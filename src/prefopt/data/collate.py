@@ -482,7 +482,8 @@ class PromptCollator(_Base):
         prompt_truncation: ``"keep_end"`` (default: keep the last tokens, nearest the generation) or
             ``"keep_start"``.
         add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in :class:`PreferenceCollator`).
-        pad_to_multiple_of, strict: as in :class:`PreferenceCollator`.
+        pad_to_multiple_of: as in :class:`PreferenceCollator`.
+        strict: as in :class:`PreferenceCollator`.
 
     Returns a [`PromptBatch`][prefopt.types.PromptBatch]: ``input_ids`` ``(B, T)`` long, ``attention_mask``
     ``(B, T)`` long, ``prompt_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long, ``prompt`` (tuple of str); padding sits on the LEFT, so ``input_ids[:, -1]`` is every

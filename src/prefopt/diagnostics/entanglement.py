@@ -204,8 +204,11 @@ class EntanglementReport:
         loss: the per-pair loss value.
         measured_dchosen / measured_drejected: with ``verify=True``, the change actually measured after
             taking the step (per pair, from the same point); else None.
-        eta, loss_name, reference (``"policy"``, ``"given"`` or ``"none"``), num_params (elements
-        differentiated), fallback (parameter names whose per-row gradients used the slow loop).
+        eta: the step size of the predicted change.
+        loss_name: the registered loss the report differentiates.
+        reference: ``"policy"``, ``"given"`` or ``"none"``.
+        num_params: elements differentiated.
+        fallback: parameter names whose per-row gradients used the slow loop.
         gram: ``(2B, 2B)`` inner products of all per-row gradients (rows ``0..B−1`` chosen, then rejected):
             the cross-pair entries say how a step on one pair moves another.
         pred_batch_dchosen / pred_batch_drejected: first-order ``δS`` of every row after ONE SGD step of size

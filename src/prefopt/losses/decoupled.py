@@ -105,7 +105,10 @@ def pairwise_normalized(
 
     Args:
         logps: ``(b,)`` fields with reference log-probs.
-        chosen_grad_norm / rejected_grad_norm: ``(b,)`` ``‖∇_θ S_w‖``, ``‖∇_θ S_l‖`` over the trained
+        chosen_grad_norm: ``(b,)`` ``‖∇_θ S_w‖``, ``‖∇_θ S_l‖`` over the trained
+            parameters at the current point (e.g. ``EntanglementReport.chosen_grad_norm``); detached; must be
+            finite and > 0.
+        rejected_grad_norm: ``(b,)`` ``‖∇_θ S_w‖``, ``‖∇_θ S_l‖`` over the trained
             parameters at the current point (e.g. ``EntanglementReport.chosen_grad_norm``); detached; must be
             finite and > 0.
         weight: optional ``(b,)`` per-pair weight ``d ≥ 0`` replacing DPO's (e.g. another loss's weight);
@@ -300,7 +303,9 @@ def token_masked(
     same gradient); with ``λ > 0`` and a constant ``μ`` the penalty is a constant (same gradient).
 
     Args:
-        policy_logps / ref_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
+        policy_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
+            rows first; ``ref_logps`` is treated as a constant.
+        ref_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
             rows first; ``ref_logps`` is treated as a constant.
         completion_mask: ``(2B, T)`` bool.
         mu: ``(2B, T)`` weights in ``[0, 1]`` (values outside the completion are ignored).

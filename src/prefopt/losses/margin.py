@@ -268,7 +268,8 @@ def cdpo(
 
     Args:
         beta: ``β > 0`` (default 0.1). label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
-        f_divergence, f_alpha: as in :func:`dpo` (the score difference replaces ``h``).
+        f_divergence: as in :func:`dpo` (the score difference replaces ``h``).
+        f_alpha: as in :func:`dpo` (the score difference replaces ``h``).
 
     Returns: ``loss`` ``(b,)``. Zero point: ``h = 0`` ⇒ ``log 2``; the loss is minimal (stationary) at
     ``h* = log((1−ε)/ε)/β`` and decreasing in ``h`` below it.

@@ -783,6 +783,11 @@ def gspo(
     $s_i = e^\delta$ whatever $|y_i|$. Unclipped, the gradient is $-A_i s_i \frac{1}{|y_i|}\sum_t \nabla\ell_{i,t}$;
     on-policy it equals GRPO's. The log of $s_i$ is clamped to ±20 (saturating, zero gradient beyond).
 
+    The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
+    ``opsm_threshold`` are the behaviour correction, policy-term mask and OPSM of
+    [`grpo`][prefopt.losses.policy_gradient.grpo] (applied to the policy term; a sequence-level correction
+    there is independent of $s_i$).
+
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $s_i = 1$).
@@ -793,9 +798,6 @@ def gspo(
         epsilon_low: lower clip (default 3e-4, the paper's; sequence ratios stay near 1).
         epsilon_high: upper clip (default 4e-4, the paper's; None = ``epsilon_low``).
         beta: k3 coefficient ≥ 0 (default 0.0, the paper's).
-        sampler_logp, policy_mask, correction, correction_min, correction_max, opsm_threshold: the
-            behaviour correction, policy-term mask and OPSM of [`grpo`][prefopt.losses.policy_gradient.grpo]
-            (applied to the policy term; a sequence-level correction there is independent of $s_i$).
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` as [`grpo`][prefopt.losses.policy_gradient.grpo]
@@ -854,10 +856,11 @@ def gspo_token(
     inside and outside the clip band). Reduce with ``"seq-mean-token-mean"``. The clamp of $\log s_i$ to ±20
     only bounds the (stop-gradient) value: beyond it an unclipped token's gradient is $-A e^{20}\nabla\ell$.
 
+    The arguments ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``epsilon_low``, ``epsilon_high``, ``beta``,
+    ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
+    ``opsm_threshold`` are as for [`gspo`][prefopt.losses.policy_gradient.gspo].
+
     Args:
-        logp, old_logp, mask, ref_logp, epsilon_low, epsilon_high, beta, sampler_logp, policy_mask,
-            correction, correction_min, correction_max, opsm_threshold: as for
-            [`gspo`][prefopt.losses.policy_gradient.gspo].
         advantages: ``(b,)`` per sequence or ``(b, t)`` per token (detached inside).
 
     Returns:
@@ -949,6 +952,10 @@ def cispo(
     (TRL: ``"token-mean"`` with ``num_tokens=num_items_in_batch``). $\log\rho$ is clamped to ±20 before the
     ``exp`` (only the stop-gradient weight is affected).
 
+    The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
+    ``opsm_threshold`` are the behaviour correction, policy-term mask and OPSM of
+    [`grpo`][prefopt.losses.policy_gradient.grpo] (the correction weight multiplies $\hat w$'s term).
+
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $\rho = 1$).
@@ -960,9 +967,6 @@ def cispo(
         epsilon_low: lower clip of ``"two_sided"``, in [0, 1) (default 0.2).
         epsilon_high: upper clip of ``"two_sided"``, ≥ 0 (default 0.2).
         beta: k3 coefficient ≥ 0 (default 0.0).
-        sampler_logp, policy_mask, correction, correction_min, correction_max, opsm_threshold: the
-            behaviour correction, policy-term mask and OPSM of [`grpo`][prefopt.losses.policy_gradient.grpo]
-            (the correction weight multiplies $\hat w$'s term).
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``is_weight``, ``policy_kept``, ``ratio`` ($\rho$), ``weight``
@@ -1060,14 +1064,15 @@ def sapo(
     verl aggregate so; tested equal to TRL 1.16 in value and gradient). The log-ratio is clamped to ±20
     (beyond it the gate is saturated: finite value, zero gradient).
 
+    The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
+    ``opsm_threshold`` are as for [`grpo`][prefopt.losses.policy_gradient.grpo] (policy term only).
+
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy).
         advantages: ``(b,)`` or ``(b, t)`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs; required when ``beta > 0``.
-        sampler_logp, policy_mask, correction, correction_min, correction_max, opsm_threshold: as for
-            [`grpo`][prefopt.losses.policy_gradient.grpo] (policy term only).
         tau_pos: $\tau_{pos} > 0$ (default 1.0, TRL and verl).
         tau_neg: $\tau_{neg} > 0$ (default 1.05, TRL and verl; the paper takes $\tau_{neg} > \tau_{pos}$).
         beta: k3 coefficient ≥ 0 (default 0.0).
@@ -1198,6 +1203,9 @@ def ppo(
     Extreme values: $\log\rho$ is clamped to ±20, so without the dual clip a negative-advantage token with a
     ratio beyond $e^{20}$ pays $-\hat A e^{20}$ (finite) with zero gradient, instead of overflowing.
 
+    The arguments ``correction``, ``correction_min``, ``correction_max``, ``opsm_threshold`` are as for
+    [`grpo`][prefopt.losses.policy_gradient.grpo] (defaults ``"token_truncate"``, None, 2.0, None).
+
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs.
@@ -1216,8 +1224,6 @@ def ppo(
         value_clip: $\epsilon_v > 0$ or None (default 0.2).
         vf_coef: $c_v$ (default 0.1).
         ent_coef: $c_H$ (default 0.0; defaults as TRL's PPO).
-        correction, correction_min, correction_max, opsm_threshold: as for
-            [`grpo`][prefopt.losses.policy_gradient.grpo] (defaults ``"token_truncate"``, None, 2.0, None).
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``, 0 where masked; metrics ``(b, t)``: ``pg_loss``,

@@ -321,7 +321,8 @@ def ld_dpo(
     ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
 
     Args:
-        policy_logps, ref_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
+        policy_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
+        ref_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
         completion_mask: ``(2B, T)`` bool.
         beta: ``β > 0`` (default 0.1, TRL's). ld_alpha: ``α ∈ [0, 1]`` (default 0.5, the paper's suggested
             starting point; TRL's default ``None`` means off, i.e. ``α = 1``).
