@@ -955,12 +955,16 @@ def _token_stats(
 def _head_logits(
     h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, tau: float
 ) -> tuple[Tensor, Tensor | float]:
-    """``z = softcap(κ·(W h + b))/τ`` in the accumulation dtype, and ``∂z/∂a`` (a tensor, or a constant)."""
-    a = nn.functional.linear(h, weight, bias).to(_acc_dtype(h))
+    """``z = softcap(κ·(W h + b))/τ`` in the accumulation dtype (in place on one ``(c, V)`` buffer; a second one
+    only with a soft-cap) and ``∂z/∂a`` (a tensor, or a constant)."""
+    a = nn.functional.linear(h, weight, bias)
+    if a.dtype != _acc_dtype(h):
+        a = a.to(_acc_dtype(h))
     if softcap is None:
-        return (a * (scale / tau) if scale != tau else a), scale / tau
-    t = torch.tanh(a * (scale / softcap))
-    return t * (softcap / tau), (1.0 - t * t) * (scale / tau)
+        return (a.mul_(scale / tau) if scale != tau else a), scale / tau
+    t = a.mul_(scale / softcap).tanh_()
+    chain = (t * t).neg_().add_(1.0).mul_(scale / tau)
+    return t.mul_(softcap / tau), chain
 
 
 def _kl_chunk(
@@ -973,19 +977,27 @@ def _kl_chunk(
     meta: tuple[float, float | None, float],
     g: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """One chunk: ``KL(π_ref ‖ π_θ)`` per row and, with upstream ``g``, ``∂(g·KL)/∂a = g·(π_θ − π_ref)·∂z/∂a``."""
+    """One chunk: ``KL(π_ref ‖ π_θ)`` per row and, with upstream ``g``, ``∂(g·KL)/∂a = g·(π_θ − π_ref)·∂z/∂a``.
+
+    At most three ``(c, V)`` buffers live at once (four with a soft-cap): the policy's log-probs (then its
+    probabilities, then the gradient), the reference's log-probs and the reference's probabilities.
+    """
     scale, softcap, tau = meta
-    z, dz_da = _head_logits(h, weight, bias, scale, softcap, tau)
     with torch.no_grad():
-        zr, _ = _head_logits(h_ref, ref_weight, ref_bias, scale, softcap, tau)
-    log_q = z - torch.logsumexp(z, dim=1, keepdim=True)
-    log_p = zr - torch.logsumexp(zr, dim=1, keepdim=True)
-    p = log_p.exp()
-    kl = torch.bmm(p[:, None, :], (log_p - log_q)[:, :, None]).reshape(-1)
-    if g is None:
-        return kl, None
-    da = (log_q.exp() - p).mul_(g.to(z.dtype)[:, None]).mul_(dz_da)
-    return kl, da
+        log_q, dz_da = _head_logits(h, weight, bias, scale, softcap, tau)
+        log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
+        log_p, _ = _head_logits(h_ref, ref_weight, ref_bias, scale, softcap, tau)
+        log_p.sub_(torch.logsumexp(log_p, dim=1, keepdim=True))
+        p = log_p.exp()
+        kl = (
+            torch.bmm(p[:, None, :], log_p[:, :, None]) - torch.bmm(p[:, None, :], log_q[:, :, None])
+        ).reshape(-1)
+        del log_p
+        if g is None:
+            return kl, None
+        da = log_q.exp_().sub_(p).mul_(g.to(log_q.dtype)[:, None])
+        del p
+        return kl, da.mul_(dz_da)
 
 
 class _ChunkedHeadKL(torch.autograd.Function):
