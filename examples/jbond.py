@@ -41,6 +41,10 @@ which would double the prompt length on CPU). Questions of at most ``--max-quest
     python examples/jbond.py --out runs/jbond                              # all methods, SmolLM2, CPU
     python examples/jbond.py --methods jbond --steps 30 --eta 0.1
     python examples/jbond.py --smoke --out /tmp/jbond                      # tiny random model, 2 steps
+
+Each trained policy is saved like the other examples' (``LoraPolicy.save``: the policy adapter, for J-BOND
+also its anchor) to ``OUT/adapters/<run>`` (``jbond``, ``reinforce_0.05``, …). An existing, non-empty
+``--out`` is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from torch import Tensor
 
 from prefopt import rl
 from prefopt.bond import bon_distribution, bon_kl_bound
+from prefopt.checkpoint import prepare_run_dir
 from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
@@ -431,11 +436,13 @@ def train(
     *,
     history: list[dict[str, float]] | None = None,
     on_eval: Callable[[], None] | None = None,
+    save_dir: str | None = None,
 ) -> list[dict[str, float]]:
     """Train a fresh policy with ``method`` ∈ {jbond, reinforce}; evaluate every ``--eval-every`` steps.
 
     Returns the eval history (step 0 is the reference itself: the LoRA policy starts at ``ΔW = 0``), appended
-    to ``history`` if given; ``on_eval`` is called after every evaluation (``main`` saves the JSON and PNG)."""
+    to ``history`` if given; ``on_eval`` is called after every evaluation (``main`` saves the JSON and PNG).
+    With ``save_dir`` the trained policy is saved there at the end (``LoraPolicy.save``)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed + 1)
@@ -469,6 +476,8 @@ def train(
             bar.write(
                 f"{name} step {step}: quantile {ev['quantile']:.3f} ± {ev['quantile_se']:.3f}, KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, reward {ev['reward']:.2f}"
             )
+    if save_dir is not None:
+        policy.save(save_dir)
     return history
 
 
@@ -624,27 +633,33 @@ def merge(paths: Sequence[str], out: str) -> dict[str, Any]:
     return results
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny random model + char tokenizer, 2 steps")
-    ap.add_argument("--out", default="runs/jbond")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--out", default="runs/jbond", help="jbond.json, jbond.png, adapters/<run>")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF JSONL(.gz) file of the prompts")
     ap.add_argument("--methods", default="jbond,reinforce", help="comma list of jbond, reinforce")
     ap.add_argument("--kl-coefs", default="0.05,0.5", help="REINFORCE KL coefficients (comma list)")
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--eval-prompts", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
+    ap.add_argument("--eval-every", type=int, default=5, help="evaluate every N steps (and at the last)")
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
+    ap.add_argument("--eval-prompts", type=int, default=12, help="fixed eval prompts (never trained on)")
     ap.add_argument("--eval-samples", type=int, default=4, help="policy samples per eval prompt")
     ap.add_argument(
         "--pool", type=int, default=24, help="reference samples per eval prompt (quantiles, Best-of-N)"
     )
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--max-prompt-length", type=int, default=64)
-    ap.add_argument("--max-question-words", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=12, help="completion length limit")
+    ap.add_argument("--max-prompt-length", type=int, default=64, help="max prompt tokens")
+    ap.add_argument(
+        "--max-question-words", type=int, default=16, help="use questions of at most this many words"
+    )
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--eta", type=float, default=0.2, help="anchor EMA rate η (decay 1 − η)")
     ap.add_argument("--jbond-beta", type=float, default=0.5, help="Jeffreys weight β")
     ap.add_argument("--jbond-gamma", type=float, default=0.0, help="extra KL-to-anchor weight γ")
@@ -659,9 +674,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only merge the runs of these jbond.json files and plot",
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompt order, the samples and the adapters"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     ap.add_argument("--verbose", action="store_true", help="print every training step as JSON")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -674,9 +692,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     if args.merge:
+        os.makedirs(args.out, exist_ok=True)
         return merge(args.merge, args.out)
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
     t_start = time.perf_counter()
     ctx = build_ctx(args)
     bon = []
@@ -713,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method, coef in todo:
         name = "jbond" if method == "jbond" else f"reinforce {coef:g}"
         runs[name] = []
-        train(method, ctx, args, kl_coef=coef, history=runs[name], on_eval=save)
+        adapter_dir = os.path.join(args.out, "adapters", name.replace(" ", "_"))
+        train(method, ctx, args, kl_coef=coef, history=runs[name], on_eval=save, save_dir=adapter_dir)
     save()
     print(f"wrote {args.out}/jbond.json and {args.out}/jbond.png in {results['seconds_total']:.0f} s")
     if args.smoke:

@@ -248,6 +248,9 @@ def _run_example(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "smoke ok" in proc.stdout
+    # a tool prints no warning on every run (e.g. "Converting a tensor with requires_grad=True to a scalar",
+    # transformers' `is_gradient_checkpointing` FutureWarning reached through peft)
+    assert "Warning" not in proc.stderr and "warn" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
 
