@@ -66,3 +66,25 @@ def test_help_explains_every_flag_with_its_default(
         words = entry.split("(default:")[0].split()
         described = [w for w in words if not w.startswith("-") and not w.isupper() and not w.startswith("{")]
         assert described, f"{name} {flag}: no help text:\n{entry}"
+
+
+@pytest.mark.parametrize("name", ["dpo_lora.py", "grpo_lora.py", "ppo_lora.py", "reinforce_lora.py"])
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(name: str, tmp_path: Path) -> None:
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    mod = _load(name)
+    with pytest.raises(
+        SystemExit, match=r"needs the tensorboard package: pip install 'prefopt-rlhf\[tensorboard\]'"
+    ):
+        mod.main(["--smoke", "--out", str(tmp_path / "out"), "--report-to", "tensorboard"])
+
+
+@pytest.mark.parametrize(
+    "name", ["dpo_lora.py", "grpo_lora.py", "ppo_lora.py", "reinforce_lora.py", "jbond.py"]
+)
+def test_a_non_empty_out_is_refused_without_overwrite(name: str, tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    mod = _load(name)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        mod.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
