@@ -43,7 +43,9 @@ which would double the prompt length on CPU). Questions of at most ``--max-quest
     python examples/jbond.py --smoke --out /tmp/jbond                      # tiny random model, 2 steps
 
 Each trained policy is saved like the other examples' (``LoraPolicy.save``: the policy adapter, for J-BOND
-also its anchor) to ``OUT/adapters/<run>`` (``jbond``, ``reinforce_0.05``, …). An existing, non-empty
+also its anchor) to ``OUT/adapters/<run>`` (``jbond``, ``reinforce_0.05``, …). ``--save-every N`` also writes
+training checkpoints to ``OUT/adapters/<run>/checkpoints`` (:mod:`prefopt.checkpoint`), and ``--resume OUT``
+continues every run from its latest one, reproducing the uninterrupted run exactly. An existing, non-empty
 ``--out`` is refused unless ``--overwrite``.
 """
 
@@ -67,7 +69,7 @@ from torch import Tensor
 
 from prefopt import rl
 from prefopt.bond import bon_distribution, bon_kl_bound
-from prefopt.checkpoint import prepare_run_dir
+from prefopt.checkpoint import latest_checkpoint, load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
@@ -428,6 +430,26 @@ def reinforce_step(
     }
 
 
+def evaluate_and_log(
+    policy: LoraPolicy,
+    ctx: Ctx,
+    args: argparse.Namespace,
+    name: str,
+    step: int,
+    rec: dict[str, float],
+    history: list[dict[str, float]],
+    bar: Any,
+    on_eval: Callable[[], None] | None,
+) -> None:
+    ev = evaluate(policy, ctx, args)
+    history.append({"step": step, **ev, **{f"train_{k}": v for k, v in rec.items()}})
+    if on_eval is not None:
+        on_eval()
+    bar.write(
+        f"{name} step {step}: quantile {ev['quantile']:.3f} ± {ev['quantile_se']:.3f}, KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, reward {ev['reward']:.2f}"
+    )
+
+
 def train(
     method: str,
     ctx: Ctx,
@@ -437,23 +459,43 @@ def train(
     history: list[dict[str, float]] | None = None,
     on_eval: Callable[[], None] | None = None,
     save_dir: str | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train a fresh policy with ``method`` ∈ {jbond, reinforce}; evaluate every ``--eval-every`` steps.
 
     Returns the eval history (step 0 is the reference itself: the LoRA policy starts at ``ΔW = 0``), appended
     to ``history`` if given; ``on_eval`` is called after every evaluation (``main`` saves the JSON and PNG).
-    With ``save_dir`` the trained policy is saved there at the end (``LoraPolicy.save``)."""
+    With ``save_dir`` the trained policy is saved there at the end (``LoraPolicy.save``), and with
+    ``--save-every N`` a training checkpoint every N steps to ``save_dir/checkpoints`` (policy and anchor
+    adapters, optimizer, RNG states, prompt order, history; taken after the step's regular evaluation, so a
+    resumed run draws the same samples). ``resume``: continue from the latest of them, if any."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed + 1)
-    policy = new_policy(args, args.seed)
+    ckpt = latest_checkpoint(save_dir) if resume and save_dir is not None else None
+    if ckpt is not None:
+        state = load_training_state(ckpt, load_model(args, args.seed)[0])
+        policy = state.policy
+    else:
+        policy = new_policy(args, args.seed)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=args.lr)
     rng = random.Random(args.seed + 2)
     order = list(ctx.train_q)
     history = [] if history is None else history
-    history.append({"step": 0, **ctx.reference_point()})
     name = method if method == "jbond" else f"reinforce β={kl_coef:g}"
-    bar = tqdm(range(1, args.steps + 1), desc=name, unit="step", disable=args.no_progress)
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(state.optimizer)
+        start, order = state.step, state.extra["order"]
+        history.extend(state.extra["history"])
+        rng.setstate(state.extra["data_rng"])
+        state.restore_rng()
+        print(f"{name}: resuming from {ckpt} (step {start})", flush=True)
+    else:
+        history.append({"step": 0, **ctx.reference_point()})
+    bar = tqdm(
+        range(start + 1, args.steps + 1), desc=name, unit="step", disable=args.no_progress, initial=start
+    )
     for step in bar:
         if (step - 1) * args.prompts_per_step % len(order) == 0:
             rng.shuffle(order)
@@ -468,14 +510,14 @@ def train(
         bar.set_postfix(reward=f"{rec['reward']:.2f}", sec=f"{rec['seconds']:.1f}")
         if args.verbose:
             print(json.dumps({"method": name, "step": step, **rec}), flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
-            ev = evaluate(policy, ctx, args)
-            history.append({"step": step, **ev, **{f"train_{k}": v for k, v in rec.items()}})
-            if on_eval is not None:
-                on_eval()
-            bar.write(
-                f"{name} step {step}: quantile {ev['quantile']:.3f} ± {ev['quantile_se']:.3f}, KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, reward {ev['reward']:.2f}"
-            )
+        regular = step % args.eval_every == 0
+        if regular:
+            evaluate_and_log(policy, ctx, args, name, step, rec, history, bar, on_eval)
+        if save_dir is not None and args.save_every and step % args.save_every == 0:
+            extra = {"order": order, "data_rng": rng.getstate(), "history": history}
+            save_training_state(save_dir, policy=policy, optimizer=opt, step=step, extra=extra)
+        if step == args.steps and not regular:  # after the checkpoint: its samples are not in the saved RNG
+            evaluate_and_log(policy, ctx, args, name, step, rec, history, bar, on_eval)
     if save_dir is not None:
         policy.save(save_dir)
     return history
@@ -639,7 +681,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny random model + char tokenizer, 2 steps")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model + char tokenizer; 2 steps unless --steps is given",
+    )
     ap.add_argument("--out", default="runs/jbond", help="jbond.json, jbond.png, adapters/<run>")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF JSONL(.gz) file of the prompts")
     ap.add_argument("--methods", default="jbond,reinforce", help="comma list of jbond, reinforce")
@@ -680,10 +726,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps, per run (0: never)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue an interrupted run folder (= --out): each run from its latest checkpoint",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every training step as JSON")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.eval_every, args.prompts_per_step, args.eval_prompts = 2, 1, 2, 2
+        if args.steps == ap.get_default("steps"):
+            args.steps = 2
+        args.eval_every, args.prompts_per_step, args.eval_prompts = 1, 2, 2
         args.eval_samples, args.pool, args.max_new_tokens, args.threads = 2, 4, 6, 1
         args.kl_coefs, args.lr = "0.1", 1e-2
     return args
@@ -695,8 +750,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.merge:
         os.makedirs(args.out, exist_ok=True)
         return merge(args.merge, args.out)
+    if args.resume is not None and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise SystemExit("--resume must be the run folder --out (each run resumes from OUT/adapters/<run>)")
     try:
-        prepare_run_dir(args.out, overwrite=args.overwrite)
+        prepare_run_dir(args.out, overwrite=args.overwrite or args.resume is not None)
     except FileExistsError as err:
         raise SystemExit(str(err)) from None
     t_start = time.perf_counter()
@@ -736,7 +793,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = "jbond" if method == "jbond" else f"reinforce {coef:g}"
         runs[name] = []
         adapter_dir = os.path.join(args.out, "adapters", name.replace(" ", "_"))
-        train(method, ctx, args, kl_coef=coef, history=runs[name], on_eval=save, save_dir=adapter_dir)
+        train(
+            method,
+            ctx,
+            args,
+            kl_coef=coef,
+            history=runs[name],
+            on_eval=save,
+            save_dir=adapter_dir,
+            resume=args.resume is not None,
+        )
     save()
     print(f"wrote {args.out}/jbond.json and {args.out}/jbond.png in {results['seconds_total']:.0f} s")
     if args.smoke:
