@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     try:
         prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    except FileExistsError as err:
+    except (FileExistsError, FileNotFoundError) as err:
         raise SystemExit(str(err)) from None
     writer = metrics_writer(args.report_to, args.out)
 

@@ -88,3 +88,10 @@ def test_a_non_empty_out_is_refused_without_overwrite(name: str, tmp_path: Path)
     with pytest.raises(SystemExit, match="--overwrite"):
         mod.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("name", ["dpo_lora.py", "grpo_lora.py", "ppo_lora.py", "reinforce_lora.py"])
+def test_resume_without_a_checkpoint_is_a_clear_error(name: str, tmp_path: Path) -> None:
+    mod = _load(name)
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        mod.main(["--smoke", "--out", str(tmp_path / "out"), "--resume", str(tmp_path)])

@@ -229,6 +229,9 @@ def test_prepare_run_dir_never_overwrites_silently(tmp_path: Path) -> None:
     save_training_state(other, policy=policy, optimizer=opt, step=1)
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_run_dir(out, resume=other)  # a checkpoint elsewhere does not license writing into `out`
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        prepare_run_dir(tmp_path / "fresh", resume=tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
     prepare_run_dir(out, overwrite=True)
     assert (out / "metrics.jsonl").exists() and latest_checkpoint(out) is None  # old checkpoints are gone
     (tmp_path / "file").write_text("x")

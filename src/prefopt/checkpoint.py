@@ -250,7 +250,8 @@ def prepare_run_dir(
     An ``out`` that exists and is not empty raises ``FileExistsError`` unless ``overwrite=True`` (then its
     ``checkpoints`` folder is deleted, so that old checkpoints cannot be taken for the new run's) or
     ``resume`` is a checkpoint inside ``out`` (continuing that run). An ``out`` that is a file raises
-    ``FileExistsError`` always.
+    ``FileExistsError`` always; a ``resume`` that holds no checkpoint raises ``FileNotFoundError`` (before
+    anything is created or loaded).
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -258,7 +259,9 @@ def prepare_run_dir(
     continuing = False
     if resume is not None:
         ckpt = latest_checkpoint(resume)
-        continuing = ckpt is not None and root.resolve() in ckpt.resolve().parents
+        if ckpt is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint ({STATE_FILE}) in {os.fspath(resume)}")
+        continuing = root.resolve() in ckpt.resolve().parents
     if root.is_dir() and any(root.iterdir()) and not continuing:
         if not overwrite:
             raise FileExistsError(
