@@ -93,7 +93,8 @@ def load_model_and_rows(args: argparse.Namespace) -> tuple[Any, Any, list[dict],
 
         model, tok = load_smollm2()
         ds, report = load_preferences(args.data, return_report=True)
-        print(report.summary() if hasattr(report, "summary") else report)
+        if not report.n_skipped:  # with skipped rows the loader has logged this very line already
+            print(report.summary())
     rows = [dict(r) for r in ds]
     random.Random(args.seed).shuffle(rows)
     return model, tok, rows[args.eval_pairs :], rows[: args.eval_pairs]
