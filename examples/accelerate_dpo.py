@@ -73,18 +73,22 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a transformers model id/path")
     p.add_argument("--smoke", action="store_true", help="tiny random model + char tokenizer, 2 steps")
     p.add_argument("--loss", default="dpo", help="a registered pairwise loss (prefopt.available_losses())")
     p.add_argument("--hparams", default='{"beta": 0.1}', help="JSON dict of the loss's hyperparameters")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (--smoke: at most 2)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per process per step")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens per row")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and the data order")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the data in file order")
     p.add_argument("--out", default=None, help="save the trained adapter here")
     args = p.parse_args()
     if args.smoke:

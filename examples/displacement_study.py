@@ -137,21 +137,37 @@ def batches_of(rows: Sequence[dict[str, str]], collate: Any, n: int, size: int, 
     return [collate(picked[i : i + size]) for i in range(0, n, size)]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF jsonl(.gz) or a Taskmaster folder")
     ap.add_argument("--out", default="runs/displacement", help="output folder")
-    ap.add_argument("--pairs", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--eta", type=float, default=1e-3)
-    ap.add_argument("--max-length", type=int, default=96)
-    ap.add_argument("--max-prompt-length", type=int, default=48)
-    ap.add_argument("--positions", choices=("predicting", "inclusive"), default="predicting")
-    ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--pairs", type=int, default=128, help="preference pairs measured")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per forward of the predictors")
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta of the per-pair loss")
+    ap.add_argument(
+        "--eta",
+        type=float,
+        default=1e-3,
+        help="SGD step size of the measured step and of the first-order prediction",
+    )
+    ap.add_argument("--max-length", type=int, default=96, help="prompt + completion tokens per row")
+    ap.add_argument("--max-prompt-length", type=int, default=48, help="prompt tokens kept (its end)")
+    ap.add_argument(
+        "--positions",
+        choices=("predicting", "inclusive"),
+        default="predicting",
+        help="hidden states summed by CHES: those predicting the completion tokens, or also the last one",
+    )
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the data shuffle, the adapter and the bootstrap"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, built-in pairs, 8 pairs")
     args = ap.parse_args(argv)
     if args.smoke:
         args.pairs, args.batch, args.max_length, args.max_prompt_length, args.bootstrap = 8, 4, 64, 40, 50

@@ -424,8 +424,12 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, Any, list[dict[str, str]]
     return model, tok, rows
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument(
         "--data",
         default=str(DEFAULT_DATA),
@@ -440,11 +444,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=2, help="held-out evaluation every N steps")
     ap.add_argument("--max-length", type=int, default=96, help="prompt + completion tokens per row")
     ap.add_argument("--max-prompt-length", type=int, default=48, help="prompt tokens kept (its end)")
-    ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    ap.add_argument(
+        "--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer of the training steps"
+    )
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 (adam), 1e-2 (sgd)")
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO-family beta of every loss")
     ap.add_argument("--eta", type=float, default=1e-3, help="step size η of the diagnostic's prediction")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data shuffle and the adapter")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 = leave as is)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model + built-in pairs, 2 steps")
     args = ap.parse_args(argv)

@@ -14,7 +14,12 @@ the training temperature) is scored before training and every ``--eval-every`` s
 to read, since each training step sees different problems.
 
     python examples/grpo_lora.py --steps 20 --out runs/grpo
-    python examples/grpo_lora.py --smoke --out /tmp/grpo          # tiny model, 2 steps
+    python examples/grpo_lora.py --smoke --out /tmp/grpo          # tiny model, 2 steps, reward: digits
+
+Checkpoints and resume: ``--save-every N`` writes ``OUT/checkpoints/step-…`` atomically
+(:mod:`prefopt.checkpoint`: adapter, optimizer, RNG states — sampling included —, problem generator, history);
+``--resume OUT`` continues from the latest one and reproduces the uninterrupted run exactly. An existing,
+non-empty ``--out`` is refused unless ``--overwrite`` (or ``--resume`` a checkpoint inside it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import peft
 import torch
 
 from prefopt import rl
+from prefopt.checkpoint import load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import grpo
@@ -48,6 +54,12 @@ def arithmetic_reward(completions: list[str], answers: list[int]) -> torch.Tenso
         found = _INT.findall(text)
         out.append(float(bool(found) and int(found[-1]) == ans))
     return torch.tensor(out)
+
+
+def digit_reward(completions: list[str], answers: list[int]) -> torch.Tensor:
+    """``--smoke`` only: the fraction of digits in the completion — a dense reward that a tiny random model
+    does earn, so that the smoke run has non-zero advantages and really updates the adapter."""
+    return torch.tensor([sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions])
 
 
 def make_problems(k: int, rng: random.Random, max_operand: int) -> list[tuple[str, int]]:
@@ -69,38 +81,91 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_smollm2()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 steps")
-    ap.add_argument("--out", default="runs/grpo_lora")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
+def metrics_writer(report_to: str, out: str) -> Any:
+    """A TensorBoard ``SummaryWriter`` logging to ``OUT/tensorboard`` (``--report-to tensorboard``), or None."""
+    if report_to == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit(
+            "--report-to tensorboard needs the tensorboard package: pip install 'prefopt-rlhf[tensorboard]'"
+        ) from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model, char tokenizer; 2 steps unless --steps is given",
+    )
+    ap.add_argument(
+        "--out", default="runs/grpo_lora", help="grpo_lora.json, grpo_lora.png, adapter, checkpoints"
+    )
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps in all (a resumed run included)")
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="new problems per step")
     ap.add_argument("--group-size", type=int, default=4, help="G completions per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--max-operand", type=int, default=9)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit")
+    ap.add_argument("--max-operand", type=int, default=9, help="problems a+b with 1 <= a, b <= this")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also in the loss)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss)")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of torch (sampling) and the problems")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (0 = off)")
-    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--eval-prompts", type=int, default=16, help="held-out problems")
     ap.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
-    args = ap.parse_args()
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from a checkpoint folder, or from the latest checkpoint of a run folder",
+    )
+    ap.add_argument(
+        "--report-to", default="none", choices=("none", "tensorboard"), help="also log metrics to TensorBoard"
+    )
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens, args.threads = 2, 2, 2, 6, 1
+        if args.steps == ap.get_default("steps"):
+            args.steps = 2
+        args.prompts_per_step, args.group_size, args.max_new_tokens, args.threads = 2, 2, 6, 1
         args.eval_every, args.eval_prompts, args.eval_samples = 1, 2, 2
+    for name in ("steps", "save_every", "eval_every"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    writer = metrics_writer(args.report_to, args.out)
 
     model, tok = load_model(args)
-    cfg = peft.LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, bias="none"
-    )
-    policy = LoraPolicy(model, cfg)
+    if args.resume:
+        state = load_training_state(args.resume, model)
+        policy = state.policy
+        print(f"resuming from {state.path} (step {state.step})", flush=True)
+    else:
+        cfg = peft.LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, bias="none"
+        )
+        policy = LoraPolicy(model, cfg)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, add_special_tokens=False)
@@ -113,13 +178,21 @@ def main() -> None:
             for q, _ in problems
         ]
 
+    score = digit_reward if args.smoke else arithmetic_reward
     held_out = make_problems(args.eval_prompts, random.Random(args.seed + 10_000), args.max_operand)
     evals: list[dict[str, float]] = []
+    history: list[dict[str, float]] = []
+    start = 0
+    if args.resume:
+        opt.load_state_dict(state.optimizer)
+        start, history, evals = state.step, state.extra["history"], state.extra["evals"]
+        rng.setstate(state.extra["problem_rng"])
+        state.restore_rng()
 
     def evaluate(step: int) -> None:
         roll = sampler.generate(collate(render(held_out)), n=args.eval_samples)
         answers = [held_out[int(k)][1] for k in roll.prompt_index]
-        acc = arithmetic_reward(roll.completions(tok), answers)
+        acc = score(roll.completions(tok), answers)
         rec = {
             "step": step,
             "held_out_accuracy": float(acc.mean()),
@@ -127,18 +200,20 @@ def main() -> None:
         }
         evals.append(rec)
         print(json.dumps(rec), flush=True)
+        if writer is not None:
+            writer.add_scalar("held_out_accuracy", rec["held_out_accuracy"], step)
 
-    history: list[dict[str, float]] = []
-    if args.eval_every:
+    if args.eval_every and not args.resume:
         evaluate(0)
-    for step in range(args.steps):
+    texts: list[str] = []
+    for step in range(start, args.steps):
         t0 = time.perf_counter()
         problems = make_problems(args.prompts_per_step, rng, args.max_operand)
         texts = render(problems)
         roll = sampler.generate(collate(texts), n=args.group_size)
         assert roll.logp is not None and roll.ref_logp is not None
         answers = [problems[int(k)][1] for k in roll.prompt_index]
-        rewards = arithmetic_reward(roll.completions(tok), answers)
+        rewards = score(roll.completions(tok), answers)
         adv = rl.group_advantages(roll.grouped(rewards)).reshape(-1)
 
         policy.train()
@@ -147,8 +222,9 @@ def main() -> None:
             policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
         )
         out = grpo(logp, roll.logp, adv, mask, ref_logp=roll.ref_logp, beta=args.beta)
+        loss = aggregate(out.loss, mask, "seq-mean-token-mean")
         opt.zero_grad(set_to_none=True)
-        aggregate(out.loss, mask, "seq-mean-token-mean").backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
         opt.step()
         policy.eval()
@@ -156,17 +232,30 @@ def main() -> None:
         kl = rl.kl_estimate(roll.logp, roll.ref_logp, estimator="k3")
         rec = {
             "step": step,
+            "loss": float(loss.detach()),
             "reward": float(rewards.mean()),
             "kl_k3_per_token": float(masked_mean(kl, mask)),
+            "logp_per_token": float(masked_mean(roll.logp, mask)),
             "completion_len": float(roll.completion_len.float().mean()),
             "groups_with_signal": float((roll.grouped(rewards).std(1) > 0).float().mean()),
             "seconds": time.perf_counter() - t0,
         }
         history.append(rec)
         print(json.dumps(rec), flush=True)
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(k, v, step + 1)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             evaluate(step + 1)
-    print("sample:", repr(texts[-1][-60:]), "->", repr(roll.completions(tok)[-1][:80]))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            extra = {"history": history, "evals": evals, "problem_rng": rng.getstate()}
+            save_training_state(args.out, policy=policy, optimizer=opt, step=step + 1, extra=extra)
+    if texts:
+        print("sample:", repr(texts[-1][-60:]), "->", repr(roll.completions(tok)[-1][:80]))
+    if writer is not None:
+        writer.close()
+    policy.save(args.out)
 
     with open(os.path.join(args.out, "grpo_lora.json"), "w") as f:
         json.dump({"args": vars(args), "history": history, "held_out": evals}, f, indent=2)

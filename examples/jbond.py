@@ -41,6 +41,12 @@ which would double the prompt length on CPU). Questions of at most ``--max-quest
     python examples/jbond.py --out runs/jbond                              # all methods, SmolLM2, CPU
     python examples/jbond.py --methods jbond --steps 30 --eta 0.1
     python examples/jbond.py --smoke --out /tmp/jbond                      # tiny random model, 2 steps
+
+Each trained policy is saved like the other examples' (``LoraPolicy.save``: the policy adapter, for J-BOND
+also its anchor) to ``OUT/adapters/<run>`` (``jbond``, ``reinforce_0.05``, …). ``--save-every N`` also writes
+training checkpoints to ``OUT/adapters/<run>/checkpoints`` (:mod:`prefopt.checkpoint`), and ``--resume OUT``
+continues every run from its latest one, reproducing the uninterrupted run exactly. An existing, non-empty
+``--out`` is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from torch import Tensor
 
 from prefopt import rl
 from prefopt.bon import bon_distribution, bon_kl_bound
+from prefopt.checkpoint import latest_checkpoint, load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator, load_builtin_pairs, load_preferences
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import jbond
@@ -421,6 +428,26 @@ def reinforce_step(
     }
 
 
+def evaluate_and_log(
+    policy: LoraPolicy,
+    ctx: Ctx,
+    args: argparse.Namespace,
+    name: str,
+    step: int,
+    rec: dict[str, float],
+    history: list[dict[str, float]],
+    bar: Any,
+    on_eval: Callable[[], None] | None,
+) -> None:
+    ev = evaluate(policy, ctx, args)
+    history.append({"step": step, **ev, **{f"train_{k}": v for k, v in rec.items()}})
+    if on_eval is not None:
+        on_eval()
+    bar.write(
+        f"{name} step {step}: quantile {ev['quantile']:.3f} ± {ev['quantile_se']:.3f}, KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, reward {ev['reward']:.2f}"
+    )
+
+
 def train(
     method: str,
     ctx: Ctx,
@@ -429,22 +456,44 @@ def train(
     *,
     history: list[dict[str, float]] | None = None,
     on_eval: Callable[[], None] | None = None,
+    save_dir: str | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train a fresh policy with ``method`` ∈ {jbond, reinforce}; evaluate every ``--eval-every`` steps.
 
     Returns the eval history (step 0 is the reference itself: the LoRA policy starts at ``ΔW = 0``), appended
-    to ``history`` if given; ``on_eval`` is called after every evaluation (``main`` saves the JSON and PNG)."""
+    to ``history`` if given; ``on_eval`` is called after every evaluation (``main`` saves the JSON and PNG).
+    With ``save_dir`` the trained policy is saved there at the end (``LoraPolicy.save``), and with
+    ``--save-every N`` a training checkpoint every N steps to ``save_dir/checkpoints`` (policy and anchor
+    adapters, optimizer, RNG states, prompt order, history; taken after the step's regular evaluation, so a
+    resumed run draws the same samples). ``resume``: continue from the latest of them, if any."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed + 1)
-    policy = new_policy(args, args.seed)
+    ckpt = latest_checkpoint(save_dir) if resume and save_dir is not None else None
+    if ckpt is not None:
+        state = load_training_state(ckpt, load_model(args, args.seed)[0])
+        policy = state.policy
+    else:
+        policy = new_policy(args, args.seed)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=args.lr)
     rng = random.Random(args.seed + 2)
     order = list(ctx.train_q)
     history = [] if history is None else history
-    history.append({"step": 0, **ctx.reference_point()})
     name = method if method == "jbond" else f"reinforce β={kl_coef:g}"
-    bar = tqdm(range(1, args.steps + 1), desc=name, unit="step", disable=args.no_progress)
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(state.optimizer)
+        start, order = state.step, state.extra["order"]
+        history.extend(state.extra["history"])
+        rng.setstate(state.extra["data_rng"])
+        state.restore_rng()
+        print(f"{name}: resuming from {ckpt} (step {start})", flush=True)
+    else:
+        history.append({"step": 0, **ctx.reference_point()})
+    bar = tqdm(
+        range(start + 1, args.steps + 1), desc=name, unit="step", disable=args.no_progress, initial=start
+    )
     for step in bar:
         if (step - 1) * args.prompts_per_step % len(order) == 0:
             rng.shuffle(order)
@@ -459,14 +508,16 @@ def train(
         bar.set_postfix(reward=f"{rec['reward']:.2f}", sec=f"{rec['seconds']:.1f}")
         if args.verbose:
             print(json.dumps({"method": name, "step": step, **rec}), flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
-            ev = evaluate(policy, ctx, args)
-            history.append({"step": step, **ev, **{f"train_{k}": v for k, v in rec.items()}})
-            if on_eval is not None:
-                on_eval()
-            bar.write(
-                f"{name} step {step}: quantile {ev['quantile']:.3f} ± {ev['quantile_se']:.3f}, KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, reward {ev['reward']:.2f}"
-            )
+        regular = step % args.eval_every == 0
+        if regular:
+            evaluate_and_log(policy, ctx, args, name, step, rec, history, bar, on_eval)
+        if save_dir is not None and args.save_every and step % args.save_every == 0:
+            extra = {"order": order, "data_rng": rng.getstate(), "history": history}
+            save_training_state(save_dir, policy=policy, optimizer=opt, step=step, extra=extra)
+        if step == args.steps and not regular:  # after the checkpoint: its samples are not in the saved RNG
+            evaluate_and_log(policy, ctx, args, name, step, rec, history, bar, on_eval)
+    if save_dir is not None:
+        policy.save(save_dir)
     return history
 
 
@@ -622,27 +673,37 @@ def merge(paths: Sequence[str], out: str) -> dict[str, Any]:
     return results
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny random model + char tokenizer, 2 steps")
-    ap.add_argument("--out", default="runs/jbond")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model + char tokenizer; 2 steps unless --steps is given",
+    )
+    ap.add_argument("--out", default="runs/jbond", help="jbond.json, jbond.png, adapters/<run>")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="HH-RLHF JSONL(.gz) file of the prompts")
     ap.add_argument("--methods", default="jbond,reinforce", help="comma list of jbond, reinforce")
     ap.add_argument("--kl-coefs", default="0.05,0.5", help="REINFORCE KL coefficients (comma list)")
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--eval-prompts", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
+    ap.add_argument("--eval-every", type=int, default=5, help="evaluate every N steps (and at the last)")
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
+    ap.add_argument("--eval-prompts", type=int, default=12, help="fixed eval prompts (never trained on)")
     ap.add_argument("--eval-samples", type=int, default=4, help="policy samples per eval prompt")
     ap.add_argument(
         "--pool", type=int, default=24, help="reference samples per eval prompt (quantiles, Best-of-N)"
     )
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--max-prompt-length", type=int, default=64)
-    ap.add_argument("--max-question-words", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=12, help="completion length limit")
+    ap.add_argument("--max-prompt-length", type=int, default=64, help="max prompt tokens")
+    ap.add_argument(
+        "--max-question-words", type=int, default=16, help="use questions of at most this many words"
+    )
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--eta", type=float, default=0.2, help="anchor EMA rate η (decay 1 − η)")
     ap.add_argument(
         "--jbond-beta",
@@ -662,13 +723,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only merge the runs of these jbond.json files and plot",
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompt order, the samples and the adapters"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps, per run (0: never)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue an interrupted run folder (= --out): each run from its latest checkpoint",
+    )
     ap.add_argument("--verbose", action="store_true", help="print every training step as JSON")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.eval_every, args.prompts_per_step, args.eval_prompts = 2, 1, 2, 2
+        if args.steps == ap.get_default("steps"):
+            args.steps = 2
+        args.eval_every, args.prompts_per_step, args.eval_prompts = 1, 2, 2
         args.eval_samples, args.pool, args.max_new_tokens, args.threads = 2, 4, 6, 1
         args.kl_coefs, args.lr = "0.1", 1e-2
     return args
@@ -677,9 +750,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     if args.merge:
+        os.makedirs(args.out, exist_ok=True)
         return merge(args.merge, args.out)
+    if args.resume is not None and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise SystemExit("--resume must be the run folder --out (each run resumes from OUT/adapters/<run>)")
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite or args.resume is not None)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
     t_start = time.perf_counter()
     ctx = build_ctx(args)
     bon = []
@@ -716,7 +795,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method, coef in todo:
         name = "jbond" if method == "jbond" else f"reinforce {coef:g}"
         runs[name] = []
-        train(method, ctx, args, kl_coef=coef, history=runs[name], on_eval=save)
+        adapter_dir = os.path.join(args.out, "adapters", name.replace(" ", "_"))
+        train(
+            method,
+            ctx,
+            args,
+            kl_coef=coef,
+            history=runs[name],
+            on_eval=save,
+            save_dir=adapter_dir,
+            resume=args.resume is not None,
+        )
     save()
     print(f"wrote {args.out}/jbond.json and {args.out}/jbond.png in {results['seconds_total']:.0f} s")
     if args.smoke:

@@ -14,6 +14,11 @@ Reward: ``1 − |y|/max_new_tokens`` for answers that end with EOS, else 0 (``--
 
     python examples/ppo_lora.py --steps 20 --out runs/ppo
     python examples/ppo_lora.py --smoke --out /tmp/ppo          # tiny model, 2 steps
+Checkpoints and resume: ``--save-every N`` writes ``OUT/checkpoints/step-…`` atomically
+(:mod:`prefopt.checkpoint`: policy and critic adapters, value head, optimizer, RNG states — sampling
+included —, history); ``--resume OUT`` continues from the latest one and reproduces the uninterrupted run
+exactly. An existing, non-empty ``--out`` is refused unless ``--overwrite`` (or ``--resume`` a checkpoint
+inside it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import peft
 import torch
 
 from prefopt import rl
+from prefopt.checkpoint import load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator, load_builtin_pairs
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import ppo
@@ -59,36 +65,88 @@ def state_values(policy: LoraPolicy, roll: Rollout) -> torch.Tensor:
     return torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 steps")
-    ap.add_argument("--out", default="runs/ppo_lora")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
+def metrics_writer(report_to: str, out: str) -> Any:
+    """A TensorBoard ``SummaryWriter`` logging to ``OUT/tensorboard`` (``--report-to tensorboard``), or None."""
+    if report_to == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit(
+            "--report-to tensorboard needs the tensorboard package: pip install 'prefopt-rlhf[tensorboard]'"
+        ) from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model, char tokenizer; 2 steps unless --steps is given",
+    )
+    ap.add_argument(
+        "--out", default="runs/ppo_lora", help="ppo_lora.json, ppo_lora.png, adapter, checkpoints"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=20, help="rollouts (PPO iterations) in all (a resumed run included)"
+    )
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per rollout")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
-    ap.add_argument("--ppo-epochs", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--ppo-epochs", type=int, default=2, help="optimizer steps per rollout")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
+    ap.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (also in the log-probs)"
+    )
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
     ap.add_argument("--beta", type=float, default=0.05, help="KL coefficient (in the reward)")
-    ap.add_argument("--clip", type=float, default=0.2)
-    ap.add_argument("--vf-coef", type=float, default=0.1)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (also the value clip)")
+    ap.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of torch (sampling) and the prompt order")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from a checkpoint folder, or from the latest checkpoint of a run folder",
+    )
+    ap.add_argument(
+        "--report-to", default="none", choices=("none", "tensorboard"), help="also log metrics to TensorBoard"
+    )
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.prompts_per_step, args.n, args.max_new_tokens, args.threads = 2, 2, 2, 8, 1
+        if args.steps == ap.get_default("steps"):
+            args.steps = 2
+        args.prompts_per_step, args.n, args.max_new_tokens, args.threads = 2, 2, 8, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    for flag in ("steps", "save_every"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    writer = metrics_writer(args.report_to, args.out)
 
     model, tok = load_model(args)
     cfg = peft.LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, bias="none"
     )
-    policy = LoraPolicy(model, cfg, value_head=True, value_adapter=True)
+    if args.resume:
+        state = load_training_state(args.resume, model)
+        policy = state.policy
+        print(f"resuming from {state.path} (step {state.step})", flush=True)
+    else:
+        policy = LoraPolicy(model, cfg, value_head=True, value_adapter=True)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, add_special_tokens=False)
@@ -100,7 +158,12 @@ def main() -> None:
     random.shuffle(prompts)
 
     history: list[dict[str, float]] = []
-    for step in range(args.steps):
+    start = 0
+    if args.resume:  # after the prompt shuffle above (it draws from the seeded python RNG)
+        opt.load_state_dict(state.optimizer)
+        start, history = state.step, state.extra["history"]
+        state.restore_rng()
+    for step in range(start, args.steps):
         t0 = time.perf_counter()
         batch_prompts = [
             prompts[(step * args.prompts_per_step + i) % len(prompts)] for i in range(args.prompts_per_step)
@@ -133,15 +196,18 @@ def main() -> None:
                 clip=args.clip,
                 vf_coef=args.vf_coef,
             )
+            loss = aggregate(out.loss, mask, "token-mean")
             opt.zero_grad(set_to_none=True)
-            aggregate(out.loss, mask, "token-mean").backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
             opt.step()
             metrics = {k: float(masked_mean(v, mask)) for k, v in out.metrics.items()}
+            metrics["loss"] = float(loss.detach())  # of the last epoch
         policy.eval()
 
         rec = {
             "step": step,
+            "loss": metrics["loss"],
             "score": float(scores.mean()),
             "kl": float(pen.kl.sum(1).mean()),
             "completion_len": float(roll.completion_len.float().mean()),
@@ -152,7 +218,17 @@ def main() -> None:
         }
         history.append(rec)
         print(json.dumps(rec), flush=True)
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(k, v, step + 1)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            extra = {"history": history}
+            save_training_state(args.out, policy=policy, optimizer=opt, step=step + 1, extra=extra)
 
+    if writer is not None:
+        writer.close()
+    policy.save(args.out)
     with open(os.path.join(args.out, "ppo_lora.json"), "w") as f:
         json.dump({"args": vars(args), "history": history}, f, indent=2)
     import matplotlib

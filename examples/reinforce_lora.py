@@ -20,6 +20,11 @@ else 0 — easy to verify, and it moves; ``--reward rm --rm-path DIR``: the LoRA
     python examples/reinforce_lora.py --steps 20 --out runs/reinforce
     python examples/reinforce_lora.py --reward rm --rm-path runs/rm_lora --data ../shared/data
     python examples/reinforce_lora.py --smoke --out /tmp/reinforce        # tiny model, 2 steps
+Checkpoints and resume: ``--save-every N`` writes ``OUT/checkpoints/step-…`` atomically
+(:mod:`prefopt.checkpoint`: policy and critic adapters, value head, optimizer, RNG states — sampling
+included —, history); ``--resume OUT`` continues from the latest one and reproduces the uninterrupted run
+exactly. An existing, non-empty ``--out`` is refused unless ``--overwrite`` (or ``--resume`` a checkpoint
+inside it).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import peft
 import torch
 
 from prefopt import rl
+from prefopt.checkpoint import load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator, load_builtin_pairs, load_pointwise
 from prefopt.logprobs import token_logps
 from prefopt.losses.policy_gradient import reinforce
@@ -74,40 +80,105 @@ def concise_reward(roll: Rollout, max_new_tokens: int) -> torch.Tensor:
     return torch.where(roll.finished, 1.0 - roll.completion_len.float() / max_new_tokens, 0.0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 steps")
-    ap.add_argument("--out", default="runs/reinforce_lora")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
+def metrics_writer(report_to: str, out: str) -> Any:
+    """A TensorBoard ``SummaryWriter`` logging to ``OUT/tensorboard`` (``--report-to tensorboard``), or None."""
+    if report_to == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit(
+            "--report-to tensorboard needs the tensorboard package: pip install 'prefopt-rlhf[tensorboard]'"
+        ) from None
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model, char tokenizer; 2 steps unless --steps is given",
+    )
+    ap.add_argument(
+        "--out",
+        default="runs/reinforce_lora",
+        help="reinforce_lora.json, reinforce_lora.png, adapter, checkpoints",
+    )
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps in all (a resumed run included)")
+    ap.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-prompt-length", type=int, default=192)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
+    ap.add_argument(
+        "--max-prompt-length", type=int, default=192, help="max prompt tokens (longer prompts keep their end)"
+    )
+    ap.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (also in the log-probs)"
+    )
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
     ap.add_argument("--beta", type=float, default=0.05, help="KL coefficient (in the reward)")
-    ap.add_argument("--value-coef", type=float, default=0.1)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--reward", choices=("concise", "rm"), default="concise")
-    ap.add_argument("--rm-path", default=None)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--value-coef", type=float, default=0.1, help="weight of the critic's value loss")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
+    ap.add_argument(
+        "--reward",
+        choices=("concise", "rm"),
+        default="concise",
+        help="concise: 1 - |y|/max_new_tokens if finished; rm: a reward model (--rm-path)",
+    )
+    ap.add_argument(
+        "--rm-path",
+        default=None,
+        help="RewardModel folder (examples/reward_model.py --save-lora), for --reward rm",
+    )
+    ap.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"),
+        help="the shared data folder (Taskmaster coffee prompts for --reward rm)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of torch (sampling) and the prompt order")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from a checkpoint folder, or from the latest checkpoint of a run folder",
+    )
+    ap.add_argument(
+        "--report-to", default="none", choices=("none", "tensorboard"), help="also log metrics to TensorBoard"
+    )
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.prompts_per_step, args.n, args.max_new_tokens, args.threads = 2, 2, 2, 8, 1
+        if args.steps == ap.get_default("steps"):
+            args.steps = 2
+        args.prompts_per_step, args.n, args.max_new_tokens, args.threads = 2, 2, 8, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    for flag in ("steps", "save_every"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(str(err)) from None
+    writer = metrics_writer(args.report_to, args.out)
 
     model, tok = load_model(args)
     cfg = peft.LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, bias="none"
     )
-    policy = LoraPolicy(
-        model, cfg, value_head=True, value_adapter=True
-    )  # policy + critic adapters, one backbone
+    if args.resume:
+        state = load_training_state(args.resume, model)
+        policy = state.policy
+        print(f"resuming from {state.path} (step {state.step})", flush=True)
+    else:  # policy + critic adapters, one backbone
+        policy = LoraPolicy(model, cfg, value_head=True, value_adapter=True)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, max_prompt_length=args.max_prompt_length, add_special_tokens=False)
@@ -128,7 +199,12 @@ def main() -> None:
     random.shuffle(prompts)
 
     history: list[dict[str, float]] = []
-    for step in range(args.steps):
+    start = 0
+    if args.resume:  # after the prompt shuffle above (it draws from the seeded python RNG)
+        opt.load_state_dict(state.optimizer)
+        start, history = state.step, state.extra["history"]
+        state.restore_rng()
+    for step in range(start, args.steps):
         t0 = time.perf_counter()
         batch_prompts = [
             prompts[(step * args.prompts_per_step + i) % len(prompts)] for i in range(args.prompts_per_step)
@@ -162,6 +238,7 @@ def main() -> None:
 
         rec = {
             "step": step,
+            "loss": float(loss.detach()),
             "score": float(scores.mean()),
             "return": float(pen.sequence_rewards.mean()),
             "kl": float(pen.kl.sum(1).mean()),
@@ -172,9 +249,19 @@ def main() -> None:
         }
         history.append(rec)
         print(json.dumps(rec), flush=True)
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(k, v, step + 1)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            extra = {"history": history}
+            save_training_state(args.out, policy=policy, optimizer=opt, step=step + 1, extra=extra)
         if step == args.steps - 1:
             print("sample:", repr(roll.completions(tok)[0][:200]))
 
+    if writer is not None:
+        writer.close()
+    policy.save(args.out)
     with open(os.path.join(args.out, "reinforce_lora.json"), "w") as f:
         json.dump({"args": vars(args), "history": history}, f, indent=2)
     import matplotlib

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from prefopt.checkpoint import prepare_run_dir
 from prefopt.data import (
     PreferenceCollator,
     UnpairedCollator,
@@ -178,21 +179,32 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the module docstring as written, every flag with its default."""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
-    ap.add_argument("--out", default="runs/reward_model")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"),
+        help="the shared data folder (taskmaster/coffee, hh-rlhf)",
+    )
+    ap.add_argument("--out", default="runs/reward_model", help="reward_model.json")
     ap.add_argument("--smoke", action="store_true", help="tiny model, built-in pairs, a few steps")
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma list of coffee_bce, coffee_bt, hh_bt")
     ap.add_argument("--train-examples", type=int, default=256, help="sequences seen in training (1 epoch)")
-    ap.add_argument("--test-pairs", type=int, default=96)
+    ap.add_argument("--test-pairs", type=int, default=96, help="held-out pairs per task")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr-lora", type=float, default=1e-3)
-    ap.add_argument("--lr-full", type=float, default=2e-5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens per row")
+    ap.add_argument(
+        "--lr-lora", type=float, default=1e-3, help="AdamW learning rate of the LoRA reward model"
+    )
+    ap.add_argument("--lr-full", type=float, default=2e-5, help="AdamW learning rate of full fine-tuning")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the splits, the data order and the head")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--save-lora", default=None, help="directory for the coffee LoRA reward model")
+    ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     ap.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
@@ -205,7 +217,10 @@ def main() -> None:
         return
     if not args.smoke and not Path(args.data).is_dir():
         sys.exit(f"--data {args.data} not found (use --smoke for a run without data)")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        prepare_run_dir(args.out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
     results = []
     passthrough = [a for a in sys.argv[1:]]
     for task in args.tasks.split(","):

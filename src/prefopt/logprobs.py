@@ -759,6 +759,10 @@ def _check_inputs(
     check_tensor("input_ids", input_ids, ndim=2, floating=False)
     if input_ids.dtype == torch.bool or torch.is_floating_point(input_ids) or torch.is_complex(input_ids):
         raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must have at least one row and one column, got shape {tuple(input_ids.shape)}"
+        )
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=2, floating=False)
         if attention_mask.shape != input_ids.shape:
@@ -814,7 +818,8 @@ def token_logps(
     Args:
         model: a transformers causal LM (``PreTrainedModel`` with ``base_model_prefix`` and
             ``get_output_embeddings()``), or a peft ``PeftModel`` wrapping one.
-        input_ids: ``(b, t)`` integer token ids.
+        input_ids: ``(b, t)`` integer token ids, ``b ≥ 1`` and ``t ≥ 1`` (an empty batch raises
+            ``ValueError`` naming ``input_ids`` before the model runs).
         attention_mask: ``(b, t)`` 0/1 (int or bool) or None (all ones); passed to the backbone as is, with
             ``position_ids = cumsum(attention_mask) − 1`` on the attended tokens when the backbone accepts
             them, so a left-padded row gets the positions of its unpadded sequence (this matters for absolute

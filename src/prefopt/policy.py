@@ -42,6 +42,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -325,7 +326,13 @@ class LoraPolicy(nn.Module):
         self.anchor_rank: int = 2 * policy_rank if anchor_rank is None else anchor_rank
 
         try:
-            peft_model = peft.get_peft_model(model, cfg, adapter_name=POLICY_ADAPTER)
+            with warnings.catch_warnings():
+                # peft (<= 0.21) reads transformers' deprecated `model.is_gradient_checkpointing` inside
+                # PeftModel.__init__, which warns on every LoraPolicy; only that one warning is silenced here.
+                warnings.filterwarnings(
+                    "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+                )
+                peft_model = peft.get_peft_model(model, cfg, adapter_name=POLICY_ADAPTER)
         except ValueError as err:
             if "target module" in str(err).lower():
                 raise ValueError(f"lora_config.target_modules={cfg.target_modules!r}: {err}") from err

@@ -273,6 +273,8 @@ def shared_prompt_token_logps(
             f"completion_ids has {n} rows, which is not a positive multiple of the {b} prompt rows "
             "(row r continues prompt r mod B)"
         )
+    if c == 0:
+        raise ValueError(f"completion_ids must have at least one column, got shape {(n, c)}")
     pm = _check_mask01("prompt_mask", prompt_mask, prompt_ids.shape)
     if bool((pm[:, 0] == 0).any()):
         raise ValueError("prompt_mask has a row with no real token (every prompt needs at least one)")

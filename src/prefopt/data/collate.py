@@ -246,6 +246,8 @@ class _CompletionMixin(_Base):
         """
         if not prompt:
             raise BadRowError("empty_prompt", "the prompt tokenizes to zero tokens")
+        if any(not c for c in completions):  # only without add_eos: its EOS always gives one token
+            raise BadRowError("empty_completion", "a completion tokenizes to zero tokens (add_eos=False)")
         cuts: list[str] = []
         m = self.max_completion_length
         if m is not None and any(len(c) > m for c in completions):

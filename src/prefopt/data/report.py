@@ -24,7 +24,7 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "identical": "chosen and rejected are the same text",
         "missing_marker": "implicit-prompt format: the assistant marker does not occur in chosen or rejected",
         "prompt_mismatch": "chosen and rejected do not share the same prompt",
-        "empty_completion": "a completion is empty or whitespace only",
+        "empty_completion": "a completion is empty or whitespace only, or tokenizes to zero tokens",
         "bad_messages": "conversational format: messages are not a list of {role, content} string dicts",
         "last_not_assistant": "conversational format: the completion does not start with an assistant message",
         "template_not_prefix": "conversational format: the rendered prompt is not a prefix of the rendered dialogue",
