@@ -16,6 +16,7 @@ from prefopt.lab.measure import (
     mid_rank_quantile,
     reference_pool,
 )
+from prefopt.lab.pairs import LabPairs, gold_pairs
 from prefopt.lab.testbed import BOS, EOS, PAD, Lab, LabConfig, PretrainReport
 
 __all__ = [
@@ -25,11 +26,13 @@ __all__ = [
     "BestOfNPoint",
     "Lab",
     "LabConfig",
+    "LabPairs",
     "PolicyEval",
     "PretrainReport",
     "ReferencePool",
     "best_of_n_point",
     "evaluate_policy",
+    "gold_pairs",
     "lab_sampler",
     "mid_rank_quantile",
     "reference_pool",
