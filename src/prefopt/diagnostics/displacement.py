@@ -46,6 +46,7 @@ __all__ = [
     "ChesFilter",
     "ChesScores",
     "SqueezeReport",
+    "ches_and_logps",
     "ches_filter",
     "ches_from_hidden",
     "ches_positions",
@@ -207,6 +208,60 @@ def ches_scores(model: Any, batch: dict[str, Tensor], *, positions: Positions = 
     c, ln = ches_from_hidden(hidden[:b], sel[:b], hidden[b:], sel[b:])
     n = sel.sum(dim=1)
     return ChesScores(ches=c, ln_ches=ln, chosen_count=n[:b], rejected_count=n[b:], positions=positions)
+
+
+@torch.no_grad()
+def ches_and_logps(
+    model: Any, batch: Any, *, positions: Positions = "predicting"
+) -> tuple[ChesScores, Tensor, Tensor]:
+    r"""``(scores, S_w, S_l)``: :func:`ches_scores` and the sequence log-probs of both responses, from ONE
+    forward of the backbone (the screening pass of ``prefopt diagnose``).
+
+    ``S_w = log π(y_w|x)`` and ``S_l`` (``(B,)``, float32, float64 for a float64 model) are
+    [`token_logps`][prefopt.logprobs.token_logps] summed over the completion tokens: the LM head (with the
+    config's logit scaling / soft-capping) runs only on the hidden states that predict completion tokens, in
+    chunks, on the same hidden states CHES sums. Together they give CHES, LN-CHES, ranking accuracy
+    (:func:`ranking_accuracy`) and, at a fresh adapter where the policy is the reference,
+    :func:`idealized_ranking_accuracy` and :func:`dpo_flip_loss` — for the price of one no-grad forward.
+
+    Args:
+        model / batch / positions: as :func:`ches_scores`.
+    """
+    from prefopt.logprobs import (
+        DEFAULT_CHUNK_SIZE,
+        _backbone_and_head,
+        _module_head_logps,
+        chunked_head_logps,
+        logit_transform,
+        position_kwargs,
+    )
+
+    mdl, _ = resolve_model(model)
+    ids, am, cm, b = check_pair_batch(batch)
+    sel = ches_positions(cm, positions=positions)
+    if am is not None and bool((sel & ~am.bool()).any()):
+        raise ValueError("batch['completion_mask'] is True at (or right after) a padding token")
+    backbone, head, config = _backbone_and_head(mdl)
+    with eval_mode(mdl):
+        out = backbone(input_ids=ids, attention_mask=am, use_cache=False, **position_kwargs(backbone, am))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        c, ln = ches_from_hidden(hidden[:b], sel[:b], hidden[b:], sel[b:])
+        # position p predicts token p + 1: the states at completion_mask[:, 1:] give the completion log-probs
+        pred = cm[:, 1:]
+        rows, cols = pred.nonzero(as_tuple=True)
+        h_sel = hidden[rows, cols]
+        y_sel = ids[rows, cols + 1].long()
+        tr = logit_transform(config)
+        if type(head) is nn.Linear:
+            lp = chunked_head_logps(h_sel, head.weight, y_sel, head.bias, transform=tr)
+            assert isinstance(lp, Tensor)
+        else:
+            lp, _ = _module_head_logps(head, h_sel, y_sel, tr, 1.0, DEFAULT_CHUNK_SIZE, False)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    seq = torch.zeros(ids.shape[0], dtype=acc, device=ids.device).index_add_(0, rows, lp.to(acc))
+    n = sel.sum(dim=1)
+    scores = ChesScores(ches=c, ln_ches=ln, chosen_count=n[:b], rejected_count=n[b:], positions=positions)
+    return scores, seq[:b], seq[b:]
 
 
 def ches_table(
