@@ -200,6 +200,40 @@ def test_screen_only_by_default_and_data_file(tmp_path: Path, capsys: pytest.Cap
     assert "no gradient report: add --top-k" in capsys.readouterr().out
 
 
+def test_long_prompts_run_once_and_equal_the_loop(tmp_path: Path) -> None:
+    """Long prompts, short responses: the screen runs each prompt once (KV cache) and still equals the loop."""
+    src = tmp_path / "long.jsonl"
+    words = ["coffee", "latte", "oat milk", "no sugar", "a large cup", "to go", "with cinnamon", "hot"]
+    rows = [
+        {
+            "prompt": " ".join(words[i:] + words[:i]) * 2 + " Agent:",
+            "chosen": f" Sure{i}.",
+            "rejected": f" No {i}!",
+        }
+        for i in range(5)
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "o"
+    assert (
+        run_diagnose(
+            parse(["--tiny", "--data", str(src), "--out", str(out), "--batch", "2", "--no-progress"])
+        )
+        == 0
+    )
+    data = json.loads((out / "pairs.json").read_text())
+    assert data["summary"]["screen_batches"] == 3 == data["summary"]["screen_batches_prompt_shared"]
+    tok = char_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok), hidden_size=32, num_layers=2, seed=0)
+    collate = PreferenceCollator(tok, max_length=256)
+    for k, rec in enumerate(data["pairs"]):
+        c, ln, sw, sl, nw, nl = _naive_pair(model, collate([rows[k]]))
+        assert (rec["chosen_len"], rec["rejected_len"]) == (nw, nl)
+        assert rec["ches"] == pytest.approx(c, rel=1e-4, abs=1e-4)
+        assert rec["ln_ches"] == pytest.approx(ln, rel=1e-4, abs=1e-5)
+        assert rec["chosen_logp"] == pytest.approx(sw, rel=1e-5, abs=1e-4)
+        assert rec["rejected_logp"] == pytest.approx(sl, rel=1e-5, abs=1e-4)
+
+
 def _taskmaster(path: Path) -> None:
     """Taskmaster-style pointwise rows: JSON-encoded context turns and generation, a 0/1 reward."""
 
@@ -266,24 +300,31 @@ def test_pointwise_source(tmp_path: Path, fmt: str) -> None:
         assert rec["chosen_len"] == n
 
 
-def test_ches_and_logps_one_forward_equals_loops() -> None:
+@pytest.mark.parametrize(
+    ("arch", "share_prompt"), [("llama", False), ("llama", True), ("gpt2", True), ("qwen2", True)]
+)
+def test_ches_and_logps_one_forward_equals_loops(arch: str, share_prompt: bool) -> None:
     """The screening primitive: CHES = ches_scores, S = the unpadded per-response loop, on a padded batch of
-    different lengths through a LoRA policy with a non-zero adapter (float64)."""
+    different lengths through a LoRA policy with a non-zero adapter (float64). ``share_prompt=True`` (each
+    prompt once, responses on its KV cache) gives the same numbers; pair 3's rows differ in their prompt (the
+    plain-forward fallback). GPT-2 has absolute position embeddings: the cached responses must get positions
+    ``p, p+1, ...``."""
     import peft
 
-    model = tiny_causal_lm(vocab_size=40, hidden_size=16, num_layers=2, seed=2).double()
+    model = tiny_causal_lm(arch, vocab_size=40, hidden_size=16, num_layers=2, seed=2).double()
     cfg = peft.LoraConfig(
         r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
     )
     torch.manual_seed(1)
     policy = LoraPolicy(model, cfg)
     g = torch.Generator().manual_seed(3)
-    b, t = 3, 12
+    b, t = 4, 12
     ids = torch.randint(2, 40, (2 * b, t), generator=g)
     am = torch.ones(2 * b, t, dtype=torch.long)
     cm = torch.zeros(2 * b, t, dtype=torch.bool)
-    for i, (p, lw, ll) in enumerate([(3, 5, 9), (5, 1, 2), (2, 10, 4)]):
-        ids[i + b, :p] = ids[i, :p]
+    for i, (p, lw, ll) in enumerate([(3, 5, 9), (5, 1, 2), (2, 10, 4), (4, 3, 6)]):
+        if i < 3:
+            ids[i + b, :p] = ids[i, :p]
         for r, length in ((i, lw), (i + b, ll)):
             cm[r, p : p + length] = True
             am[r, p + length :] = 0
@@ -292,15 +333,19 @@ def test_ches_and_logps_one_forward_equals_loops() -> None:
         input_ids=ids,
         attention_mask=am,
         completion_mask=cm,
-        prompt_len=torch.tensor([3, 5, 2, 3, 5, 2]),
+        prompt_len=torch.tensor([3, 5, 2, 4, 3, 5, 2, 4]),
         completion_len=cm.sum(1),
         row_index=torch.arange(b),
     )
-    s, sw, sl = ches_and_logps(policy, batch)
+    s, sw, sl = ches_and_logps(policy, batch, share_prompt=share_prompt)
     ref = ches_scores(policy, batch)
     torch.testing.assert_close(s.ches, ref.ches, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(s.ln_ches, ref.ln_ches, rtol=1e-12, atol=1e-12)
-    assert s.chosen_count.tolist() == [5, 1, 10] and s.rejected_count.tolist() == [9, 2, 4]
+    assert s.chosen_count.tolist() == [5, 1, 10, 3] and s.rejected_count.tolist() == [9, 2, 4, 6]
+    inc, _, _ = ches_and_logps(policy, batch, positions="inclusive", share_prompt=share_prompt)
+    ref_inc = ches_scores(policy, batch, positions="inclusive")
+    torch.testing.assert_close(inc.ches, ref_inc.ches, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(inc.ln_ches, ref_inc.ln_ches, rtol=1e-12, atol=1e-12)
     for i in range(b):
         one = PairBatch(
             input_ids=ids[[i, i + b]],
