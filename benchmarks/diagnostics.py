@@ -265,8 +265,9 @@ def main() -> None:
         # the screen's CHES is ches_scores' and its log-probs are the report's (same adapter, no grad)
         s, sw, sl = first["screen"]
         result["max_abs_err_screen_ches"] = float((s.ches - first["ches"].ches).abs().max())
-        result["max_abs_err_screen_logp"] = float(
-            torch.cat([sw - first["report"].chosen_logp, sl - first["report"].rejected_logp]).abs().max()
+        rep_lp = torch.cat([first["report"].chosen_logp, first["report"].rejected_logp]).double()
+        result["max_rel_err_screen_logp"] = float(
+            ((torch.cat([sw, sl]).double() - rep_lp).abs() / rep_lp.abs().max()).max()
         )
         # share_prompt=True: the same scores up to float rounding
         sh, shw, shl = first["screen_shared"]

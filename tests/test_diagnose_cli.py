@@ -373,6 +373,7 @@ def test_ches_and_logps_one_forward_equals_loops(arch: str, share_prompt: bool) 
         (["--model", "/nonexistent/folder"], "--model"),
         (["--limit", "0"], "--limit must be >= 1"),
         (["--batch", "0"], "--batch must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
         (["--top-k", "-1"], "--top-k must be >= 0"),
         (["--eta", "-1"], "--eta"),
         (["--max-prompt-length", "256"], "--max-prompt-length must be >= 1 and < --max-length (256)"),

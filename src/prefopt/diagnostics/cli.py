@@ -98,9 +98,9 @@ REPORT_COLUMNS = (
     "measured_drejected",
 )
 
-#: Rough cost of the gradient report per pair over the screen's per pair (``benchmarks/diagnostics.py``,
-#: SmolLM2-135M-Instruct, one thread); used only for the estimate printed before the report's first batch.
-REPORT_VS_SCREEN = 6.0
+#: Rough cost of the gradient report over the screen's, per token (``benchmarks/diagnostics.py`` and
+#: ``docs/displacement.md`` §7: 3-5x); used only for the estimate printed before the report's first batch.
+REPORT_VS_SCREEN = 4.0
 
 
 class DiagnoseError(Exception):
@@ -187,6 +187,13 @@ def add_diagnose_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--tiny", action="store_true", help="tiny random model + character tokenizer (no download)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialization (default: 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores not already busy; on a loaded machine more threads than "
+        "free cores make every forward many times slower)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -386,11 +393,16 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
 
 def run_diagnose(args: argparse.Namespace) -> int:
     """Run ``prefopt diagnose`` (see the module docstring); return the exit status (0, or 2 on a user error)."""
+    import torch
+
+    before = torch.get_num_threads()
     try:
         _run(args)
     except DiagnoseError as exc:
         print(f"prefopt diagnose: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(before)
     return 0
 
 
@@ -407,6 +419,8 @@ def _check_args(args: argparse.Namespace) -> tuple[dict[str, Any], list[int]]:
         )
     if args.top_k < 0:
         raise DiagnoseError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.threads is not None and args.threads < 1:
+        raise DiagnoseError(f"--threads must be >= 1, got {args.threads}")
     if not (math.isfinite(args.eta) and args.eta > 0):
         raise DiagnoseError(f"--eta must be a finite number > 0, got {args.eta}")
     hparams = parse_loss_args(args.loss_arg)
@@ -437,12 +451,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     hparams, wanted = _check_args(args)
     _check_loss(args.loss, hparams)
     beta = _screen_beta(args.loss, hparams)
+    from prefopt.demo import auto_threads
+
+    threads = auto_threads() if args.threads is None else args.threads
+    torch.set_num_threads(threads)
     t_start = time.perf_counter()
     model, tok, model_name = _load_model(args)
     rows, fmt = _load_rows(args, tok)
     model.eval()
     torch.manual_seed(args.seed)
-    policy = LoraPolicy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
+        policy = LoraPolicy(model)
     try:
         collate = PreferenceCollator(
             tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length
@@ -457,7 +477,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_report = min(n, len(wanted) + args.top_k)  # an upper bound: --top-k may pick pairs of --pairs
-    plan = f"screening {n} pairs (CHES, LN-CHES, ranking accuracy; one forward per batch of {args.batch})"
+    plan = (
+        f"screening {n} pairs (CHES, LN-CHES, ranking accuracy; one forward per batch of {args.batch}, "
+        f"{threads} thread(s))"
+    )
     if n_report:
         plan += f", then the gradient report for up to {n_report} pair(s) (loss {args.loss})"
     if args.heatmaps:
@@ -488,8 +511,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             cols["nw"][k], cols["nl"][k] = int(cm[j].sum()), int(cm[j + b].sum())
         bar.update(b)
         if ci == 0 and len(chunks) > 1:
-            first = time.perf_counter() - t0
-            _say(args, f"first batch took {first:.1f} s: about {_secs(first * n / b)} for the screen")
+            first = time.perf_counter() - t0  # batches grow (sorted by length): scale by tokens, not pairs
+            share_tokens = sum(picked[k][2] for k in range(n)) / sum(picked[k][2] for k in chunk)
+            _say(args, f"first batch took {first:.1f} s: about {_secs(first * share_tokens)} for the screen")
     bar.close()
     timings["screen"] = time.perf_counter() - t0
 
@@ -576,6 +600,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "ches_positions": "predicting",
             "lora": "r=8, alpha=16, all-linear (fresh adapter, policy == reference)",
             "seed": args.seed,
+            "threads": threads,
         },
         "summary": summary,
         "seconds": timings,
@@ -603,11 +628,12 @@ def _report(
 
     from prefopt.diagnostics import entanglement
 
-    per_pair = timings["screen"] / len(table)
+    per_token = timings["screen"] / sum(p[2] for p in picked)
+    guess = REPORT_VS_SCREEN * per_token * sum(picked[k][2] for k in ids)
     _say(
         args,
-        f"gradient report for {len(ids)} pair(s): roughly {_secs(REPORT_VS_SCREEN * per_pair * len(ids))} "
-        f"(about {REPORT_VS_SCREEN:.0f}x the screen per pair{'; --verify adds a step per pair' if args.verify else ''})",
+        f"gradient report for {len(ids)} pair(s): roughly {_secs(guess)} (about {REPORT_VS_SCREEN:.0f}x the "
+        f"screen per token{'; --verify adds a step per pair' if args.verify else ''})",
     )
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -641,7 +667,8 @@ def _report(
             first = time.perf_counter() - t0
             _say(
                 args,
-                f"first report batch took {first:.1f} s: about {_secs(first * len(ids) / len(chunk))} in all",
+                f"first report batch took {first:.1f} s: about "
+                f"{_secs(first * sum(picked[k][2] for k in ids) / sum(picked[k][2] for k in chunk))} in all",
             )
     bar.close()
     timings["report"] = time.perf_counter() - t0
@@ -679,7 +706,11 @@ def _heatmaps(
         maps.append({"pair": rec["pair"], "path": str(path), "summary": tc.summary})
         if i == 0 and len(report) > 1:
             first = time.perf_counter() - t0
-            _say(args, f"first heatmap took {first:.1f} s: about {_secs(first * len(report))} in all")
+            tokens = [r["chosen_len"] + r["rejected_len"] for r in report]  # one VJP per completion token
+            _say(
+                args,
+                f"first heatmap took {first:.1f} s: about {_secs(first * sum(tokens) / tokens[0])} in all",
+            )
     timings["heatmaps"] = time.perf_counter() - t0
     return maps
 

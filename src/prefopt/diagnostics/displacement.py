@@ -29,6 +29,7 @@ All outputs are float64.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ def _shared_prompt_hidden(backbone: nn.Module, ids: Tensor, am: Tensor | None, c
     length = full_am.sum(dim=1)
     right_padded = bool((full_am == (torch.arange(t, device=ids.device) < length[:, None]).long()).all())
     first = cm.long().argmax(dim=1)  # the first completion token = the prompt length
+    cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     hidden: Tensor | None = None
     for i in range(b):
         r = [i, i + b]
@@ -252,15 +254,16 @@ def _shared_prompt_hidden(backbone: nn.Module, ids: Tensor, am: Tensor | None, c
             use_cache=True,
         )
         hp = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        cache = out.past_key_values
+        # transformers >= 5.x names the cache `cache` (`past_key_values` still works there, with a warning)
+        cache = out.cache if cache_name == "cache" else out.past_key_values
         cache.batch_repeat_interleave(2)
         c = n - p
         out2 = backbone(
             input_ids=ids[r, p:n],
             attention_mask=full_am[r, :n],
             position_ids=(p + torch.arange(c, device=ids.device))[None].expand(2, c),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name: cache},
         )
         hc = out2.last_hidden_state if hasattr(out2, "last_hidden_state") else out2[0]
         if hidden is None:
