@@ -4,6 +4,17 @@ Side by side in one run, A/B alternating, medians over ``--repeats``:
 
 * ``report``  — :func:`prefopt.diagnostics.entanglement` on ``B`` pairs (one forward + one backward with
   per-row hooks, plus the reference forward);
+* ``ches``    — :func:`prefopt.diagnostics.displacement.ches_scores` on the same ``B`` pairs (one no-grad forward of
+  the backbone, adapter on: the same model the report differentiates);
+* ``screen``  — :func:`prefopt.diagnostics.displacement.ches_and_logps` (CHES + both sequence log-probs from one
+  forward: what ``prefopt diagnose`` runs per batch);
+* ``screen_shared`` — ``ches_and_logps(..., share_prompt=True)``: each pair's prompt once, both responses on its
+  KV cache (one pair at a time); the same numbers;
+* ``ches_base`` — ``ches_scores`` with the adapter switched off (``policy.reference()``): at a fresh adapter
+  (``B = 0``, as in ``prefopt diagnose``) switching it off changes no number (here the adapter is random, so
+  only the time compares);
+* ``screen_cli`` — what ``prefopt diagnose`` runs per batch of long prompts: ``ches_and_logps(...,
+  share_prompt=True)`` with the adapter off;
 * ``step``    — one DPO training step on the same batch (reference forward, policy forward+backward of the
   DPO loss, AdamW step);
 * ``loop``    — the naive per-pair report: reference forward, policy forward, ``2B`` backward passes on the
@@ -14,12 +25,15 @@ Side by side in one run, A/B alternating, medians over ``--repeats``:
 * ``token_loop`` — the fair oracle a user would write: one forward of the pair, one
   ``autograd.grad(..., retain_graph=True)`` per completion token, flattened gradients, cosines by hand.
 
-Ratios: ``report_vs_step = report / step`` (goal ≤ 3), ``speedup_vs_loop = loop / report`` (goal ≥ 4),
+Ratios: ``report_vs_ches = report / ches``, ``report_vs_screen_cli`` (issue 14 asks ≥ 50; see docs/displacement.md for why a forward
+cannot be 50× cheaper than a forward + backward), ``report_vs_screen``, ``report_vs_ches_base``,
+``report_vs_step = report / step`` (goal ≤ 3), ``speedup_vs_loop = loop / report`` (goal ≥ 4),
 ``token_speedup_vs_loop = token_loop / token`` (goal ≥ 10), ``token_copies_vs_loop = token_loop / token_copies``.
 
     python benchmarks/diagnostics.py --json out.json          # small-but-not-tiny Llama + LoRA, CPU
     python benchmarks/diagnostics.py --quick                  # smaller model, 1 repeat (~1 min on 2 cores)
     python benchmarks/diagnostics.py --token-only             # only the per-token engines and their loop
+    python benchmarks/diagnostics.py --ches-only              # only ches / screen / ches_base / report / step
     python benchmarks/diagnostics.py --real                   # SmolLM2-135M-Instruct (prefopt.models)
 """
 
@@ -37,6 +51,7 @@ import peft
 import torch
 
 from prefopt.diagnostics import entanglement, token_gradient_correlation
+from prefopt.diagnostics.displacement import ches_and_logps, ches_scores
 from prefopt.logprobs import token_logps
 from prefopt.masked import seq_sum
 from prefopt.policy import LoraPolicy
@@ -143,6 +158,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument(
+        "--prompt-len", type=int, default=None, help="shared prompt tokens per pair (default: half)"
+    )
     ap.add_argument("--token-len", type=int, default=64, help="completion tokens T_w = T_l of the token pair")
     ap.add_argument("--token-prompt", type=int, default=32, help="prompt tokens before them")
     ap.add_argument("--token-chunk", type=int, default=None, help="chunk_rows of the token engine")
@@ -158,6 +176,11 @@ def main() -> None:
         "--quick", action="store_true", help="hidden 128, 2 layers, vocab 4096, 4 pairs of 64, 1 repeat"
     )
     ap.add_argument("--token-only", action="store_true", help="time only token / token_copies / token_loop")
+    ap.add_argument(
+        "--ches-only",
+        action="store_true",
+        help="time only ches / screen / screen_shared / ches_base / screen_cli / report / step",
+    )
     args = ap.parse_args()
     if args.quick:
         args.hidden, args.layers, args.vocab, args.pairs, args.seq_len, args.repeats = 128, 2, 4096, 4, 64, 1
@@ -165,13 +188,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     policy, vocab = build(args)
-    batch = make_batch(args.pairs, args.seq_len, vocab, seed=0)
+    batch = make_batch(args.pairs, args.seq_len, vocab, seed=0, prompt=args.prompt_len)
     tbatch = make_batch(1, args.token_prompt + args.token_len, vocab, seed=1, prompt=args.token_prompt)
     tkw = {} if args.token_chunk is None else {"chunk_rows": args.token_chunk}
     # lr = 0: the step does all its work but leaves the adapter unchanged, so every timed call sees the same point
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0, weight_decay=0.0)
 
+    def ches_base() -> Any:
+        with policy.reference():
+            return ches_scores(policy, batch)
+
+    def screen_cli() -> Any:
+        with policy.reference():
+            return ches_and_logps(policy, batch, share_prompt=True)
+
     fns: dict[str, Callable[[], Any]] = {
+        "ches": lambda: ches_scores(policy, batch),
+        "screen": lambda: ches_and_logps(policy, batch),
+        "screen_shared": lambda: ches_and_logps(policy, batch, share_prompt=True),
+        "ches_base": ches_base,
+        "screen_cli": screen_cli,
         "report": lambda: entanglement(policy, batch),
         "step": lambda: train_step(policy, batch, opt),
         "loop": lambda: loop_report(policy, batch),
@@ -181,7 +217,13 @@ def main() -> None:
     }
     if args.token_only:
         fns = {k: v for k, v in fns.items() if k.startswith("token")}
-    for k in ("report", "token", "token_copies"):  # warm-up (first-call overheads)
+    if args.ches_only:
+        fns = {
+            k: v
+            for k, v in fns.items()
+            if k in ("ches", "screen", "screen_shared", "ches_base", "screen_cli", "report", "step")
+        }
+    for k in ("ches", "report", "token", "token_copies"):  # warm-up (first-call overheads)
         if k in fns:
             fns[k]()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -195,7 +237,6 @@ def main() -> None:
             first.setdefault(k, out)
     # sanity: the fast paths equal the loops on this model
     med = {k: statistics.median(v) for k, v in times.items()}
-    tw = first["token"].matrix.shape[0]
     result: dict[str, Any] = {
         "config": {
             "model": "SmolLM2-135M-Instruct"
@@ -203,6 +244,7 @@ def main() -> None:
             else f"Llama h{args.hidden} L{args.layers} V{vocab}",
             "pairs": args.pairs,
             "seq_len": args.seq_len,
+            "prompt_len": args.prompt_len if args.prompt_len is not None else args.seq_len // 2,
             "token_len": args.token_len,
             "token_prompt": args.token_prompt,
             "rank": args.rank,
@@ -211,18 +253,41 @@ def main() -> None:
             "repeats": args.repeats,
         },
         "median_s": med,
-        "token_speedup_vs_loop": med["token_loop"] / med["token"],
-        "token_copies_vs_loop": med["token_loop"] / med["token_copies"],
-        "max_abs_err_token_cos": float((first["token"].matrix - first["token_loop"][:tw, tw:]).abs().max()),
-        "max_abs_err_token_copies_cos": float(
-            (first["token_copies"].matrix - first["token_loop"][:tw, tw:]).abs().max()
-        ),
+        "per_pair_s": {k: v / args.pairs for k, v in med.items() if not k.startswith("token")},
     }
-    if not args.token_only:
+    if "token" in med:
+        tw = first["token"].matrix.shape[0]
+        result["token_speedup_vs_loop"] = med["token_loop"] / med["token"]
+        result["token_copies_vs_loop"] = med["token_loop"] / med["token_copies"]
+        result["max_abs_err_token_cos"] = float(
+            (first["token"].matrix - first["token_loop"][:tw, tw:]).abs().max()
+        )
+        result["max_abs_err_token_copies_cos"] = float(
+            (first["token_copies"].matrix - first["token_loop"][:tw, tw:]).abs().max()
+        )
+    if "ches" in med:
+        result["report_vs_ches"] = med["report"] / med["ches"]
+        result["report_vs_screen"] = med["report"] / med["screen"]
+        result["report_vs_ches_base"] = med["report"] / med["ches_base"]
+        result["report_vs_screen_shared"] = med["report"] / med["screen_shared"]
+        result["report_vs_screen_cli"] = med["report"] / med["screen_cli"]
+        # the screen's CHES is ches_scores' and its log-probs are the report's (same adapter, no grad)
+        s, sw, sl = first["screen"]
+        result["max_abs_err_screen_ches"] = float((s.ches - first["ches"].ches).abs().max())
+        rep_lp = torch.cat([first["report"].chosen_logp, first["report"].rejected_logp]).double()
+        result["max_rel_err_screen_logp"] = float(
+            ((torch.cat([sw, sl]).double() - rep_lp).abs() / rep_lp.abs().max()).max()
+        )
+        # share_prompt=True: the same scores up to float rounding
+        sh, shw, shl = first["screen_shared"]
+        result["max_rel_err_shared_ches"] = float(((sh.ches - s.ches).abs() / s.ches.abs().max()).max())
+        result["max_abs_err_shared_logp"] = float(torch.cat([shw - sw, shl - sl]).abs().max())
+    if "loop" in med:
         rep, inner = first["report"], first["loop"]
-        result["report_vs_step"] = med["report"] / med["step"]
         result["speedup_vs_loop"] = med["loop"] / med["report"]
         result["max_rel_err_inner"] = float(((rep.inner - inner).abs() / inner.abs().clamp(min=1e-12)).max())
+    if "step" in med:
+        result["report_vs_step"] = med["report"] / med["step"]
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -64,7 +64,20 @@ def test_brevity_reward_by_hand():
 @pytest.mark.slow
 def test_cli_diagnose_is_wired(tmp_path):
     out = tmp_path / "diag"
-    code = main(["diagnose", "--tiny", "--pairs", "2", "--top-k", "1", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "diagnose",
+            "--tiny",
+            "--limit",
+            "4",
+            "--pairs",
+            "2",
+            "--heatmaps",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert (out / "pairs.csv").exists() and (out / "pairs.json").exists()
     assert list(out.glob("*.png"))

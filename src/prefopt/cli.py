@@ -1,4 +1,4 @@
-"""The ``prefopt`` command line: ``prefopt demo`` (the tour) and ``prefopt diagnose`` (entanglement tables).
+"""The ``prefopt`` command line: ``prefopt demo`` (the tour) and ``prefopt diagnose`` (screen a data set).
 
 Every user error (a bad option value, an ``--out`` that is an existing file, a data source that is missing,
 empty or unreadable, a hyperparameter out of range) ends the command with ONE line on stderr,
@@ -20,8 +20,9 @@ def _version() -> str:
 
 _DESCRIPTION = (
     "prefopt: preference-optimization and RLHF objectives for causal language models. "
-    "'prefopt demo' runs a short offline tour; 'prefopt diagnose' writes per-pair gradient-entanglement "
-    "tables. A user error ends the command with one line on stderr and exit status 2 "
+    "'prefopt demo' runs a short offline tour; 'prefopt diagnose' screens a preference data set for "
+    "likelihood displacement (CHES, ranking accuracy) and writes per-pair gradient-entanglement reports for "
+    "the pairs you pick. A user error ends the command with one line on stderr and exit status 2 "
     "(PREFOPT_DEBUG=1 shows the traceback)."
 )
 _DEMO = (

@@ -29,6 +29,7 @@ All outputs are float64.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "ChesFilter",
     "ChesScores",
     "SqueezeReport",
+    "ches_and_logps",
     "ches_filter",
     "ches_from_hidden",
     "ches_positions",
@@ -207,6 +209,132 @@ def ches_scores(model: Any, batch: dict[str, Tensor], *, positions: Positions = 
     c, ln = ches_from_hidden(hidden[:b], sel[:b], hidden[b:], sel[b:])
     n = sel.sum(dim=1)
     return ChesScores(ches=c, ln_ches=ln, chosen_count=n[:b], rejected_count=n[b:], positions=positions)
+
+
+def _shared_prompt_hidden(backbone: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> Tensor:
+    """``(2B, T, d)`` last hidden states with each pair's prompt run ONCE (KV cache), zero where not needed.
+
+    Filled: the last prompt position and every position from the first completion token to the row's last real
+    token — all that CHES (either convention) and the completion log-probs read. A pair whose two rows do not
+    share their prompt tokens (or a row that is not right-padded) gets a plain forward of its two rows.
+    """
+    from prefopt.logprobs import position_kwargs
+
+    rows2, t = ids.shape
+    b = rows2 // 2
+    full_am = torch.ones_like(ids) if am is None else am.long()
+    length = full_am.sum(dim=1)
+    right_padded = bool((full_am == (torch.arange(t, device=ids.device) < length[:, None]).long()).all())
+    first = cm.long().argmax(dim=1)  # the first completion token = the prompt length
+    cache_name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    hidden: Tensor | None = None
+    for i in range(b):
+        r = [i, i + b]
+        p = int(first[i])
+        n = int(length[r].max())
+        shared = right_padded and p == int(first[i + b]) and bool((ids[i, :p] == ids[i + b, :p]).all())
+        if not shared:
+            sub_am = full_am[r, :n]
+            out = backbone(
+                input_ids=ids[r, :n],
+                attention_mask=sub_am,
+                use_cache=False,
+                **position_kwargs(backbone, sub_am),
+            )
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            if hidden is None:
+                hidden = h.new_zeros(rows2, t, h.shape[-1])
+            hidden[r, :n] = h
+            continue
+        pos = torch.arange(p, device=ids.device)[None]
+        out = backbone(
+            input_ids=ids[i : i + 1, :p],
+            attention_mask=full_am[i : i + 1, :p],
+            position_ids=pos,
+            use_cache=True,
+        )
+        hp = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # transformers >= 5.x names the cache `cache` (`past_key_values` still works there, with a warning)
+        cache = out.cache if cache_name == "cache" else out.past_key_values
+        cache.batch_repeat_interleave(2)
+        c = n - p
+        out2 = backbone(
+            input_ids=ids[r, p:n],
+            attention_mask=full_am[r, :n],
+            position_ids=(p + torch.arange(c, device=ids.device))[None].expand(2, c),
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        hc = out2.last_hidden_state if hasattr(out2, "last_hidden_state") else out2[0]
+        if hidden is None:
+            hidden = hp.new_zeros(rows2, t, hp.shape[-1])
+        hidden[r, p - 1] = hp[0, p - 1]
+        hidden[r, p:n] = hc
+    assert hidden is not None
+    return hidden
+
+
+@torch.no_grad()
+def ches_and_logps(
+    model: Any, batch: Any, *, positions: Positions = "predicting", share_prompt: bool = False
+) -> tuple[ChesScores, Tensor, Tensor]:
+    r"""``(scores, S_w, S_l)``: :func:`ches_scores` and the sequence log-probs of both responses, from ONE
+    forward of the backbone (the screening pass of ``prefopt diagnose``).
+
+    ``S_w = log π(y_w|x)`` and ``S_l`` (``(B,)``, float32, float64 for a float64 model) are
+    [`token_logps`][prefopt.logprobs.token_logps] summed over the completion tokens: the LM head (with the
+    config's logit scaling / soft-capping) runs only on the hidden states that predict completion tokens, in
+    chunks, on the same hidden states CHES sums. Together they give CHES, LN-CHES, ranking accuracy
+    (:func:`ranking_accuracy`) and, at a fresh adapter where the policy is the reference,
+    :func:`idealized_ranking_accuracy` and :func:`dpo_flip_loss` — for the price of one no-grad forward.
+
+    Args:
+        model / batch / positions: as :func:`ches_scores`.
+        share_prompt: run each pair's prompt once and both responses on its key/value cache (one pair at a
+            time) instead of one forward of all ``2B`` full rows: the same numbers up to float rounding, and
+            cheaper when prompts are long against responses (multi-turn dialogues). Needs a backbone with a
+            ``transformers`` KV cache; a pair whose rows do not share their prompt tokens gets a plain forward.
+    """
+    from prefopt.logprobs import (
+        DEFAULT_CHUNK_SIZE,
+        _backbone_and_head,
+        _module_head_logps,
+        chunked_head_logps,
+        logit_transform,
+        position_kwargs,
+    )
+
+    mdl, _ = resolve_model(model)
+    ids, am, cm, b = check_pair_batch(batch)
+    sel = ches_positions(cm, positions=positions)
+    if am is not None and bool((sel & ~am.bool()).any()):
+        raise ValueError("batch['completion_mask'] is True at (or right after) a padding token")
+    backbone, head, config = _backbone_and_head(mdl)
+    if not isinstance(share_prompt, bool):
+        raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
+    with eval_mode(mdl):
+        if share_prompt:
+            hidden = _shared_prompt_hidden(backbone, ids, am, cm)
+        else:
+            out = backbone(input_ids=ids, attention_mask=am, use_cache=False, **position_kwargs(backbone, am))
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        c, ln = ches_from_hidden(hidden[:b], sel[:b], hidden[b:], sel[b:])
+        # position p predicts token p + 1: the states at completion_mask[:, 1:] give the completion log-probs
+        pred = cm[:, 1:]
+        rows, cols = pred.nonzero(as_tuple=True)
+        h_sel = hidden[rows, cols]
+        y_sel = ids[rows, cols + 1].long()
+        tr = logit_transform(config)
+        if type(head) is nn.Linear:
+            lp = chunked_head_logps(h_sel, head.weight, y_sel, head.bias, transform=tr)
+            assert isinstance(lp, Tensor)
+        else:
+            lp, _ = _module_head_logps(head, h_sel, y_sel, tr, 1.0, DEFAULT_CHUNK_SIZE, False)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    seq = torch.zeros(ids.shape[0], dtype=acc, device=ids.device).index_add_(0, rows, lp.to(acc))
+    n = sel.sum(dim=1)
+    scores = ChesScores(ches=c, ln_ches=ln, chosen_count=n[:b], rejected_count=n[b:], positions=positions)
+    return scores, seq[:b], seq[b:]
 
 
 def ches_table(
