@@ -295,21 +295,14 @@ def ches_and_logps(
             cheaper when prompts are long against responses (multi-turn dialogues). Needs a backbone with a
             ``transformers`` KV cache; a pair whose rows do not share their prompt tokens gets a plain forward.
     """
-    from prefopt.logprobs import (
-        DEFAULT_CHUNK_SIZE,
-        _backbone_and_head,
-        _module_head_logps,
-        chunked_head_logps,
-        logit_transform,
-        position_kwargs,
-    )
+    from prefopt.logprobs import backbone_and_head, head_stats, logit_transform, position_kwargs
 
     mdl, _ = resolve_model(model)
     ids, am, cm, b = check_pair_batch(batch)
     sel = ches_positions(cm, positions=positions)
     if am is not None and bool((sel & ~am.bool()).any()):
         raise ValueError("batch['completion_mask'] is True at (or right after) a padding token")
-    backbone, head, config = _backbone_and_head(mdl)
+    backbone, head, config = backbone_and_head(mdl)
     if not isinstance(share_prompt, bool):
         raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
     with eval_mode(mdl):
@@ -324,12 +317,7 @@ def ches_and_logps(
         rows, cols = pred.nonzero(as_tuple=True)
         h_sel = hidden[rows, cols]
         y_sel = ids[rows, cols + 1].long()
-        tr = logit_transform(config)
-        if type(head) is nn.Linear:
-            lp = chunked_head_logps(h_sel, head.weight, y_sel, head.bias, transform=tr)
-            assert isinstance(lp, Tensor)
-        else:
-            lp, _ = _module_head_logps(head, h_sel, y_sel, tr, 1.0, DEFAULT_CHUNK_SIZE, False)
+        lp = head_stats(head, h_sel, y_sel, transform=logit_transform(config)).logp
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     seq = torch.zeros(ids.shape[0], dtype=acc, device=ids.device).index_add_(0, rows, lp.to(acc))
     n = sel.sum(dim=1)
