@@ -350,3 +350,11 @@ def test_tv_table_of_the_best_of_n_family() -> None:
     q_mid = rows["qrpo_mid"]
     assert q_mid[0] is not None and q_mid[0] < 1e-9, q_mid
     assert all(v is not None and v > 1e-3 for v in q_mid[1:]), q_mid
+
+
+def test_gradcheck_float64() -> None:
+    """Φ is differentiable in C (the calibration itself is an indicator count and carries no gradient)."""
+    c = torch.tensor([0.05, 0.3, 0.5, 0.9], dtype=F64, requires_grad=True)
+    for transform, t in TRANSFORMS:
+        assert torch.autograd.gradcheck(lambda x, tr=transform, tt=t: infalign_transform(x, tr, t=tt), (c,))
+    assert not calibrated_reward(REWARDS, POOL.expand(K, -1)).requires_grad

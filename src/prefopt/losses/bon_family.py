@@ -469,6 +469,9 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
     et al. 2025 (arXiv 2412.19792, Sec. 4): the exponential forms and the selection of ``t`` per ``N`` from
     the model-free win-rate/KL curve (:func:`calibrated_bon_tradeoff`) follow the paper's description as we
     know it from its abstract and secondary summaries; the equation numbers are not verified.
+
+    Range: ``e^{t·c} ≤ e^t`` is finite for ``t < 88`` in float32 and ``t < 709`` in float64 (the useful ``t``
+    measured in ``docs/bon_family.md`` are 5-20); ``−e^{−t·c}`` is always finite.
     """
     if transform == "identity":
         return c
