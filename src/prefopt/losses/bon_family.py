@@ -1,4 +1,4 @@
-r"""The rest of the Best-of-N family beside BOND/J-BOND: BoNBoN, variational BoN (vBoN) and QRPO.
+r"""The rest of the Best-of-N family beside BOND/J-BOND: BoNBoN, variational BoN (vBoN), QRPO and InfAlign-CTRL.
 
 All three target (an approximation of) the Best-of-N distribution ``π_BoN`` of the reference policy; they differ
 in what they need at training time (see ``docs/bon_family.md`` for the math and a "which one when" table):
@@ -10,6 +10,11 @@ loss          input kind      data per row
 ``vbon``      ``best_of_n``   a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
 ``qrpo``      ``best_of_n``   any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
 ============  ==============  ================================================================================
+
+InfAlign-CTRL is not a loss but a reward: :func:`infalign_reward` (calibrate with :func:`calibrated_reward`,
+then :func:`infalign_transform`) feeds any policy-gradient loss, e.g. through
+:func:`prefopt.rl.rloo_advantages`; :func:`calibrated_bon_tradeoff` gives the model-free win-rate/KL curve
+used to choose the transform's ``t``.
 
 Notation: ``F(y) = P_{y'∼π_ref}[r(y') < r(y)]`` and ``p_≤(y)`` the reference quantiles; with distinct rewards
 ``π_BoN(y) = (F(y) + π_ref(y))^N − F(y)^N = Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref^i`` (exact helpers in
@@ -34,9 +39,14 @@ from prefopt.registry import Check, between, gt, one_of, register_loss
 from prefopt.types import BestOfNSamples, LossOutput, PairLogps
 
 __all__ = [
+    "INFALIGN_TRANSFORMS",
     "QRPO_TRANSFORMS",
     "bonbon",
     "bonbon_beta",
+    "calibrated_bon_tradeoff",
+    "calibrated_reward",
+    "infalign_reward",
+    "infalign_transform",
     "pool_quantile",
     "qrpo",
     "qrpo_log_partition",
@@ -402,3 +412,120 @@ def qrpo(
         "qrpo/residual": resid.detach(),
     }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InfAlign-CTRL: calibrate, transform, then any KL-regularised RL
+# ----------------------------------------------------------------------------------------------------------
+
+INFALIGN_TRANSFORMS = ("identity", "bon", "won")
+
+
+def calibrated_reward(reward: Tensor, ref_rewards: Tensor, *, ties: str = "mid") -> Tensor:
+    r"""InfAlign's calibrated reward: the win rate of ``y`` against reference samples of the same prompt.
+
+    .. math::
+
+        C(x, y) = E_{z∼π_{ref}(·|x)}\big[1[r(x,z) < r(x,y)] + ½·1[r(x,z) = r(x,y)]\big]
+
+    estimated on a pool of ``k`` reference samples ``z_j`` (``ties="mid"``, the default: ties count half, as
+    in the win rate ``E[1[r(y) > r(z)] + ½·1[r(y) = r(z)]]``); ``ties="le"`` counts ties as wins (the CDF
+    ``p_≤``, QRPO's and BOND's convention), ``ties="lt"`` as losses. This is
+    :func:`pool_quantile` with that convention. Properties (tested exactly on a categorical): invariant to
+    any strictly increasing transform of ``r``; under ``y ∼ π_ref`` with the exact reference distribution,
+    ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the limit of a continuous reward.
+    Balashankar et al. 2025, "InfAlign: Inference-aware language model alignment" (arXiv 2412.19792,
+    Sec. 4, the calibration step of InfAlign-CTRL; the paper body was not available to us, so the equation
+    number and the paper's exact tie convention are not verified — choose ``ties`` explicitly if it
+    matters).
+
+    Args:
+        reward: ``(b,)`` rewards of the responses being scored.
+        ref_rewards: ``(b, k)`` rewards of ``k >= 1`` reference samples of the same prompt.
+        ties: ``"mid"`` (default) | ``"le"`` | ``"lt"``.
+
+    Returns: ``(b,)`` in ``[0, 1]``, ``reward``'s floating dtype; not differentiable (an indicator count).
+    """
+    if ties not in ("mid", "le", "lt"):
+        raise ValueError(f"ties must be one of mid, le, lt; got {ties!r}")
+    return pool_quantile(reward, ref_rewards, ties)
+
+
+def _check_t(t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        raise ValueError(f"t must be a finite number > 0, got {t!r}")
+    return float(t)
+
+
+def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> Tensor:
+    r"""InfAlign's transform ``Φ`` of a calibrated reward ``c ∈ [0, 1]`` (any shape, returned elementwise).
+
+    ``"bon"``: ``Φ(c) = e^{t·c}`` (exponential, for Best-of-N sampling: it rewards the top quantiles more
+    than linearly, so more mass moves to items that win the Best-of-N comparison); ``"won"``:
+    ``Φ(c) = −e^{−t·c}`` (for worst-of-N / Best-of-N jailbreaking: it penalises the bottom quantiles);
+    ``"identity"``: ``Φ(c) = c`` (calibrated RLHF, the paper's baseline for the standard win rate; ``t`` is
+    ignored). ``t > 0``; as ``t → 0`` both exponentials become affine in ``c``, i.e. identity up to a
+    rescaling of β. The KL-regularised optimum with reward ``Φ(C)`` is ``π_ref·e^{Φ(C)/β}/Z``. Balashankar
+    et al. 2025 (arXiv 2412.19792, Sec. 4): the exponential forms and the selection of ``t`` per ``N`` from
+    the model-free win-rate/KL curve (:func:`calibrated_bon_tradeoff`) follow the paper's description as we
+    know it from its abstract and secondary summaries; the equation numbers are not verified.
+
+    Range: ``e^{t·c} ≤ e^t`` is finite for ``t < 88`` in float32 and ``t < 709`` in float64 (the useful ``t``
+    measured in ``docs/bon_family.md`` are 5-20); ``−e^{−t·c}`` is always finite.
+    """
+    if transform == "identity":
+        return c
+    if transform == "bon":
+        return torch.exp(_check_t(t) * c)
+    if transform == "won":
+        return -torch.exp(-_check_t(t) * c)
+    raise ValueError(f"transform must be one of {', '.join(INFALIGN_TRANSFORMS)}; got {transform!r}")
+
+
+def infalign_reward(
+    reward: Tensor, ref_rewards: Tensor, *, transform: str = "bon", t: float = 1.0, ties: str = "mid"
+) -> Tensor:
+    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``: :func:`calibrated_reward` then
+    :func:`infalign_transform`.
+
+    Use it as the reward of any KL-regularised policy-gradient loss, e.g. with ``G`` samples per prompt
+    ``adv = prefopt.rl.rloo_advantages(infalign_reward(r, ref_r).view(-1, G))`` (the KL penalty with
+    coefficient β stays the loss's own). Shapes: ``reward`` ``(b,)``, ``ref_rewards`` ``(b, k)`` → ``(b,)``.
+    """
+    return infalign_transform(calibrated_reward(reward, ref_rewards, ties=ties), transform, t=t)
+
+
+def calibrated_bon_tradeoff(
+    transform: str, beta: float, n: int, *, t: float = 1.0, grid: int = 20_000
+) -> tuple[float, float]:
+    r"""``(KL(π*‖π_ref), Best-of-N win rate of π* against π_ref)`` for a continuous calibrated reward.
+
+    When ``C ∼ U(0, 1)`` under ``π_ref`` (a reward without atoms), the optimum ``π* = π_ref·e^{Φ(C)/β}/Z``
+    gives ``C`` the density ``f(u) = e^{Φ(u)/β}/Z`` on ``[0, 1]``, whatever the model or the reward. So both
+    numbers are model-free:
+
+    .. math::
+
+        KL = ∫_0^1 f \log f\,du,\qquad
+        W_N = P\big(C(Y) > C(Y')\big) = ∫_0^1 u^N\, d\big(F(u)^N\big),\quad F(u) = ∫_0^u f,
+
+    with ``Y`` the best of ``N`` draws from ``π*`` and ``Y'`` the best of ``N`` from ``π_ref`` (``C`` of the
+    best of ``N`` reference draws has CDF ``u^N``). The InfAlign recipe picks, per ``N``, the ``t`` whose curve
+    is highest at the KL budget. Computed by the midpoint rule on ``grid`` cells (float64); this is exactly
+    the value on a uniform categorical of ``grid`` items with distinct rewards and mid-rank ``C``, so it
+    converges as ``O(1/grid²)`` to the continuous value.
+    """
+    check_n(n)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    check_n(grid, name="grid", minimum=2)
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    logits = infalign_transform(u, transform, t=t) / beta
+    logq = torch.log_softmax(logits, dim=0)  # cell masses of π*
+    q = logq.exp()
+    kl = float((q * (logq + math.log(grid))).sum())
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), q.cumsum(0)]).clamp(max=1.0)
+    bon_mass = cum[1:] ** n - cum[:-1] ** n  # mass of cell i under Best-of-N of π*
+    ref_lt = torch.arange(grid, dtype=torch.float64) / grid
+    ref_mid = (ref_lt**n + (ref_lt + 1.0 / grid) ** n) / 2  # P(ref BoN below) + ½ P(same cell)
+    return kl, float((bon_mass * ref_mid).sum())
