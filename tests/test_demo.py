@@ -148,3 +148,58 @@ def test_demo_tiny_end_to_end_and_deterministic(tmp_path, capsys, monkeypatch):
         (r.chosen, r.rejected, r.train_loss) for r in results
     ]
     assert jres2 is not None and (jres2.quantile, jres2.kl) == (jres.quantile, jres.kl)
+
+
+def _res(name, chosen, margin, wins, n=64):
+    from prefopt.demo import DemoResult
+
+    k = len(margin)
+    return DemoResult(
+        loss=name,
+        eval_steps=list(range(k)),
+        chosen=chosen,
+        rejected=[c - m for c, m in zip(chosen, margin)],
+        margin=margin,
+        accuracy=[w / n for w in wins],
+        wins=wins,
+    )
+
+
+def test_learning_verdict_needs_the_binomial_bound_and_a_rising_margin():
+    from prefopt.demo import _verdict_learning
+
+    assert _verdict_learning(_res("dpo", [0, -1, -2], [0, 1, 2], [0, 30, 42]), 64).startswith("dpo LEARNED")
+    assert "did NOT" in _verdict_learning(_res("dpo", [0, -1, -2], [0, 1, 2], [0, 30, 41]), 64)
+    flat = _verdict_learning(_res("dpo", [0, -1, -2], [0, 2, 1], [0, 50, 60]), 64)
+    assert "did NOT" in flat and "not rising" in flat
+
+
+def test_entanglement_verdict_by_hand():
+    from prefopt.demo import _verdict_entanglement
+
+    base = _res("dpo", [0.0, -3.0], [0.0, 5.0], [0, 60])
+    text = _verdict_entanglement(
+        base,
+        [
+            _res("dpop", [0.0, 0.5], [0.0, 1.0], [0, 50]),
+            _res("a", [0.0, -1.0], [0.0, 1.0], [0, 50]),
+            _res("b", [0.0, -4.0], [0.0, 1.0], [0, 50]),
+        ],
+        64,
+    )
+    assert text.startswith("under dpo the held-out chosen log-prob FELL (-3.00 nats)")
+    assert "dpop HELD it (Δ chosen +0.50" in text and "accuracy 50/64" in text
+    assert "a reduced the fall" in text and "b did NOT hold it" in text
+    assert "did not fall" in _verdict_entanglement(_res("dpo", [0.0, 1.0], [0.0, 5.0], [0, 60]), [], 64)
+
+
+def test_jbond_verdict_by_hand():
+    from prefopt.demo import _verdict_jbond
+
+    bon = [(1, 0.5, 0.0), (2, 0.7, 0.2), (4, 0.8, 0.6)]
+    j = JBondResult(quantile=[0.5, 0.75], quantile_se=[0.01, 0.01], kl=[0.0, 0.4], best_of_n=bon)
+    assert _verdict_jbond(j).startswith("J-BOND RAISED") and "lies on it" in _verdict_jbond(j)
+    j = JBondResult(quantile=[0.5, 0.6], quantile_se=[0.01, 0.01], kl=[0.0, 0.4], best_of_n=bon)
+    assert "lies below it" in _verdict_jbond(j)
+    j = JBondResult(quantile=[0.5, 0.51], quantile_se=[0.01, 0.01], kl=[0.0, 0.05], best_of_n=bon)
+    assert "did not clearly raise" in _verdict_jbond(j)

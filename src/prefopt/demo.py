@@ -425,7 +425,7 @@ def run_demo(
     verdicts = [_verdict_learning(results[0], n_held_pairs)]
     print("      verdict: " + verdicts[-1])
     if len(results) > 1:
-        verdicts.append(_verdict_entanglement(results[0], results[1:]))
+        verdicts.append(_verdict_entanglement(results[0], results[1:], n_held_pairs))
         print("      verdict: " + verdicts[-1])
 
     # ------------------------------------------------------------------------------------- 4. diagnose
@@ -484,17 +484,22 @@ def _verdict_learning(r: DemoResult, n: int) -> str:
     )
 
 
-def _verdict_entanglement(base: DemoResult, remedies: Sequence[DemoResult]) -> str:
-    fell = base.chosen[-1] < 0 and base.margin[-1] > 0
+def _verdict_entanglement(base: DemoResult, remedies: Sequence[DemoResult], n: int) -> str:
+    fell = base.chosen[-1] < 0 < base.margin[-1]
     text = (
         f"under {base.loss} the held-out chosen log-prob {'FELL' if fell else 'did not fall'} "
         f"({base.chosen[-1]:+.2f} nats) while the margin grew to {base.margin[-1]:+.2f}"
     )
     for r in remedies:
-        held_up = r.chosen[-1] >= 0.0 or r.chosen[-1] > base.chosen[-1] / 2
+        if r.chosen[-1] >= 0:
+            what = "HELD it"
+        elif r.chosen[-1] > base.chosen[-1]:
+            what = "reduced the fall"
+        else:
+            what = "did NOT hold it"
         text += (
-            f"; {r.loss} {'HELD it' if held_up and r.chosen[-1] >= 0 else 'raised it' if held_up else 'did not hold it'}"
-            f" ({r.chosen[-1]:+.2f} nats, margin {r.margin[-1]:+.2f}, accuracy {r.accuracy[-1]:.3f})"
+            f"; {r.loss} {what} (Δ chosen {r.chosen[-1]:+.2f} nats, margin {r.margin[-1]:+.2f}, "
+            f"accuracy {r.wins[-1]}/{n})"
         )
     return text
 
