@@ -1,44 +1,8 @@
-"""`prefopt demo` on a tiny random model: runs end to end, prints the table, writes the figure."""
-
-import csv
-import math
+"""The `prefopt` command line: argument errors, help text, `diagnose` wiring (the demo itself: test_demo.py)."""
 
 import pytest
 
 from prefopt.cli import main
-from prefopt.demo import run_demo
-
-
-@pytest.mark.slow
-def test_demo_tiny_end_to_end(tmp_path, capsys):
-    results, jres = run_demo(
-        tmp_path,
-        steps=2,
-        tiny=True,
-        progress=False,
-        losses=["dpo", "pairwise_normalized"],
-        jbond_steps=2,
-        threads=1,
-    )
-    assert [r.loss for r in results] == ["dpo", "pairwise_normalized"]
-    for r in results:
-        assert len(r.chosen) == len(r.margin) == 2  # before training + after step 2 (eval_every=2)
-        assert r.eval_steps == [0, 2]
-        assert r.margin[0] == 0.0  # policy == reference before training
-        assert all(math.isfinite(v) for v in r.chosen + r.rejected + r.margin + r.train_loss)
-    # both losses have DPO's value, log 2 at policy == reference, on the first step
-    assert results[0].train_loss[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert results[1].train_loss[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert jres is not None and len(jres.loss) == 2 and len(jres.reward) == 2
-    assert all(math.isfinite(v) for v in jres.loss + jres.reward)
-    assert (tmp_path / "token_correlation.png").stat().st_size > 1000
-    with open(tmp_path / "entanglement.csv", newline="") as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 8  # the 8 held-out pairs
-    assert all(-1.0 - 1e-6 <= float(r["cosine"]) <= 1.0 + 1e-6 for r in csv_rows)
-    assert (tmp_path / "demo_training.png").stat().st_size > 1000
-    out = capsys.readouterr().out
-    assert "summary" in out and "pairwise_normalized" in out and "entanglement report" in out
 
 
 def test_cli_rejects_unknown_loss(tmp_path, capsys):
@@ -52,13 +16,6 @@ def test_cli_rejects_unknown_loss(tmp_path, capsys):
 def test_cli_rejects_bad_steps(tmp_path, capsys):
     assert main(["demo", "--tiny", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "steps" in capsys.readouterr().err
-
-
-def test_brevity_reward_by_hand():
-    from prefopt.demo import brevity_reward
-
-    r = brevity_reward(["Paris.", "it is a city in France", "  Yes!  "])
-    assert r.tolist() == pytest.approx([-0.1 + 1.0, -0.6, -0.1 + 1.0])
 
 
 @pytest.mark.slow
