@@ -288,12 +288,22 @@ def test_reference_and_anchor_samples(setup) -> None:
 @pytest.mark.slow
 def test_samples_follow_an_adapter_update(setup) -> None:
     """Rewrite the last layer's down_proj adapter so that, at the last prompt position, its output is a
-    huge push along one direction ``u``: the first completion token becomes near-certain. (That layer's
-    MLP output reaches only the final norm and the head, so nothing else about the prompt changes.)"""
+    huge push along ``u = g ⊙ E_t`` (final-norm weight times token ``t``'s output embedding): after the final
+    RMSNorm the hidden state is ``∝ u`` and token ``t`` near-certain. (That layer's MLP output reaches only
+    the final norm and the head, so nothing else about the prompt changes.)"""
     s, policy, tok = setup["sampler"], setup["policy"], setup["tok"]
     prompt = setup["texts"][0]
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     before = s.generate([prompt], n=8)
+    first_before = set(before.input_ids[:, before.prompt_len[0]].tolist())
+    base = policy.model.get_base_model()
+    g_norm, emb = base.model.norm.weight.detach(), base.lm_head.weight.detach()
+    with torch.no_grad():  # the push direction for each candidate token, through the real norm and head
+        cand = torch.arange(17, 2065)  # ordinary tokens (SmolLM2's specials are below 17)
+        push = g_norm * emb[cand]
+        p_cand = base.lm_head(base.model.norm(1e4 * push / push.norm(dim=-1, keepdim=True))).softmax(-1)
+        p_self = p_cand[torch.arange(len(cand)), cand]
+    target = next(int(t) for t, p in zip(cand, p_self) if p > 0.9999 and int(t) not in first_before)
     layer = [m for n, m in policy.model.named_modules() if n.endswith("mlp.down_proj")][-1]  # last layer's
     seen: dict[str, torch.Tensor] = {}
     hook = layer.register_forward_hook(lambda mod, args, out: seen.__setitem__("x", args[0][0, -1].detach()))
@@ -301,8 +311,7 @@ def test_samples_follow_an_adapter_update(setup) -> None:
         policy.model(ids)
     hook.remove()
     x = seen["x"]
-    g = torch.Generator().manual_seed(5)
-    u = torch.randn(layer.lora_B["default"].weight.shape[0], generator=g)
+    u = g_norm * emb[target]
     scale = float(layer.scaling["default"])
     with torch.no_grad():
         a = layer.lora_A["default"].weight
@@ -311,11 +320,8 @@ def test_samples_follow_an_adapter_update(setup) -> None:
         b.zero_()
         a[0] = x / x.norm()
         b[:, 0] = 1e4 * u / (u.norm() * scale)
-        logits = policy.model(ids).logits[0, -1]
-    probs = logits.softmax(-1)
-    target = int(probs.argmax())
-    assert probs[target].item() > 0.999  # the update makes `target` near-certain under the policy
-    assert (before.input_ids[:, before.prompt_len[0]] == target).sum().item() <= 1  # and it was not before
+        probs = policy.model(ids).logits[0, -1].softmax(-1)
+    assert int(probs.argmax()) == target and probs[target].item() > 0.999  # near-certain under the policy
     after = s.generate([prompt], n=8)  # no explicit sync: the changed adapter is detected
     assert (after.input_ids[:, after.prompt_len[0]] == target).all()
     assert s.syncs[-1].which == "policy"
