@@ -96,6 +96,7 @@ def _perturb(policy: Any, step: int) -> None:
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import prefopt.sampling as sampling_mod
+    import prefopt.vllm_sampler as vmod  # imported BEFORE the patch below: it binds score_rollout itself
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -133,8 +134,6 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             "hf-merged": lambda: merged.generate(prompts, n=args.n),
         }
     else:
-        import prefopt.vllm_sampler as vmod
-
         vmod.score_rollout = timed(vmod.score_rollout)  # type: ignore[assignment]
         route = "lora" if args._worker == "vllm-lora" else "merged"
         sampler = vmod.VLLMSampler(
