@@ -93,6 +93,11 @@ class Rollout:
         logp: ``(b, T)`` float32 behaviour log-probs ``log π_old(y_t | ·)`` at the sampling temperature, 0
             outside ``completion_mask``; None until :func:`score_rollout`.
         ref_logp: ``(b, T)`` float32 reference log-probs (temperature 1), same layout; None if not computed.
+        sampler_logp: ``(b, T)`` float32 log-probs of the sampled tokens as the *sampling engine* reported
+            them (e.g. vLLM's, see ``prefopt.vllm_sampler``), same layout, 0 outside ``completion_mask``; the
+            behaviour log-probs for rollout correction when the engine's numerics differ from ``logp``'s.
+            None when the sampler does not report them (``HFSampler``: its ``logp`` is already the
+            training model's own).
     """
 
     input_ids: Tensor
@@ -105,6 +110,7 @@ class Rollout:
     num_samples: int
     logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    sampler_logp: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
