@@ -44,6 +44,7 @@ adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -584,6 +585,20 @@ class HFSampler:
             num_samples=n,
         ).to(device)
         return score_rollout(rollout, self.model, reference=self.reference, temperature=self.temperature)
+
+    def greedy(self, prompts: Any) -> Rollout:
+        """The greedy (argmax) completion of each prompt: :meth:`generate` with ``do_sample=False`` and
+        ``n = 1``, every other setting of this sampler kept (``max_new_tokens``, EOS, ``merged``, the
+        reference). This is ReMax's baseline response (see [`remax_advantages`][prefopt.rl.remax_advantages]);
+        the sampler itself is not changed.
+
+        Returns:
+            a scored :class:`Rollout` with one row per prompt (behaviour log-probs at this sampler's
+            temperature, as for sampled rows).
+        """
+        greedy = copy.copy(self)
+        greedy.do_sample = False
+        return greedy.generate(prompts, n=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
