@@ -839,3 +839,31 @@ def test_hf_sampler_greedy_is_the_argmax_loop_and_leaves_the_sampler_unchanged()
                 if nxt == 1:
                     break
         assert roll.completion_ids()[i] == out
+
+
+def test_hf_sampler_without_behaviour_logps_skips_only_that_forward():
+    """behaviour_logps=False: the same samples and reference log-probs (same seed), logp left None."""
+    import peft
+
+    from prefopt.policy import LoraPolicy
+    from prefopt.sampling import HFSampler
+    from prefopt.testing import tiny_causal_lm
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, bias="none")
+    policy = LoraPolicy(tiny_causal_lm("llama", vocab_size=64, seed=4), cfg)
+    prompts = {
+        "input_ids": torch.tensor([[0, 5, 9], [7, 8, 30]]),
+        "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+    }
+    outs = []
+    for flag in (True, False):
+        torch.manual_seed(3)
+        s = HFSampler(policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, behaviour_logps=flag)
+        outs.append(s.generate(prompts, n=2))
+    full, lean = outs
+    assert full.logp is not None and lean.logp is None
+    assert torch.equal(full.input_ids, lean.input_ids)
+    assert full.ref_logp is not None and lean.ref_logp is not None
+    torch.testing.assert_close(lean.ref_logp, full.ref_logp, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="behaviour_logps"):
+        HFSampler(policy, eos_token_id=1, pad_token_id=0, behaviour_logps=1)  # type: ignore[arg-type]
