@@ -867,3 +867,29 @@ def test_hf_sampler_without_behaviour_logps_skips_only_that_forward():
     torch.testing.assert_close(lean.ref_logp, full.ref_logp, rtol=0, atol=0)
     with pytest.raises(TypeError, match="behaviour_logps"):
         HFSampler(policy, eos_token_id=1, pad_token_id=0, behaviour_logps=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("baseline_returns", ["per_token", "sequence_sum"])
+@pytest.mark.parametrize("whiten_var", ["biased", "unbiased"])
+def test_reinforce_pp_group_of_one_raw_and_zero_match_loop_oracles(baseline_returns, whiten_var):
+    """group_size=1: 'zero' is OpenRLHF's rule (the loop oracle's group mean of one sample is the sample);
+    'raw' is verl's (baseline 0): per_token equals group_size=None, sequence_sum equals whitened constant
+    returns S_i = r_i − β Σ_t k_t (the oracle with β = 0 on the scores S_i)."""
+    gen = torch.Generator().manual_seed(51)
+    mask = random_mask(5, 6, gen, "holes")
+    scores = torch.randn(5, generator=gen, dtype=F64)
+    kl = torch.randn(5, 6, generator=gen, dtype=F64).abs()
+    kw = dict(kl=kl, beta=0.1, group_size=1, baseline_returns=baseline_returns, whiten_var=whiten_var)
+    zero = rl.reinforce_pp_advantages(scores, mask, singleton="zero", **kw)
+    want_zero = reinforce_pp_oracle(scores, kl, mask, 0.1, 1, baseline_returns, whiten_var, 1e-8)
+    torch.testing.assert_close(zero, want_zero, rtol=1e-10, atol=1e-12)
+    raw = rl.reinforce_pp_advantages(scores, mask, singleton="raw", **kw)
+    if baseline_returns == "per_token":
+        want_raw = reinforce_pp_oracle(scores, kl, mask, 0.1, None, "per_token", whiten_var, 1e-8)
+    else:
+        seq = scores - 0.1 * torch.where(mask, kl, torch.zeros((), dtype=F64)).sum(1)
+        want_raw = reinforce_pp_oracle(seq, kl, mask, 0.0, None, "per_token", whiten_var, 1e-8)
+    torch.testing.assert_close(raw, want_raw, rtol=1e-10, atol=1e-12)
+    assert (raw != 0).any()
+    with pytest.raises(ValueError, match="singleton='raw'"):
+        rl.reinforce_pp_advantages(scores, mask, group_size=1)

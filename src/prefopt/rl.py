@@ -476,6 +476,7 @@ def reinforce_pp_advantages(
     baseline_returns: Literal["per_token", "sequence_sum"] = "per_token",
     whiten_var: Literal["biased", "unbiased"] = "biased",
     eps: float = 1e-8,
+    singleton: Singleton = "error",
 ) -> Tensor:
     r"""REINFORCE++ and REINFORCE++-baseline advantages, whitened over every valid token of the batch
     (Hu et al. 2025, arXiv:2501.03262, §3).
@@ -497,6 +498,10 @@ def reinforce_pp_advantages(
       $\sigma^2$ and $\sqrt{\sigma^2 + \epsilon}$. With $\epsilon$ negligible they differ by exactly
       $\sqrt{N/(N-1)}$, $N$ the number of valid tokens. A constant $G$ gives exactly 0.
 
+    * ``group_size=1`` (one completion per prompt) follows ``singleton``: ``"error"`` (default) raises;
+      ``"raw"`` takes the group mean as 0 (verl: the raw score is kept); ``"zero"`` subtracts the sample's
+      own score (OpenRLHF: $\tilde r_i = 0$, resp. $G_{i,t} = 0$ with ``"sequence_sum"``).
+
     Reward clipping (OpenRLHF clips $r$ to ±10) is left to the caller.
 
     Args:
@@ -504,10 +509,12 @@ def reinforce_pp_advantages(
         mask: ``(b, t)`` bool completion mask; every row needs at least one valid token.
         kl: optional ``(b, t)`` per-token KL estimate (values at masked positions are ignored).
         beta: KL coefficient ≥ 0 (default 0.0; OpenRLHF's ``init_kl_coef`` is 0.01). Needs ``kl`` when > 0.
-        group_size: ``k ≥ 2`` for the baseline variant (``b`` must be a multiple of it), or None.
+        group_size: ``k ≥ 2`` for the baseline variant (``b`` must be a multiple of it; ``k = 1`` with
+            ``singleton``), or None.
         baseline_returns: ``"per_token"`` or ``"sequence_sum"`` (the latter needs ``group_size``).
         whiten_var: ``"biased"`` or ``"unbiased"``.
         eps: variance floor ≥ 0 (default 1e-8, both peers).
+        singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``group_size=1``.
 
     Returns:
         ``(b, t)`` advantages (detached), 0 where masked; their mean over valid tokens is 0.
@@ -540,9 +547,15 @@ def reinforce_pp_advantages(
         _same_shape("kl", k, "mask", mask)
         k = torch.where(mask, k, zero)
         check_finite("kl", k)
+    _check_singleton(singleton)
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 2 (or None), got {group_size!r}")
+        if group_size == 1 and singleton == "error":
+            raise ValueError(
+                "group_size=1 leaves no other sample for the baseline: pass singleton='raw' (baseline 0, "
+                "verl) or singleton='zero' (the sample's own score, OpenRLHF), or group_size=None"
+            )
         if b % group_size:
             raise ValueError(f"group_size={group_size} does not divide the batch size {b}")
     elif baseline_returns == "sequence_sum":
@@ -550,6 +563,8 @@ def reinforce_pp_advantages(
 
     def group_centre(x: Tensor) -> Tensor:
         assert group_size is not None
+        if group_size == 1 and singleton == "raw":
+            return x
         g = x.view(-1, group_size)
         return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 
