@@ -672,3 +672,224 @@ def test_informative_groups_hand_values_and_constant_groups_have_zero_advantage(
         rl.informative_groups(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="rewards"):
         rl.informative_groups(torch.tensor([[0.0, float("nan")]]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# groups of one (singleton=) and ReMax
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_advantages_singleton_raw_and_zero_hand_values(dtype):
+    r = torch.tensor([[2.0], [-0.5], [0.0]], dtype=dtype)
+    # verl's rule: mean := 0, std := 1, then (r - 0) / (1 + eps)
+    raw = rl.group_advantages(r, singleton="raw", eps=0.25)
+    torch.testing.assert_close(raw, torch.tensor([[1.6], [-0.4], [0.0]], dtype=dtype), rtol=0, atol=0)
+    raw_ns = rl.group_advantages(r, scale_std=False, singleton="raw")
+    torch.testing.assert_close(raw_ns, r, rtol=0, atol=0)
+    assert raw_ns.data_ptr() != r.data_ptr()  # a new tensor, not the caller's
+    for scale_std in (True, False):
+        zero = rl.group_advantages(r, scale_std=scale_std, singleton="zero")
+        assert zero.shape == (3, 1) and zero.dtype == dtype and (zero == 0).all()
+    torch.testing.assert_close(rl.rloo_advantages(r, singleton="raw"), r, rtol=0, atol=0)
+    assert (rl.rloo_advantages(r, singleton="zero") == 0).all()
+
+
+@pytest.mark.parametrize("singleton", ["raw", "zero"])
+def test_singleton_option_has_no_effect_for_groups_of_two_or_more(singleton):
+    gen = torch.Generator().manual_seed(21)
+    r = torch.randn(3, 4, generator=gen, dtype=F64)
+    torch.testing.assert_close(
+        rl.group_advantages(r, singleton=singleton), rl.group_advantages(r), rtol=0, atol=0
+    )
+    torch.testing.assert_close(rl.rloo_advantages(r, singleton=singleton), rloo_oracle(r), rtol=0, atol=1e-12)
+
+
+def test_singleton_raw_is_reinforce_on_the_raw_score_by_enumeration():
+    """G = 1 with singleton='raw' is REINFORCE without baseline: its expected policy gradient is ∇E[r],
+    computed exactly over a categorical policy (a one-token LM)."""
+    gen = torch.Generator().manual_seed(22)
+    logits = torch.randn(5, generator=gen, dtype=F64, requires_grad=True)
+    reward = torch.randn(5, generator=gen, dtype=F64)
+    p = torch.softmax(logits, 0)
+    (exact,) = torch.autograd.grad((p * reward).sum(), logits)
+    logp = torch.log_softmax(logits, 0)
+    adv = rl.group_advantages(reward.view(5, 1), scale_std=False, singleton="raw").view(5)
+    (estimate,) = torch.autograd.grad((p.detach() * adv * logp).sum(), logits)  # E_y[A(y) ∇log p(y)]
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-12)
+
+
+def test_singleton_bad_input():
+    for fn in (rl.group_advantages, rl.rloo_advantages):
+        with pytest.raises(ValueError, match="singleton='raw'"):
+            fn(torch.zeros(2, 1))
+        with pytest.raises(ValueError, match="singleton must be one of"):
+            fn(torch.zeros(2, 3), singleton="mean")  # type: ignore[operator]
+        with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+            fn(torch.tensor([[float("nan")]]), singleton="raw")  # type: ignore[operator]
+
+
+def test_remax_sequence_form_hand_values_and_broadcast():
+    r = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    g = torch.tensor([0.25, -2.0, 1.5], dtype=F64)
+    torch.testing.assert_close(
+        rl.remax_advantages(r, g), torch.tensor([0.75, 0.0, -1.0], dtype=F64), rtol=0, atol=0
+    )
+    rk = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 1.5]], dtype=F64)
+    a = rl.remax_advantages(rk, g)
+    for i in range(3):
+        for j in range(2):
+            assert float(a[i, j]) == float(rk[i, j]) - float(g[i])
+    assert not rl.remax_advantages(r.requires_grad_(), g).requires_grad
+
+
+def remax_token_oracle(token_rewards, greedy, mask):
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=F64)
+    for i in range(b):
+        for s in range(t):
+            if mask[i, s]:
+                ret = sum(float(token_rewards[i, u]) for u in range(s, t) if mask[i, u])
+                out[i, s] = ret - float(greedy[i])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+def test_remax_token_form_matches_loop_oracle_and_ignores_masked_garbage(kind):
+    gen = torch.Generator().manual_seed(23)
+    m = random_mask(4, 7, gen, kind)
+    tr = torch.randn(4, 7, generator=gen, dtype=F64)
+    g = torch.randn(4, generator=gen, dtype=F64)
+    a = rl.remax_advantages(tr, g, mask=m)
+    torch.testing.assert_close(a, remax_token_oracle(tr, g, m), rtol=0, atol=1e-12)
+    garbage = torch.where(m, tr, torch.full_like(tr, float("nan")))
+    torch.testing.assert_close(rl.remax_advantages(garbage, g, mask=m), a, rtol=0, atol=0)
+
+
+def test_remax_token_form_without_kl_equals_sequence_form_and_greedy_sample_gives_zero():
+    """β_KL = 0: the token form is the sequence form on every valid token; and a sample whose reward is
+    the greedy one (the sampled response is the greedy response) has A ≡ 0."""
+    gen = torch.Generator().manual_seed(24)
+    m = random_mask(3, 6, gen, "right")
+    scores = torch.randn(3, generator=gen, dtype=F64)
+    g = torch.tensor([0.3, float(scores[1]), -1.0], dtype=F64)
+    logp = torch.randn(3, 6, generator=gen, dtype=F64)
+    pen = rl.kl_penalized_rewards(scores, logp, logp.clone(), m, beta=0.0)
+    a_tok = rl.remax_advantages(pen.token_rewards, g, mask=m)
+    a_seq = rl.remax_advantages(scores, g)
+    expected = torch.where(m, a_seq.unsqueeze(1).expand_as(m), torch.zeros((), dtype=F64))
+    torch.testing.assert_close(a_tok, expected, rtol=0, atol=1e-12)
+    assert (a_tok[1] == 0).all()
+
+
+def test_remax_unbiased_by_enumeration():
+    """E_y[(r(y) − r(ŷ)) ∇log π(y)] = ∇E[r] exactly: the greedy baseline does not depend on the sample."""
+    gen = torch.Generator().manual_seed(25)
+    logits = torch.randn(6, generator=gen, dtype=F64, requires_grad=True)
+    reward = torch.randn(6, generator=gen, dtype=F64)
+    p = torch.softmax(logits, 0)
+    (exact,) = torch.autograd.grad((p * reward).sum(), logits)
+    greedy_reward = reward[int(logits.argmax())].expand(6)
+    adv = rl.remax_advantages(reward, greedy_reward)
+    (estimate,) = torch.autograd.grad((p.detach() * adv * torch.log_softmax(logits, 0)).sum(), logits)
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-12)
+
+
+def test_remax_bad_input():
+    with pytest.raises(ValueError, match="greedy_rewards has 2 rows but rewards has 3"):
+        rl.remax_advantages(torch.zeros(3, 4), torch.zeros(2), mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rewards has 3 prompts but greedy_rewards has 2"):
+        rl.remax_advantages(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match="rewards must be"):
+        rl.remax_advantages(torch.zeros(3, 2, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="greedy_rewards"):
+        rl.remax_advantages(torch.zeros(3), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="greedy_rewards has 1 non-finite"):
+        rl.remax_advantages(torch.zeros(3), torch.tensor([0.0, float("inf"), 0.0]))
+    with pytest.raises(ValueError, match="rewards has 1 non-finite"):
+        rl.remax_advantages(torch.tensor([0.0, float("nan")]), torch.zeros(2))
+    with pytest.raises(TypeError, match="mask"):
+        rl.remax_advantages(torch.zeros(2, 3), torch.zeros(2), mask=torch.ones(2, 3))
+
+
+def test_hf_sampler_greedy_is_the_argmax_loop_and_leaves_the_sampler_unchanged():
+    """HFSampler.greedy == an argmax loop over full forwards (no KV cache), for every prompt."""
+    from prefopt.sampling import HFSampler
+    from prefopt.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", vocab_size=64, seed=3)
+    sampler = HFSampler(model, reference=None, max_new_tokens=5, eos_token_id=1, pad_token_id=0)
+    prompts = [[5, 9, 17], [7, 8, 30, 31, 40]]
+    width = max(map(len, prompts))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    am = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(prompts):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        am[i, width - len(row) :] = 1
+    roll = sampler.greedy({"input_ids": ids, "attention_mask": am})
+    assert sampler.do_sample is True
+    assert roll.batch_size == 2
+    for i, row in enumerate(prompts):
+        seq, out = list(row), []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                out.append(nxt)
+                seq.append(nxt)
+                if nxt == 1:
+                    break
+        assert roll.completion_ids()[i] == out
+
+
+def test_hf_sampler_without_behaviour_logps_skips_only_that_forward():
+    """behaviour_logps=False: the same samples and reference log-probs (same seed), logp left None."""
+    import peft
+
+    from prefopt.policy import LoraPolicy
+    from prefopt.sampling import HFSampler
+    from prefopt.testing import tiny_causal_lm
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, bias="none")
+    policy = LoraPolicy(tiny_causal_lm("llama", vocab_size=64, seed=4), cfg)
+    prompts = {
+        "input_ids": torch.tensor([[0, 5, 9], [7, 8, 30]]),
+        "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+    }
+    outs = []
+    for flag in (True, False):
+        torch.manual_seed(3)
+        s = HFSampler(policy, max_new_tokens=4, eos_token_id=1, pad_token_id=0, behaviour_logps=flag)
+        outs.append(s.generate(prompts, n=2))
+    full, lean = outs
+    assert full.logp is not None and lean.logp is None
+    assert torch.equal(full.input_ids, lean.input_ids)
+    assert full.ref_logp is not None and lean.ref_logp is not None
+    torch.testing.assert_close(lean.ref_logp, full.ref_logp, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="behaviour_logps"):
+        HFSampler(policy, eos_token_id=1, pad_token_id=0, behaviour_logps=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("baseline_returns", ["per_token", "sequence_sum"])
+@pytest.mark.parametrize("whiten_var", ["biased", "unbiased"])
+def test_reinforce_pp_group_of_one_raw_and_zero_match_loop_oracles(baseline_returns, whiten_var):
+    """group_size=1: 'zero' is OpenRLHF's rule (the loop oracle's group mean of one sample is the sample);
+    'raw' is verl's (baseline 0): per_token equals group_size=None, sequence_sum equals whitened constant
+    returns S_i = r_i − β Σ_t k_t (the oracle with β = 0 on the scores S_i)."""
+    gen = torch.Generator().manual_seed(51)
+    mask = random_mask(5, 6, gen, "holes")
+    scores = torch.randn(5, generator=gen, dtype=F64)
+    kl = torch.randn(5, 6, generator=gen, dtype=F64).abs()
+    kw = dict(kl=kl, beta=0.1, group_size=1, baseline_returns=baseline_returns, whiten_var=whiten_var)
+    zero = rl.reinforce_pp_advantages(scores, mask, singleton="zero", **kw)
+    want_zero = reinforce_pp_oracle(scores, kl, mask, 0.1, 1, baseline_returns, whiten_var, 1e-8)
+    torch.testing.assert_close(zero, want_zero, rtol=1e-10, atol=1e-12)
+    raw = rl.reinforce_pp_advantages(scores, mask, singleton="raw", **kw)
+    if baseline_returns == "per_token":
+        want_raw = reinforce_pp_oracle(scores, kl, mask, 0.1, None, "per_token", whiten_var, 1e-8)
+    else:
+        seq = scores - 0.1 * torch.where(mask, kl, torch.zeros((), dtype=F64)).sum(1)
+        want_raw = reinforce_pp_oracle(seq, kl, mask, 0.0, None, "per_token", whiten_var, 1e-8)
+    torch.testing.assert_close(raw, want_raw, rtol=1e-10, atol=1e-12)
+    assert (raw != 0).any()
+    with pytest.raises(ValueError, match="singleton='raw'"):
+        rl.reinforce_pp_advantages(scores, mask, group_size=1)

@@ -42,11 +42,14 @@ __all__ = [
     "mismatch_metrics",
     "overlong_penalty",
     "reinforce_pp_advantages",
+    "remax_advantages",
     "rloo_advantages",
 ]
 
 KLEstimator = Literal["k1", "k2", "k3"]
 _ESTIMATORS = ("k1", "k2", "k3")
+Singleton = Literal["error", "raw", "zero"]
+_SINGLETON = ("error", "raw", "zero")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,22 +149,35 @@ def gae(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _grouped_rewards(rewards: object, name: str, *, min_group: int) -> Tensor:
+def _check_singleton(singleton: object) -> None:
+    if singleton not in _SINGLETON:
+        raise ValueError(f"singleton must be one of {_SINGLETON}, got {singleton!r}")
+
+
+def _grouped_rewards(rewards: object, name: str, *, min_group: int, singleton: str = "error") -> Tensor:
     r = _as_float(name, rewards)
     if r.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (prompts, k): row i holds the k completions of prompt i; got shape {tuple(r.shape)}"
         )
-    if r.shape[1] < min_group:
+    if r.shape[1] < min_group and not (r.shape[1] == 1 and singleton != "error"):
         raise ValueError(
             f"{name} has groups of size {r.shape[1]} (shape {tuple(r.shape)}); need at least {min_group} "
-            "completions per prompt for a baseline from the other samples"
+            "completions per prompt for a baseline from the other samples (for one completion per prompt "
+            "pass singleton='raw', baseline 0 as verl, or singleton='zero', advantage 0 as OpenRLHF)"
         )
     check_finite(name, r)
     return r
 
 
-def rloo_advantages(rewards: Tensor) -> Tensor:
+def _singleton_advantages(r: Tensor, singleton: str, scale: float = 1.0) -> Tensor:
+    """Advantages of ``(prompts, 1)`` rewards: ``r / scale`` (baseline 0) or exactly 0."""
+    if singleton == "zero":
+        return torch.zeros_like(r)
+    return r / scale if scale != 1.0 else r.clone()
+
+
+def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tensor:
     r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", Eq. 9).
 
     For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``::
@@ -172,22 +188,34 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     ``k = 2`` gives ``A = ±(R_1 − R_2)``. The baseline of sample ``i`` does not depend on ``R_i``, so the
     policy gradient stays unbiased.
 
+    One completion per prompt (``k = 1``) has no other sample to form the baseline; ``singleton`` says what
+    to do (it has no effect when ``k ≥ 2``): ``"error"`` (default) raises, ``"raw"`` uses the baseline 0,
+    ``A = R`` (plain REINFORCE; verl's convention for groups of one), ``"zero"`` gives ``A = 0`` (the
+    sample is its own baseline, OpenRLHF's convention: no learning signal).
+
     Args:
-        rewards: ``(prompts, k)``, ``k ≥ 2``. For KL-in-the-reward RLOO pass
-            ``score − β·Σ_t k1_t`` (see :func:`kl_penalized_rewards`).
+        rewards: ``(prompts, k)``, ``k ≥ 2`` (or ``k = 1`` with ``singleton``). For KL-in-the-reward RLOO
+            pass ``score − β·Σ_t k1_t`` (see :func:`kl_penalized_rewards`).
+        singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``k = 1``.
 
     Returns:
         ``(prompts, k)`` advantages (same dtype; float32 for half-precision input).
 
     Raises:
-        ValueError: ``rewards`` not 2-D, ``k = 1`` (no other sample to form the baseline), non-finite values.
+        ValueError: ``rewards`` not 2-D, ``k = 1`` with ``singleton="error"``, an unknown ``singleton``,
+        non-finite values.
     """
-    r = _grouped_rewards(rewards, "rewards", min_group=2)
+    _check_singleton(singleton)
+    r = _grouped_rewards(rewards, "rewards", min_group=2, singleton=singleton)
     k = r.shape[1]
+    if k == 1:
+        return _singleton_advantages(r, singleton)
     return (r - r.mean(dim=1, keepdim=True)) * (k / (k - 1))
 
 
-def group_advantages(rewards: Tensor, *, scale_std: bool = True, eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, *, scale_std: bool = True, eps: float = 1e-4, singleton: Singleton = "error"
+) -> Tensor:
     r"""GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, §4.1.2 "outcome supervision").
 
     For each prompt's group of ``G`` rewards::
@@ -198,24 +226,34 @@ def group_advantages(rewards: Tensor, *, scale_std: bool = True, eps: float = 1e
     A group whose rewards are all equal gets advantages of **exactly 0** (never NaN, even with ``eps = 0``):
     it carries no learning signal. The advantage is broadcast to every token of completion ``i`` by the loss.
 
+    Groups of one (``G = 1``: the Bessel std is undefined and the group mean is the sample itself) follow
+    ``singleton`` (no effect when ``G ≥ 2``): ``"error"`` (default) raises; ``"raw"`` takes mean := 0 and
+    std := 1, i.e. ``A = r / (1 + eps)`` with ``scale_std`` and ``A = r`` without (verl's GRPO convention:
+    plain REINFORCE on the raw score, so centre the rewards yourself); ``"zero"`` gives ``A = 0``
+    (OpenRLHF's convention: the sample is its own baseline, no learning signal).
+
     Args:
-        rewards: ``(prompts, G)``, ``G ≥ 2``.
+        rewards: ``(prompts, G)``, ``G ≥ 2`` (or ``G = 1`` with ``singleton``).
         scale_std: divide by the group's standard deviation (default True, TRL ``scale_rewards="group"``).
         eps: added to the std (default 1e-4, TRL's constant); must be ≥ 0.
+        singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``G = 1``.
 
     Returns:
-        ``(prompts, G)`` advantages; each row sums to 0, and with ``eps = 0`` and ``scale_std`` each
-        non-constant row has unit Bessel standard deviation.
+        ``(prompts, G)`` advantages; for ``G ≥ 2`` each row sums to 0, and with ``eps = 0`` and
+        ``scale_std`` each non-constant row has unit Bessel standard deviation.
 
     Raises:
-        ValueError: not 2-D, ``G = 1`` (Bessel std undefined, and the advantage would always be 0),
-        negative ``eps``, non-finite rewards. TypeError: ``scale_std`` not a bool.
+        ValueError: not 2-D, ``G = 1`` with ``singleton="error"``, an unknown ``singleton``, negative
+        ``eps``, non-finite rewards. TypeError: ``scale_std`` not a bool.
     """
     if not isinstance(scale_std, bool):
         raise TypeError(f"scale_std must be a bool, got {type(scale_std).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    r = _grouped_rewards(rewards, "rewards", min_group=2)
+    _check_singleton(singleton)
+    r = _grouped_rewards(rewards, "rewards", min_group=2, singleton=singleton)
+    if r.shape[1] == 1:
+        return _singleton_advantages(r, singleton, 1.0 + eps if scale_std else 1.0)
     constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     centred = torch.where(constant, zero, r - r.mean(dim=1, keepdim=True))
@@ -224,6 +262,65 @@ def group_advantages(rewards: Tensor, *, scale_std: bool = True, eps: float = 1e
     std = r.std(dim=1, keepdim=True, correction=1).expand_as(r)
     denom = torch.where(constant, torch.ones((), dtype=r.dtype, device=r.device), std + eps)
     return centred / denom
+
+
+def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    r"""ReMax advantages: the reward of a sampled completion minus the reward of the **greedy** completion of
+    the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1)::
+
+        A_i = r(x, y_i) − r(x, ŷ)            ŷ = greedy (argmax) decoding of x under the current policy
+
+    The baseline ``r(x, ŷ)`` does not depend on the sampled ``y_i``, so the gradient stays unbiased; a sample
+    equal to the greedy response gets ``A = 0``. Get ``ŷ`` with
+    [`HFSampler.greedy`][prefopt.sampling.HFSampler.greedy] (``do_sample=False``) and score it with the same
+    reward function as the samples.
+
+    Sequence form (``mask=None``): ``rewards`` is ``(prompts,)`` (one sample per prompt, the paper's
+    setting) or ``(prompts, k)`` (``k`` samples per prompt share one baseline), ``greedy_rewards`` is
+    ``(prompts,)``. Token form (``mask`` given; verl's ``remax`` estimator with the KL penalty in the
+    reward): ``rewards`` is ``(b, t)`` per-token rewards ``R_{i,t}`` (e.g.
+    [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]'s ``token_rewards``), ``greedy_rewards`` is
+    ``(b,)``, the greedy score of row ``i``'s prompt, and::
+
+        A_{i,t} = Σ_{s ≥ t} m_{i,s} R_{i,s} − r(x_i, ŷ_i)        (0 where m_{i,t} is False)
+
+    With no KL penalty (``R`` = the score on the last valid token) this is the sequence form on every token.
+
+    Args:
+        rewards: ``(prompts,)`` / ``(prompts, k)`` sampled rewards, or ``(b, t)`` token rewards with ``mask``.
+        greedy_rewards: ``(prompts,)`` (or ``(b,)`` in the token form) rewards of the greedy completions.
+        mask: optional ``(b, t)`` bool completion mask (selects the token form).
+
+    Returns:
+        Advantages with the shape of ``rewards`` (detached; float32 for half-precision input).
+
+    Raises:
+        ValueError / TypeError naming the argument: wrong shapes, non-bool mask, non-finite rewards (at
+        valid positions in the token form).
+    """
+    g = _as_float("greedy_rewards", greedy_rewards, ndim=1).detach()
+    check_finite("greedy_rewards", g)
+    r = _as_float("rewards", rewards).detach()
+    if mask is None:
+        if r.ndim not in (1, 2):
+            raise ValueError(f"rewards must be (prompts,) or (prompts, k), got shape {tuple(r.shape)}")
+        if r.shape[0] != g.shape[0]:
+            raise ValueError(f"rewards has {r.shape[0]} prompts but greedy_rewards has {g.shape[0]}")
+        check_finite("rewards", r)
+        dtype = torch.promote_types(r.dtype, g.dtype)
+        r, g = r.to(dtype), g.to(dtype)
+        return r - (g if r.ndim == 1 else g.unsqueeze(1))
+    if r.ndim != 2:
+        raise ValueError(f"rewards must be (b, t) per-token rewards when mask is given, got {tuple(r.shape)}")
+    mask = check_mask("mask", mask, r.shape, "rewards")
+    if g.shape[0] != r.shape[0]:
+        raise ValueError(f"greedy_rewards has {g.shape[0]} rows but rewards has {r.shape[0]}")
+    _check_finite_where("rewards", r, mask)
+    dtype = torch.promote_types(r.dtype, g.dtype)
+    zero = torch.zeros((), dtype=dtype, device=r.device)
+    r = torch.where(mask, r.to(dtype), zero)
+    returns = r.flip(1).cumsum(1).flip(1)
+    return torch.where(mask, returns - g.to(dtype).unsqueeze(1), zero)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,6 +476,7 @@ def reinforce_pp_advantages(
     baseline_returns: Literal["per_token", "sequence_sum"] = "per_token",
     whiten_var: Literal["biased", "unbiased"] = "biased",
     eps: float = 1e-8,
+    singleton: Singleton = "error",
 ) -> Tensor:
     r"""REINFORCE++ and REINFORCE++-baseline advantages, whitened over every valid token of the batch
     (Hu et al. 2025, arXiv:2501.03262, §3).
@@ -400,6 +498,10 @@ def reinforce_pp_advantages(
       $\sigma^2$ and $\sqrt{\sigma^2 + \epsilon}$. With $\epsilon$ negligible they differ by exactly
       $\sqrt{N/(N-1)}$, $N$ the number of valid tokens. A constant $G$ gives exactly 0.
 
+    * ``group_size=1`` (one completion per prompt) follows ``singleton``: ``"error"`` (default) raises;
+      ``"raw"`` takes the group mean as 0 (verl: the raw score is kept); ``"zero"`` subtracts the sample's
+      own score (OpenRLHF: $\tilde r_i = 0$, resp. $G_{i,t} = 0$ with ``"sequence_sum"``).
+
     Reward clipping (OpenRLHF clips $r$ to ±10) is left to the caller.
 
     Args:
@@ -407,10 +509,12 @@ def reinforce_pp_advantages(
         mask: ``(b, t)`` bool completion mask; every row needs at least one valid token.
         kl: optional ``(b, t)`` per-token KL estimate (values at masked positions are ignored).
         beta: KL coefficient ≥ 0 (default 0.0; OpenRLHF's ``init_kl_coef`` is 0.01). Needs ``kl`` when > 0.
-        group_size: ``k ≥ 2`` for the baseline variant (``b`` must be a multiple of it), or None.
+        group_size: ``k ≥ 2`` for the baseline variant (``b`` must be a multiple of it; ``k = 1`` with
+            ``singleton``), or None.
         baseline_returns: ``"per_token"`` or ``"sequence_sum"`` (the latter needs ``group_size``).
         whiten_var: ``"biased"`` or ``"unbiased"``.
         eps: variance floor ≥ 0 (default 1e-8, both peers).
+        singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``group_size=1``.
 
     Returns:
         ``(b, t)`` advantages (detached), 0 where masked; their mean over valid tokens is 0.
@@ -443,9 +547,15 @@ def reinforce_pp_advantages(
         _same_shape("kl", k, "mask", mask)
         k = torch.where(mask, k, zero)
         check_finite("kl", k)
+    _check_singleton(singleton)
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 2 (or None), got {group_size!r}")
+        if group_size == 1 and singleton == "error":
+            raise ValueError(
+                "group_size=1 leaves no other sample for the baseline: pass singleton='raw' (baseline 0, "
+                "verl) or singleton='zero' (the sample's own score, OpenRLHF), or group_size=None"
+            )
         if b % group_size:
             raise ValueError(f"group_size={group_size} does not divide the batch size {b}")
     elif baseline_returns == "sequence_sum":
@@ -453,6 +563,8 @@ def reinforce_pp_advantages(
 
     def group_centre(x: Tensor) -> Tensor:
         assert group_size is not None
+        if group_size == 1 and singleton == "raw":
+            return x
         g = x.view(-1, group_size)
         return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 

@@ -44,6 +44,7 @@ adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -310,6 +311,7 @@ def score_rollout(
     reference: Any = "auto",
     temperature: float = 1.0,
     batch_size: int | None = None,
+    behaviour: bool = True,
 ) -> Rollout:
     """Fill ``logp`` (behaviour, at ``temperature``) and ``ref_logp`` (temperature 1) of a rollout, no grad.
 
@@ -323,10 +325,15 @@ def score_rollout(
         temperature: the sampling temperature ``τ`` (``log softmax(z/τ)``); the reference is scored at 1,
             the distribution the KL is taken against (as TRL does).
         batch_size: rows per forward (default: all at once).
+        behaviour: compute ``logp`` (default True). False skips that forward and leaves ``logp`` None: for
+            one update per rollout, where the behaviour log-probs equal the policy's own detached ones
+            (pass ``old_logp=None`` to the loss; TRL skips them too when ``num_iterations = 1``).
 
     Returns:
         a new :class:`Rollout` with ``logp`` and ``ref_logp`` set (float32, 0 outside ``completion_mask``).
     """
+    if not isinstance(behaviour, bool):
+        raise TypeError(f"behaviour must be a bool, got {type(behaviour).__name__}")
     if not isinstance(rollout, Rollout):
         raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
     if batch_size is not None and (
@@ -357,7 +364,7 @@ def score_rollout(
 
     tau = temperature
     with torch.no_grad(), _eval_mode(model if isinstance(model, nn.Module) else lm):
-        logp = run(lm)
+        logp = run(lm) if behaviour else None
         ref_logp = None
         tau = 1.0
         if reference is not None and reference is model and is_policy:
@@ -411,6 +418,9 @@ class HFSampler:
             step — faster, one extra copy of the adapted weights during ``generate``, and samples from the
             policy up to float rounding. Behaviour and reference log-probs are computed unmerged as always,
             so the losses see exactly the trained function. Default False.
+        behaviour_logps: compute the behaviour log-probs (default True); False leaves ``Rollout.logp`` None
+            and saves one forward per rollout when each rollout feeds exactly one update (see
+            :func:`score_rollout`).
     """
 
     def __init__(
@@ -429,6 +439,7 @@ class HFSampler:
         batch_size: int | None = None,
         progress: bool | None = None,
         merged: bool = False,
+        behaviour_logps: bool = True,
     ) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -452,6 +463,9 @@ class HFSampler:
             raise TypeError(f"merged must be a bool, got {type(merged).__name__}")
         if merged and not _is_lora_policy(model):
             raise ValueError("merged=True needs a prefopt.LoraPolicy (it merges the policy adapter)")
+        if not isinstance(behaviour_logps, bool):
+            raise TypeError(f"behaviour_logps must be a bool, got {type(behaviour_logps).__name__}")
+        self.behaviour_logps = behaviour_logps
         self.merged = merged
         self.model = model
         self.tokenizer = tokenizer
@@ -589,7 +603,27 @@ class HFSampler:
             pad_token_id=self.pad_token_id,
             num_samples=n,
         ).to(device)
-        return score_rollout(rollout, self.model, reference=self.reference, temperature=self.temperature)
+        return score_rollout(
+            rollout,
+            self.model,
+            reference=self.reference,
+            temperature=self.temperature,
+            behaviour=self.behaviour_logps,
+        )
+
+    def greedy(self, prompts: Any) -> Rollout:
+        """The greedy (argmax) completion of each prompt: :meth:`generate` with ``do_sample=False`` and
+        ``n = 1``, every other setting of this sampler kept (``max_new_tokens``, EOS, ``merged``, the
+        reference). This is ReMax's baseline response (see [`remax_advantages`][prefopt.rl.remax_advantages]);
+        the sampler itself is not changed.
+
+        Returns:
+            a scored :class:`Rollout` with one row per prompt (behaviour log-probs at this sampler's
+            temperature, as for sampled rows).
+        """
+        greedy = copy.copy(self)
+        greedy.do_sample = False
+        return greedy.generate(prompts, n=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
