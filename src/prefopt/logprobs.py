@@ -1333,9 +1333,9 @@ def pair_seq_logps(
 
 
 def _is_lora_policy(model: Any) -> bool:
-    from prefopt.policy import LoraPolicy  # lazy: policy imports peft
+    from prefopt.policy import is_lora_policy  # lazy: prefopt.policy imports this module
 
-    return isinstance(model, LoraPolicy)
+    return is_lora_policy(model)
 
 
 def pair_logps(

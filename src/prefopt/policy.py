@@ -65,6 +65,8 @@ __all__ = [
     "default_lora_config",
     "ema_low_rank",
     "ema_update_",
+    "eval_mode",
+    "is_lora_policy",
     "reference_sync_",
 ]
 
@@ -879,6 +881,24 @@ def ema_update_(
             raise ValueError(f"policy{bad[:5]} hold NaN or inf; the anchor was left unchanged")
     for a, p in zip(anchors, policies):
         a.lerp_(p.to(a.dtype), 1.0 - float(decay))
+
+
+def is_lora_policy(obj: Any) -> bool:
+    """``True`` if ``obj`` is a :class:`LoraPolicy` (the one check every module uses to tell it from a model)."""
+    return isinstance(obj, LoraPolicy)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and all its submodules in eval mode (dropout off: deterministic forwards) inside; each
+    submodule's own train/eval flag is restored afterwards, also on an exception."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def reference_sync_(

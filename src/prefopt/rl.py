@@ -114,8 +114,9 @@ def gae(
         autograd graph of the inputs; detach them before using them as policy-gradient weights.
 
     Raises:
-        TypeError / ValueError naming the argument: wrong dtype/shape, non-bool mask, γ or λ outside [0, 1],
-        non-finite rewards or values at valid positions.
+        TypeError: a wrong dtype or a non-bool mask, naming the argument.
+        ValueError: a wrong shape, γ or λ outside [0, 1], or non-finite rewards or values at valid positions,
+            naming the argument.
     """
     rewards = _as_float("rewards", rewards, ndim=2)
     values = _as_float("values", values, ndim=2)
@@ -203,7 +204,7 @@ def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tenso
 
     Raises:
         ValueError: ``rewards`` not 2-D, ``k = 1`` with ``singleton="error"``, an unknown ``singleton``,
-        non-finite values.
+            non-finite values.
     """
     _check_singleton(singleton)
     r = _grouped_rewards(rewards, "rewards", min_group=2, singleton=singleton)
@@ -295,8 +296,9 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
         Advantages with the shape of ``rewards`` (detached; float32 for half-precision input).
 
     Raises:
-        ValueError / TypeError naming the argument: wrong shapes, non-bool mask, non-finite rewards (at
-        valid positions in the token form).
+        TypeError: a non-bool mask, naming it.
+        ValueError: wrong shapes or non-finite rewards (at valid positions in the token form), naming the
+            argument.
     """
     g = _as_float("greedy_rewards", greedy_rewards, ndim=1).detach()
     check_finite("greedy_rewards", g)
@@ -520,8 +522,9 @@ def reinforce_pp_advantages(
         ``(b, t)`` advantages (detached), 0 where masked; their mean over valid tokens is 0.
 
     Raises:
-        ValueError / TypeError naming the argument: bad shapes, non-finite values, a row with no valid token,
-        ``group_size`` not dividing ``b`` or < 2, ``beta > 0`` without ``kl``, unknown option strings.
+        TypeError: a wrong dtype, naming the argument.
+        ValueError: bad shapes, non-finite values, a row with no valid token, ``group_size`` not dividing
+            ``b`` or < 2, ``beta > 0`` without ``kl``, unknown option strings (each naming the argument).
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
@@ -817,7 +820,10 @@ def entropy_bonus(
         entropy: ``(b, t)`` per-token entropies (with grad).
         mask: ``(b, t)`` bool: the tokens the bonus acts on.
         coef: $c \ge 0$.
-        mode, num_tokens, num_sequences, max_length: as [`aggregate`][prefopt.masked.aggregate].
+        mode: as [`aggregate`][prefopt.masked.aggregate].
+        num_tokens: as [`aggregate`][prefopt.masked.aggregate].
+        num_sequences: as [`aggregate`][prefopt.masked.aggregate].
+        max_length: as [`aggregate`][prefopt.masked.aggregate].
 
     Returns:
         0-dim tensor, differentiable w.r.t. ``entropy``.

@@ -47,7 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from prefopt.bon import check_n
 from prefopt.logprobs import token_logps
+from prefopt.policy import eval_mode, is_lora_policy
 from prefopt.types import PromptBatch
 
 __all__ = [
@@ -229,8 +230,8 @@ def pack_rollout(
         num_samples: ``n ≥ 1``; ``b`` must be a multiple of it.
 
     Raises:
-        ValueError naming the argument: lengths differ, an empty prompt, a completion with no token,
-        ``b`` not a multiple of ``num_samples``.
+        ValueError: lengths differ, an empty prompt, a completion with no token, or ``b`` not a multiple of
+            ``num_samples`` (naming the argument).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -288,22 +289,6 @@ def pack_rollout(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _is_lora_policy(model: Any) -> bool:
-    return hasattr(model, "reference") and hasattr(model, "model") and hasattr(model, "update_anchor_")
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Dropout off for sampling and scoring; the previous train/eval flags are restored afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def score_rollout(
     rollout: Rollout,
     model: Any,
@@ -340,7 +325,7 @@ def score_rollout(
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    is_policy = _is_lora_policy(model)
+    is_policy = is_lora_policy(model)
     lm = model.model if is_policy else model
     if isinstance(reference, str):
         if reference != "auto":
@@ -363,7 +348,7 @@ def score_rollout(
         return torch.cat(parts)
 
     tau = temperature
-    with torch.no_grad(), _eval_mode(model if isinstance(model, nn.Module) else lm):
+    with torch.no_grad(), eval_mode(model if isinstance(model, nn.Module) else lm):
         logp = run(lm) if behaviour else None
         ref_logp = None
         tau = 1.0
@@ -371,8 +356,8 @@ def score_rollout(
             with model.reference():
                 ref_logp = run(lm)
         elif reference is not None:
-            ref_lm = reference.model if _is_lora_policy(reference) else reference
-            with _eval_mode(ref_lm):
+            ref_lm = reference.model if is_lora_policy(reference) else reference
+            with eval_mode(ref_lm):
                 ref_logp = run(ref_lm)
     return dataclasses.replace(rollout, logp=logp, ref_logp=ref_logp)
 
@@ -461,7 +446,7 @@ class HFSampler:
             raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
         if not isinstance(merged, bool):
             raise TypeError(f"merged must be a bool, got {type(merged).__name__}")
-        if merged and not _is_lora_policy(model):
+        if merged and not is_lora_policy(model):
             raise ValueError("merged=True needs a prefopt.LoraPolicy (it merges the policy adapter)")
         if not isinstance(behaviour_logps, bool):
             raise TypeError(f"behaviour_logps must be a bool, got {type(behaviour_logps).__name__}")
@@ -475,7 +460,7 @@ class HFSampler:
         self.do_sample = do_sample
         self.batch_size = batch_size
         self.progress = progress
-        lm = model.model if _is_lora_policy(model) else model
+        lm = model.model if is_lora_policy(model) else model
         gen_cfg = getattr(lm, "generation_config", None)
         if eos_token_id is None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
@@ -567,7 +552,7 @@ class HFSampler:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         ids, mask = self._prompt_batch(prompts)
-        lm = self.model.model if _is_lora_policy(self.model) else self.model
+        lm = self.model.model if is_lora_policy(self.model) else self.model
         device = next(lm.parameters()).device
         ids = ids.repeat_interleave(n, dim=0).to(device)
         mask = mask.repeat_interleave(n, dim=0).to(device)
@@ -588,7 +573,7 @@ class HFSampler:
                 "(use merged=False there)"
             )
         merge = self.model.merged() if self.merged else contextlib.nullcontext()
-        with torch.no_grad(), _eval_mode(lm), merge:
+        with torch.no_grad(), eval_mode(lm), merge:
             for s in iterator:
                 out = lm.generate(
                     input_ids=ids[s : s + step], attention_mask=mask[s : s + step], generation_config=cfg

@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prefopt.policy import is_lora_policy
 from prefopt.sampling import Rollout, pack_rollout, score_rollout
 from prefopt.types import PromptBatch
 
@@ -95,10 +96,6 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _is_lora_policy(model: Any) -> bool:
-    return hasattr(model, "reference") and hasattr(model, "anchor") and hasattr(model, "update_anchor_")
-
-
 def _lora_layers(policy: Any) -> list[tuple[str, Any]]:
     """``(peft module name, peft LoRA layer)`` for every adapted layer of ``policy.model``."""
     from peft.tuners.lora.layer import LoraLayer
@@ -115,7 +112,7 @@ def backbone_state_dict(policy: Any) -> dict[str, Tensor]:
     them out before leaving the context. Tied weights appear once (the first name); peft's
     ``.base_layer`` is removed from names and ``lora_*`` tensors are dropped.
     """
-    if not _is_lora_policy(policy):
+    if not is_lora_policy(policy):
         raise TypeError(f"policy must be a prefopt.LoraPolicy, got {type(policy).__name__}")
     base = policy.model.get_base_model()
     out: dict[str, Tensor] = {}
@@ -138,7 +135,7 @@ def merged_state_dict(policy: Any, adapter: str = _POLICY_ADAPTER) -> dict[str, 
     ``reference()`` / ``anchor()`` (they only switch adapters; ``W0`` is untouched); not inside ``merged()``.
     One new tensor per adapted layer; the backbone is never written.
     """
-    if not _is_lora_policy(policy):
+    if not is_lora_policy(policy):
         raise TypeError(f"policy must be a prefopt.LoraPolicy, got {type(policy).__name__}")
     if policy.mode == "merged":
         raise RuntimeError("merged_state_dict() called inside policy.merged(): W0 is swapped out there")
@@ -166,7 +163,7 @@ def lora_adapter_tensors(policy: Any, adapter: str = _POLICY_ADAPTER) -> tuple[d
     rounding of ``s·B`` and any reader that computes ``(α/r)·B'·A'`` with ``α = r`` gets ``ΔW``. Keys are peft's
     (``base_model.model.<module>.lora_A.weight``), float32 (the adapter's dtype if wider).
     """
-    if not _is_lora_policy(policy):
+    if not is_lora_policy(policy):
         raise TypeError(f"policy must be a prefopt.LoraPolicy, got {type(policy).__name__}")
     layers = _lora_layers(policy)
     if not layers:
@@ -330,8 +327,11 @@ class VLLMSampler:
             ``tests/test_vllm_sampler.py`` catches that kind of mismatch).
         max_new_tokens: cap on generated tokens per completion (default 64).
         temperature: ``τ > 0`` (default 1).
-        top_p, top_k: truncation, off by default (1.0 and 0); see the module docstring before turning them on.
-        eos_token_id, pad_token_id: as in [`HFSampler`][prefopt.sampling.HFSampler] (default: tokenizer's,
+        top_p: truncation, off by default (1.0 and 0); see the module docstring before turning them on.
+        top_k: truncation, off by default (1.0 and 0); see the module docstring before turning them on.
+        eos_token_id: as in [`HFSampler`][prefopt.sampling.HFSampler] (default: tokenizer's,
+            else the model's generation config).
+        pad_token_id: as in [`HFSampler`][prefopt.sampling.HFSampler] (default: tokenizer's,
             else the model's generation config).
         reference: passed to [`score_rollout`][prefopt.sampling.score_rollout] (default ``"auto"``).
         score: recompute ``logp`` / ``ref_logp`` with the training model (default True, as ``HFSampler``);
@@ -385,7 +385,7 @@ class VLLMSampler:
         sampling_kwargs: Mapping[str, Any] | None = None,
         start: bool = True,
     ) -> None:
-        if not _is_lora_policy(policy):
+        if not is_lora_policy(policy):
             raise TypeError(f"policy must be a prefopt.LoraPolicy, got {type(policy).__name__}")
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")

@@ -128,7 +128,10 @@ def ches_from_hidden(
 
     Args:
         chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``; rejected_hidden ``(b, t⁻, d)`` of ``(x, y⁻)``.
-        chosen_mask / rejected_mask: ``(b, t±)`` bool, True at the positions that count (see
+        chosen_mask: ``(b, t±)`` bool, True at the positions that count (see
+            :func:`ches_positions`); every row needs at least one. Masked positions are never read (they may
+            hold NaN).
+        rejected_mask: ``(b, t±)`` bool, True at the positions that count (see
             :func:`ches_positions`); every row needs at least one. Masked positions are never read (they may
             hold NaN).
     """
@@ -289,7 +292,9 @@ def ches_and_logps(
     :func:`idealized_ranking_accuracy` and :func:`dpo_flip_loss` — for the price of one no-grad forward.
 
     Args:
-        model / batch / positions: as :func:`ches_scores`.
+        model: as :func:`ches_scores`.
+        batch: as :func:`ches_scores`.
+        positions: as :func:`ches_scores`.
         share_prompt: run each pair's prompt once and both responses on its key/value cache (one pair at a
             time) instead of one forward of all ``2B`` full rows: the same numbers up to float rounding, and
             cheaper when prompts are long against responses (multi-turn dialogues). Needs a backbone with a
@@ -458,8 +463,10 @@ def ranking_accuracy(
     ``S_w/|y_w| > S_l/|y_l|`` (per-token perplexities) is used.
 
     Args:
-        chosen / rejected: ``(b,)`` sequence log-probs ``S = log π(y|x)``.
-        chosen_len / rejected_len: ``(b,)`` token counts ``> 0``.
+        chosen: ``(b,)`` sequence log-probs ``S = log π(y|x)``.
+        rejected: ``(b,)`` sequence log-probs ``S = log π(y|x)``.
+        chosen_len: ``(b,)`` token counts ``> 0``.
+        rejected_len: ``(b,)`` token counts ``> 0``.
     """
     b = _check_vec("chosen", chosen).shape[0]
     _check_vec("rejected", rejected, b)
@@ -501,7 +508,8 @@ def idealized_ranking_accuracy(
     ``log ratio = (S_ref,w − S_ref,l) + log(α/(1−α))/β``.
 
     Args:
-        ref_chosen / ref_rejected: ``(b,)`` reference sequence log-probs.
+        ref_chosen: ``(b,)`` reference sequence log-probs.
+        ref_rejected: ``(b,)`` reference sequence log-probs.
         beta: ``β > 0``.
         alpha: fraction of raters preferring ``y_w``, in ``(0, 1)``: a number (default 0.75, the authors'
             simulated value) or a ``(b,)`` tensor.
@@ -530,7 +538,8 @@ def dpo_flip_loss(ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float) -> T
     pair before the ranking flips. Differentiable.
 
     Args:
-        ref_chosen / ref_rejected: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
+        ref_chosen: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
+        ref_rejected: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
     """
     b = _check_vec("ref_chosen", ref_chosen).shape[0]
     _check_vec("ref_rejected", ref_rejected, b)
@@ -784,7 +793,8 @@ def unembedding_grad_inner(
     with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives :func:`tabular_grad_inner` times ``‖h‖²``.
 
     Args:
-        probs_a / probs_b: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
+        probs_a: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
+        probs_b: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
     Returns: ``(...)``.
     """
     (a,) = _probs_and_tokens(probs_a, ("token_a",), (token_a,))

@@ -25,9 +25,8 @@ So the chosen log-prob falls iff ``⟨∇_w,∇_l⟩ > (d_w/d_l) ‖∇_w‖²``
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from prefopt.diagnostics.pergrad import Method, per_row_gradients, resolve_params
+from prefopt.policy import eval_mode
 from prefopt.registry import get_loss
 from prefopt.types import PairBatch, PairLogps
 
@@ -159,17 +159,6 @@ def check_pair_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor, int]:
         what = ", ".join(f"row {r} ({'chosen' if r < b else 'rejected'} of pair {r % b})" for r in empty[:5])
         raise ValueError(f"batch['completion_mask'] has an empty completion (no True) in {what}")
     return ids, am, cm, rows // 2
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` inside (dropout off ⇒ deterministic forwards, no activation checkpointing), restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _seq_logps(model: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> Tensor:
