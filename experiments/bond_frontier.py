@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,15 @@ from typing import Any
 import peft
 import torch
 
-from prefopt.lab import Lab, LabConfig, best_of_n_point, evaluate_policy, lab_sampler, reference_pool
+from prefopt.lab import (
+    Lab,
+    LabConfig,
+    best_of_n_point,
+    evaluate_policy,
+    lab_sampler,
+    mean_ci95,
+    reference_pool,
+)
 from prefopt.logprobs import token_logps
 from prefopt.losses.bond import bond, jbond
 from prefopt.masked import aggregate, seq_sum
@@ -38,18 +45,7 @@ from prefopt.types import BestOfNSamples
 METHODS = ("jbond", "bond4", "bond8", "rloo")
 RLOO = get_loss("rloo")
 # A smaller lab for the reduced run of the test suite (pre-trains in seconds; same code path).
-TINY_LAB = LabConfig(
-    vocab=8,
-    prompt_len=2,
-    completion_len=6,
-    branching=3,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    pretrain_steps=200,
-    pretrain_batch=64,
-    pretrain_lr=1e-2,
-)
+TINY_LAB = LabConfig.tiny()
 
 
 def completion_mask(ids: torch.Tensor, lab: Lab) -> torch.Tensor:
@@ -185,17 +181,6 @@ def run(
     }
 
 
-def ci95(x: torch.Tensor) -> float:
-    """Half-width of the 95% t-interval of the mean of ``x`` (NaN for one value)."""
-    n = x.numel()
-    return float(t95(n) * x.std() / math.sqrt(n)) if n > 1 else float("nan")
-
-
-def t95(n: int) -> float:
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(n - 1, 1.96) if n > 1 else float("nan")
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
     """Per label and evaluation step: mean quantile and KL over seeds, with 95% t-intervals."""
     out: dict[str, list[dict[str, float]]] = {}
@@ -209,9 +194,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
                 {
                     "step": ev["step"],
                     "quantile": float(q.mean()),
-                    "quantile_ci": ci95(q),
+                    "quantile_ci": mean_ci95(q)[1],
                     "kl": float(kl.mean()),
-                    "kl_ci": ci95(kl),
+                    "kl_ci": mean_ci95(kl)[1],
                 }
             )
         out[label] = rows

@@ -42,7 +42,7 @@ import peft
 import torch
 
 from prefopt.diagnostics import ches_filter, ches_scores, entanglement, per_row_gradients
-from prefopt.lab import Lab, LabConfig, evaluate_policy, reference_pool
+from prefopt.lab import Lab, LabConfig, evaluate_policy, mean_ci95, reference_pool
 from prefopt.lab.testbed import _FIRST
 from prefopt.logprobs import token_logps
 from prefopt.losses.decoupled import shared_token_mask
@@ -54,18 +54,7 @@ from prefopt.types import PairLogps
 METHODS = ("dpo", "pairwise_normalized", "token_masked", "dpop", "ches_filter")
 KINDS = ("shared", "distinct")
 # A smaller lab for the reduced run of the test suite (pre-trains in seconds; same code path).
-TINY_LAB = LabConfig(
-    vocab=8,
-    prompt_len=2,
-    completion_len=6,
-    branching=3,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    pretrain_steps=200,
-    pretrain_batch=64,
-    pretrain_lr=1e-2,
-)
+TINY_LAB = LabConfig.tiny()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,19 +176,6 @@ def bootstrap(fn: Any, arrays: list[np.ndarray], reps: int, seed: int) -> tuple[
         return value, float("nan"), float("nan")
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return value, float(lo), float(hi)
-
-
-def t95(n: int) -> float:
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(n - 1, 1.96) if n > 1 else float("nan")
-
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (NaN for one value)."""
-    x = np.asarray(xs, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), float(t95(len(x)) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,16 +406,16 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"seeds": len(rs)}
         for key in rs[0]["stats"]:
             for f in ("dchosen", "drejected", "margin", "displaced", "chosen_fell"):
-                entry[f"{key}/{f}"] = mean_ci([r["stats"][key][f] for r in rs])
+                entry[f"{key}/{f}"] = mean_ci95([r["stats"][key][f] for r in rs])
         for f in ("quantile", "reward", "kl"):
-            entry[f"eval/{f}"] = mean_ci([r["eval"][f] for r in rs])
+            entry[f"eval/{f}"] = mean_ci95([r["eval"][f] for r in rs])
         if method != "dpo" and all(r["seed"] in dpo for r in rs):
-            entry["vs_dpo/quantile"] = mean_ci(
+            entry["vs_dpo/quantile"] = mean_ci95(
                 [r["eval"]["quantile"] - dpo[r["seed"]]["eval"]["quantile"] for r in rs]
             )
             for key in ("all/trained", "shared/trained"):
                 if key in rs[0]["stats"]:
-                    entry[f"vs_dpo/{key}/dchosen"] = mean_ci(
+                    entry[f"vs_dpo/{key}/dchosen"] = mean_ci95(
                         [r["stats"][key]["dchosen"] - dpo[r["seed"]]["stats"][key]["dchosen"] for r in rs]
                     )
         out[method] = entry

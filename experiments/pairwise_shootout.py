@@ -32,44 +32,20 @@ from typing import Any
 import peft
 import torch
 
-from prefopt.lab import Lab, LabConfig, LabPairs, evaluate_policy, gold_pairs, reference_pool
+from prefopt.lab import Lab, LabConfig, LabPairs, evaluate_policy, gold_pairs, mean_ci95, reference_pool
 from prefopt.logprobs import pair_logps
 from prefopt.policy import LoraPolicy
 from prefopt.registry import available_losses, get_loss, get_spec
 
 LOSSES = ("dpo", "ipo", "hinge", "cdpo", "nca_pair", "apo_zero", "simpo", "orpo", "cpo", "sft")
 # The smaller lab of the test suite's reduced run (pre-trains in seconds; same code path).
-TINY_LAB = LabConfig(
-    vocab=8,
-    prompt_len=2,
-    completion_len=6,
-    branching=3,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    pretrain_steps=200,
-    pretrain_batch=64,
-    pretrain_lr=1e-2,
-)
+TINY_LAB = LabConfig.tiny()
 # The lab of the full runs: the default language and gold reward (16 tokens, prompt 3, completion 12), with a
 # smaller reference LM (hidden 128, 2 layers, about 0.4M parameters) so that 3 seeds fit in minutes of CPU.
 SMALL_LAB = LabConfig(
     hidden_size=128, num_layers=2, num_heads=4, pretrain_steps=400, pretrain_batch=64, pretrain_lr=5e-3
 )
 LABS = {"tiny": TINY_LAB, "default": LabConfig()}
-
-
-def t95(n: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``n − 1`` degrees of freedom (NaN for ``n = 1``)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(n - 1, 1.96) if n > 1 else float("nan")
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over seeds."""
-    x = torch.tensor(values, dtype=torch.float64)
-    n = x.numel()
-    return float(x.mean()), (float(t95(n) * x.std() / math.sqrt(n)) if n > 1 else float("nan"))
 
 
 def run(
@@ -135,8 +111,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
         rs = [r for r in runs if r["loss"] == name]
         rows = []
         for i, ev in enumerate(rs[0]["evals"]):
-            w, w_ci = mean_ci([r["evals"][i]["quantile"] for r in rs])
-            k, k_ci = mean_ci([r["evals"][i]["kl"] for r in rs])
+            w, w_ci = mean_ci95([r["evals"][i]["quantile"] for r in rs])
+            k, k_ci = mean_ci95([r["evals"][i]["kl"] for r in rs])
             rows.append({"step": ev["step"], "win_rate": w, "win_rate_ci": w_ci, "kl": k, "kl_ci": k_ci})
         out[name] = rows
     return out

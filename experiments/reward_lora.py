@@ -35,44 +35,19 @@ from typing import Any
 import peft
 import torch
 
-from prefopt.lab import Lab, LabConfig, LabPairs, gold_pairs
+from prefopt.lab import Lab, LabConfig, LabPairs, gold_pairs, mean_ci95
 from prefopt.registry import get_loss
 from prefopt.reward_model import RewardModel
 
 BT = get_loss("bradley_terry")
 # The smaller lab of the test suite's reduced run (pre-trains in seconds; same code path).
-TINY_LAB = LabConfig(
-    vocab=8,
-    prompt_len=2,
-    completion_len=6,
-    branching=3,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    pretrain_steps=200,
-    pretrain_batch=64,
-    pretrain_lr=1e-2,
-)
+TINY_LAB = LabConfig.tiny()
 # The lab of the full runs: the default language and gold reward (16 tokens, prompt 3, completion 12), with a
 # smaller reference LM (hidden 128, 2 layers, about 0.4M parameters) so that 3 seeds fit in minutes of CPU.
 SMALL_LAB = LabConfig(
     hidden_size=128, num_layers=2, num_heads=4, pretrain_steps=400, pretrain_batch=64, pretrain_lr=5e-3
 )
 LABS = {"tiny": TINY_LAB, "default": LabConfig()}
-
-
-def t95(n: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``n − 1`` degrees of freedom (NaN for ``n = 1``)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(n - 1, 1.96) if n > 1 else float("nan")
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval."""
-    x = torch.tensor(values, dtype=torch.float64)
-    n = x.numel()
-    half = float(t95(n) * x.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return float(x.mean()), half
 
 
 def build(variant: str, reference: torch.nn.Module, seed: int) -> RewardModel:
@@ -185,7 +160,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     full = {r["seed"]: r for r in runs if r["variant"] == "full"}
     for v in variants:
         rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"])
-        acc, acc_ci = mean_ci([100 * r["accuracy"] for r in rs])
+        acc, acc_ci = mean_ci95([100 * r["accuracy"] for r in rs])
         row: dict[str, Any] = {
             "variant": v,
             "seeds": len(rs),
@@ -197,7 +172,7 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         }
         if v != "full" and full:
             d = [100 * (r["accuracy"] - full[r["seed"]]["accuracy"]) for r in rs]
-            row["delta"], row["delta_ci"] = mean_ci(d)
+            row["delta"], row["delta_ci"] = mean_ci95(d)
             per_pair = torch.cat(
                 [
                     torch.tensor(r["correct"], dtype=torch.float64)

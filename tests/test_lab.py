@@ -172,3 +172,20 @@ def test_reference_lm_pretrains_caches_and_evaluates(tmp_path, monkeypatch) -> N
     ev = evaluate_policy(lab, LoraPolicy(again), pool, samples_per_prompt=128, seed=1)
     assert ev.kl == 0.0 and ev.kl_se == 0.0  # a fresh adapter is the reference exactly (B = 0)
     assert abs(ev.quantile - 0.5) < 4 * ev.quantile_se  # reference samples have mean quantile ½
+
+
+def test_t_quantile_and_mean_ci95_against_known_values() -> None:
+    """The 95% t-interval of the lab's multi-seed figures: Student-t 0.975 quantiles against standard table
+    values (df 1, 2, 9, 30) and the Cornish–Fisher tail against known quantiles (df 40, 60, 120), and
+    mean_ci95 against the hand formula."""
+    from prefopt.lab import mean_ci95, t_quantile_975
+
+    for df, want in [(1, 12.706), (2, 4.303), (9, 2.262), (30, 2.042)]:
+        assert t_quantile_975(df) == want
+    for df, want in [(40, 2.0211), (60, 2.0003), (120, 1.9799)]:
+        assert abs(t_quantile_975(df) - want) < 2e-4
+    m, h = mean_ci95([1.0, 2.0, 3.0, 6.0])
+    assert m == 3.0 and abs(h - 3.182 * math.sqrt(14 / 3) / 2) < 1e-12
+    assert math.isnan(mean_ci95([5.0])[1])
+    with pytest.raises(ValueError, match="df"):
+        t_quantile_975(0)

@@ -13,8 +13,10 @@ from prefopt.lab.measure import (
     best_of_n_point,
     evaluate_policy,
     lab_sampler,
+    mean_ci95,
     mid_rank_quantile,
     reference_pool,
+    t_quantile_975,
 )
 from prefopt.lab.pairs import LabPairs, gold_pairs
 from prefopt.lab.testbed import BOS, EOS, PAD, Lab, LabConfig, PretrainReport
@@ -34,6 +36,8 @@ __all__ = [
     "evaluate_policy",
     "gold_pairs",
     "lab_sampler",
+    "mean_ci95",
     "mid_rank_quantile",
     "reference_pool",
+    "t_quantile_975",
 ]

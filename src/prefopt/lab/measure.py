@@ -29,6 +29,7 @@ over the ``P·S`` samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,10 @@ __all__ = [
     "best_of_n_point",
     "evaluate_policy",
     "lab_sampler",
+    "mean_ci95",
     "mid_rank_quantile",
     "reference_pool",
+    "t_quantile_975",
 ]
 
 
@@ -175,6 +178,38 @@ def best_of_n_point(pool: ReferencePool, n: int) -> BestOfNPoint:
     quantile = (bon * q).sum(dim=1).mean()
     kl = torch.where(bon > 0, bon * torch.log(bon * m), torch.zeros_like(bon)).sum(dim=1).mean()
     return BestOfNPoint(n=n, quantile=float(quantile), kl=float(kl))
+
+
+# Two-sided 95% quantiles of Student's t, degrees of freedom 1..30 (standard tables).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df ≥ 1`` degrees of freedom (the half-width factor of a
+    two-sided 95% interval): a table to ``df = 30``, then the Cornish–Fisher expansion in ``1/df`` around
+    ``z = 1.95996`` (error < 1e-3 there)."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci95(values: Sequence[float] | Tensor) -> tuple[float, float]:
+    """Mean of ``values`` (e.g. one number per seed) and the half-width of its two-sided 95% t-interval,
+    ``t_{0.975, n−1} · s / √n`` with the Bessel standard deviation ``s`` (NaN for a single value)."""
+    x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if x.numel() == 0:
+        raise ValueError("values must not be empty")
+    n = x.numel()
+    if n == 1:
+        return float(x[0]), float("nan")
+    return float(x.mean()), float(t_quantile_975(n - 1) * x.std(unbiased=True) / math.sqrt(n))
 
 
 def _mean_se(x: Tensor) -> tuple[float, float]:

@@ -114,6 +114,23 @@ class LabConfig:
         """Tokens per full sequence: BOS + prompt + completion."""
         return 1 + self.prompt_len + self.completion_len
 
+    @classmethod
+    def tiny(cls) -> LabConfig:
+        """The reduced lab of the test suite and of the experiments' ``--tiny`` runs: 8 content tokens, prompt 2,
+        completion 6, a 2-layer reference LM of width 48 (about 47k parameters) pre-trained in seconds."""
+        return cls(
+            vocab=8,
+            prompt_len=2,
+            completion_len=6,
+            branching=3,
+            hidden_size=48,
+            num_layers=2,
+            num_heads=4,
+            pretrain_steps=200,
+            pretrain_batch=64,
+            pretrain_lr=1e-2,
+        )
+
     def key(self) -> str:
         """A short hash of the configuration (the reference LM's cache key)."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
