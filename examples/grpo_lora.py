@@ -13,6 +13,14 @@ A fixed held-out set (``--eval-prompts`` problems drawn with a different seed, `
 the training temperature) is scored before training and every ``--eval-every`` steps: its accuracy is the curve
 to read, since each training step sees different problems.
 
+Any policy-gradient loss of the registry on the same rollouts: ``--loss grpo|gspo|gspo_token|cispo|sapo``
+(``--hp KEY=VALUE`` for its other hyperparameters, ``--aggregate`` for the reduction). ``--behaviour-correction
+MODE`` feeds the sampler's log-probs as ``sampler_logp`` (TIS/MIS and the sequence variants; with Hugging Face
+``generate`` the sampler is the old policy, so every weight is 1 — the path for an inference engine such as
+:mod:`prefopt.vllm_sampler`, whose ``Rollout.sampler_logp`` is used when present). ``--ref-sync-every N`` makes
+the reference move (TR-DPO style, on the same backbone): the KL term is taken against the EMA anchor adapter,
+and :func:`prefopt.policy.reference_sync_` mixes the policy into it every ``N`` steps with ``--ref-sync-alpha``.
+
     python examples/grpo_lora.py --steps 20 --out runs/grpo
     python examples/grpo_lora.py --smoke --out /tmp/grpo          # tiny model, 2 steps, reward: digits
 
@@ -39,12 +47,28 @@ from prefopt import rl
 from prefopt.checkpoint import load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import PromptCollator
 from prefopt.logprobs import token_logps
-from prefopt.losses.policy_gradient import grpo
+from prefopt.losses.policy_gradient import CORRECTIONS
 from prefopt.masked import aggregate, masked_mean
-from prefopt.policy import LoraPolicy
+from prefopt.policy import LoraPolicy, reference_sync_
+from prefopt.registry import get_loss
 from prefopt.sampling import HFSampler
 
 _INT = re.compile(r"-?\d+")
+PG_LOSSES = ("grpo", "gspo", "gspo_token", "cispo", "sapo")
+
+
+def parse_hparams(items: list[str]) -> dict[str, Any]:
+    """``["epsilon_high=0.28", "dual_clip=3"]`` → ``{"epsilon_high": 0.28, "dual_clip": 3}`` (JSON values, else str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--hp must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def arithmetic_reward(completions: list[str], answers: list[int]) -> torch.Tensor:
@@ -116,6 +140,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also in the loss)")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss)")
+    ap.add_argument("--loss", default="grpo", choices=PG_LOSSES, help="the policy-gradient loss")
+    ap.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a loss hyperparameter")
+    ap.add_argument(
+        "--aggregate",
+        default="seq-mean-token-mean",
+        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+        help="reduction of the per-token loss (prefopt.masked.aggregate)",
+    )
+    ap.add_argument(
+        "--behaviour-correction",
+        default="none",
+        choices=("none", *CORRECTIONS),
+        help="correct for the sampler's log-probs (sampler_logp): none, or a correction mode",
+    )
+    ap.add_argument(
+        "--ref-sync-every",
+        type=int,
+        default=0,
+        help="moving reference: sync the anchor every N steps (0: frozen)",
+    )
+    ap.add_argument("--ref-sync-alpha", type=float, default=0.6, help="moving reference: mixing weight α")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
     ap.add_argument("--seed", type=int, default=0, help="seed of torch (sampling) and the problems")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -139,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.steps = 2
         args.prompts_per_step, args.group_size, args.max_new_tokens, args.threads = 2, 2, 6, 1
         args.eval_every, args.eval_prompts, args.eval_samples = 1, 2, 2
-    for name in ("steps", "save_every", "eval_every"):
+    for name in ("steps", "save_every", "eval_every", "ref_sync_every"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -166,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
             r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, bias="none"
         )
         policy = LoraPolicy(model, cfg)
+    hparams = {"beta": args.beta, **parse_hparams(args.hp)}
+    if args.behaviour_correction != "none":
+        hparams["correction"] = args.behaviour_correction
+    try:
+        loss_fn = get_loss(args.loss, **hparams)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SystemExit(f"--loss {args.loss} / --hp: {err}") from None
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, add_special_tokens=False)
@@ -221,15 +273,27 @@ def main(argv: list[str] | None = None) -> None:
         logp = token_logps(
             policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
         )
-        out = grpo(logp, roll.logp, adv, mask, ref_logp=roll.ref_logp, beta=args.beta)
-        loss = aggregate(out.loss, mask, "seq-mean-token-mean")
+        ref_logp = roll.ref_logp
+        if args.ref_sync_every:  # the moving reference: the anchor adapter on the same backbone
+            with policy.anchor():
+                ref_logp = token_logps(
+                    policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
+                )
+        data: dict[str, Any] = {}
+        if args.behaviour_correction != "none":
+            behaviour = getattr(roll, "sampler_logp", None)
+            data["sampler_logp"] = behaviour if behaviour is not None else roll.logp
+        out = loss_fn(logp, roll.logp, adv, mask, ref_logp=ref_logp, **data)
+        loss = aggregate(out.loss, mask, args.aggregate)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
         opt.step()
         policy.eval()
+        if args.ref_sync_every:
+            reference_sync_(policy, step + 1, alpha=args.ref_sync_alpha, every=args.ref_sync_every)
 
-        kl = rl.kl_estimate(roll.logp, roll.ref_logp, estimator="k3")
+        kl = rl.kl_estimate(roll.logp, ref_logp, estimator="k3")
         rec = {
             "step": step,
             "loss": float(loss.detach()),

@@ -97,3 +97,37 @@ def test_example_smoke(script, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "smoke ok" in proc.stdout
+
+
+def _grpo_history(tmp_path: Path, name: str, *args: str) -> list[dict]:
+    import json
+
+    out = tmp_path / name
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grpo_lora.py"), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [
+        {k: v for k, v in r.items() if k != "seconds"}
+        for r in json.loads((out / "grpo_lora.json").read_text())["history"]
+    ]
+
+
+@pytest.mark.slow
+def test_grpo_example_loss_options(tmp_path: Path) -> None:
+    """examples/grpo_lora.py: with HF generate the sampler is the old policy, so --behaviour-correction changes
+    nothing (every weight is 1: the same losses bitwise); a moving reference that is never synced within the
+    run (anchor == reference) gives the same losses; another PG loss (--loss gspo) runs and gives other
+    losses."""
+    plain = _grpo_history(tmp_path, "plain")
+    corrected = _grpo_history(tmp_path, "tis", "--behaviour-correction", "token_truncate")
+    assert [r["loss"] for r in corrected] == [r["loss"] for r in plain]
+    unsynced = _grpo_history(tmp_path, "ref", "--ref-sync-every", "100")
+    assert [r["loss"] for r in unsynced] == [r["loss"] for r in plain]
+    gspo = _grpo_history(tmp_path, "gspo", "--loss", "gspo")
+    assert len(gspo) == len(plain) and [r["loss"] for r in gspo] != [r["loss"] for r in plain]
