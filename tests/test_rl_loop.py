@@ -131,3 +131,27 @@ def test_grpo_example_loss_options(tmp_path: Path) -> None:
     assert [r["loss"] for r in unsynced] == [r["loss"] for r in plain]
     gspo = _grpo_history(tmp_path, "gspo", "--loss", "gspo")
     assert len(gspo) == len(plain) and [r["loss"] for r in gspo] != [r["loss"] for r in plain]
+
+
+def test_grpo_example_vllm_sampler_without_vllm_is_one_clear_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here; the engine path is tested in tests/test_vllm_sampler.py")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "grpo_lora.py"),
+            "--smoke",
+            "--sampler",
+            "vllm",
+            "--out",
+            "o",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "--sampler vllm needs vLLM" in proc.stderr and "Traceback" not in proc.stderr

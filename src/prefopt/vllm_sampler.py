@@ -422,7 +422,13 @@ class VLLMSampler:
         self.dtype = dtype
         self.cpu_cores = cpu_cores
         self.kv_cache_gib = float(kv_cache_gib)
-        self.max_model_len = max_model_len
+        # capped by the model's own limit (vLLM refuses a larger max_model_len)
+        limit = getattr(
+            getattr(policy.model.get_base_model(), "config", None), "max_position_embeddings", None
+        )
+        self.max_model_len = (
+            min(max_model_len, int(limit)) if isinstance(limit, int) and limit > 0 else max_model_len
+        )
         self.max_num_seqs = max_num_seqs
         self.seed = seed
         self.engine_kwargs = dict(engine_kwargs or {})
