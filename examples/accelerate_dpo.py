@@ -33,8 +33,8 @@ Checkpoints and resume: ``--save-every N`` writes ``OUT/checkpoints/step-…`` a
 (:mod:`prefopt.checkpoint`), from the main process, with the *unwrapped* policy: adapter, optimizer state,
 RNG states, data order, step and the metrics so far. ``--resume OUT`` continues from the latest checkpoint;
 every process loads the same one, so the next steps reproduce the uninterrupted run's losses exactly
-(tested for one process, ``--smoke``). What holds with ``W > 1`` processes: under DDP every process holds
-the same adapter, optimizer state, torch RNG state (same seed, same draws) and data order, so the main
+(tested for one process, ``--smoke``; 2 CPU processes under torchrun gave the same, checked by hand).
+What holds with ``W > 1`` processes: under DDP every process holds the same adapter, optimizer state, torch RNG state (same seed, same draws) and data order, so the main
 process's copy is every process's state and a resume with the **same** ``W`` and ``--batch-size`` continues
 the same run (a different ``W`` or batch size is refused: the data position would mean other rows).
 ``OUT`` must be a folder every process can read. Under FSDP the unwrapped policy holds only this process's
