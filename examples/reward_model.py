@@ -16,6 +16,19 @@ median over training steps. One epoch over a few hundred examples, max_length 25
     python examples/reward_model.py --smoke --out /tmp/rm                           # tiny model, seconds
 
 ``--save-lora DIR`` keeps the coffee LoRA reward model (for ``examples/reinforce_lora.py --reward rm``).
+
+Checkpoints and resume (LoRA reward models): ``--save-every N`` writes a checkpoint of each LoRA worker every
+N steps to ``OUT/checkpoints/<task>-lora/checkpoints/step-…`` atomically (:mod:`prefopt.checkpoint`: adapter,
+anchor and value head, optimizer, RNG states, data position = step, the losses and step times so far).
+``--resume OUT`` (the run folder itself) runs every worker again: a LoRA worker continues from its latest
+checkpoint and reproduces the uninterrupted run's losses exactly; a LoRA worker without a checkpoint and the
+fully fine-tuned workers (no checkpoints: they are not a ``LoraPolicy``) start from the beginning. The
+memory and time columns of a resumed worker describe its own process only. ``--max-steps N`` stops each
+worker after N steps (an interrupted run, for tests). An existing, non-empty ``--out`` is refused unless
+``--overwrite`` (which deletes its checkpoints) or ``--resume``.
+
+    python examples/reward_model.py --smoke --tasks coffee_bce --save-every 2 --max-steps 2 --out /tmp/rm
+    python examples/reward_model.py --smoke --tasks coffee_bce --save-every 2 --out /tmp/rm --resume /tmp/rm
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from typing import Any
 
 import torch
 
-from prefopt.checkpoint import prepare_run_dir
+from prefopt.checkpoint import latest_checkpoint, load_training_state, prepare_run_dir, save_training_state
 from prefopt.data import (
     PreferenceCollator,
     UnpairedCollator,
@@ -117,7 +130,13 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     train, test, kind = load_task(task, args)
     model, tok = load_model(args)
     rss_loaded = rss_mb()
-    rm = RewardModel.lora(model) if variant == "lora" else RewardModel.full(model)
+    ckpt_dir = Path(args.out) / "checkpoints" / f"{task}-{variant}"  # LoRA workers only
+    ckpt = latest_checkpoint(ckpt_dir) if args.resume and variant == "lora" else None
+    if ckpt is not None:
+        state = load_training_state(ckpt, model)
+        rm = RewardModel(kind="lora", policy=state.policy)
+    else:
+        rm = RewardModel.lora(model) if variant == "lora" else RewardModel.full(model)
     rm.train()
     lr = args.lr_lora if variant == "lora" else args.lr_full
     opt = torch.optim.AdamW(rm.trainable_parameters(), lr=lr, weight_decay=0.0)
@@ -127,9 +146,25 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     pair_coll = PreferenceCollator(tok, max_length=args.max_length, max_prompt_length=prompt_cap)
     point_coll = UnpairedCollator(tok, max_length=args.max_length, max_prompt_length=prompt_cap)
     bs = args.batch_size  # sequences per step (pairs: bs // 2 pairs)
-    step_times, losses = [], []
+    step_times: list[float] = []
+    losses: list[float] = []
     per_step = bs if kind == "pointwise" else bs // 2
-    for start in range(0, len(train) - per_step + 1, per_step):
+    starts = list(range(0, len(train) - per_step + 1, per_step))  # one epoch, in order
+    if args.max_steps:
+        starts = starts[: args.max_steps]
+    first = 0
+    data_shape = [len(train), per_step]
+    if ckpt is not None:
+        if state.extra["data_shape"] != data_shape:
+            raise SystemExit(
+                f"--resume: {ckpt} was taken with (rows, rows per step) = {state.extra['data_shape']}, "
+                f"this run has {data_shape}: the same --train-examples and --batch-size are needed"
+            )
+        opt.load_state_dict(state.optimizer)
+        first, losses, step_times = state.step, state.extra["losses"], state.extra["step_times"]
+        print(f"resuming {task}/{variant} from {ckpt} (step {first})", file=sys.stderr, flush=True)
+        state.restore_rng()  # last: nothing random may follow
+    for step, start in enumerate(starts[first:], first + 1):
         rows = train[start : start + per_step]
         t0 = time.perf_counter()
         if kind == "pointwise":
@@ -147,6 +182,10 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         step_times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+        if args.save_every and variant == "lora" and step % args.save_every == 0:
+            assert rm.policy is not None
+            extra = {"losses": losses, "step_times": step_times, "data_shape": data_shape}
+            save_training_state(ckpt_dir, policy=rm.policy, optimizer=opt, step=step, extra=extra)
     rm.eval()
     correct, total = 0, 0
     with torch.no_grad():
@@ -170,6 +209,8 @@ def worker(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "rss_after_load_mb": rss_loaded,
         "first_loss": losses[0] if losses else float("nan"),
         "last_loss": statistics.mean(losses[-3:]) if losses else float("nan"),
+        "losses": losses,
+        "resumed_from_step": first,
         "trainable_params": sum(p.numel() for p in rm.trainable_parameters()),
         # rows the collators dropped (see prefopt.data bad-row rules), training and evaluation together
         "collator_skipped": {
@@ -205,10 +246,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--save-lora", default=None, help="directory for the coffee LoRA reward model")
     ap.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    ap.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint each LoRA worker every N steps (0: never)"
+    )
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue the run folder OUT (= --out) from its checkpoints",
+    )
+    ap.add_argument("--max-steps", type=int, default=0, help="stop each worker after N steps (0: one epoch)")
     ap.add_argument("--worker", nargs=2, metavar=("TASK", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for name in ("save_every", "max_steps"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
     if args.smoke:
-        args.train_examples, args.test_pairs, args.max_length, args.threads = 16, 8, 128, 1
+        if args.train_examples == ap.get_default("train_examples"):
+            args.train_examples = 16
+        args.test_pairs, args.max_length, args.threads = 8, 128, 1
         if args.tasks == ",".join(TASKS):
             args.tasks = "coffee_bce,coffee_bt"  # the BCE and the BT path; hh_bt is the BT path again
     torch.set_num_threads(args.threads)
@@ -217,10 +273,18 @@ def main() -> None:
         return
     if not args.smoke and not Path(args.data).is_dir():
         sys.exit(f"--data {args.data} not found (use --smoke for a run without data)")
-    try:
-        prepare_run_dir(args.out, overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise SystemExit(str(err)) from None
+    if args.resume is not None:
+        if Path(args.resume).resolve() != Path(args.out).resolve():
+            raise SystemExit(
+                "--resume must be the run folder --out (each worker resumes from OUT/checkpoints)"
+            )
+        if not (Path(args.out) / "checkpoints").is_dir():
+            raise SystemExit(f"nothing to resume: no checkpoints folder in {args.out}")
+    else:
+        try:
+            prepare_run_dir(args.out, overwrite=args.overwrite)
+        except FileExistsError as err:
+            raise SystemExit(str(err)) from None
     results = []
     passthrough = [a for a in sys.argv[1:]]
     for task in args.tasks.split(","):
