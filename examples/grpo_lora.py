@@ -21,6 +21,7 @@ MODE`` feeds the sampler's log-probs as ``sampler_logp`` (TIS/MIS and the sequen
 is used). ``--ref-sync-every N`` makes
 the reference move (TR-DPO style, on the same backbone): the KL term is taken against the EMA anchor adapter,
 and :func:`prefopt.policy.reference_sync_` mixes the policy into it every ``N`` steps with ``--ref-sync-alpha``.
+``--shared-prompt`` runs each prompt once for its G completions in the loss forward (exact).
 
     python examples/grpo_lora.py --steps 20 --out runs/grpo
     python examples/grpo_lora.py --smoke --out /tmp/grpo          # tiny model, 2 steps, reward: digits
@@ -53,6 +54,7 @@ from prefopt.masked import aggregate, masked_mean
 from prefopt.policy import LoraPolicy, reference_sync_
 from prefopt.registry import get_loss
 from prefopt.sampling import HFSampler
+from prefopt.shared_prefix import shared_prompt_rollout_logps
 
 _INT = re.compile(r"-?\d+")
 PG_LOSSES = ("grpo", "gspo", "gspo_token", "cispo", "sapo")
@@ -162,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="moving reference: sync the anchor every N steps (0: frozen)",
     )
     ap.add_argument("--ref-sync-alpha", type=float, default=0.6, help="moving reference: mixing weight α")
+    ap.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="run each prompt once for its G completions in the loss forward (exact; prefopt.shared_prefix)",
+    )
     ap.add_argument(
         "--sampler",
         default="hf",
@@ -301,9 +308,12 @@ def main(argv: list[str] | None = None) -> None:
 
         policy.train()
         mask = roll.completion_mask
-        logp = token_logps(
-            policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
-        )
+        if args.shared_prompt:
+            logp = shared_prompt_rollout_logps(policy.model, roll, temperature=args.temperature)
+        else:
+            logp = token_logps(
+                policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
+            )
         ref_logp = roll.ref_logp
         if args.ref_sync_every:  # the moving reference: the anchor adapter on the same backbone
             with policy.anchor():

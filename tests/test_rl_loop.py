@@ -122,13 +122,17 @@ def _grpo_history(tmp_path: Path, name: str, *args: str) -> list[dict]:
 def test_grpo_example_loss_options(tmp_path: Path) -> None:
     """examples/grpo_lora.py: with HF generate the sampler is the old policy, so --behaviour-correction changes
     nothing (every weight is 1: the same losses bitwise); a moving reference that is never synced within the
-    run (anchor == reference) gives the same losses; another PG loss (--loss gspo) runs and gives other
+    run (anchor == reference) gives the same losses; --shared-prompt (each prompt once for its G completions)
+    gives them up to float rounding; another PG loss (--loss gspo) runs and gives other
     losses."""
     plain = _grpo_history(tmp_path, "plain")
     corrected = _grpo_history(tmp_path, "tis", "--behaviour-correction", "token_truncate")
     assert [r["loss"] for r in corrected] == [r["loss"] for r in plain]
     unsynced = _grpo_history(tmp_path, "ref", "--ref-sync-every", "100")
     assert [r["loss"] for r in unsynced] == [r["loss"] for r in plain]
+    shared = _grpo_history(tmp_path, "shared", "--shared-prompt")
+    for a, b in zip(shared, plain):  # the prompt run once: the same losses up to float rounding
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["reward"] == b["reward"]
     gspo = _grpo_history(tmp_path, "gspo", "--loss", "gspo")
     assert len(gspo) == len(plain) and [r["loss"] for r in gspo] != [r["loss"] for r in plain]
 

@@ -388,3 +388,29 @@ def test_merged_sampling_validates():
     sampler = HFSampler(policy, merged=True, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
     with policy.anchor(), pytest.raises(RuntimeError, match=r"inside policy\.anchor"):
         sampler.generate(left_padded(PROMPTS))
+
+
+@pytest.mark.parametrize("method", ["packed", "cache"])
+def test_shared_prompt_rollout_logps_equals_token_logps(method: str) -> None:
+    """A rollout of G = 3 completions per prompt (uneven prompts, EOS-shortened completions): the prompt run
+    once gives the duplicated forward's per-token log-probs (values and LoRA gradients), in the rollout's
+    layout, 0 outside the completion mask."""
+    from prefopt.shared_prefix import shared_prompt_rollout_logps
+
+    policy, _ = perturbed_policy(seed=4)
+    sampler = HFSampler(policy, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, temperature=1.3)
+    torch.manual_seed(0)
+    roll = sampler.generate(left_padded(PROMPTS), n=3)
+    assert roll.num_samples == 3
+    params = policy.trainable_parameters()
+    want = token_logps(
+        policy.model, roll.input_ids, roll.attention_mask, roll.completion_mask, temperature=1.3
+    )
+    g_want = torch.autograd.grad(want.sum(), params)
+    got = shared_prompt_rollout_logps(policy.model, roll, temperature=1.3, method=method)
+    g_got = torch.autograd.grad(got.sum(), params)
+    assert got.shape == want.shape
+    assert bool((got[~roll.completion_mask] == 0).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

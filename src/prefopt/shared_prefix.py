@@ -62,6 +62,7 @@ from prefopt.types import PairLogps, SharedPromptBatch, check_mask, check_tensor
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "shared_prompt_pair_logps",
+    "shared_prompt_rollout_logps",
     "shared_prompt_token_logps",
     "unsplit_shared_prompt",
 ]
@@ -378,3 +379,70 @@ def shared_prompt_pair_logps(
     s = seq_sum(logp, mask)
     n = seq_len(mask)
     return PairLogps(chosen=s[:b], rejected=s[b:], chosen_len=n[:b], rejected_len=n[b:])
+
+
+def shared_prompt_rollout_logps(
+    model: Any,
+    rollout: Any,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    method: str = "packed",
+) -> Tensor:
+    """Per-token log-probs of a [`Rollout`][prefopt.sampling.Rollout] with each prompt run once for its ``n``
+    completions (the ``G`` completions of a GRPO group), in the rollout's own layout.
+
+    The same values as ``token_logps(model, rollout.input_ids, rollout.attention_mask,
+    rollout.completion_mask, temperature=...)`` — ``(b, T)``, 0 outside the completion mask — from
+    :func:`shared_prompt_token_logps`: the rollout's prompt-major rows (``k·n + j``: sample ``j`` of prompt
+    ``k``) are split at ``prompt_len`` into ``B`` right-padded prompts and ``nB`` completion rows (row
+    ``j·B + k``), and the result is put back. Worth it when prompts are long against completions.
+
+    Args:
+        model: as in :func:`shared_prompt_token_logps` (a ``LoraPolicy``'s ``.model``, or a plain model).
+        rollout: a ``Rollout`` (right-padded rows ``[prompt, completion, pad]``; the ``n`` rows of a prompt
+            share its tokens).
+        chunk_size: completion tokens per LM-head chunk.
+        temperature: ``τ > 0`` dividing the final logits.
+        method: ``"packed"`` (default) or ``"cache"``.
+
+    Returns:
+        ``(b, T)`` log-probs, float32 (float64 for a float64 model).
+    """
+    ids, am, cm = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
+    n = int(rollout.num_samples)
+    b, t = ids.shape
+    if n < 1 or b % n:
+        raise ValueError(f"rollout has {b} rows, not a multiple of num_samples = {n}")
+    n_prompts = b // n
+    plen = rollout.prompt_len.long()
+    first = torch.arange(n_prompts, device=ids.device) * n  # one row per prompt
+    p_len = plen[first]
+    p_max = int(p_len.max())
+    cols = torch.arange(p_max, device=ids.device)
+    p_mask = cols[None, :] < p_len[:, None]
+    zero = torch.zeros((), dtype=ids.dtype, device=ids.device)
+    prompt_ids = torch.where(p_mask, ids[first][:, :p_max], zero)
+    # the completion part of every row, shifted left by its prompt length, rows reordered to j·B + k
+    c_len = (am.long().sum(1) - plen).clamp(min=0)
+    c_cols = torch.arange(max(int(c_len.max()), 1), device=ids.device)
+    src = (plen[:, None] + c_cols[None, :]).clamp(max=t - 1)
+    inside = c_cols[None, :] < c_len[:, None]
+    order = (first[None, :] + torch.arange(n, device=ids.device)[:, None]).reshape(
+        -1
+    )  # row j·B + k ← k·n + j
+    lp = shared_prompt_token_logps(
+        model,
+        prompt_ids,
+        p_mask.long(),
+        torch.where(inside, ids.gather(1, src), zero)[order],
+        (cm.gather(1, src) & inside)[order],
+        completion_attention_mask=inside[order].long(),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        method=method,
+    )
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=ids.device)
+    vals = torch.where(inside, lp[back], lp.new_zeros(()))
+    return lp.new_zeros(b, t).scatter_add(1, src, vals)
