@@ -550,6 +550,17 @@ def _k3(logp: Tensor, ref: Tensor) -> Tensor:
     return torch.expm1(-log_ratio) + log_ratio
 
 
+def _with_k3(
+    per_token: Tensor, lp: Tensor, ref_logp: Tensor | None, mask: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """``(per_token + β·k3, k3)`` — the KL-in-the-loss term of the clipped objectives (k3 is 0 without
+    ``ref_logp``; the sum is only formed for ``β > 0``, so ``β = 0`` returns ``per_token`` bitwise)."""
+    if ref_logp is None:
+        return per_token, torch.zeros_like(lp)
+    kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
+    return (per_token + beta * kl if beta > 0 else per_token), kl
+
+
 @register_loss(
     "grpo",
     inputs="tokens",
@@ -668,11 +679,7 @@ def grpo(
         opsm_threshold,
     )
     per_token = _apply_keep(c.loss, keep, weight, sampler_logp is not None)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
-        if beta > 0:
-            per_token = per_token + beta * kl
+    per_token, kl = _with_k3(per_token, lp, ref_logp, mask, beta)
     loss = torch.where(mask, per_token, _zero(lp))
     metrics = _metrics(
         mask,
@@ -732,11 +739,7 @@ def _gspo(
     c = _clipped(log_ratio, adv, lo, hi)
     keep, weight, wm = _policy_keep(lp, old_logp, adv, mask, sampler_logp, policy_mask, *correction)
     per_token = _apply_keep(c.loss, keep, weight, sampler_logp is not None)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
-        if beta > 0:
-            per_token = per_token + beta * kl
+    per_token, kl = _with_k3(per_token, lp, ref_logp, mask, beta)
     out = torch.where(mask, per_token, _zero(lp))
     metrics = _metrics(
         mask, lp, kl=kl, ratio=c.ratio, clip_low=c.clip_low, clip_high=c.clip_high, advantages=adv, **wm
@@ -998,11 +1001,7 @@ def cispo(
         opsm_threshold,
     )
     per_token = _apply_keep(-weight * adv * lp, keep, is_w, sampler_logp is not None)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
-        if beta > 0:
-            per_token = per_token + beta * kl
+    per_token, kl = _with_k3(per_token, lp, ref_logp, mask, beta)
     loss = torch.where(mask, per_token, _zero(lp))
     metrics = _metrics(
         mask,
@@ -1102,11 +1101,7 @@ def sapo(
         opsm_threshold,
     )
     per_token = _apply_keep(-(4.0 / tau) * sig * adv, keep, weight, sampler_logp is not None)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        kl = _k3(lp, _tokens("ref_logp", ref_logp, mask, detach=True).to(lp.dtype))
-        if beta > 0:
-            per_token = per_token + beta * kl
+    per_token, kl = _with_k3(per_token, lp, ref_logp, mask, beta)
     loss = torch.where(mask, per_token, _zero(lp))
     gate = 4.0 * sig * (1.0 - sig) * ratio
     metrics = _metrics(mask, lp, ratio=ratio, gate_weight=gate, kl=kl, advantages=adv, **wm)
