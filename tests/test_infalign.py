@@ -28,6 +28,8 @@ from prefopt.losses.bon_family import (
     vbon_log_ratio,
 )
 from prefopt.rl import rloo_advantages
+from prefopt.testing import lbfgs_argmin
+from prefopt.testing import tv_distance as tv
 from prefopt.types import BestOfNSamples
 
 F64 = torch.float64
@@ -38,10 +40,6 @@ REWARDS = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=F64)
 POOL = torch.repeat_interleave(REWARDS, COUNTS)
 K = 6
 TRANSFORMS = [("identity", 1.0), ("bon", 5.0), ("won", 3.0)]
-
-
-def tv(p: torch.Tensor, q: torch.Tensor) -> float:
-    return 0.5 * float((p - q).abs().sum())
 
 
 def exact_c(ref: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
@@ -71,27 +69,6 @@ def beta_for_kl(phi: torch.Tensor, kl: float, ref: torch.Tensor = REF) -> float:
         else:
             hi = mid
     return math.exp((lo + hi) / 2)
-
-
-def lbfgs_argmin(fn, theta0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1,
-        max_iter=2000,
-        tolerance_grad=1e-13,
-        tolerance_change=1e-16,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = fn(theta)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return theta.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from prefopt.losses.bon_family import (
 from prefopt.losses.bond import bond
 from prefopt.losses.margin import dpo
 from prefopt.registry import available_losses, get_loss
+from prefopt.testing import lbfgs_argmin
+from prefopt.testing import tv_distance as tv
 from prefopt.types import BestOfNSamples, PairLogps
 
 F64 = torch.float64
@@ -37,31 +39,6 @@ REF = COUNTS.to(F64) / K_POOL
 REWARDS = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=F64)
 POOL = torch.repeat_interleave(REWARDS, COUNTS)  # empirical CDF = the exact quantiles under REF
 K = 6
-
-
-def tv(p: torch.Tensor, q: torch.Tensor) -> float:
-    return 0.5 * float((p - q).abs().sum())
-
-
-def lbfgs_argmin(fn, theta0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1,
-        max_iter=2000,
-        tolerance_grad=1e-13,
-        tolerance_change=1e-16,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = fn(theta)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return theta.detach()
 
 
 def test_registered_family_and_defaults() -> None:

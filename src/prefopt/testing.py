@@ -3,6 +3,9 @@
 - :func:`char_tokenizer` — a character-level ``PreTrainedTokenizerFast`` (printable ASCII + newline) with
   ``<pad>``, ``<eos>`` and a minimal ChatML-style chat template.
 - :func:`tiny_causal_lm` — a randomly initialised, seeded causal LM of a given architecture family.
+- :func:`tv_distance` and :func:`lbfgs_argmin` — exact-case oracles on a categorical distribution (a one-token
+  language model with its logits as parameters): the distance to a target distribution and the minimiser of
+  an exact objective.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-__all__ = ["TINY_CHAT_TEMPLATE", "char_tokenizer", "tiny_causal_lm"]
+__all__ = ["TINY_CHAT_TEMPLATE", "char_tokenizer", "lbfgs_argmin", "tiny_causal_lm", "tv_distance"]
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
@@ -87,3 +90,33 @@ def tiny_causal_lm(
     model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model
+
+
+def tv_distance(p: Any, q: Any) -> float:
+    """Total-variation distance ``½ Σ_y |p(y) − q(y)|`` of two distributions over the last dim (a float)."""
+    return 0.5 * float((p - q).abs().sum())
+
+
+def lbfgs_argmin(fn: Any, theta0: Any) -> Any:
+    """``argmin_θ fn(θ)`` by L-BFGS with a strong-Wolfe line search from ``theta0`` (a tensor, not modified),
+    to gradient tolerance 1e-13: the fixed point of an exact objective on a categorical, in float64."""
+    import torch
+
+    theta = theta0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1,
+        max_iter=2000,
+        tolerance_grad=1e-13,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = fn(theta)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta.detach()
