@@ -414,3 +414,28 @@ def test_shared_prompt_rollout_logps_equals_token_logps(method: str) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_tensors_accepts_every_prompt_form_and_names_bad_input() -> None:
+    """The one prompt normaliser of HFSampler and VLLMSampler: PromptBatch, dict (mask defaults to ones),
+    strings (through PromptCollator); bad forms raise errors naming ``prompts`` and the sampler."""
+    from prefopt.data import PromptCollator
+    from prefopt.sampling import prompt_tensors
+
+    tok = char_tokenizer()
+    batch = PromptCollator(tok)(["ab", "abcd"])
+    ids, mask = prompt_tensors(batch)
+    assert torch.equal(ids, batch.input_ids) and torch.equal(mask, batch.attention_mask.long())
+    ids2, mask2 = prompt_tensors(["ab", "abcd"], tok)
+    assert torch.equal(ids2, ids) and torch.equal(mask2, mask)
+    ids3, mask3 = prompt_tensors({"input_ids": ids})
+    assert ids3 is ids
+    assert mask3.dtype == torch.long and bool((mask3 == 1).all())
+    with pytest.raises(ValueError, match=r"need VLLMSampler\(\.\.\., tokenizer=\.\.\.\)"):
+        prompt_tensors(["ab"], None, sampler="VLLMSampler")
+    with pytest.raises(TypeError, match="prompts must be"):
+        prompt_tensors(42)
+    with pytest.raises(ValueError, match=r"prompts\['input_ids'\]"):
+        prompt_tensors({"input_ids": ids.float()})
+    with pytest.raises(ValueError, match=r"prompts\['attention_mask'\]"):
+        prompt_tensors({"input_ids": ids, "attention_mask": mask[:, :1]})

@@ -67,6 +67,7 @@ __all__ = [
     "best_of_n",
     "completion_mask_after_eos",
     "pack_rollout",
+    "prompt_tensors",
     "score_rollout",
 ]
 
@@ -377,6 +378,50 @@ def _check_number(name: str, value: Any, *, low: float, high: float, low_open: b
     return float(value)
 
 
+def prompt_tensors(
+    prompts: Any, tokenizer: Any = None, *, sampler: str = "the sampler"
+) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``(B, P)`` (the mask as long) from the prompts a sampler accepts: a
+    [`PromptBatch`][prefopt.types.PromptBatch], a dict ``{"input_ids", "attention_mask"}`` (mask optional:
+    all ones), or a list of strings (tokenized with ``prefopt.data.PromptCollator``, which needs
+    ``tokenizer``). Raises ``TypeError``/``ValueError`` naming ``prompts``; ``sampler`` names the class in the
+    missing-tokenizer error."""
+    if (
+        isinstance(prompts, Sequence)
+        and not isinstance(prompts, str)
+        and prompts
+        and all(isinstance(p, str) for p in prompts)
+    ):
+        if tokenizer is None:
+            raise ValueError(f"prompts given as strings need {sampler}(..., tokenizer=...)")
+        from prefopt.data import PromptCollator
+
+        prompts = PromptCollator(tokenizer, strict=True)(list(prompts))
+    if isinstance(prompts, PromptBatch):
+        prompts = {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask}
+    if not isinstance(prompts, Mapping) or "input_ids" not in prompts:
+        raise TypeError(
+            "prompts must be a PromptBatch, a dict with 'input_ids' (and 'attention_mask'), e.g. from "
+            "prefopt.data.PromptCollator, or a list of strings"
+        )
+    ids = prompts["input_ids"]
+    if (
+        not isinstance(ids, Tensor)
+        or ids.ndim != 2
+        or ids.dtype == torch.bool
+        or torch.is_floating_point(ids)
+    ):
+        raise ValueError(
+            f"prompts['input_ids'] must be a (B, P) integer tensor, got {getattr(ids, 'shape', ids)!r}"
+        )
+    mask = prompts.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        raise ValueError("prompts['attention_mask'] must be a tensor with the shape of input_ids")
+    return ids, mask.long()
+
+
 class HFSampler:
     """Batched sampling with Hugging Face ``generate`` (KV cache), then :func:`pack_rollout` and
     :func:`score_rollout`. Satisfies :class:`Sampler`.
@@ -494,40 +539,7 @@ class HFSampler:
         return GenerationConfig(**kwargs)
 
     def _prompt_batch(self, prompts: Any) -> tuple[Tensor, Tensor]:
-        if (
-            isinstance(prompts, Sequence)
-            and not isinstance(prompts, str)
-            and prompts
-            and all(isinstance(p, str) for p in prompts)
-        ):
-            if self.tokenizer is None:
-                raise ValueError("prompts given as strings need HFSampler(..., tokenizer=...)")
-            from prefopt.data import PromptCollator
-
-            prompts = PromptCollator(self.tokenizer, strict=True)(list(prompts))
-        if isinstance(prompts, PromptBatch):
-            prompts = {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask}
-        if not isinstance(prompts, Mapping) or "input_ids" not in prompts:
-            raise TypeError(
-                "prompts must be a dict with 'input_ids' (and 'attention_mask'), e.g. from "
-                "prefopt.data.PromptCollator, or a list of strings"
-            )
-        ids = prompts["input_ids"]
-        if (
-            not isinstance(ids, Tensor)
-            or ids.ndim != 2
-            or ids.dtype in (torch.bool,)
-            or torch.is_floating_point(ids)
-        ):
-            raise ValueError(
-                f"prompts['input_ids'] must be a (B, P) integer tensor, got {getattr(ids, 'shape', ids)!r}"
-            )
-        mask = prompts.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(ids)
-        if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-            raise ValueError("prompts['attention_mask'] must be a tensor with the shape of input_ids")
-        mask = mask.long()
+        ids, mask = prompt_tensors(prompts, self.tokenizer, sampler="HFSampler")
         if ids.shape[1] and bool((mask[:, -1] == 0).any()):
             raise ValueError(
                 "prompts must be LEFT-padded (attention_mask[:, -1] is 0 in some row); use "

@@ -69,8 +69,7 @@ import torch
 from torch import Tensor
 
 from prefopt.policy import is_lora_policy
-from prefopt.sampling import Rollout, pack_rollout, score_rollout
-from prefopt.types import PromptBatch
+from prefopt.sampling import Rollout, pack_rollout, prompt_tensors, score_rollout
 
 __all__ = [
     "ROUTES",
@@ -241,34 +240,7 @@ def write_checkpoint(
 
 def _prompt_rows(prompts: Any, tokenizer: Any) -> list[list[int]]:
     """Token ids of each prompt, padding removed (any padding side)."""
-    if (
-        isinstance(prompts, Sequence)
-        and not isinstance(prompts, str)
-        and prompts
-        and all(isinstance(p, str) for p in prompts)
-    ):
-        if tokenizer is None:
-            raise ValueError("prompts given as strings need VLLMSampler(..., tokenizer=...)")
-        from prefopt.data import PromptCollator
-
-        prompts = PromptCollator(tokenizer, strict=True)(list(prompts))
-    if isinstance(prompts, PromptBatch):
-        prompts = {"input_ids": prompts.input_ids, "attention_mask": prompts.attention_mask}
-    if not isinstance(prompts, Mapping) or "input_ids" not in prompts:
-        raise TypeError(
-            "prompts must be a PromptBatch, a dict with 'input_ids' (and 'attention_mask'), e.g. from "
-            "prefopt.data.PromptCollator, or a list of strings"
-        )
-    ids = prompts["input_ids"]
-    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype == torch.bool or ids.is_floating_point():
-        raise ValueError(
-            f"prompts['input_ids'] must be a (B, P) integer tensor, got {getattr(ids, 'shape', ids)!r}"
-        )
-    mask = prompts.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
-    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
-        raise ValueError("prompts['attention_mask'] must be a tensor with the shape of input_ids")
+    ids, mask = prompt_tensors(prompts, tokenizer, sampler="VLLMSampler")
     rows = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
     if not rows:
         raise ValueError("prompts is empty")
