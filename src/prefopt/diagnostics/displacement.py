@@ -566,6 +566,17 @@ def _check_target(target: Any, lead: tuple[int, ...], vocab: int) -> Tensor:
     return target.long()
 
 
+def _squeeze_inputs(logits: Tensor, target: Tensor, eta: float) -> tuple[float, Tensor, Tensor, Tensor]:
+    """Checked ``(η, target, π = softmax(logits), onehot(target))`` of the squeezing helpers."""
+    check_tensor("logits", logits)
+    if logits.ndim < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary)")
+    eta = _check_number("eta", eta, lo=0.0, lo_open=False)
+    t = _check_target(target, tuple(logits.shape[:-1]), logits.shape[-1])
+    p = torch.softmax(logits, dim=-1)
+    return eta, t, p, F.one_hot(t, logits.shape[-1]).to(logits.dtype)
+
+
 def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
     r"""Exact probabilities after one gradient step *down* on ``log π(ȳ)``, logits as free parameters.
 
@@ -585,13 +596,7 @@ def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
     Returns:
         ``(..., V)`` probabilities ``π⁺`` (dtype of ``logits``).
     """
-    check_tensor("logits", logits)
-    if logits.ndim < 1:
-        raise ValueError("logits must have at least one dimension (the vocabulary)")
-    eta = _check_number("eta", eta, lo=0.0, lo_open=False)
-    t = _check_target(target, tuple(logits.shape[:-1]), logits.shape[-1])
-    p = torch.softmax(logits, dim=-1)
-    onehot = F.one_hot(t, logits.shape[-1]).to(logits.dtype)
+    eta, _, p, onehot = _squeeze_inputs(logits, target, eta)
     return torch.softmax(logits - eta * (onehot - p), dim=-1)
 
 
@@ -605,13 +610,7 @@ def squeeze_first_order(logits: Tensor, target: Tensor, *, eta: float) -> Tensor
     so a token ``i ≠ ȳ`` gains iff ``π_i > ‖π‖² − π_ȳ`` ("the rich get richer"; Ren & Sutherland 2024,
     arXiv 2407.10490; derived here). Differentiable.
     """
-    check_tensor("logits", logits)
-    if logits.ndim < 1:
-        raise ValueError("logits must have at least one dimension (the vocabulary)")
-    eta = _check_number("eta", eta, lo=0.0, lo_open=False)
-    t = _check_target(target, tuple(logits.shape[:-1]), logits.shape[-1])
-    p = torch.softmax(logits, dim=-1)
-    onehot = F.one_hot(t, logits.shape[-1]).to(logits.dtype)
+    eta, t, p, onehot = _squeeze_inputs(logits, target, eta)
     p_t = p.gather(-1, t.unsqueeze(-1))
     return eta * (p - onehot - (p * p).sum(-1, keepdim=True) + p_t)
 
