@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--loss {args.loss} / --hp: {err}") from None
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     sampler: Any
+    # a moving reference is scored below under policy.anchor(): the sampler skips the frozen-reference forward
+    reference: Any = None if args.ref_sync_every else "auto"
     if args.sampler == "vllm":
         import importlib.util
 
@@ -255,9 +257,12 @@ def main(argv: list[str] | None = None) -> None:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            reference=reference,
         )
     else:
-        sampler = HFSampler(policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        sampler = HFSampler(
+            policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, reference=reference
+        )
     collate = PromptCollator(tok, add_special_tokens=False)
 
     def render(problems: list[tuple[str, int]]) -> list[str]:
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         problems = make_problems(args.prompts_per_step, rng, args.max_operand)
         texts = render(problems)
         roll = sampler.generate(collate(texts), n=args.group_size)
-        assert roll.logp is not None and roll.ref_logp is not None
+        assert roll.logp is not None and (roll.ref_logp is not None or args.ref_sync_every)
         answers = [problems[int(k)][1] for k in roll.prompt_index]
         rewards = score(roll.completions(tok), answers)
         adv = rl.group_advantages(roll.grouped(rewards)).reshape(-1)
@@ -314,12 +319,10 @@ def main(argv: list[str] | None = None) -> None:
             logp = token_logps(
                 policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
             )
-        ref_logp = roll.ref_logp
-        if args.ref_sync_every:  # the moving reference: the anchor adapter on the same backbone
-            with policy.anchor():
-                ref_logp = token_logps(
-                    policy.model, roll.input_ids, roll.attention_mask, mask, temperature=args.temperature
-                )
+        ref_logp: Any = roll.ref_logp
+        if args.ref_sync_every:  # the moving reference: the anchor adapter, scored at temperature 1 like
+            with policy.anchor():  # the sampler's frozen reference (score_rollout)
+                ref_logp = token_logps(policy.model, roll.input_ids, roll.attention_mask, mask)
         data: dict[str, Any] = {}
         if args.behaviour_correction != "none":
             behaviour = getattr(roll, "sampler_logp", None)

@@ -130,6 +130,10 @@ def test_grpo_example_loss_options(tmp_path: Path) -> None:
     assert [r["loss"] for r in corrected] == [r["loss"] for r in plain]
     unsynced = _grpo_history(tmp_path, "ref", "--ref-sync-every", "100")
     assert [r["loss"] for r in unsynced] == [r["loss"] for r in plain]
+    # also at a sampling temperature != 1 (the reference is scored at temperature 1 on both paths)
+    hot = _grpo_history(tmp_path, "hot", "--temperature", "1.5")
+    hot_unsynced = _grpo_history(tmp_path, "hot_ref", "--temperature", "1.5", "--ref-sync-every", "100")
+    assert [r["loss"] for r in hot_unsynced] == [r["loss"] for r in hot]
     shared = _grpo_history(tmp_path, "shared", "--shared-prompt")
     for a, b in zip(shared, plain):  # the prompt run once: the same losses up to float rounding
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["reward"] == b["reward"]
