@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--shared-prompt",
         action="store_true",
-        help="run each prompt once for its G completions in the loss forward (exact; prefopt.shared_prefix)",
+        help="run each prompt once for its G completions in the loss forward and the sampler's scoring "
+        "(exact; prefopt.shared_prefix)",
     )
     ap.add_argument(
         "--sampler",
@@ -261,7 +262,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         sampler = HFSampler(
-            policy, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, reference=reference
+            policy,
+            tok,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            reference=reference,
+            shared_prompt=args.shared_prompt,
         )
     collate = PromptCollator(tok, add_special_tokens=False)
 

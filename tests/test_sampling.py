@@ -416,6 +416,48 @@ def test_shared_prompt_rollout_logps_equals_token_logps(method: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch_size", [None, 6])
+def test_sampler_shared_prompt_scoring_equals_the_duplicated_forward(batch_size: int | None) -> None:
+    """``HFSampler(shared_prompt=True)``: the same samples (same seed) and the same behaviour (τ = 1.3) and
+    reference log-probs as the duplicated forward, in float64 to rounding; ``score_rollout`` in row batches
+    of whole groups gives the same again."""
+    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=5).double()
+    policy = LoraPolicy(base, lora_cfg())
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    kw = {"max_new_tokens": 6, "eos_token_id": EOS, "pad_token_id": PAD, "temperature": 1.3}
+    torch.manual_seed(0)
+    plain = HFSampler(policy, **kw).generate(left_padded(PROMPTS), n=3)
+    torch.manual_seed(0)
+    shared = HFSampler(policy, shared_prompt=True, **kw).generate(left_padded(PROMPTS), n=3)
+    assert shared.completion_ids() == plain.completion_ids()
+    assert plain.logp is not None and shared.logp is not None
+    assert plain.ref_logp is not None and shared.ref_logp is not None
+    torch.testing.assert_close(shared.logp, plain.logp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(shared.ref_logp, plain.ref_logp, atol=1e-12, rtol=0)
+    assert (plain.logp - plain.ref_logp).abs().max() > 1e-2  # the policy is not the reference
+    rescored = score_rollout(plain, policy, temperature=1.3, batch_size=batch_size, shared_prompt=True)
+    assert rescored.logp is not None and rescored.ref_logp is not None
+    torch.testing.assert_close(rescored.logp, plain.logp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rescored.ref_logp, plain.ref_logp, atol=1e-12, rtol=0)
+
+
+def test_shared_prompt_scoring_validates() -> None:
+    policy, _ = perturbed_policy(seed=8)
+    with pytest.raises(TypeError, match="shared_prompt must be a bool"):
+        HFSampler(policy, shared_prompt="yes", eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(0)
+    roll = HFSampler(policy, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD).generate(
+        left_padded(PROMPTS), n=3
+    )
+    with pytest.raises(ValueError, match=r"batch_size to be a multiple of rollout\.num_samples"):
+        score_rollout(roll, policy, batch_size=4, shared_prompt=True)
+    with pytest.raises(TypeError, match="shared_prompt must be a bool"):
+        score_rollout(roll, policy, shared_prompt=1)
+
+
 def test_prompt_tensors_accepts_every_prompt_form_and_names_bad_input() -> None:
     """The one prompt normaliser of HFSampler and VLLMSampler: PromptBatch, dict (mask defaults to ones),
     strings (through PromptCollator); bad forms raise errors naming ``prompts`` and the sampler."""

@@ -14,7 +14,7 @@ Why re-pack to the right: after re-packing every row starts at position 0, so po
 for every architecture (absolute position embeddings included) and the same tensors can be fed to
 ``token_logps``, ``LoraPolicy.values`` and a reward model without any left-padding bookkeeping.
 
-Behaviour log-probs are **recomputed** with :func:`prefopt.logprobs.token_logps` at the sampling
+Behaviour log-probs are **recomputed** with [`token_logps`][prefopt.logprobs.token_logps] at the sampling
 temperature — the same function the training step uses, so at the first update ``logp == old_logp`` and the
 PPO/GRPO ratio is exactly 1. They are the log-probs of the temperature-scaled distribution
 ``softmax(z/τ)``, *not* of the top-p/top-k truncated one (as TRL and vLLM report them); with ``top_p < 1``
@@ -23,8 +23,8 @@ the sampled tokens come from a slightly different distribution than ``old_logp``
 ``generate`` returns.
 
 **Plugging in another engine** (vLLM, SGLang, a server): anything with a method
-``generate(prompts, n=1) -> Rollout`` satisfies :class:`Sampler`. The easy way to write one: produce token ids
-with the engine, then call :func:`pack_rollout` (EOS cut, masks, layout) and :func:`score_rollout`
+``generate(prompts, n=1) -> Rollout`` satisfies [`Sampler`][prefopt.sampling.Sampler]. The easy way to write one: produce token ids
+with the engine, then call [`pack_rollout`][prefopt.sampling.pack_rollout] (EOS cut, masks, layout) and [`score_rollout`][prefopt.sampling.score_rollout]
 (log-probs recomputed by the training model, so that the ratio starts at 1 even if the engine's numerics
 differ); the engine's weights must be synced from the policy after each update (e.g. merge the LoRA
 adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's LoRA support)::
@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from prefopt.bon import check_n
 from prefopt.logprobs import token_logps
 from prefopt.policy import eval_mode, is_lora_policy
+from prefopt.shared_prefix import shared_prompt_rollout_logps
 from prefopt.types import PromptBatch
 
 __all__ = [
@@ -94,7 +95,7 @@ class Rollout:
         prompt_index: ``(b,)`` long, which prompt of the input batch each row belongs to (``i // n``).
         num_samples: ``n``, completions per prompt.
         logp: ``(b, T)`` float32 behaviour log-probs ``log π_old(y_t | ·)`` at the sampling temperature, 0
-            outside ``completion_mask``; None until :func:`score_rollout`.
+            outside ``completion_mask``; None until [`score_rollout`][prefopt.sampling.score_rollout].
         ref_logp: ``(b, T)`` float32 reference log-probs (temperature 1), same layout; None if not computed.
         sampler_logp: ``(b, T)`` float32 log-probs of the sampled tokens as the *sampling engine* reported
             them (e.g. vLLM's, see ``prefopt.vllm_sampler``), same layout, 0 outside ``completion_mask``; the
@@ -216,7 +217,7 @@ def pack_rollout(
     pad_token_id: int,
     num_samples: int = 1,
 ) -> Rollout:
-    """Build a :class:`Rollout` (no log-probs yet) from per-row prompt and completion tokens.
+    """Build a [`Rollout`][prefopt.sampling.Rollout] (no log-probs yet) from per-row prompt and completion tokens.
 
     Each completion is cut after its first EOS (kept, counted); rows are RIGHT-padded with ``pad_token_id``.
     ``prompt_ids[i]`` and ``completion_ids[i]`` belong to row ``i``; rows ``k·n … k·n + n − 1`` must be the
@@ -298,12 +299,13 @@ def score_rollout(
     temperature: float = 1.0,
     batch_size: int | None = None,
     behaviour: bool = True,
+    shared_prompt: bool = False,
 ) -> Rollout:
     """Fill ``logp`` (behaviour, at ``temperature``) and ``ref_logp`` (temperature 1) of a rollout, no grad.
 
     Args:
-        rollout: from :func:`pack_rollout` or a sampler.
-        model: a :class:`prefopt.policy.LoraPolicy` or a transformers causal LM (peft models too).
+        rollout: from [`pack_rollout`][prefopt.sampling.pack_rollout] or a sampler.
+        model: a [`LoraPolicy`][prefopt.policy.LoraPolicy] or a transformers causal LM (peft models too).
         reference: ``"auto"`` (default): ``policy.reference()`` — the same backbone with adapters off — for a
             ``LoraPolicy`` in its policy mode, none otherwise (inside ``policy.anchor()`` the contexts cannot
             nest, so scoring the anchor's samples gives ``ref_logp=None``); a model (a separate frozen
@@ -314,12 +316,18 @@ def score_rollout(
         behaviour: compute ``logp`` (default True). False skips that forward and leaves ``logp`` None: for
             one update per rollout, where the behaviour log-probs equal the policy's own detached ones
             (pass ``old_logp=None`` to the loss; TRL skips them too when ``num_iterations = 1``).
+        shared_prompt: run each prompt once for its ``num_samples`` completions
+            ([`shared_prompt_rollout_logps`][prefopt.shared_prefix.shared_prompt_rollout_logps]; the same
+            values up to float rounding, less work when prompts are long against completions). Default False.
+            With ``batch_size`` it must be a multiple of ``rollout.num_samples`` (a group stays in one forward).
 
     Returns:
-        a new :class:`Rollout` with ``logp`` and ``ref_logp`` set (float32, 0 outside ``completion_mask``).
+        a new [`Rollout`][prefopt.sampling.Rollout] with ``logp`` and ``ref_logp`` set (float32, 0 outside ``completion_mask``).
     """
     if not isinstance(behaviour, bool):
         raise TypeError(f"behaviour must be a bool, got {type(behaviour).__name__}")
+    if not isinstance(shared_prompt, bool):
+        raise TypeError(f"shared_prompt must be a bool, got {type(shared_prompt).__name__}")
     if not isinstance(rollout, Rollout):
         raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
     if batch_size is not None and (
@@ -333,11 +341,20 @@ def score_rollout(
             raise ValueError(f'reference must be "auto", None or a model, got {reference!r}')
         reference = model if is_policy and getattr(model, "mode", "policy") == "policy" else None
     step = batch_size or rollout.batch_size
+    if shared_prompt and step % rollout.num_samples:
+        raise ValueError(
+            f"shared_prompt=True needs batch_size to be a multiple of rollout.num_samples "
+            f"({rollout.num_samples}), got {batch_size}"
+        )
 
     def run(m: Any) -> Tensor:
         parts = []
         for s in range(0, rollout.batch_size, step):
             sl = slice(s, s + step)
+            if shared_prompt:
+                part = rollout if step >= rollout.batch_size else _row_slice(rollout, sl)
+                parts.append(shared_prompt_rollout_logps(m, part, temperature=tau))
+                continue
             lp = token_logps(
                 m,
                 rollout.input_ids[sl],
@@ -361,6 +378,16 @@ def score_rollout(
             with eval_mode(ref_lm):
                 ref_logp = run(ref_lm)
     return dataclasses.replace(rollout, logp=logp, ref_logp=ref_logp)
+
+
+def _row_slice(rollout: Rollout, rows: slice) -> Rollout:
+    """Rows ``rows`` of a rollout (whole groups: the caller keeps ``num_samples`` alignment)."""
+    sliced = {
+        f.name: getattr(rollout, f.name)[rows]
+        for f in dataclasses.fields(rollout)
+        if isinstance(getattr(rollout, f.name), Tensor)
+    }
+    return dataclasses.replace(rollout, **sliced)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,15 +450,15 @@ def prompt_tensors(
 
 
 class HFSampler:
-    """Batched sampling with Hugging Face ``generate`` (KV cache), then :func:`pack_rollout` and
-    :func:`score_rollout`. Satisfies :class:`Sampler`.
+    """Batched sampling with Hugging Face ``generate`` (KV cache), then [`pack_rollout`][prefopt.sampling.pack_rollout] and
+    [`score_rollout`][prefopt.sampling.score_rollout]. Satisfies [`Sampler`][prefopt.sampling.Sampler].
 
     Args:
-        model: a :class:`prefopt.policy.LoraPolicy` (sampled with the policy adapter; reference log-probs
+        model: a [`LoraPolicy`][prefopt.policy.LoraPolicy] (sampled with the policy adapter; reference log-probs
             from ``policy.reference()``) or a transformers causal LM.
         tokenizer: optional; supplies ``eos_token_id`` / ``pad_token_id`` when they are not given, and lets
-            :meth:`generate` take a list of prompt strings.
-        reference: see :func:`score_rollout` (default ``"auto"``).
+            [`generate`][prefopt.sampling.HFSampler.generate] take a list of prompt strings.
+        reference: see [`score_rollout`][prefopt.sampling.score_rollout] (default ``"auto"``).
         max_new_tokens: cap on generated tokens per completion (default 64).
         temperature: ``τ > 0`` (default 1.0). Behaviour log-probs are of ``softmax(z/τ)``.
         top_p: nucleus mass in (0, 1] (default 1.0 = off). top_k: 0 = off (default; note that
@@ -443,14 +470,17 @@ class HFSampler:
         batch_size: sequences per ``generate`` call (after repeating prompts ``n`` times); default all.
         progress: tqdm bar over ``generate`` calls: True, False, or None (default: shown when there are at
             least 4 calls).
-        merged: sample inside :meth:`prefopt.policy.LoraPolicy.merged` (``LoraPolicy`` in its policy mode
+        merged: sample inside [`LoraPolicy.merged`][prefopt.policy.LoraPolicy.merged] (``LoraPolicy`` in its policy mode
             only): one merged weight per adapted layer instead of base + adapter matmuls at every decode
             step — faster, one extra copy of the adapted weights during ``generate``, and samples from the
             policy up to float rounding. Behaviour and reference log-probs are computed unmerged as always,
             so the losses see exactly the trained function. Default False.
         behaviour_logps: compute the behaviour log-probs (default True); False leaves ``Rollout.logp`` None
             and saves one forward per rollout when each rollout feeds exactly one update (see
-            :func:`score_rollout`).
+            [`score_rollout`][prefopt.sampling.score_rollout]).
+        shared_prompt: score the behaviour and reference log-probs with each prompt run once for its ``n``
+            completions (see [`score_rollout`][prefopt.sampling.score_rollout]; same values up to float
+            rounding). Default False. With ``batch_size`` it must be a multiple of ``n``.
     """
 
     def __init__(
@@ -470,6 +500,7 @@ class HFSampler:
         progress: bool | None = None,
         merged: bool = False,
         behaviour_logps: bool = True,
+        shared_prompt: bool = False,
     ) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -495,7 +526,10 @@ class HFSampler:
             raise ValueError("merged=True needs a prefopt.LoraPolicy (it merges the policy adapter)")
         if not isinstance(behaviour_logps, bool):
             raise TypeError(f"behaviour_logps must be a bool, got {type(behaviour_logps).__name__}")
+        if not isinstance(shared_prompt, bool):
+            raise TypeError(f"shared_prompt must be a bool, got {type(shared_prompt).__name__}")
         self.behaviour_logps = behaviour_logps
+        self.shared_prompt = shared_prompt
         self.merged = merged
         self.model = model
         self.tokenizer = tokenizer
@@ -558,7 +592,7 @@ class HFSampler:
             n: completions per prompt (rows ``k·n … k·n + n − 1`` belong to prompt ``k``).
 
         Returns:
-            a scored :class:`Rollout` with ``B·n`` rows. Uses the global torch RNG (seed with
+            a scored [`Rollout`][prefopt.sampling.Rollout] with ``B·n`` rows. Uses the global torch RNG (seed with
             ``torch.manual_seed`` for reproducible samples).
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -606,16 +640,17 @@ class HFSampler:
             reference=self.reference,
             temperature=self.temperature,
             behaviour=self.behaviour_logps,
+            shared_prompt=self.shared_prompt and n > 1,
         )
 
     def greedy(self, prompts: Any) -> Rollout:
-        """The greedy (argmax) completion of each prompt: :meth:`generate` with ``do_sample=False`` and
+        """The greedy (argmax) completion of each prompt: [`generate`][prefopt.sampling.HFSampler.generate] with ``do_sample=False`` and
         ``n = 1``, every other setting of this sampler kept (``max_new_tokens``, EOS, ``merged``, the
         reference). This is ReMax's baseline response (see [`remax_advantages`][prefopt.rl.remax_advantages]);
         the sampler itself is not changed.
 
         Returns:
-            a scored :class:`Rollout` with one row per prompt (behaviour log-probs at this sampler's
+            a scored [`Rollout`][prefopt.sampling.Rollout] with one row per prompt (behaviour log-probs at this sampler's
             temperature, as for sampled rows).
         """
         greedy = copy.copy(self)
@@ -630,7 +665,7 @@ class HFSampler:
 
 @dataclass(frozen=True)
 class BestOfN:
-    """Result of :func:`best_of_n` for ``B`` prompts and ``N`` samples each.
+    """Result of [`best_of_n`][prefopt.sampling.best_of_n] for ``B`` prompts and ``N`` samples each.
 
     Attributes:
         samples: all samples, prompt-major: a tensor ``(B, N, ...)`` if the sampler returned a tensor,
@@ -669,7 +704,7 @@ def best_of_n(
         n: samples per prompt, ``>= 1``.
 
     Returns:
-        :class:`BestOfN`.
+        [`BestOfN`][prefopt.sampling.BestOfN].
 
     Raises:
         ValueError: ``n < 1``, no prompts, a sampler/reward function that returns the wrong number of
