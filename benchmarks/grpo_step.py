@@ -226,6 +226,28 @@ def _trl_trainer(args: argparse.Namespace, model: Any, tok: Any, qs: list[str]) 
     return trainer
 
 
+def _as_rollout(data: dict[str, Any], group: int) -> Any:
+    """The saved TRL-layout rollout (left-padded prompts | right-padded completions) as a prefopt ``Rollout``
+    (rows ``[prompt, completion, pad]``, right-padded), for the shared-prompt forward."""
+    from prefopt.sampling import pack_rollout
+
+    prompts = [r[m.bool()].tolist() for r, m in zip(data["prompt_ids"], data["prompt_mask"])]
+    completions = [r[m.bool()].tolist() for r, m in zip(data["completion_ids"], data["completion_mask"])]
+    return pack_rollout(prompts, completions, eos_token_id=None, pad_token_id=0, num_samples=group)
+
+
+def _to_trl_layout(logp: torch.Tensor, data: dict[str, Any]) -> torch.Tensor:
+    """Rollout-layout per-token values ``(b, T)`` → the benchmark's ``[left-padded prompt | completion]`` layout."""
+    p_max = data["prompt_ids"].shape[1]
+    c_mask = data["completion_mask"].bool()
+    plen = data["prompt_mask"].sum(1)
+    out = logp.new_zeros((c_mask.shape[0], p_max + c_mask.shape[1]))
+    cols = plen[:, None] + torch.arange(c_mask.shape[1])[None, :]
+    cols = torch.where(c_mask, cols, torch.zeros_like(cols))
+    vals = torch.where(c_mask, torch.gather(logp, 1, cols), torch.zeros((), dtype=logp.dtype))
+    return torch.cat([out[:, :p_max], vals], dim=1)
+
+
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -244,6 +266,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         from prefopt.masked import aggregate
         from prefopt.policy import LoraPolicy
         from prefopt.sampling import HFSampler
+        from prefopt.shared_prefix import shared_prompt_rollout_logps
 
         policy = LoraPolicy(model, lora_config())
         checksum = init_adapter_(policy.model, args.seed)
@@ -258,6 +281,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 pad_token_id=tok.pad_token_id,
                 behaviour_logps=False,
                 merged=args.merged,
+                shared_prompt=args.shared_prompt,
             )
             prompts = PromptCollator(tok, strict=True)(qs)
 
@@ -266,7 +290,10 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 rewards = torch.tensor(diversity_reward(roll.completions(tok)))
                 adv = rl.group_advantages(rewards.view(-1, args.group)).reshape(-1)
                 lm.train()
-                logp = token_logps(lm, roll.input_ids, roll.attention_mask, roll.completion_mask)
+                if args.shared_prompt:
+                    logp = shared_prompt_rollout_logps(lm, roll)
+                else:
+                    logp = token_logps(lm, roll.input_ids, roll.attention_mask, roll.completion_mask)
                 out = grpo(logp, None, adv, roll.completion_mask, ref_logp=roll.ref_logp, beta=args.beta)
                 loss = aggregate(out.loss, roll.completion_mask, "token-mean")
                 loss.backward()
@@ -281,10 +308,14 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             cmask = torch.cat([torch.zeros_like(data["prompt_mask"]), data["completion_mask"]], dim=1).bool()
             ref = torch.cat([torch.zeros(data["prompt_mask"].shape), data["ref_per_token_logps"]], dim=1)
             adv = data["advantages"]
+            as_rollout = _as_rollout(data, args.group)
 
             def step() -> float:
                 lm.train()
-                logp = token_logps(lm, ids, am, cmask)
+                if args.shared_prompt:  # the same values in prefopt's right-padded rollout layout
+                    logp = _to_trl_layout(shared_prompt_rollout_logps(lm, as_rollout), data)
+                else:
+                    logp = token_logps(lm, ids, am, cmask)
                 out = grpo(logp, None, adv, cmask, ref_logp=ref, beta=args.beta)
                 loss = aggregate(out.loss, cmask, "token-mean")
                 loss.backward()
@@ -321,11 +352,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     reset = _reset_peak()
     base = _rss_kib("VmRSS")
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if reset:
         peak_delta = _rss_kib("VmHWM") - base
     else:
@@ -336,6 +368,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "time_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
         "cold_time_s": times[0],
         "times": times,
+        "cpu_time_s": statistics.median(cpu_times[1:]) if len(cpu_times) > 1 else cpu_times[0],
+        "cpu_times": cpu_times,
         "peak_delta_mib": peak_delta / 1024.0,
         "peak_method": "clear_refs+VmHWM" if reset else "ru_maxrss delta",
         "losses": losses,
@@ -370,6 +404,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="loss,step", help="comma-separated: loss (b), step (a)")
     ap.add_argument("--merged", action="store_true", help="prefopt samples with HFSampler(merged=True)")
+    ap.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="prefopt runs each prompt once for its G completions (sampler scoring and the loss forward)",
+    )
     ap.add_argument("--impl", choices=(*IMPLS, "rollout"), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--part", choices=("loss", "step"), default="loss", help=argparse.SUPPRESS)
     ap.add_argument("--rollout", help=argparse.SUPPRESS)
@@ -382,11 +421,15 @@ def main() -> None:
         return
 
     parts = args.parts.split(",")
-    common = [
-        f"--{k.replace('_', '-')}={v}"
-        for k, v in vars(args).items()
-        if k not in ("json", "impl", "parts", "rounds", "part", "rollout", "merged")
-    ] + (["--merged"] if args.merged else [])
+    common = (
+        [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k not in ("json", "impl", "parts", "rounds", "part", "rollout", "merged", "shared_prompt")
+        ]
+        + (["--merged"] if args.merged else [])
+        + (["--shared-prompt"] if args.shared_prompt else [])
+    )
     me = [sys.executable, __file__]
     rollout_path = os.path.join(tempfile.mkdtemp(prefix="grpo_step_"), "rollout.pt")
     summary: dict[str, Any] = {}
@@ -405,7 +448,8 @@ def main() -> None:
                 res["round"] = r
                 runs.append(res)
                 print(
-                    f"{part:4s} round {r} {impl:7s} step {res['time_s']:.2f}s (cold {res['cold_time_s']:.2f}s) "
+                    f"{part:4s} round {r} {impl:7s} step {res['time_s']:.2f}s (cpu {res['cpu_time_s']:.2f}s, "
+                    f"cold {res['cold_time_s']:.2f}s) "
                     f"peak +{res['peak_delta_mib']:.0f} MiB  losses {[f'{x:.7f}' for x in res['losses']]}",
                     flush=True,
                 )
@@ -415,10 +459,15 @@ def main() -> None:
 
     for part in parts:
         s: dict[str, Any] = {
-            impl: {"time_s": med(impl, part, "time_s"), "peak_delta_mib": med(impl, part, "peak_delta_mib")}
+            impl: {
+                "time_s": med(impl, part, "time_s"),
+                "cpu_time_s": med(impl, part, "cpu_time_s"),
+                "peak_delta_mib": med(impl, part, "peak_delta_mib"),
+            }
             for impl in IMPLS
         }
         s["time_ratio"] = s["prefopt"]["time_s"] / s["trl"]["time_s"]
+        s["cpu_time_ratio"] = s["prefopt"]["cpu_time_s"] / s["trl"]["cpu_time_s"]
         s["memory_ratio"] = s["prefopt"]["peak_delta_mib"] / s["trl"]["peak_delta_mib"]
         if part == "loss":
             first = {impl: next(x for x in runs if x["impl"] == impl and x["part"] == part) for impl in IMPLS}
