@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -149,13 +150,18 @@ class Rollout:
             )
         return x.reshape(self.num_prompts, self.num_samples, *x.shape[1:])
 
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
+        """A copy with ``fn`` applied to every tensor field (``num_samples`` kept)."""
+        changes: dict[str, Any] = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with every tensor moved to ``device``."""
-        moved: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            moved[f.name] = v.to(device) if isinstance(v, Tensor) else v
-        return dataclasses.replace(self, **moved)
+        return self._map_tensors(lambda v: v.to(device))
 
 
 @runtime_checkable
@@ -351,8 +357,8 @@ def score_rollout(
         parts = []
         for s in range(0, rollout.batch_size, step):
             sl = slice(s, s + step)
-            if shared_prompt:
-                part = rollout if step >= rollout.batch_size else _row_slice(rollout, sl)
+            if shared_prompt:  # whole groups: step is a multiple of num_samples
+                part = rollout._map_tensors(operator.itemgetter(sl))
                 parts.append(shared_prompt_rollout_logps(m, part, temperature=tau))
                 continue
             lp = token_logps(
@@ -378,16 +384,6 @@ def score_rollout(
             with eval_mode(ref_lm):
                 ref_logp = run(ref_lm)
     return dataclasses.replace(rollout, logp=logp, ref_logp=ref_logp)
-
-
-def _row_slice(rollout: Rollout, rows: slice) -> Rollout:
-    """Rows ``rows`` of a rollout (whole groups: the caller keeps ``num_samples`` alignment)."""
-    sliced = {
-        f.name: getattr(rollout, f.name)[rows]
-        for f in dataclasses.fields(rollout)
-        if isinstance(getattr(rollout, f.name), Tensor)
-    }
-    return dataclasses.replace(rollout, **sliced)
 
 
 # ----------------------------------------------------------------------------------------------------------
