@@ -36,15 +36,15 @@ def lora_cfg() -> peft.LoraConfig:
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, bias="none")
 
 
-def perturbed_policy(seed: int = 0) -> tuple[LoraPolicy, torch.nn.Module]:
+def perturbed_policy(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[LoraPolicy, torch.nn.Module]:
     """A LoraPolicy whose adapter is non-zero (policy != reference) and a deep copy of its base model."""
-    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=seed)
+    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=seed).to(dtype)
     base_copy = copy.deepcopy(base)
     policy = LoraPolicy(base, lora_cfg())
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in policy.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return policy, base_copy
 
 
@@ -359,12 +359,7 @@ def test_sampling_inside_the_anchor_context_scores_the_anchor_without_a_referenc
 def test_merged_sampling_draws_the_same_tokens_and_scores_unmerged():
     """``merged=True`` samples the same distribution (float64: the same tokens for the same seed) and the
     behaviour log-probs still come from the unmerged policy — the function the losses train."""
-    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=3).double()
-    policy = LoraPolicy(base, lora_cfg())
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    policy, _ = perturbed_policy(seed=3, dtype=torch.float64)
     kw = {"max_new_tokens": 8, "eos_token_id": EOS, "pad_token_id": PAD}
     torch.manual_seed(0)
     plain = HFSampler(policy, **kw).generate(left_padded(PROMPTS), n=3)
@@ -421,12 +416,7 @@ def test_sampler_shared_prompt_scoring_equals_the_duplicated_forward(batch_size:
     """``HFSampler(shared_prompt=True)``: the same samples (same seed) and the same behaviour (τ = 1.3) and
     reference log-probs as the duplicated forward, in float64 to rounding; ``score_rollout`` in row batches
     of whole groups gives the same again."""
-    base = tiny_causal_lm("llama", vocab_size=VOCAB, seed=5).double()
-    policy = LoraPolicy(base, lora_cfg())
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    policy, _ = perturbed_policy(seed=5, dtype=torch.float64)
     kw = {"max_new_tokens": 6, "eos_token_id": EOS, "pad_token_id": PAD, "temperature": 1.3}
     torch.manual_seed(0)
     plain = HFSampler(policy, **kw).generate(left_padded(PROMPTS), n=3)
