@@ -29,6 +29,7 @@ from prefopt.losses.bond import bond, jbond
 from prefopt.policy import ema_update_
 from prefopt.registry import available_losses, get_loss
 from prefopt.sampling import best_of_n
+from prefopt.testing import lbfgs_argmin
 from prefopt.types import BestOfNSamples
 
 F64 = torch.float64
@@ -77,20 +78,6 @@ def minimize(fn, theta0: torch.Tensor, steps: int, lr: float) -> torch.Tensor:  
         opt.zero_grad()
         fn(theta).backward()
         opt.step()
-    return theta.detach()
-
-
-def lbfgs_argmin(fn, theta0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = fn(theta)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     return theta.detach()
 
 
