@@ -3,22 +3,20 @@ r"""The rest of the Best-of-N family beside BOND/J-BOND: BoNBoN, variational BoN
 All three target (an approximation of) the Best-of-N distribution ``π_BoN`` of the reference policy; they differ
 in what they need at training time (see ``docs/bon_family.md`` for the math and a "which one when" table):
 
-============  ==============  ================================================================================
-loss          input kind      data per row
-============  ==============  ================================================================================
-``bonbon``    ``pairs``       best (chosen) and worst (rejected) of ``n`` reference samples, with ``S``, ``S_ref``
-``vbon``      ``best_of_n``   a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
-``qrpo``      ``best_of_n``   any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
-============  ==============  ================================================================================
+| loss | input kind | data per row |
+|---|---|---|
+| ``bonbon`` | ``pairs`` | best (chosen) and worst (rejected) of ``n`` reference samples, with ``S``, ``S_ref`` |
+| ``vbon`` | ``best_of_n`` | a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
+| ``qrpo`` | ``best_of_n`` | any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
 
-InfAlign-CTRL is not a loss but a reward: :func:`infalign_reward` (calibrate with :func:`calibrated_reward`,
-then :func:`infalign_transform`) feeds any policy-gradient loss, e.g. through
-:func:`prefopt.rl.rloo_advantages`; :func:`calibrated_bon_tradeoff` gives the model-free win-rate/KL curve
+InfAlign-CTRL is not a loss but a reward: [`infalign_reward`][prefopt.losses.bon_family.infalign_reward] (calibrate with [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward],
+then [`infalign_transform`][prefopt.losses.bon_family.infalign_transform]) feeds any policy-gradient loss, e.g. through
+[`prefopt.rl.rloo_advantages`][prefopt.rl.rloo_advantages]; [`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff] gives the model-free win-rate/KL curve
 used to choose the transform's ``t``.
 
 Notation: ``F(y) = P_{y'∼π_ref}[r(y') < r(y)]`` and ``p_≤(y)`` the reference quantiles; with distinct rewards
 ``π_BoN(y) = (F(y) + π_ref(y))^N − F(y)^N = Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref^i`` (exact helpers in
-:mod:`prefopt.bon`, e.g. :func:`prefopt.bon.bon_distribution`). For continuous rewards
+[`prefopt.bon`][prefopt.bon], e.g. [`prefopt.bon.bon_distribution`][prefopt.bon.bon_distribution]). For continuous rewards
 ``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised RL optimum with
 reward ``log Q`` and coefficient ``1/(N−1)``.
 """
@@ -109,10 +107,10 @@ def bonbon(
 ) -> LossOutput:
     r"""BoNBoN: SFT on the best of ``n`` reference samples plus an IPO term on best-vs-worst.
 
-    .. math::
-
-        L = α·(−S(y_{(n)})) + (1 − α)·\Big(h − \frac{1}{2β}\Big)^2,\qquad
-        h = ρ(y_{(n)}) − ρ(y_{(1)}),\quad β = β^* = \frac{1}{2(n−1)H_{n−1}}\ (\texttt{beta="auto"})
+    $$
+    L = α·(−S(y_{(n)})) + (1 − α)·\Big(h − \frac{1}{2β}\Big)^2,\qquad
+    h = ρ(y_{(n)}) − ρ(y_{(1)}),\quad β = β^* = \frac{1}{2(n−1)H_{n−1}}\ (\texttt{beta="auto"})
+    $$
 
     ``y_(n)`` / ``y_(1)`` are the best and worst (by reward) of ``n`` samples from the reference;
     ``pair_loss="sigmoid"`` replaces the IPO term by ``−log σ(β h)``, which is what the authors' released
@@ -247,7 +245,7 @@ def vbon(
 ) -> LossOutput:
     r"""Variational Best-of-N: policy-gradient surrogate of ``KL(π_θ ‖ π_BoN)``.
 
-    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards)::
+    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards):
 
         g_i    = log π_BoN/π_ref (y_i)     exact binomial form (variant="exact"), or the bound log N + (N−1) log F̂
         R_i    = sg[ c·g_i − (logp_i − ref_logp_i) ]       c = 1, or (N−1)/N for variant="released_exact"
@@ -256,7 +254,7 @@ def vbon(
     With the exact quantile, ``E[∇ mean_i loss_i] = ∇KL(π_θ ‖ π_BoN)`` (``variant="exact"``; the fixed point is
     ``π_BoN``); ``"bound"`` targets ``∝ π_ref·F^{N−1}``; ``"released_exact"`` targets
     ``∝ π_ref·(π_BoN/π_ref)^{(N−1)/N}``. Equivalently: KL-regularised RL with reward ``c·g/(N−1)`` and
-    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention, :func:`prefopt.losses.bond.bond`).
+    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention, [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond]).
     Amini, Vieira, Ash, Cotterell 2024, "Variational Best-of-N Alignment" (arXiv 2407.06057; equation
     numbers not verified, the paper body was not available to us). The authors' code optimises the same
     objective with PPO; its ``exact`` reward is ``(1/N)·g`` with KL coefficient ``1/(N−1)``, i.e.
@@ -264,7 +262,7 @@ def vbon(
     ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)`` (``quantile="vbon"``).
 
     Relation to BOND: ``variant="bound"`` with ``quantile="le"`` and a floor ``1/(2k)``
-    (``quantile_floor=0.5``) is exactly :func:`prefopt.losses.bond.bond` at ``backward_weight=1`` with the ``"loo"``
+    (``quantile_floor=0.5``) is exactly [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] at ``backward_weight=1`` with the ``"loo"``
     baseline (the ``log N`` cancels in ``R − B``).
 
     Args:
@@ -274,7 +272,7 @@ def vbon(
             same prompt. ``best_logp`` is not used.
         n: ``N >= 2`` (default 8). variant: ``"exact"`` (default, as the authors' README) | ``"bound"`` |
             ``"released_exact"``.
-        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see :func:`pool_quantile`;
+        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see [`pool_quantile`][prefopt.losses.bon_family.pool_quantile];
             the exact form needs the strict quantile ``F``, which ``"lt"`` estimates without bias).
         quantile_floor: ``c ∈ (0, 1]``; ``F̂`` is floored at ``c/k`` before the ``log`` of the bound (default
             0.5, as BOND's ``1/(2k)``); the exact form needs no floor.
@@ -372,14 +370,14 @@ def qrpo(
 ) -> LossOutput:
     r"""QRPO: regress the implicit reward onto the quantile reward with the exact log-partition.
 
-    .. math::
-
-        L(y) = \big(T(q(y)) − β\log Z − β\,(S_θ(y) − S_{ref}(y))\big)^2,\qquad
-        q(y) = \frac{1}{k}\sum_j 1[r(y'_j) ≤ r(y)],\ y'_j ∼ π_{ref}
+    $$
+    L(y) = \big(T(q(y)) − β\log Z − β\,(S_θ(y) − S_{ref}(y))\big)^2,\qquad
+    q(y) = \frac{1}{k}\sum_j 1[r(y'_j) ≤ r(y)],\ y'_j ∼ π_{ref}
+    $$
 
     per response (chosen and rejected of a pair are two independent rows; the mean over rows is the
     authors' ``½[(…)_w² + (…)_l²]``); ``loss_type="mae"`` takes ``|·|``. ``Z`` is
-    :func:`qrpo_log_partition`; the loss is 0 exactly at ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised
+    [`qrpo_log_partition`][prefopt.losses.bon_family.qrpo_log_partition]; the loss is 0 exactly at ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised
     optimum with reward ``T(q)``; for ``T = log`` and ``β = 1/(N−1)`` this is the continuous Best-of-N,
     ``N·q^{N−1}·π_ref``). Matrenok et al. 2025, "Quantile Reward Policy Optimization" (arXiv 2507.08068;
     equation numbers not verified, the paper body was not available to us); formulas as in the authors'
@@ -424,14 +422,14 @@ INFALIGN_TRANSFORMS = ("identity", "bon", "won")
 def calibrated_reward(reward: Tensor, ref_rewards: Tensor, *, ties: str = "mid") -> Tensor:
     r"""InfAlign's calibrated reward: the win rate of ``y`` against reference samples of the same prompt.
 
-    .. math::
-
-        C(x, y) = E_{z∼π_{ref}(·|x)}\big[1[r(x,z) < r(x,y)] + ½·1[r(x,z) = r(x,y)]\big]
+    $$
+    C(x, y) = E_{z∼π_{ref}(·|x)}\big[1[r(x,z) < r(x,y)] + ½·1[r(x,z) = r(x,y)]\big]
+    $$
 
     estimated on a pool of ``k`` reference samples ``z_j`` (``ties="mid"``, the default: ties count half, as
     in the win rate ``E[1[r(y) > r(z)] + ½·1[r(y) = r(z)]]``); ``ties="le"`` counts ties as wins (the CDF
     ``p_≤``, QRPO's and BOND's convention), ``ties="lt"`` as losses. This is
-    :func:`pool_quantile` with that convention. Properties (tested exactly on a categorical): invariant to
+    [`pool_quantile`][prefopt.losses.bon_family.pool_quantile] with that convention. Properties (tested exactly on a categorical): invariant to
     any strictly increasing transform of ``r``; under ``y ∼ π_ref`` with the exact reference distribution,
     ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the limit of a continuous reward.
     Balashankar et al. 2025, "InfAlign: Inference-aware language model alignment" (arXiv 2412.19792,
@@ -467,7 +465,7 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
     ignored). ``t > 0``; as ``t → 0`` both exponentials become affine in ``c``, i.e. identity up to a
     rescaling of β. The KL-regularised optimum with reward ``Φ(C)`` is ``π_ref·e^{Φ(C)/β}/Z``. Balashankar
     et al. 2025 (arXiv 2412.19792, Sec. 4): the exponential forms and the selection of ``t`` per ``N`` from
-    the model-free win-rate/KL curve (:func:`calibrated_bon_tradeoff`) follow the paper's description as we
+    the model-free win-rate/KL curve ([`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff]) follow the paper's description as we
     know it from its abstract and secondary summaries; the equation numbers are not verified.
 
     Range: ``e^{t·c} ≤ e^t`` is finite for ``t < 88`` in float32 and ``t < 709`` in float64 (the useful ``t``
@@ -485,8 +483,8 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
 def infalign_reward(
     reward: Tensor, ref_rewards: Tensor, *, transform: str = "bon", t: float = 1.0, ties: str = "mid"
 ) -> Tensor:
-    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``: :func:`calibrated_reward` then
-    :func:`infalign_transform`.
+    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``: [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward] then
+    [`infalign_transform`][prefopt.losses.bon_family.infalign_transform].
 
     Use it as the reward of any KL-regularised policy-gradient loss, e.g. with ``G`` samples per prompt
     ``adv = prefopt.rl.rloo_advantages(infalign_reward(r, ref_r).view(-1, G))`` (the KL penalty with
@@ -504,10 +502,10 @@ def calibrated_bon_tradeoff(
     gives ``C`` the density ``f(u) = e^{Φ(u)/β}/Z`` on ``[0, 1]``, whatever the model or the reward. So both
     numbers are model-free:
 
-    .. math::
-
-        KL = ∫_0^1 f \log f\,du,\qquad
-        W_N = P\big(C(Y) > C(Y')\big) = ∫_0^1 u^N\, d\big(F(u)^N\big),\quad F(u) = ∫_0^u f,
+    $$
+    KL = ∫_0^1 f \log f\,du,\qquad
+    W_N = P\big(C(Y) > C(Y')\big) = ∫_0^1 u^N\, d\big(F(u)^N\big),\quad F(u) = ∫_0^u f,
+    $$
 
     with ``Y`` the best of ``N`` draws from ``π*`` and ``Y'`` the best of ``N`` from ``π_ref`` (``C`` of the
     best of ``N`` reference draws has CDF ``u^N``). The InfAlign recipe picks, per ``N``, the ``t`` whose curve

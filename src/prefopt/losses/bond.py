@@ -4,9 +4,9 @@ Both losses are *surrogates*: pure functions of per-sequence log-probs and rewar
 averaged over a batch of samples, is an unbiased estimate of the gradient of a divergence. The expectations
 they estimate are stated in each docstring and checked exactly (by enumeration) on a categorical policy in
 ``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N math is in
-:mod:`prefopt.bon`. This module also holds the training-time reward transforms the losses use:
-:func:`empirical_quantile` / :func:`log_empirical_quantile` (BOND's Monte-Carlo quantile) and
-:func:`jbond_reward`.
+[`prefopt.bon`][prefopt.bon]. This module also holds the training-time reward transforms the losses use:
+[`empirical_quantile`][prefopt.losses.bond.empirical_quantile] / [`log_empirical_quantile`][prefopt.losses.bond.log_empirical_quantile] (BOND's Monte-Carlo quantile) and
+[`jbond_reward`][prefopt.losses.bond.jbond_reward].
 
 Extreme values: the surrogate products ``−(R − B)·logp`` and ``γ·sg(logp − anchor_logp)·logp`` go through
 [`saturating_product`][prefopt.losses.margin.saturating_product]: with one row's log-prob at ``−1e30`` their
@@ -84,7 +84,7 @@ def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | floa
 
 
 def log_empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
-    """``log p̂_≤(y)`` (see :func:`empirical_quantile`; finite thanks to the floor). Shape of ``reward``."""
+    """``log p̂_≤(y)`` (see [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; finite thanks to the floor). Shape of ``reward``."""
     return torch.log(empirical_quantile(reward, ref_rewards, floor=floor))
 
 
@@ -150,7 +150,7 @@ def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor,
 def loo_baseline(ret: Tensor, kind: str = "loo") -> Tensor:
     """Leave-one-out batch mean ``B_i = (Σ_{j≠i} R_j)/(b − 1)`` (``kind='loo'``, needs ``b ≥ 2``) or 0 (``'none'``).
 
-    The baseline of the score-function terms of :func:`bond`, :func:`jbond` and vBoN: independent of ``y_i``, so
+    The baseline of the score-function terms of [`bond`][prefopt.losses.bond.bond], [`jbond`][prefopt.losses.bond.jbond] and vBoN: independent of ``y_i``, so
     it leaves the expected gradient unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
     """
     if kind == "none":
@@ -184,7 +184,7 @@ def bond(
 ) -> LossOutput:
     """Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
 
-    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples)::
+    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples):
 
         log p̂_i = log p̂_≤(y_i)            empirical quantile of reward_i among the k ref_rewards (floored)
         R_i     = sg[(N−1)·log p̂_i − (logp_i − ref_logp_i)]          the return  ("bond/return")
@@ -194,8 +194,8 @@ def bond(
 
     Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
     **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale. With the exact
-    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` (:func:`prefopt.bon.practical_bond_target`), the expected
-    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is::
+    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` ([`prefopt.bon.practical_bond_target`][prefopt.bon.practical_bond_target]), the expected
+    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is:
 
         (1−w)·∇KL(π_BoN ‖ π_θ)  +  w·∇KL(π_θ ‖ π̃)
 
@@ -210,19 +210,19 @@ def bond(
             ``S_θ(y)`` of its own sample (sum over completion tokens); ``ref_logp`` ``(b,)`` the reference
             log-prob ``S_ref(y)`` of the same sample (enters the return only); ``reward`` ``(b,)``;
             ``ref_rewards`` ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the
-            quantile pool; it may be the Best-of-N pool itself, :attr:`prefopt.sampling.BestOfN.rewards`);
+            quantile pool; it may be the Best-of-N pool itself, `prefopt.sampling.BestOfN.rewards`);
             ``best_logp`` ``(b,)`` the policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample
             (required).
         n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
         backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 = forward
             only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys divergence).
-        quantile_floor: floor for ``p̂ = 0`` (see :func:`empirical_quantile`; default ``'half'``
+        quantile_floor: floor for ``p̂ = 0`` (see [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; default ``'half'``
             = ``1/(2k)``).
         baseline: ``'loo'`` (leave-one-out mean return of the other samples in the batch; needs ``b >= 2``)
             or ``'none'``.
 
     Returns:
-        :class:`LossOutput` with an unreduced ``(b,)`` loss and metrics (all ``(b,)``, detached):
+        [`LossOutput`][prefopt.types.LossOutput] with an unreduced ``(b,)`` loss and metrics (all ``(b,)``, detached):
         ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage`` (``R − B``),
         ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
         ``kl/bon_backward`` (``logp − ref_logp − (N−1)·log p̂``, a one-sample estimate of ``KL(π_θ‖π_BoN)``
@@ -270,14 +270,14 @@ def jbond(
 ) -> LossOutput:
     """J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
 
-    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties)::
+    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties):
 
         r_J,i  = −log 16 · 1[r(y_i) < min(r(y'_1), r(y'_2))]     ("≤" with strict=False, the appendix form)
         R_i    = sg[r_J,i − (logp_i − anchor_logp_i)]              β_BOND = 1/(N−1) = 1 for N = 2
         B_i    = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0
         loss_i = (1−w)·(−best_anchor_logp_i) + w·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
 
-    With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``::
+    With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``:
 
         (1−w)·∇KL(BoN_2(π_anchor) ‖ π_θ) + w·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
 
@@ -285,7 +285,7 @@ def jbond(
     ``π_anchor``; ``p_<`` for ``strict=False``) — equal to ``log p_≤`` at the median, an approximation
     elsewhere. The ``γ`` term is the single-sample score-function estimator of ``∇KL(π_θ‖π_anchor)`` (the
     paper does not specify its estimator). The caller updates the anchor, e.g. with
-    :func:`prefopt.policy.ema_update_` or ``LoraPolicy.update_anchor_``.
+    [`prefopt.policy.ema_update_`][prefopt.policy.ema_update_] or ``LoraPolicy.update_anchor_``.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] whose pool is the anchor: ``logp`` ``(b,)``
@@ -298,7 +298,7 @@ def jbond(
         baseline: ``'loo'`` (needs ``b >= 2``) or ``'none'``.
 
     Returns:
-        :class:`LossOutput`, ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``), ``jbond/return``,
+        [`LossOutput`][prefopt.types.LossOutput], ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``), ``jbond/return``,
         ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``, ``loss/backward``,
         ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
     """

@@ -4,7 +4,7 @@ r"""Weighted combinations of registered losses (TRL's list ``loss_type`` with ``
 weights; the batch mean of prefopt's per-pair sum is the same number (and has the same gradient).
 
 Example (MPO, Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal Large Language Models via
-Mixed Preference Optimization", arXiv 2411.10442, Eq. 2)::
+Mixed Preference Optimization", arXiv 2411.10442, Eq. 2):
 
     mpo = combine({"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, beta=0.1)
     out = mpo(PairLogps(...))        # out.loss (b,), out.metrics merged
@@ -178,7 +178,7 @@ def mpo(
 
     Wang et al. 2024 (arXiv 2411.10442), Eq. (2); TRL ``loss_type=["sigmoid", "bco_pair", "sft"]`` with
     ``loss_weights=[0.8, 0.2, 1.0]`` (the weights in TRL's documentation example and prefopt's defaults).
-    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as :class:`CombinedLoss`.
+    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as [`CombinedLoss`][prefopt.losses.combined.CombinedLoss].
     Zero point: policy == reference ⇒ ``0.8·log 2 + 0.2·2 log 2 + NLL``.
     """
     preset = combine(

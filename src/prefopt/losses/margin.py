@@ -5,8 +5,8 @@ Notation (``docs/losses/margin.md``): for a pair ``(y_w, y_l)`` the policy seque
 the log-ratios are ``ρ_w = S_w − S^ref_w`` and ``ρ_l = S_l − S^ref_l``, the margin is ``h = ρ_w − ρ_l``;
 ``σ`` is the logistic sigmoid and ``|y|`` a completion's token count (``PairLogps.chosen_len``).
 
-Every loss here takes a :class:`~prefopt.types.PairLogps` whose fields are ``(b,)`` and returns a
-:class:`~prefopt.types.LossOutput` whose ``loss`` is ``(b,)`` (one value per pair, unreduced) and whose
+Every loss here takes a [`PairLogps`][prefopt.types.PairLogps] whose fields are ``(b,)`` and returns a
+[`LossOutput`][prefopt.types.LossOutput] whose ``loss`` is ``(b,)`` (one value per pair, unreduced) and whose
 metrics are detached ``(b,)`` tensors:
 
 ``rewards/chosen`` ``β·ρ_w``; ``rewards/rejected`` ``β·ρ_l``; ``rewards/margins`` their difference;
@@ -22,12 +22,12 @@ The f-divergence generalization (f-DPO, Wang et al. 2023, arXiv 2309.16240, Thm.
 built on the chosen−rejected score difference (``dpo``, ``cdpo``, ``robust_dpo``, ``ipo``, ``hinge``,
 ``exo_pair``, ``discopop``, ``sigmoid_norm``):
 
-=====================  ===========================================================
-``reverse_kl``         ``ψ(ρ) = ρ`` (standard DPO; the default)
-``forward_kl``         ``ψ(ρ) = 1 − exp(−ρ)``
-``js_divergence``      ``ψ(ρ) = log 2 + log σ(ρ)``
-``alpha_divergence``   ``ψ(ρ) = (exp((α−1)ρ) − 1)/(α−1)``; ``α = 1`` falls back to ``ρ``
-=====================  ===========================================================
+| ``f_divergence`` | score ``ψ(ρ)`` |
+|---|---|
+| ``reverse_kl`` | ``ψ(ρ) = ρ`` (standard DPO; the default) |
+| ``forward_kl`` | ``ψ(ρ) = 1 − exp(−ρ)`` |
+| ``js_divergence`` | ``ψ(ρ) = log 2 + log σ(ρ)`` |
+| ``alpha_divergence`` | ``ψ(ρ) = (exp((α−1)ρ) − 1)/(α−1)``; ``α = 1`` falls back to ``ρ`` |
 
 Overflow guard (deviation from TRL): the exponents of the forward-KL score (``−ρ``) and of the α-divergence
 score (``(α−1)ρ``) are clamped at 40 before ``exp``. TRL clamps the α-divergence exponent at 80 (float32) and
@@ -36,9 +36,9 @@ does not clamp the forward-KL one (``exp(−ρ)`` overflows to ``inf`` once ``ρ
 below 40 (i.e. ``π/π_ref > e^-40`` for forward KL); beyond it the score saturates and its gradient is 0.
 
 Extreme values (every finite input, every accepted hyperparameter gives a finite loss and finite gradients):
-the exponential term of :func:`discopop` has its exponent clamped at 40 in the same way (it matters only for
+the exponential term of [`discopop`][prefopt.losses.margin.discopop] has its exponent clamped at 40 in the same way (it matters only for
 ``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as ``z → −∞``); the squared terms of
-:func:`ipo` and :func:`sppo_hard` go through [`saturating_product`][prefopt.losses.margin.saturating_product],
+[`ipo`][prefopt.losses.margin.ipo] and [`sppo_hard`][prefopt.losses.margin.sppo_hard] go through [`saturating_product`][prefopt.losses.margin.saturating_product],
 whose *value* saturates at ``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every
 finite ``d``); and their ``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the
 float32 range of the square, so the loss would be the saturation constant for every input).
@@ -268,8 +268,8 @@ def cdpo(
 
     Args:
         beta: ``β > 0`` (default 0.1). label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
-        f_divergence: as in :func:`dpo` (the score difference replaces ``h``).
-        f_alpha: as in :func:`dpo` (the score difference replaces ``h``).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
 
     Returns: ``loss`` ``(b,)``. Zero point: ``h = 0`` ⇒ ``log 2``; the loss is minimal (stationary) at
     ``h* = log((1−ε)/ε)/β`` and decreasing in ``h`` below it.
@@ -299,7 +299,7 @@ def robust_dpo(
     TRL ``loss_type="robust"`` (``label_smoothing`` = ``ε``, default 0.0 as in TRL; the paper suggests 0.1).
 
     Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5)`` (TRL only warns outside it; prefopt raises);
-    f_divergence, f_alpha as in :func:`dpo`. Zero point: ``h = 0`` ⇒ ``log 2``.
+    f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo]. Zero point: ``h = 0`` ⇒ ``log 2``.
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -319,7 +319,7 @@ def ipo(
     ``loss_type="ipo"``, log-ratios are divided by the completion token counts (clamped at 1); TRL states this
     normalization was confirmed with the IPO authors. Needs ``chosen_len``/``rejected_len``.
 
-    Args: beta = ``τ ≥ 1e-8`` (default 0.1); f_divergence, f_alpha as in :func:`dpo`.
+    Args: beta = ``τ ≥ 1e-8`` (default 0.1); f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
     Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``. The square's value
     saturates at ``e^40`` (gradient exact; see the module docstring).
     """
@@ -338,7 +338,7 @@ def hinge(
 
     Zhao et al. 2023 (SLiC, arXiv 2305.10425) and Liu et al. 2023 (RSO, arXiv 2309.06657), Eq. (9) there;
     TRL ``loss_type="hinge"``. Args: beta ``> 0`` (0.1; ``1/β`` is the target margin); f_divergence, f_alpha
-    as in :func:`dpo`. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
+    as in [`dpo`][prefopt.losses.margin.dpo]. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(torch.relu(1.0 - beta * (s_w - s_l)), beta, rho_w, rho_l, logps)
@@ -363,7 +363,7 @@ def exo_pair(
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856),
     Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``. Args: beta ``> 0`` (0.1); label_smoothing
     ``ε ∈ (0, 1)`` (default 1e-3, the paper's recommendation; TRL requires ε > 0 for this loss);
-    f_divergence, f_alpha as in :func:`dpo`.
+    f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
 
     Zero point: ``h = 0`` ⇒ ``−log 2 − ½·log(ε(1−ε))``; the minimum 0 is at ``σ(β h) = 1 − ε``.
     """
@@ -467,7 +467,7 @@ def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float 
     r"""AOT (unpaired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(ρ_w)_i − sort(ρ_l)_i``.
 
     Melnyk et al. 2024 (arXiv 2406.05882), unpaired AOT; TRL ``loss_type="aot_unpaired"``. Batch-level like
-    :func:`aot` (entries follow the sorted order). Args: beta ``> 0`` (0.1); label_smoothing ``∈ [0, 0.5]`` (0.0).
+    [`aot`][prefopt.losses.margin.aot] (entries follow the sorted order). Args: beta ``> 0`` (0.1); label_smoothing ``∈ [0, 0.5]`` (0.0).
     Zero point: ``ρ = 0`` ⇒ ``log 2``.
     """
     rho_w, rho_l = logratios(logps)
@@ -520,7 +520,7 @@ def discopop(
     saturates at ``e^40`` and its gradient is 0 beyond; the ``−log σ(z)`` term still pushes ``z`` up). For
     ``τ ≤ 1`` the exponent is ``≤ min(−z, z(1/τ − 1)) ≤ 0``, so the clamp is inactive and the value is TRL's.
 
-    Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in :func:`dpo`.
+    Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
     Zero point: ``h = 0`` ⇒ ``(log 2 + 1)/2``. Not monotone in ``h`` (no gradient-sign guarantee).
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
@@ -538,7 +538,7 @@ def sigmoid_norm(
 
     DPO (Rafailov et al. 2023, Eq. 7) on per-token log-ratios; TRL ``loss_type="sigmoid_norm"`` (lengths
     clamped at 1). Needs ``chosen_len``/``rejected_len``. Args: beta ``> 0`` (0.1); f_divergence, f_alpha as
-    in :func:`dpo`. Zero point: equal per-token log-ratios ⇒ ``log 2``.
+    in [`dpo`][prefopt.losses.margin.dpo]. Zero point: equal per-token log-ratios ⇒ ``log 2``.
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "sigmoid_norm")

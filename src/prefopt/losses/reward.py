@@ -35,7 +35,7 @@ def bradley_terry(
     r"""Pairwise Bradley–Terry reward-model loss with an optional margin and reward centering.
 
     Per pair (Ouyang et al. 2022, Eq. 1; PE-RLHF §3 ``L_r``; margin as in Llama 2, Touvron et al. 2023,
-    Eq. 2; centering from Eisenstein et al. 2023, "Helping or Herding?", Eq. 2)::
+    Eq. 2; centering from Eisenstein et al. 2023, "Helping or Herding?", Eq. 2):
 
         L = −log σ(r_c − r_r − m) + c · (r_c + r_r)²
 
@@ -76,7 +76,7 @@ def bradley_terry(
 def reward_classification(rewards: Tensor, labels: Tensor) -> LossOutput:
     r"""Pointwise classification reward-model loss: binary cross-entropy on ``σ(r)`` (PE-RLHF §3).
 
-    Per example, with label (or soft label / probability) ``p ∈ [0, 1]``::
+    Per example, with label (or soft label / probability) ``p ∈ [0, 1]``:
 
         L = −p · log σ(r) − (1 − p) · log σ(−r)
 

@@ -1,30 +1,28 @@
 r"""Offline pairwise objectives that need per-token statistics of the LM head: WPO, LD-DPO, AlphaPO, TDPO.
 
-Notation as in :mod:`prefopt.losses.margin`: ``S`` token-sum log-probs, ``ρ = S − S^ref``, ``h = ρ_w − ρ_l``,
+Notation as in [`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``ρ = S − S^ref``, ``h = ρ_w − ρ_l``,
 ``Ā = S/|y|``, ``σ`` the sigmoid, ``sg`` stop-gradient; per token ``ℓ_t = log π_θ(y_t | x, y_<t)`` and
 ``m_t`` the completion mask.
 
-Per-token data come in the **token-pairs** layout of :mod:`prefopt.losses.decoupled`: a ``(2B, T)`` tensor whose
+Per-token data come in the **token-pairs** layout of [`prefopt.losses.decoupled`][prefopt.losses.decoupled]: a ``(2B, T)`` tensor whose
 rows ``0..B−1`` are the chosen completions and rows ``B..2B−1`` their rejected twins (row ``B + i`` pairs with
 row ``i``), with a ``(2B, T)`` bool ``completion_mask`` (True = the token counts). Positions outside the mask
 never reach a value or a gradient (they are selected away with ``torch.where`` before any arithmetic).
 
-=============  ===============  ==========================================================================
-loss           input kind       extra per-token data
-=============  ===============  ==========================================================================
-``wpo``        ``pairs``        ``token_logps``, ``log_sum_sq_probs``, ``completion_mask`` (keyword-only)
-``ld_dpo``     ``token_pairs``  ``(policy_logps, ref_logps, completion_mask)`` positional
-``alphapo``    ``pairs``        none (needs lengths)
-``tdpo``       ``pairs``        ``token_kl``, ``completion_mask`` (keyword-only)
-=============  ===============  ==========================================================================
+| loss | input kind | extra per-token data |
+|---|---|---|
+| ``wpo`` | ``pairs`` | ``token_logps``, ``log_sum_sq_probs``, ``completion_mask`` (keyword-only) |
+| ``ld_dpo`` | ``token_pairs`` | ``(policy_logps, ref_logps, completion_mask)`` positional |
+| ``alphapo`` | ``pairs`` | none (needs lengths) |
+| ``tdpo`` | ``pairs`` | ``token_kl``, ``completion_mask`` (keyword-only) |
 
-WPO's weight multiplies *any* registered pairwise loss (``base=``), and :func:`ld_pair_logps` turns
+WPO's weight multiplies *any* registered pairwise loss (``base=``), and [`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps] turns
 per-token log-probs into length-desensitised [`PairLogps`][prefopt.types.PairLogps] for any pairwise loss,
 so both compose (WPO + IPO, WPO + SimPO, LD + IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²``
 for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for TDPO) come from the chunked LM head on a model —
 [`token_stats`][prefopt.logprobs.token_stats] (``log_sum_sq_probs=True``) and
 [`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no ``(b, t, V)`` tensor kept. The
-full-logits implementations here, :func:`log_sum_sq_probs` and :func:`token_kl`, keep a ``(…, V)`` tensor: use
+full-logits implementations here, [`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs] and [`token_kl`][prefopt.losses.weighted.token_kl], keep a ``(…, V)`` tensor: use
 them on small models or as oracles.
 """
 
@@ -127,7 +125,7 @@ def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, completion_mask: 
 
     Args:
         token_logps: ``(n, T)`` per-token log-probs ``ℓ_t`` of the sampled tokens (any rows, e.g. ``2B``).
-        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²`` (:func:`log_sum_sq_probs`).
+        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²`` ([`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs]).
         completion_mask: ``(n, T)`` bool.
 
     Returns: ``(n,)`` detached weights (``|y|`` clamped at 1, so an empty row gives ``w = 1``).
@@ -196,12 +194,12 @@ def wpo(
 ) -> LossOutput:
     r"""WPO: any pairwise loss weighted by the (detached) on-policy-ness of both responses.
 
-    .. math::
+    $$
+    L = \min\big(w(y_w)\,w(y_l),\ c\big)\cdot L_{\text{base}},\qquad
+    w(y) = \operatorname{sg}\exp\Big(\frac{1}{|y|}\sum_t m_t\big(ℓ_t − \log\textstyle\sum_v π_θ(v|x,y_{<t})^2\big)\Big)
+    $$
 
-        L = \min\big(w(y_w)\,w(y_l),\ c\big)\cdot L_{\text{base}},\qquad
-        w(y) = \operatorname{sg}\exp\Big(\frac{1}{|y|}\sum_t m_t\big(ℓ_t − \log\textstyle\sum_v π_θ(v|x,y_{<t})^2\big)\Big)
-
-    (:func:`wpo_weights`; no ``min`` when ``clamp=None``). Zhou et al. 2024 (arXiv 2406.11827), Eq. (2)
+    ([`wpo_weights`][prefopt.losses.weighted.wpo_weights]; no ``min`` when ``clamp=None``). Zhou et al. 2024 (arXiv 2406.11827), Eq. (2)
     with the aligned, length-normalised weight of Sec. 3. TRL 1.16: ``DPOConfig(use_weighting=True)`` with
     any ``loss_type`` (TRL does not clamp: ``clamp=None``, the default); the authors' released
     ``scripts/run_wpo.py`` clamps the product at 1 (``clamp=1.0``). Paper/authors' β for DPO: 0.01
@@ -315,7 +313,7 @@ def ld_dpo(
 ) -> LossOutput:
     r"""LD-DPO: ``L = −log σ(β·(ρ^{LD}_w − ρ^{LD}_l))`` with ``ρ^{LD} = S^{LD} − S^{LD}_{ref}``.
 
-    ``S^{LD}`` (:func:`ld_pair_logps`) counts the tokens beyond the shorter response's length with weight
+    ``S^{LD}`` ([`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps]) counts the tokens beyond the shorter response's length with weight
     ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16 ``DPOConfig(ld_alpha=α)`` with
     ``loss_type="sigmoid"`` (TRL applies it to every loss type; for another base loss call it on
     ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
@@ -373,7 +371,7 @@ def alphapo(
 ) -> LossOutput:
     r"""AlphaPO: SimPO with the α-reward, ``L = −log σ(β·(r_α(Ā_w) − r_α(Ā_l)) − γ)``.
 
-    ``r_α(Ā) = (1 − e^{−αĀ})/α`` (:func:`alpha_reward`), ``Ā = S/|y|``. Gupta et al. 2025, "AlphaPO: Reward
+    ``r_α(Ā) = (1 − e^{−αĀ})/α`` ([`alpha_reward`][prefopt.losses.weighted.alpha_reward]), ``Ā = S/|y|``. Gupta et al. 2025, "AlphaPO: Reward
     Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number not verified: the paper body was
     not available to us). TRL 1.16
     ``experimental.cpo.CPOConfig(loss_type="alphapo", alpha=α)`` (= ``simpo`` with ``cpo_alpha=0``; TRL's
@@ -421,7 +419,7 @@ def tdpo(
 ) -> LossOutput:
     r"""TDPO: DPO with the sequential token-level forward KL of each response.
 
-    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from :func:`token_kl`):
+    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from [`token_kl`][prefopt.losses.weighted.token_kl]):
 
     - TDPO1: ``L = −log σ(β·(h − (D(y_l) − D(y_w))))``
     - TDPO2: ``L = −log σ(β·(h − α·(D(y_l) − sg D(y_w))))`` (no gradient through the chosen KL)
