@@ -2,8 +2,8 @@
 
 Everything here is a pure function of tensors, used to state and check what the Best-of-N losses estimate
 (tests, examples, the lab). The training-time reward transforms that the losses consume (empirical
-quantiles, the J-BOND reward) live beside the losses in :mod:`prefopt.losses.bond`; drawing Best-of-N samples is
-:func:`prefopt.sampling.best_of_n`; the EMA anchor update is :func:`prefopt.policy.ema_update_`. See
+quantiles, the J-BOND reward) live beside the losses in [`prefopt.losses.bond`][prefopt.losses.bond]; drawing Best-of-N samples is
+[`prefopt.sampling.best_of_n`][prefopt.sampling.best_of_n]; the EMA anchor update is [`prefopt.policy.ema_update_`][prefopt.policy.ema_update_]. See
 ``docs/bond.md`` for the derivations.
 
 Reference: P. G. Sessa et al., "BOND: Aligning LLMs with Best-of-N Distillation", arXiv 2407.14622 (ICLR 2025).
@@ -165,7 +165,7 @@ def bon_distribution(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 
     Draw ``N`` i.i.d. responses from ``π_ref`` and keep the one with the largest reward, the *first* drawn
     among tied maxima. Item ``y`` is kept iff, for some ``i``, draws ``1..i−1`` are strictly worse, draw ``i``
-    is ``y`` and draws ``i+1..N`` are not better, so::
+    is ``y`` and draws ``i+1..N`` are not better, so:
 
         π_BoN(y) = π_ref(y) · Σ_{i=1}^{N} p_<(y)^{i−1} · p_≤(y)^{N−i}
                  = π_ref(y) · p_≤(y)^{N−1} · Σ_{i=1}^{N} (p_<(y)/p_≤(y))^{i−1}        (A)·(B) form
@@ -215,8 +215,8 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
     correction; ``(B) = 0`` only for the worst item, where ``p_< = 0``).
 
     Args:
-        ref_probs: ``(..., K)`` as in :func:`bon_distribution`.
-        rewards: ``(..., K)`` as in :func:`bon_distribution`.
+        ref_probs: ``(..., K)`` as in [`bon_distribution`][prefopt.bon.bon_distribution].
+        rewards: ``(..., K)`` as in [`bon_distribution`][prefopt.bon.bon_distribution].
         n: ``N >= 2`` (``β_BOND = 1/(N−1)`` is undefined for ``N = 1``).
 
     Returns:
@@ -234,12 +234,12 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
 def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     """``r_BOND(y) = log p_≤(y) + (1/(N−1))·log Σ_{i=1}^{N}(p_</p_≤)^{i−1}`` (Sessa et al., Sec. 4).
 
-    It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``::
+    It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``:
 
         π_BoN(y) = π_ref(y) · exp((N−1) · r_BOND(y))          (exactly; no normalizer is needed)
 
     ``r_BOND`` depends on the rewards only through their order (invariant to strictly increasing maps).
-    Shapes ``(..., K)``; ``N >= 2``. See :func:`r_bond_terms` for the two terms.
+    Shapes ``(..., K)``; ``N >= 2``. See [`r_bond_terms`][prefopt.bon.r_bond_terms] for the two terms.
     """
     a, b = r_bond_terms(ref_probs, rewards, n)
     return a + b
@@ -248,7 +248,7 @@ def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     """``π̃(y) ∝ π_ref(y) · p_≤(y)^{N−1}``: the fixed point of the *practical* backward BOND term.
 
-    The practical backward term (and :func:`prefopt.losses.bond.bond` with ``backward_weight = 1``) uses the reward
+    The practical backward term (and [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] with ``backward_weight = 1``) uses the reward
     ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``; its KL-regularized optimum is this
     tilted distribution, not ``π_BoN``. Because (B) ``∈ [1, N]`` is largest for good items,
     ``π̃`` puts less mass on the best items than ``π_BoN``. Shapes ``(..., K)``; ``N >= 1``.

@@ -2,7 +2,7 @@
 
 Why these exist: the gradient of a mean over a *local* batch depends on how the batch was split. To get the
 same gradient whether a global batch is processed whole, in micro-batches with gradient accumulation, or
-across data-parallel ranks, divide every micro-batch's *sum* by the same *global* count::
+across data-parallel ranks, divide every micro-batch's *sum* by the same *global* count:
 
     n_tokens = completion_mask.sum()                      # over the whole global batch (all-reduce it under DDP)
     for micro in micro_batches:
@@ -263,7 +263,7 @@ def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:
 def seq_mean(logp: Tensor, mask: Tensor) -> Tensor:
     """``Ā(y) = S(y) / |y|`` per row → ``(b,)``; 0 for a row with no counted token.
 
-    (:func:`mean_of_seq_means` further averages these over rows to a scalar.)
+    ([`mean_of_seq_means`][prefopt.masked.mean_of_seq_means] further averages these over rows to a scalar.)
     """
     _check_pair(logp, mask)
     return masked_mean(logp, mask, dim=-1)

@@ -91,7 +91,7 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     r"""Generalized advantage estimation over the valid tokens of each row (Schulman et al. 2016, Eq. 16).
 
-    With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token)::
+    With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token):
 
         δ_t = r_t + γ·V_{t'} − V_t            (V_{t'} := 0 after the last valid token: no bootstrap)
         Â_t = δ_t + γλ·Â_{t'}                 = Σ_l (γλ)^l δ_{t+l}  over valid tokens
@@ -103,7 +103,7 @@ def gae(
 
     Args:
         rewards: ``(b, t)`` per-token rewards; values at masked positions are ignored. For RLHF put the
-            terminal score at the last valid token (see :func:`kl_penalized_rewards`).
+            terminal score at the last valid token (see [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
         values: ``(b, t)`` value predictions ``V_t = V(x, y_<t)`` (ignored where masked).
         mask: ``(b, t)`` bool, True on the tokens that are actions.
         gamma: discount in [0, 1] (default 1.0, TRL's PPO default).
@@ -181,7 +181,7 @@ def _singleton_advantages(r: Tensor, singleton: str, scale: float = 1.0) -> Tens
 def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tensor:
     r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", Eq. 9).
 
-    For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``::
+    For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``:
 
         A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j  =  k/(k−1) · (R_i − R̄)
 
@@ -196,7 +196,7 @@ def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tenso
 
     Args:
         rewards: ``(prompts, k)``, ``k ≥ 2`` (or ``k = 1`` with ``singleton``). For KL-in-the-reward RLOO
-            pass ``score − β·Σ_t k1_t`` (see :func:`kl_penalized_rewards`).
+            pass ``score − β·Σ_t k1_t`` (see [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
         singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``k = 1``.
 
     Returns:
@@ -219,7 +219,7 @@ def group_advantages(
 ) -> Tensor:
     r"""GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, §4.1.2 "outcome supervision").
 
-    For each prompt's group of ``G`` rewards::
+    For each prompt's group of ``G`` rewards:
 
         A_i = (r_i − mean(r)) / (std(r) + eps)      if scale_std      (std with Bessel's correction, as TRL)
         A_i =  r_i − mean(r)                         otherwise         (Dr. GRPO, Liu et al. 2025)
@@ -267,7 +267,7 @@ def group_advantages(
 
 def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
     r"""ReMax advantages: the reward of a sampled completion minus the reward of the **greedy** completion of
-    the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1)::
+    the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1):
 
         A_i = r(x, y_i) − r(x, ŷ)            ŷ = greedy (argmax) decoding of x under the current policy
 
@@ -281,7 +281,7 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
     ``(prompts,)``. Token form (``mask`` given; verl's ``remax`` estimator with the KL penalty in the
     reward): ``rewards`` is ``(b, t)`` per-token rewards ``R_{i,t}`` (e.g.
     [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]'s ``token_rewards``), ``greedy_rewards`` is
-    ``(b,)``, the greedy score of row ``i``'s prompt, and::
+    ``(b,)``, the greedy score of row ``i``'s prompt, and:
 
         A_{i,t} = Σ_{s ≥ t} m_{i,s} R_{i,s} − r(x_i, ŷ_i)        (0 where m_{i,t} is False)
 
@@ -333,7 +333,7 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: KLEstimator = "k1") -> Tensor:
     r"""Per-token Monte-Carlo estimates of ``KL(π ‖ π_ref)`` from tokens sampled from ``π`` (Schulman 2020).
 
-    With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``::
+    With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``:
 
         k1 = l                    unbiased, can be negative, high variance
         k2 = ½·l²                 biased, ≥ 0, low variance
@@ -393,10 +393,10 @@ def last_valid_index(mask: Tensor, *, name: str = "mask") -> Tensor:
 
 @dataclass(frozen=True)
 class PenalizedRewards:
-    """Output of :func:`kl_penalized_rewards` (all detached).
+    """Output of [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards] (all detached).
 
     Attributes:
-        token_rewards: ``(b, t)`` per-token rewards for :func:`gae` (PPO); 0 where masked.
+        token_rewards: ``(b, t)`` per-token rewards for [`gae`][prefopt.rl.gae] (PPO); 0 where masked.
         sequence_rewards: ``(b,)`` ``Σ_t token_rewards`` = ``score − β·Σ_t k_t`` (or just ``score``): the
             return for REINFORCE / RLOO / GRPO advantages.
         kl: ``(b, t)`` per-token KL estimate (0 where masked), for logging or for a KL-in-the-loss term.
@@ -419,7 +419,7 @@ def kl_penalized_rewards(
 ) -> PenalizedRewards:
     r"""Per-token RLHF rewards with the KL penalty in the reward (PPO / RLOO style) or left to the loss.
 
-    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO)::
+    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO):
 
         r_t = −β·k_t + 1[t = T_last]·score          (T_last = last valid token of the row)
         R   = Σ_t r_t = score − β·Σ_t k_t
@@ -440,7 +440,7 @@ def kl_penalized_rewards(
         kl_in_reward: the switch described above.
 
     Returns:
-        :class:`PenalizedRewards` (detached: rewards are constants for the policy gradient).
+        [`PenalizedRewards`][prefopt.rl.PenalizedRewards] (detached: rewards are constants for the policy gradient).
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
