@@ -161,15 +161,20 @@ def _bon_parts(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Tens
 
 
 def bon_distribution(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """The exact Best-of-N distribution over a finite response set (Sessa et al., Thm. 1, with ties).
+    r"""The exact Best-of-N distribution over a finite response set (Sessa et al., Thm. 1, with ties).
 
     Draw ``N`` i.i.d. responses from ``π_ref`` and keep the one with the largest reward, the *first* drawn
     among tied maxima. Item ``y`` is kept iff, for some ``i``, draws ``1..i−1`` are strictly worse, draw ``i``
-    is ``y`` and draws ``i+1..N`` are not better, so:
+    is ``y`` and draws ``i+1..N`` are not better, so
 
-        π_BoN(y) = π_ref(y) · Σ_{i=1}^{N} p_<(y)^{i−1} · p_≤(y)^{N−i}
-                 = π_ref(y) · p_≤(y)^{N−1} · Σ_{i=1}^{N} (p_<(y)/p_≤(y))^{i−1}        (A)·(B) form
-                 = π_ref(y) · (p_≤^N − p_<^N) / (p_≤ − p_<)                            (p_≤ > p_<)
+    $$
+    \begin{aligned}
+    \pi_{BoN}(y) &= \pi_{ref}(y) \sum_{i=1}^{N} p_<(y)^{i-1}\, p_\le(y)^{N-i} \\
+    &= \pi_{ref}(y)\, p_\le(y)^{N-1} \sum_{i=1}^{N} \Big(\frac{p_<(y)}{p_\le(y)}\Big)^{i-1}
+       && \text{(the (A)}\cdot\text{(B) form)} \\
+    &= \pi_{ref}(y)\, \frac{p_\le^N - p_<^N}{p_\le - p_<} && (p_\le > p_<)
+    \end{aligned}
+    $$
 
     ``p_≤ − p_<`` is the reference mass ``m(y)`` of the tie class of ``y`` (all items with reward ``r(y)``),
     so a tie class as a whole receives ``p_≤^N − p_<^N`` (the probability that the maximum of ``N`` draws
@@ -232,11 +237,13 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
 
 
 def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """``r_BOND(y) = log p_≤(y) + (1/(N−1))·log Σ_{i=1}^{N}(p_</p_≤)^{i−1}`` (Sessa et al., Sec. 4).
+    r"""``r_BOND(y) = log p_≤(y) + (1/(N−1))·log Σ_{i=1}^{N}(p_</p_≤)^{i−1}`` (Sessa et al., Sec. 4).
 
     It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``:
 
-        π_BoN(y) = π_ref(y) · exp((N−1) · r_BOND(y))          (exactly; no normalizer is needed)
+    $$
+    \pi_{BoN}(y) = \pi_{ref}(y)\, \exp\big((N-1)\, r_{BOND}(y)\big) \qquad \text{(exactly; no normalizer is needed)}
+    $$
 
     ``r_BOND`` depends on the rewards only through their order (invariant to strictly increasing maps).
     Shapes ``(..., K)``; ``N >= 2``. See [`r_bond_terms`][prefopt.bon.r_bond_terms] for the two terms.

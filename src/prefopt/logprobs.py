@@ -1,4 +1,4 @@
-"""Per-token log-probabilities of a causal LM with a chunked LM head, and sequence reductions.
+r"""Per-token log-probabilities of a causal LM with a chunked LM head, and sequence reductions.
 
 The naive way to get per-token log-probs, ``log_softmax(model(ids).logits).gather(-1, ids[:, 1:])``, keeps a
 ``(rows, tokens, vocab)`` float32 tensor alive for backward (several, in fact: the logits, the log-softmax
@@ -10,12 +10,14 @@ trainable) or one ``d``-vector per token (head frozen) — never a vocabulary-si
 
 For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``), bias ``b`` and targets ``y``:
 
-    a = h Wᵀ + b                          raw head output            (c, V)
-    s = κ · a                             model's logit scale κ (Cohere ``logit_scale``, 1/Granite ``logits_scaling``)
-    z = σ · tanh(s / σ)   (if softcap)    Gemma-2/3 ``final_logit_softcapping`` σ
-    z ← z / τ                             sampling temperature τ
-    ℓ = z_y − logsumexp(z)                log p(y | prefix), computed in float32 (float64 for float64 models)
-    H = logsumexp(z) − Σ_v p_v z_v        entropy of the predicting distribution (optional)
+| step | what it is |
+|---|---|
+| \(a = h W^\top + b\) | raw head output, ``(c, V)`` |
+| \(s = \kappa\, a\) | the model's logit scale \(\kappa\) (Cohere ``logit_scale``, 1/Granite ``logits_scaling``) |
+| \(z = \sigma \tanh(s / \sigma)\) | soft-capping, if the model has it (Gemma-2/3 ``final_logit_softcapping`` \(\sigma\)) |
+| \(z \leftarrow z / \tau\) | sampling temperature \(\tau\) |
+| \(\ell = z_y - \operatorname{logsumexp}(z)\) | \(\log p(y \mid \text{prefix})\), computed in float32 (float64 for float64 models) |
+| \(H = \operatorname{logsumexp}(z) - \sum_v p_v z_v\) | entropy of the predicting distribution (optional) |
 
 Backward uses ``∂ℓ/∂z = e_y − p`` and ``∂H/∂z = −p ⊙ (log p + H)``, then the chain rule
 ``∂z/∂a = (κ/τ)·(1 − tanh²(s/σ))`` (``κ/τ`` without a softcap). When the head weight needs a gradient

@@ -93,9 +93,14 @@ def gae(
 
     With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token):
 
-        δ_t = r_t + γ·V_{t'} − V_t            (V_{t'} := 0 after the last valid token: no bootstrap)
-        Â_t = δ_t + γλ·Â_{t'}                 = Σ_l (γλ)^l δ_{t+l}  over valid tokens
-        Ĝ_t = Â_t + V_t                       (the λ-return, the value target)
+    $$
+    \begin{aligned}
+    \delta_t &= r_t + \gamma V_{t'} - V_t && (V_{t'} := 0 \text{ after the last valid token: no bootstrap}) \\
+    \hat A_t &= \delta_t + \gamma\lambda\, \hat A_{t'} = \textstyle\sum_l (\gamma\lambda)^l \delta_{t+l}
+       && (l \text{ counts valid tokens}) \\
+    \hat G_t &= \hat A_t + V_t && (\text{the } \lambda\text{-return, the value target})
+    \end{aligned}
+    $$
 
     Masked positions are skipped, not treated as zero-reward steps, so left padding, right padding and
     holes inside a row all give the same numbers as slicing out the valid tokens. ``λ = 0`` gives the TD error
@@ -183,7 +188,9 @@ def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tenso
 
     For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``:
 
-        A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j  =  k/(k−1) · (R_i − R̄)
+    $$
+    A_i = R_i - \frac{1}{k-1} \sum_{j \ne i} R_j = \frac{k}{k-1}\,(R_i - \bar R)
+    $$
 
     Properties: ``Σ_i A_i = 0`` per prompt; adding a constant to a prompt's rewards leaves ``A`` unchanged;
     ``k = 2`` gives ``A = ±(R_1 − R_2)``. The baseline of sample ``i`` does not depend on ``R_i``, so the
@@ -219,10 +226,14 @@ def group_advantages(
 ) -> Tensor:
     r"""GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, §4.1.2 "outcome supervision").
 
-    For each prompt's group of ``G`` rewards:
+    For each prompt's group of ``G`` rewards, with ``scale_std=True`` (std with Bessel's correction, as TRL;
+    \(\epsilon\) = ``eps``)
 
-        A_i = (r_i − mean(r)) / (std(r) + eps)      if scale_std      (std with Bessel's correction, as TRL)
-        A_i =  r_i − mean(r)                         otherwise         (Dr. GRPO, Liu et al. 2025)
+    $$
+    A_i = \frac{r_i - \operatorname{mean}(r)}{\operatorname{std}(r) + \epsilon},
+    $$
+
+    and with ``scale_std=False`` (Dr. GRPO, Liu et al. 2025) \(A_i = r_i - \operatorname{mean}(r)\).
 
     A group whose rewards are all equal gets advantages of **exactly 0** (never NaN, even with ``eps = 0``):
     it carries no learning signal. The advantage is broadcast to every token of completion ``i`` by the loss.
@@ -269,7 +280,10 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
     r"""ReMax advantages: the reward of a sampled completion minus the reward of the **greedy** completion of
     the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1):
 
-        A_i = r(x, y_i) − r(x, ŷ)            ŷ = greedy (argmax) decoding of x under the current policy
+    $$
+    A_i = r(x, y_i) - r(x, \hat y), \qquad \hat y = \text{the greedy (argmax) decoding of } x
+    \text{ under the current policy}
+    $$
 
     The baseline ``r(x, ŷ)`` does not depend on the sampled ``y_i``, so the gradient stays unbiased; a sample
     equal to the greedy response gets ``A = 0``. Get ``ŷ`` with
@@ -281,9 +295,11 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
     ``(prompts,)``. Token form (``mask`` given; verl's ``remax`` estimator with the KL penalty in the
     reward): ``rewards`` is ``(b, t)`` per-token rewards ``R_{i,t}`` (e.g.
     [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]'s ``token_rewards``), ``greedy_rewards`` is
-    ``(b,)``, the greedy score of row ``i``'s prompt, and:
+    ``(b,)``, the greedy score of row ``i``'s prompt, and
 
-        A_{i,t} = Σ_{s ≥ t} m_{i,s} R_{i,s} − r(x_i, ŷ_i)        (0 where m_{i,t} is False)
+    $$
+    A_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s} - r(x_i, \hat y_i) \qquad (0 \text{ where } m_{i,t} \text{ is False})
+    $$
 
     With no KL penalty (``R`` = the score on the last valid token) this is the sequence form on every token.
 
@@ -335,9 +351,14 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: KLEstimator = "k1"
 
     With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``:
 
-        k1 = l                    unbiased, can be negative, high variance
-        k2 = ½·l²                 biased, ≥ 0, low variance
-        k3 = q − 1 − log q        unbiased, ≥ 0   (computed as expm1(−l) + l for accuracy near l = 0)
+    $$
+    \begin{aligned}
+    k_1 &= l && \text{unbiased, can be negative, high variance} \\
+    k_2 &= \tfrac{1}{2}\, l^2 && \text{biased, } \ge 0, \text{ low variance} \\
+    k_3 &= q - 1 - \log q && \text{unbiased, } \ge 0 \text{ (computed as } \operatorname{expm1}(-l) + l
+       \text{ for accuracy near } l = 0)
+    \end{aligned}
+    $$
 
     Gradients when the estimate is used as a *loss* (samples fixed, differentiated w.r.t. ``θ`` in
     ``log π_θ``), in expectation over ``y ~ π``:
@@ -419,10 +440,15 @@ def kl_penalized_rewards(
 ) -> PenalizedRewards:
     r"""Per-token RLHF rewards with the KL penalty in the reward (PPO / RLOO style) or left to the loss.
 
-    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO):
+    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO), with \(T_{last}\) the last valid token of
+    the row:
 
-        r_t = −β·k_t + 1[t = T_last]·score          (T_last = last valid token of the row)
-        R   = Σ_t r_t = score − β·Σ_t k_t
+    $$
+    \begin{aligned}
+    r_t &= -\beta k_t + \mathbb 1[t = T_{last}]\, \mathrm{score} \\
+    R &= \textstyle\sum_t r_t = \mathrm{score} - \beta \sum_t k_t
+    \end{aligned}
+    $$
 
     The penalty enters the *return*, so it is weighted by the advantage and (for PPO) discounted by GAE;
     use ``estimator="k1"`` here (its reward value is unbiased; its gradient as a loss would be useless).

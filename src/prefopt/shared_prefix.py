@@ -1,12 +1,14 @@
-"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
+r"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
 
 In a preference batch the chosen and the rejected sequence of a pair start with the same prompt, and HH-RLHF
 prompts are often longer than the answers. The duplicated layout of [`prefopt.data.PreferenceCollator`][prefopt.data.collate.PreferenceCollator]
 (``2B`` rows ``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its
 ``k`` completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is
-the same function of the parameters:
+the same function of the parameters (completion row \(r\), completion token \(j\)):
 
-    ℓ[r, j] = log p(c[r, j] | x_{r mod B}, c[r, <j])       completion row r, completion token j
+$$
+\ell_{r,j} = \log p\big(c_{r,j} \mid x_{r \bmod B},\, c_{r,<j}\big)
+$$
 
 The first completion token (``j = 0``) is predicted from the hidden state of the prompt's LAST real token; token
 ``j ≥ 1`` from the completion's own position ``j − 1``. Log-probs go through

@@ -245,11 +245,18 @@ def vbon(
 ) -> LossOutput:
     r"""Variational Best-of-N: policy-gradient surrogate of ``KL(π_θ ‖ π_BoN)``.
 
-    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards):
+    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards; \(\ell_i\) =
+    ``logp``, \(\ell^{ref}_i\) = ``ref_logp``):
 
-        g_i    = log π_BoN/π_ref (y_i)     exact binomial form (variant="exact"), or the bound log N + (N−1) log F̂
-        R_i    = sg[ c·g_i − (logp_i − ref_logp_i) ]       c = 1, or (N−1)/N for variant="released_exact"
-        loss_i = −(R_i − B_i)·logp_i                        B_i leave-one-out mean of R (baseline="loo") or 0
+    $$
+    \begin{aligned}
+    g_i &= \log \frac{\pi_{BoN}}{\pi_{ref}}(y_i) && \text{exact binomial form (variant="exact"), or the bound }
+       \log N + (N-1) \log \hat F \\
+    R_i &= \mathrm{sg}\big[c\, g_i - (\ell_i - \ell^{ref}_i)\big] && c = 1, \text{ or } (N-1)/N
+       \text{ for the released-exact variant} \\
+    \mathrm{loss}_i &= -(R_i - B_i)\, \ell_i && B_i \text{ the leave-one-out mean of } R \text{ (baseline="loo") or } 0
+    \end{aligned}
+    $$
 
     With the exact quantile, ``E[∇ mean_i loss_i] = ∇KL(π_θ ‖ π_BoN)`` (``variant="exact"``; the fixed point is
     ``π_BoN``); ``"bound"`` targets ``∝ π_ref·F^{N−1}``; ``"released_exact"`` targets

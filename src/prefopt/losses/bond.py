@@ -182,22 +182,30 @@ def bond(
     quantile_floor: str | float = "half",
     baseline: str = "loo",
 ) -> LossOutput:
-    """Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
+    r"""Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
 
-    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples):
+    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples;
+    \(\ell_i\) = ``logp``, \(\ell^{ref}_i\) = ``ref_logp``, \(\ell^*_i\) = ``best_logp``):
 
-        log p̂_i = log p̂_≤(y_i)            empirical quantile of reward_i among the k ref_rewards (floored)
-        R_i     = sg[(N−1)·log p̂_i − (logp_i − ref_logp_i)]          the return  ("bond/return")
-        B_i     = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0  (baseline='none')
-        loss_i  = (1−w)·(−best_logp_i)  +  w·(−(R_i − B_i)·logp_i)
-                   └── forward KL ──┘      └──── backward KL ────┘
+    $$
+    \begin{aligned}
+    \log \hat p_i &= \log \hat p_\le(y_i) && \text{empirical quantile of } r(y_i) \text{ among the } k
+       \text{ reference rewards (floored)} \\
+    R_i &= \mathrm{sg}\big[(N-1) \log \hat p_i - (\ell_i - \ell^{ref}_i)\big] && \text{the return (logged as bond/return)} \\
+    B_i &= \frac{1}{b-1} \sum_{j \ne i} R_j \ \text{(baseline='loo')} \quad \text{or} \quad 0 \ \text{(baseline='none')} \\
+    \mathrm{loss}_i &= \underbrace{(1-w)\,(-\ell^*_i)}_{\text{forward KL}}
+       + \underbrace{w\,\big(-(R_i - B_i)\, \ell_i\big)}_{\text{backward KL}}
+    \end{aligned}
+    $$
 
     Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
     **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale. With the exact
     quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` ([`prefopt.bon.practical_bond_target`][prefopt.bon.practical_bond_target]), the expected
-    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is:
+    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is
 
-        (1−w)·∇KL(π_BoN ‖ π_θ)  +  w·∇KL(π_θ ‖ π̃)
+    $$
+    (1-w)\, \nabla \mathrm{KL}(\pi_{BoN} \,\|\, \pi_\theta) + w\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \tilde\pi)
+    $$
 
     (the baseline does not change it: ``E[∇log π] = 0`` and ``B_i`` is independent of ``y_i``). So
     ``w = 0`` is SFT on Best-of-N samples and converges to ``π_BoN``; ``w = 1`` converges to ``π̃``, not
@@ -268,18 +276,29 @@ def jbond(
     strict: bool = True,
     baseline: str = "loo",
 ) -> LossOutput:
-    """J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
+    r"""J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
 
-    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties):
+    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties;
+    \(\ell_i\) the policy log-prob of \(y_i\), \(\ell^{a}_i\) its anchor log-prob, \(\ell^*_i\) the policy
+    log-prob of \(y'_{best}\)):
 
-        r_J,i  = −log 16 · 1[r(y_i) < min(r(y'_1), r(y'_2))]     ("≤" with strict=False, the appendix form)
-        R_i    = sg[r_J,i − (logp_i − anchor_logp_i)]              β_BOND = 1/(N−1) = 1 for N = 2
-        B_i    = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0
-        loss_i = (1−w)·(−best_anchor_logp_i) + w·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
+    $$
+    \begin{aligned}
+    r_{J,i} &= -\log 16 \cdot \mathbb 1\big[r(y_i) < \min(r(y'_1), r(y'_2))\big]
+       && (\le \text{ with strict=False, the appendix form}) \\
+    R_i &= \mathrm{sg}\big[r_{J,i} - (\ell_i - \ell^{a}_i)\big] && \beta_{BOND} = 1/(N-1) = 1 \text{ for } N = 2 \\
+    B_i &= \frac{1}{b-1} \sum_{j \ne i} R_j \ \text{(baseline='loo')} \quad \text{or} \quad 0 \\
+    \mathrm{loss}_i &= (1-w)\,(-\ell^*_i) + w\,\big(-(R_i - B_i)\, \ell_i\big)
+       + \gamma\, \mathrm{sg}(\ell_i - \ell^{a}_i)\, \ell_i
+    \end{aligned}
+    $$
 
     With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``:
 
-        (1−w)·∇KL(BoN_2(π_anchor) ‖ π_θ) + w·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
+    $$
+    (1-w)\, \nabla \mathrm{KL}\big(\mathrm{BoN}_2(\pi_{anchor}) \,\|\, \pi_\theta\big)
+    + w\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \tilde\pi_J) + \gamma\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \pi_{anchor})
+    $$
 
     where ``π̃_J ∝ π_anchor·exp(E[r_J | y])`` and ``E[r_J | y] = −log 16·(1 − p_≤(y))²`` (quantile under
     ``π_anchor``; ``p_<`` for ``strict=False``) — equal to ``log p_≤`` at the median, an approximation
