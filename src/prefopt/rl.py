@@ -459,7 +459,8 @@ def kl_penalized_rewards(
 
     Args:
         scores: ``(b,)`` reward-model / programmatic scores of the whole completion.
-        logp: ``(b, t)`` log-probs of the sampling policy (``old_logp``), ref_logp: ``(b, t)`` reference.
+        logp: ``(b, t)`` log-probs of the sampling policy (``old_logp``).
+        ref_logp: ``(b, t)`` reference log-probs.
         mask: ``(b, t)`` bool completion mask (left or right padding); every row needs one valid token.
         beta: KL coefficient ≥ 0 (default 0.05, TRL's PPO ``kl_coef`` / RLOO ``beta``).
         estimator: KL estimator for the penalty (default ``"k1"``).

@@ -98,6 +98,7 @@ def ches_positions(completion_mask: Tensor, *, positions: Positions = "predictin
 
     Args:
         completion_mask: ``(b, t)`` bool, True at response tokens (False at position 0).
+        positions: ``"predicting"`` (default) or ``"inclusive"``, as above.
     """
     check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
     check_mask("completion_mask", completion_mask, tuple(completion_mask.shape), "completion_mask")
@@ -127,13 +128,12 @@ def ches_from_hidden(
     (Razin et al. 2024, arXiv 2410.08847: CHES and length-normalised CHES). Differentiable in the hidden states.
 
     Args:
-        chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``; rejected_hidden ``(b, t⁻, d)`` of ``(x, y⁻)``.
-        chosen_mask: ``(b, t±)`` bool, True at the positions that count (see
-            [`ches_positions`][prefopt.diagnostics.displacement.ches_positions]); every row needs at least one. Masked positions are never read (they may
-            hold NaN).
-        rejected_mask: ``(b, t±)`` bool, True at the positions that count (see
-            [`ches_positions`][prefopt.diagnostics.displacement.ches_positions]); every row needs at least one. Masked positions are never read (they may
-            hold NaN).
+        chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``.
+        rejected_hidden: ``(b, t⁻, d)`` hidden states of ``(x, y⁻)``.
+        chosen_mask: ``(b, t⁺)`` bool, True at the positions that count (see
+            [`ches_positions`][prefopt.diagnostics.displacement.ches_positions]); every row needs at least
+            one. Masked positions are never read (they may hold NaN).
+        rejected_mask: ``(b, t⁻)`` bool, the same for ``rejected_hidden``.
     """
     out = []
     for side, h, m in (("chosen", chosen_hidden, chosen_mask), ("rejected", rejected_hidden, rejected_mask)):
@@ -164,8 +164,9 @@ class ChesScores:
     Attributes:
         ches: ``⟨S⁺, S⁻⟩ − ‖S⁺‖²`` (float64).
         ln_ches: the length-normalised score (float64).
-        chosen_count / rejected_count: the number of hidden states summed (``|y|``, or ``|y|+1`` with
-            ``positions="inclusive"``), int64.
+        chosen_count: the number of hidden states summed for the chosen response (``|y|``, or ``|y|+1``
+            with ``positions="inclusive"``), int64.
+        rejected_count: the same for the rejected response.
         positions: the position convention used.
     """
 
@@ -342,8 +343,11 @@ def ches_table(
     "chosen_count", "rejected_count"}`` of plain Python lists (``pair`` numbers the pairs in stream order).
 
     Args:
+        model: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
         batches: an iterable of collated pair batches (e.g. a ``DataLoader`` with prefopt's pair collator).
+        positions: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
         progress: show a ``tqdm`` progress bar (over batches; ``total`` if the iterable has no length).
+        total: the number of batches for the progress bar when ``batches`` has no length (optional).
     """
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
@@ -371,7 +375,8 @@ class ChesFilter:
     """The result of [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
 
     Attributes:
-        keep / removed: pair indices (int64, ascending) kept and dropped.
+        keep: indices of the kept pairs (int64, ascending).
+        removed: indices of the dropped pairs (int64, ascending).
         threshold: the score cut used: a pair is kept iff its score ``≤ threshold`` (``keep_fraction``: the
             ``k``-th smallest score).
         score: ``"ches"`` or ``"ln_ches"``.
@@ -538,8 +543,9 @@ def dpo_flip_loss(ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float) -> T
     pair before the ranking flips. Differentiable.
 
     Args:
-        ref_chosen: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
-        ref_rejected: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
+        ref_chosen: ``(b,)`` reference sequence log-probs ``S_ref,w``.
+        ref_rejected: ``(b,)`` reference sequence log-probs ``S_ref,l``.
+        beta: ``β > 0``.
     """
     b = _check_vec("ref_chosen", ref_chosen).shape[0]
     _check_vec("ref_rejected", ref_rejected, b)
@@ -591,7 +597,9 @@ def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
     ``η → η β σ(−βh)``. Differentiable.
 
     Args:
-        logits: ``(..., V)``. target: ``(...)`` integer token ids ``ȳ``. eta: step size ``η ≥ 0``.
+        logits: ``(..., V)``.
+        target: ``(...)`` integer token ids ``ȳ``.
+        eta: step size ``η ≥ 0``.
 
     Returns:
         ``(..., V)`` probabilities ``π⁺`` (dtype of ``logits``).
@@ -622,8 +630,10 @@ class SqueezeReport:
 
     Attributes:
         argmax: the most likely token at the position before the step (``−1`` where masked).
-        argmax_prob_before / argmax_prob_after: its probability before / after the step.
-        target_prob_before / target_prob_after: probability of the response token ``y_t``.
+        argmax_prob_before: its probability before the step.
+        argmax_prob_after: its probability after the step.
+        target_prob_before: probability of the response token ``y_t`` before the step.
+        target_prob_after: probability of the response token ``y_t`` after the step.
         moved_to_argmax: ``argmax_prob_after − argmax_prob_before``.
         argmax_is_target: bool, the response token is itself the argmax.
         eta: the step size.
@@ -666,8 +676,11 @@ def squeezing_probe(
 
     Args:
         model: a causal LM (``nn.Module`` returning ``.logits``) or a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy].
-        input_ids: ``(b, t)``; completion_mask ``(b, t)`` bool (False at 0); attention_mask optional.
-        eta: ``η > 0``. params: parameters or names to step (default: all with ``requires_grad``).
+        input_ids: ``(b, t)``.
+        completion_mask: ``(b, t)`` bool (False at 0).
+        attention_mask: optional ``(b, t)``.
+        eta: ``η > 0``.
+        params: parameters or names to step (default: all with ``requires_grad``).
 
     Cost: per row one forward+backward and one forward; model in ``eval()`` mode.
     """
@@ -768,8 +781,12 @@ def tabular_grad_inner(probs: Tensor, chosen: Tensor, rejected: Tensor) -> tuple
     lower ``π_w`` (the entanglement condition of Yuan et al. 2024, arXiv 2410.13828, never fires).
 
     Args:
-        probs: ``(..., V)`` probabilities ``π``. chosen / rejected: ``(...)`` token ids.
-    Returns: three ``(...)`` tensors in the dtype of ``probs``.
+        probs: ``(..., V)`` probabilities ``π``.
+        chosen: ``(...)`` token ids ``w``.
+        rejected: ``(...)`` token ids ``l``.
+
+    Returns:
+        Three ``(...)`` tensors in the dtype of ``probs``.
     """
     w, lt = _probs_and_tokens(probs, ("chosen", "rejected"), (chosen, rejected))
     sq = (probs * probs).sum(-1)
@@ -792,9 +809,15 @@ def unembedding_grad_inner(
     with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner] times ``‖h‖²``.
 
     Args:
-        probs_a: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
-        probs_b: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
-    Returns: ``(...)``.
+        probs_a: ``(..., V)`` ``π = softmax(W h)``.
+        token_a: ``(...)`` token ids ``a``.
+        hidden_a: ``(..., d)`` ``h``.
+        probs_b: ``(..., V)`` ``π' = softmax(W h')``.
+        token_b: ``(...)`` token ids ``b``.
+        hidden_b: ``(..., d)`` ``h'``.
+
+    Returns:
+        ``(...)``.
     """
     (a,) = _probs_and_tokens(probs_a, ("token_a",), (token_a,))
     (bb,) = _probs_and_tokens(probs_b, ("token_b",), (token_b,))
@@ -828,8 +851,13 @@ def hidden_grad_inner(
     A DPO step on ``h`` alone lowers ``log π(y_w)`` to first order iff ``⟨g_w, g_l⟩ > ‖g_w‖²``.
 
     Args:
-        unembedding: ``(V, d)`` ``W``. probs: ``(..., V)`` ``π = softmax(W h)``. chosen / rejected: ``(...)``.
-    Returns: three ``(...)`` tensors.
+        unembedding: ``(V, d)`` ``W``.
+        probs: ``(..., V)`` ``π = softmax(W h)``.
+        chosen: ``(...)`` token ids ``w``.
+        rejected: ``(...)`` token ids ``l``.
+
+    Returns:
+        Three ``(...)`` tensors.
     """
     check_tensor("unembedding", unembedding, ndim=2)
     w, lt = _probs_and_tokens(probs, ("chosen", "rejected"), (chosen, rejected))

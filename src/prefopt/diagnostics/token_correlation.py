@@ -75,13 +75,19 @@ class TokenCorrelation:
 
     Attributes:
         matrix: ``(T_w, T_l)`` ``cos(g_{w,t}, g_{l,s})``.
-        chosen_matrix / rejected_matrix: ``(T_w, T_w)`` / ``(T_l, T_l)`` within-response cosines.
+        chosen_matrix: ``(T_w, T_w)`` within-response cosines of the chosen response.
+        rejected_matrix: ``(T_l, T_l)`` within-response cosines of the rejected response.
         cross_inner: ``(T_w, T_l)`` raw inner products ``⟨g_{w,t}, g_{l,s}⟩``; its sum is ``⟨∇_w, ∇_l⟩``.
-        chosen_norms / rejected_norms: ``(T_w,)`` / ``(T_l,)`` ``‖g_{·,t}‖``.
-        chosen_ids / rejected_ids: completion token ids; chosen_positions / rejected_positions: their
-            column index in ``input_ids``.
-        chosen_shared / rejected_shared: bool, True at shared offsets (module docstring).
-        chosen_tokens / rejected_tokens: decoded tokens (one string each) if a tokenizer was given, else None.
+        chosen_norms: ``(T_w,)`` ``‖g_{w,t}‖``.
+        rejected_norms: ``(T_l,)`` ``‖g_{l,t}‖``.
+        chosen_ids: chosen completion token ids.
+        rejected_ids: rejected completion token ids.
+        chosen_positions: their column index in ``input_ids``.
+        rejected_positions: their column index in ``input_ids``.
+        chosen_shared: bool ``(T_w,)``, True at shared offsets (module docstring).
+        rejected_shared: bool ``(T_l,)``, True at shared offsets.
+        chosen_tokens: decoded chosen tokens (one string each) if a tokenizer was given, else None.
+        rejected_tokens: decoded rejected tokens, likewise.
         summary: ``mean_shared`` (mean of ``matrix[i, j]`` over cells whose chosen *and* rejected token are
             shared), ``mean_differing`` (cells with at least one non-shared token), ``diag_shared`` (mean of
             ``matrix[k, k]`` over shared ``k``: same token, same offset), ``diag_differing`` (``matrix[k, k]``

@@ -129,9 +129,10 @@ def bonbon(
     Args:
         logps: ``(b,)``: ``chosen`` = ``S_θ`` of the best sample, ``rejected`` = of the worst, with reference
             fields.
-        n: samples per prompt ``n >= 2`` (default 8). beta: ``"auto"`` (``β*(n)``, default) or ``β > 0``.
-        alpha: SFT weight ``α ∈ [0, 1]`` (default 0.005, the authors' README). pair_loss: ``"ipo"`` (paper,
-            default) | ``"sigmoid"`` (released code).
+        n: samples per prompt ``n >= 2`` (default 8).
+        beta: ``"auto"`` (``β*(n)``, default) or ``β > 0``.
+        alpha: SFT weight ``α ∈ [0, 1]`` (default 0.005, the authors' README).
+        pair_loss: ``"ipo"`` (paper, default) or ``"sigmoid"`` (released code).
 
     Returns: ``loss`` ``(b,)``; the standard pair metrics (rewards ``β·ρ``) plus ``bonbon/sft`` (``−S_w``) and
     ``bonbon/pair`` (the pair term), ``(b,)`` detached.
@@ -277,8 +278,8 @@ def vbon(
             policy's own sample; ``ref_logp`` ``(b,)`` ``S_ref(y)`` (enters the return, and ``g`` of the exact
             variants); ``reward`` ``(b,)``; ``ref_rewards`` ``(b, k)`` rewards of reference samples of the
             same prompt. ``best_logp`` is not used.
-        n: ``N >= 2`` (default 8). variant: ``"exact"`` (default, as the authors' README) | ``"bound"`` |
-            ``"released_exact"``.
+        n: ``N >= 2`` (default 8).
+        variant: ``"exact"`` (default, as the authors' README), ``"bound"`` or ``"released_exact"``.
         quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see [`pool_quantile`][prefopt.losses.bon_family.pool_quantile];
             the exact form needs the strict quantile ``F``, which ``"lt"`` estimates without bias).
         quantile_floor: ``c ∈ (0, 1]``; ``F̂`` is floored at ``c/k`` before the ``log`` of the bound (default
@@ -394,8 +395,8 @@ def qrpo(
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples]: ``logp``, ``ref_logp`` ``(b,)`` sequence
             sums of any response (offline data or samples); ``reward`` ``(b,)``; ``ref_rewards`` ``(b, k)``
             rewards of ``k`` reference samples of the same prompt. ``best_logp`` is not used.
-        beta: ``β > 0`` (default 0.1, the authors' config). transform: ``"log"`` (default) | ``"identity"``
-            (the paper's chat runs) | ``"normal_icdf"``.
+        beta: ``β > 0`` (default 0.1, the authors' config).
+        transform: ``"log"`` (default), ``"identity"`` (the paper's chat runs) or ``"normal_icdf"``.
         logz: ``"exact"`` (default) | ``"released_approx"`` (identity only: the released ``log β + 1/β``).
         quantile: ``"le"`` (default, authors': ties count as below) | ``"lt"`` | ``"mid"``.
         loss_type: ``"mse"`` (default) | ``"mae"``.

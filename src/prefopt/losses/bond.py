@@ -55,6 +55,7 @@ def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | floa
     Args:
         reward: ``(...)`` rewards of the responses being scored, e.g. ``(b,)``.
         ref_rewards: ``(..., k)`` rewards of ``k >= 2`` reference samples for the same prompt.
+        floor: ``"half"`` (default), ``"smoothed"`` or a float ``c ∈ (0, 1]``, as above.
 
     Returns:
         ``(...)`` quantiles in ``(0, 1]`` with ``reward``'s floating dtype (float32 for integer rewards).
@@ -101,6 +102,7 @@ def jbond_reward(reward: Tensor, anchor_rewards: Tensor, *, strict: bool = True)
     Args:
         reward: ``(b,)`` reward of the policy sample.
         anchor_rewards: ``(b, 2)`` rewards of the two anchor samples.
+        strict: ``True`` (default, "<") or ``False`` ("≤"), as above.
 
     Returns:
         ``(b,)`` values in ``{−log 16, 0}`` with ``reward``'s floating dtype.

@@ -202,8 +202,10 @@ def decoupled(
 
     Args:
         logps: ``(b,)`` fields with reference log-probs.
-        beta: ``β > 0`` (default 0.1). margin_weight, chosen_weight, rejected_weight: ``≥ 0``, not all zero
-            (defaults 1, 1, 0).
+        beta: ``β > 0`` (default 0.1).
+        margin_weight: ``m ≥ 0`` (default 1); ``m``, ``c`` and ``r`` must not all be zero.
+        chosen_weight: ``c ≥ 0`` (default 1).
+        rejected_weight: ``r ≥ 0`` (default 0).
 
     Returns: ``loss`` ``(b,)``; metrics: reward metrics plus ``weight/chosen`` (``d_w``) and
     ``weight/rejected`` (``d_l``).
@@ -304,12 +306,12 @@ def token_masked(
 
     Args:
         policy_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
-            rows first; ``ref_logps`` is treated as a constant.
-        ref_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
-            rows first; ``ref_logps`` is treated as a constant.
+            rows first.
+        ref_logps: ``(2B, T)`` reference per-token log-probs, same layout, treated as a constant.
         completion_mask: ``(2B, T)`` bool.
         mu: ``(2B, T)`` weights in ``[0, 1]`` (values outside the completion are ignored).
-        beta: ``β > 0`` (0.1). sparsity: ``λ ≥ 0`` (default 0, so that ``μ ≡ 1`` is exactly DPO).
+        beta: ``β > 0`` (default 0.1).
+        sparsity: ``λ ≥ 0`` (default 0, so that ``μ ≡ 1`` is exactly DPO).
 
     Returns: ``loss`` ``(B,)``; metrics: reward metrics (``β ρ^μ``), ``mask/chosen_frac`` and
     ``mask/rejected_frac`` (``Σ m μ / |y|``), ``mask/degenerate`` (1.0 where a response keeps no weight at all,

@@ -267,7 +267,9 @@ def cdpo(
     no longer smooths; ``aot`` and the experimental CPO trainer keep this form).
 
     Args:
-        beta: ``β > 0`` (default 0.1). label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
         f_divergence: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
         f_alpha: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
 
@@ -298,8 +300,14 @@ def robust_dpo(
     clean DPO loss when labels are flipped with probability ``ε``: ``(1−ε)L(h) + εL(−h) = −log σ(β h)``.
     TRL ``loss_type="robust"`` (``label_smoothing`` = ``ε``, default 0.0 as in TRL; the paper suggests 0.1).
 
-    Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5)`` (TRL only warns outside it; prefopt raises);
-    f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo]. Zero point: ``h = 0`` ⇒ ``log 2``.
+    Zero point: ``h = 0`` ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5)`` (default 0.0; TRL only warns outside it, prefopt raises).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -319,9 +327,14 @@ def ipo(
     ``loss_type="ipo"``, log-ratios are divided by the completion token counts (clamped at 1); TRL states this
     normalization was confirmed with the IPO authors. Needs ``chosen_len``/``rejected_len``.
 
-    Args: beta = ``τ ≥ 1e-8`` (default 0.1); f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
     Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``. The square's value
     saturates at ``e^40`` (gradient exact; see the module docstring).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``τ ≥ 1e-8`` (default 0.1).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "ipo")
@@ -337,8 +350,13 @@ def hinge(
     r"""Hinge (SLiC/RSO on log-ratios): ``L = max(0, 1 − β h)``.
 
     Zhao et al. 2023 (SLiC, arXiv 2305.10425) and Liu et al. 2023 (RSO, arXiv 2309.06657), Eq. (9) there;
-    TRL ``loss_type="hinge"``. Args: beta ``> 0`` (0.1; ``1/β`` is the target margin); f_divergence, f_alpha
-    as in [`dpo`][prefopt.losses.margin.dpo]. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
+    TRL ``loss_type="hinge"``. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1; ``1/β`` is the target margin).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(torch.relu(1.0 - beta * (s_w - s_l)), beta, rho_w, rho_l, logps)
@@ -361,11 +379,17 @@ def exo_pair(
     r"""EXO (pairwise): ``L = KL(q ‖ p) = q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε)``, ``q_w = σ(β h)``, ``q_l = σ(−β h)``.
 
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856),
-    Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``. Args: beta ``> 0`` (0.1); label_smoothing
-    ``ε ∈ (0, 1)`` (default 1e-3, the paper's recommendation; TRL requires ε > 0 for this loss);
-    f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
+    Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``.
 
     Zero point: ``h = 0`` ⇒ ``−log 2 − ½·log(ε(1−ε))``; the minimum 0 is at ``σ(β h) = 1 − ε``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ (0, 1)`` (default 1e-3, the paper's recommendation; TRL requires ε > 0 for
+            this loss).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -381,8 +405,12 @@ def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""NCA (pairwise): ``L = −log σ(β ρ_w) − ½ log σ(−β ρ_w) − ½ log σ(−β ρ_l)``.
 
     Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
-    (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``. Args: beta ``> 0`` (0.1).
+    (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``.
     Zero point: ``ρ = 0`` ⇒ ``2 log 2``; ``∂L/∂S_l > 0`` always.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     r_w, r_l = beta * rho_w, beta * rho_l
@@ -400,9 +428,14 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
     ``delta`` is a **data** argument (not a hyperparameter), detached before use: the paper (and TRL's older
     ``DPOTrainer``) uses the running mean of the implicit rewards ``β ρ`` over past batches; keep that running
     mean in your loop and pass it here (``()`` or ``(b,)`` tensor, or a float). ``None`` means ``δ = 0``, which is
-    exactly TRL 1.16's ``bco_pair`` (it dropped the running mean). Args: beta ``> 0`` (0.1).
+    exactly TRL 1.16's ``bco_pair`` (it dropped the running mean).
 
     Zero point: ``ρ = 0, δ = 0`` ⇒ ``2 log 2``. Extra metric ``delta`` (broadcast to ``(b,)``).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        delta: the reward shift ``δ`` (data, detached): a ``()`` or ``(b,)`` tensor, a float, or None (0).
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     if delta is None:
@@ -427,8 +460,12 @@ def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 
     Wu et al. 2024, "Self-Play Preference Optimization" (arXiv 2405.00675), Eq. (4.7) of Algorithm 1 with the
     win probability set to 1 for the chosen and 0 for the rejected response (``η = 1/β``); TRL
-    ``loss_type="sppo_hard"``. Args: beta ``≥ 1e-8`` (0.1). Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
+    ``loss_type="sppo_hard"``. Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
     Each square's value saturates at ``e^40`` (gradient exact; see the module docstring).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β ≥ 1e-8`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     d_w, d_l = rho_w - 0.5 / beta, rho_l + 0.5 / beta
@@ -447,8 +484,12 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) ->
     TRL ``loss_type="aot"``. **Batch-level**: entry ``i`` of ``loss`` belongs to the ``i``-th smallest margin,
     not to pair ``i`` (the batch mean is what is defined); splitting a batch changes the loss.
 
-    Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5]`` (0.0, TRL's default).
     Zero point: policy == reference ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0, TRL's default).
     """
     rho_w, rho_l = logratios(logps)
     assert logps.ref_chosen is not None and logps.ref_rejected is not None
@@ -467,8 +508,13 @@ def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float 
     r"""AOT (unpaired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(ρ_w)_i − sort(ρ_l)_i``.
 
     Melnyk et al. 2024 (arXiv 2406.05882), unpaired AOT; TRL ``loss_type="aot_unpaired"``. Batch-level like
-    [`aot`][prefopt.losses.margin.aot] (entries follow the sorted order). Args: beta ``> 0`` (0.1); label_smoothing ``∈ [0, 0.5]`` (0.0).
+    [`aot`][prefopt.losses.margin.aot] (entries follow the sorted order).
     Zero point: ``ρ = 0`` ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0).
     """
     rho_w, rho_l = logratios(logps)
     sw, _ = torch.sort(rho_w, dim=0)
@@ -481,8 +527,11 @@ def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""APO-zero: ``L = (1 − σ(β ρ_w)) + σ(β ρ_l)``: raise the chosen likelihood, lower the rejected one.
 
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization" (arXiv 2408.06266), Eq. (7); TRL
-    ``loss_type="apo_zero"``. Args: beta ``> 0`` (0.1). Zero point: ``ρ = 0`` ⇒ 1;
-    ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
+    ``loss_type="apo_zero"``. Zero point: ``ρ = 0`` ⇒ 1; ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     loss = (1.0 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
@@ -493,8 +542,12 @@ def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 def apo_down(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     r"""APO-down: ``L = σ(β ρ_w) + (1 − σ(β h))``: lower both likelihoods, the rejected one more.
 
-    D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Args: beta ``> 0``
-    (0.1). Zero point: ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
+    D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Zero point:
+    ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     loss = torch.sigmoid(beta * rho_w) + (1.0 - torch.sigmoid(beta * (rho_w - rho_l)))
@@ -520,8 +573,14 @@ def discopop(
     saturates at ``e^40`` and its gradient is 0 beyond; the ``−log σ(z)`` term still pushes ``z`` up). For
     ``τ ≤ 1`` the exponent is ``≤ min(−z, z(1/τ − 1)) ≤ 0``, so the clamp is inactive and the value is TRL's.
 
-    Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in [`dpo`][prefopt.losses.margin.dpo].
     Zero point: ``h = 0`` ⇒ ``(log 2 + 1)/2``. Not monotone in ``h`` (no gradient-sign guarantee).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        tau: ``τ > 0`` (default 0.05, the paper's value).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -537,8 +596,13 @@ def sigmoid_norm(
     r"""Length-normalized DPO: ``L = −log σ(β·(ψ(ρ_w)/|y_w| − ψ(ρ_l)/|y_l|))``.
 
     DPO (Rafailov et al. 2023, Eq. 7) on per-token log-ratios; TRL ``loss_type="sigmoid_norm"`` (lengths
-    clamped at 1). Needs ``chosen_len``/``rejected_len``. Args: beta ``> 0`` (0.1); f_divergence, f_alpha as
-    in [`dpo`][prefopt.losses.margin.dpo]. Zero point: equal per-token log-ratios ⇒ ``log 2``.
+    clamped at 1). Zero point: equal per-token log-ratios ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``β > 0`` (default 0.1).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "sigmoid_norm")
@@ -578,9 +642,13 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
     (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
     ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference for
     the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
-    counts (not clamped). Not in TRL. Args: beta ``> 0`` (0.1); alpha finite (0.0 ⇒ DPO; the
-    Understand_MarginPO repo used 0.2 on TL;DR). Needs lengths.
+    counts (not clamped). Not in TRL.
     Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: ``α``, finite (default 0.0 ⇒ DPO; the Understand_MarginPO repo used 0.2 on TL;DR).
     """
     rho_w, rho_l = logratios(logps)
     if logps.chosen_len is None or logps.rejected_len is None:
@@ -596,8 +664,13 @@ def dpop(logps: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutpu
     Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive"
     (arXiv 2402.13228), Eq. (3): the penalty is active only while the policy assigns the chosen completion a
     lower likelihood than the reference, and then pushes ``S_w`` up. Not in TRL.
-    Args: beta ``> 0`` (0.1); lam ``λ ≥ 0`` (50, the paper's value). Zero point: ``S_w ≥ S^ref_w`` and
-    ``h = 0`` ⇒ ``log 2``; ``λ = 0`` ⇒ DPO. Extra metric ``penalty`` = ``max(0, S^ref_w − S_w)``.
+    Zero point: ``S_w ≥ S^ref_w`` and ``h = 0`` ⇒ ``log 2``; ``λ = 0`` ⇒ DPO. Extra metric ``penalty`` =
+    ``max(0, S^ref_w − S_w)``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        lam: ``λ ≥ 0`` (default 50, the paper's value).
     """
     rho_w, rho_l = logratios(logps)
     penalty = torch.relu(-rho_w)

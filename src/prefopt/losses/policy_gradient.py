@@ -468,7 +468,8 @@ def rloo(
     mean over sequences. KL is expected *in the reward* (``rl.kl_penalized_rewards``), as in the paper and TRL.
 
     Args:
-        logp: ``(b, t)`` policy log-probs (with grad); old_logp: ``(b, t)`` or None.
+        logp: ``(b, t)`` policy log-probs (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy).
         advantages: ``(b,)`` per completion (detached inside).
         mask: ``(b, t)`` bool completion mask.
         clip: $\epsilon > 0$ of the sequence-level clip (default 0.2, TRL); unused on-policy.
@@ -798,9 +799,15 @@ def gspo(
             [`gspo_token`][prefopt.losses.policy_gradient.gspo_token].
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
         epsilon_low: lower clip (default 3e-4, the paper's; sequence ratios stay near 1).
         epsilon_high: upper clip (default 4e-4, the paper's; None = ``epsilon_low``).
         beta: k3 coefficient ≥ 0 (default 0.0, the paper's).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` as [`grpo`][prefopt.losses.policy_gradient.grpo]
@@ -864,7 +871,20 @@ def gspo_token(
     ``opsm_threshold`` are as for [`gspo`][prefopt.losses.policy_gradient.gspo].
 
     Args:
+        logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        old_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
         advantages: ``(b,)`` per sequence or ``(b, t)`` per token (detached inside).
+        mask: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        ref_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        sampler_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        policy_mask: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        epsilon_low: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        epsilon_high: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        beta: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction_min: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction_max: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        opsm_threshold: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)`` and ``(b, t)`` metrics as ``gspo``.
@@ -965,11 +985,17 @@ def cispo(
         advantages: ``(b,)`` or ``(b, t)`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
         bounds: ``"upper"`` (TRL / ScaleRL / MiniMax) or ``"two_sided"`` (verl / NeMo-RL).
         max_weight: the cap $C > 0$ of ``"upper"`` (default 5.0, TRL's recommended value).
         epsilon_low: lower clip of ``"two_sided"``, in [0, 1) (default 0.2).
         epsilon_high: upper clip of ``"two_sided"``, ≥ 0 (default 0.2).
         beta: k3 coefficient ≥ 0 (default 0.0).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``is_weight``, ``policy_kept``, ``ratio`` ($\rho$), ``weight``
@@ -1072,9 +1098,15 @@ def sapo(
         advantages: ``(b,)`` or ``(b, t)`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs; required when ``beta > 0``.
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
         tau_pos: $\tau_{pos} > 0$ (default 1.0, TRL and verl).
         tau_neg: $\tau_{neg} > 0$ (default 1.05, TRL and verl; the paper takes $\tau_{neg} > \tau_{pos}$).
         beta: k3 coefficient ≥ 0 (default 0.0).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``ratio``, ``gate_weight`` (the
@@ -1219,6 +1251,10 @@ def ppo(
         value_clip: $\epsilon_v > 0$ or None (default 0.2).
         vf_coef: $c_v$ (default 0.1).
         ent_coef: $c_H$ (default 0.0; defaults as TRL's PPO).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``, 0 where masked; metrics ``(b, t)``: ``pg_loss``,

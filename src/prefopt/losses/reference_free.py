@@ -81,9 +81,17 @@ def cpo(
     the behaviour-cloning NLL term. TRL ``experimental.cpo.CPOTrainer(loss_type="sigmoid")``: ``alpha`` here is
     TRL's ``cpo_alpha`` (default 1.0), **not** TRL's AlphaPO ``alpha`` (not implemented); the NLL is TRL's
     token-mean cross-entropy over the batch's chosen completion tokens (``nll_norm="batch_tokens"``, needs
-    ``chosen_len``). Args: beta ``> 0`` (0.1), alpha ``≥ 0`` (1.0), label_smoothing ``∈ [0, 0.5]`` (0.0).
+    ``chosen_len``).
     Zero point: ``S_w = S_l`` ⇒ ``log 2 + α·NLL``; ``α = 0`` is reference-free DPO.
     Rewards metric: ``β·S`` (as TRL). Extra metric ``nll``.
+
+    Args:
+        logps: ``(b,)`` fields (no reference needed); ``chosen_len`` for ``nll_norm`` ``"batch_tokens"`` or
+            ``"sequence"``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: ``α ≥ 0``, the NLL weight (default 1.0).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0).
+        nll_norm: ``"batch_tokens"`` (default), ``"sequence"`` or ``"sum"`` (see the module docstring).
     """
     z = beta * (logps.chosen - logps.rejected)
     pref = _smoothed(z, label_smoothing)

@@ -322,8 +322,9 @@ def ld_dpo(
         policy_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
         ref_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
         completion_mask: ``(2B, T)`` bool.
-        beta: ``β > 0`` (default 0.1, TRL's). ld_alpha: ``α ∈ [0, 1]`` (default 0.5, the paper's suggested
-            starting point; TRL's default ``None`` means off, i.e. ``α = 1``).
+        beta: ``β > 0`` (default 0.1, TRL's).
+        ld_alpha: ``α ∈ [0, 1]`` (default 0.5, the paper's suggested starting point; TRL's default ``None``
+            means off, i.e. ``α = 1``).
 
     Returns: ``loss`` ``(B,)``; the DPO metrics computed on the LD log-probs (``logps/*`` are ``S^{LD}``).
     """
@@ -380,8 +381,9 @@ def alphapo(
 
     Args:
         logps: ``(b,)``; needs lengths, no reference.
-        beta: ``β > 0`` (default 2.5), alpha: any finite ``α`` (default 0.25), gamma: margin ``γ``
-            (default 0.1) — the paper's Mistral-Instruct setting (TRL's defaults: β 0.1, α 0, γ 0.5).
+        beta: ``β > 0`` (default 2.5, the paper's Mistral-Instruct setting; TRL's default 0.1).
+        alpha: any finite ``α`` (default 0.25, the paper's Mistral-Instruct setting; TRL's default 0).
+        gamma: margin ``γ`` (default 0.1, the paper's Mistral-Instruct setting; TRL's default 0.5).
         label_smoothing: ``ε ∈ [0, 0.5]`` (default 0).
 
     Returns: ``loss`` ``(b,)``; rewards metrics ``β·r_α`` (as TRL).
@@ -433,8 +435,9 @@ def tdpo(
         token_kl: ``(2b, T)`` per-position ``KL(π_ref ‖ π_θ)`` (with gradient into the policy), chosen rows
             first.
         completion_mask: ``(2b, T)`` bool.
-        beta: ``β > 0`` (0.1). alpha: TDPO2's KL weight (0.5; unused by TDPO1). variant: ``"tdpo2"`` |
-            ``"tdpo1"``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: TDPO2's KL weight (default 0.5; unused by TDPO1).
+        variant: ``"tdpo2"`` (default) or ``"tdpo1"``.
 
     Returns: ``loss`` ``(b,)``; rewards metrics ``β·(ρ + D)`` (the authors' logging), ``kl/chosen`` and
     ``kl/rejected`` (``D``), all ``(b,)`` detached.
