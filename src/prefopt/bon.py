@@ -2,9 +2,9 @@
 
 Everything here is a pure function of tensors, used to state and check what the Best-of-N losses estimate
 (tests, examples, the lab). The training-time reward transforms that the losses consume (empirical
-quantiles, the J-BOND reward) live beside the losses in [`prefopt.losses.bond`][prefopt.losses.bond]; drawing Best-of-N samples is
-[`prefopt.sampling.best_of_n`][prefopt.sampling.best_of_n]; the EMA anchor update is [`prefopt.policy.ema_update_`][prefopt.policy.ema_update_]. See
-``docs/bond.md`` for the derivations.
+quantiles, the J-BOND reward) live beside the losses in [`prefopt.losses.bond`][prefopt.losses.bond]; drawing
+Best-of-N samples is [`prefopt.sampling.best_of_n`][prefopt.sampling.best_of_n]; the EMA anchor update is
+[`prefopt.policy.ema_update_`][prefopt.policy.ema_update_]. See ``docs/bond.md`` for the derivations.
 
 Reference: P. G. Sessa et al., "BOND: Aligning LLMs with Best-of-N Distillation", arXiv 2407.14622 (ICLR 2025).
 
@@ -255,10 +255,10 @@ def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     """``π̃(y) ∝ π_ref(y) · p_≤(y)^{N−1}``: the fixed point of the *practical* backward BOND term.
 
-    The practical backward term (and [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] with ``backward_weight = 1``) uses the reward
-    ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``; its KL-regularized optimum is this
-    tilted distribution, not ``π_BoN``. Because (B) ``∈ [1, N]`` is largest for good items,
-    ``π̃`` puts less mass on the best items than ``π_BoN``. Shapes ``(..., K)``; ``N >= 1``.
+    The practical backward term (and [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] with
+    ``backward_weight = 1``) uses the reward ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``;
+    its KL-regularized optimum is this tilted distribution, not ``π_BoN``. Because (B) ``∈ [1, N]`` is largest
+    for good items, ``π̃`` puts less mass on the best items than ``π_BoN``. Shapes ``(..., K)``; ``N >= 1``.
     """
     check_n(n)
     _check_probs("ref_probs", ref_probs)

@@ -3,9 +3,9 @@ r"""Per-token log-probabilities of a causal LM with a chunked LM head, and seque
 The naive way to get per-token log-probs, ``log_softmax(model(ids).logits).gather(-1, ids[:, 1:])``, keeps a
 ``(rows, tokens, vocab)`` float32 tensor alive for backward (several, in fact: the logits, the log-softmax
 output and their gradients). For 8 × 512 tokens and a 128k vocabulary that is 2 GB *per copy*.
-[`token_logps`][prefopt.logprobs.token_logps] instead runs the model's **backbone** only, gathers the hidden states of the positions
-that count (``completion_mask``), and applies the LM head chunk by chunk inside a custom
-`torch.autograd.Function` that saves for backward only the hidden states and the targets (head
+[`token_logps`][prefopt.logprobs.token_logps] instead runs the model's **backbone** only, gathers the hidden
+states of the positions that count (``completion_mask``), and applies the LM head chunk by chunk inside a
+custom `torch.autograd.Function` that saves for backward only the hidden states and the targets (head
 trainable) or one ``d``-vector per token (head frozen) — never a vocabulary-sized tensor.
 
 For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``), bias ``b`` and targets ``y``:
@@ -589,9 +589,10 @@ def head_stats(
     r"""Hidden states → per-token log-probs (and entropy) through an LM head, without keeping ``(n, V)`` logits.
 
     ``z_i = softcap(κ·head(h_i))/τ``, ``logp_i = log softmax(z_i)[y_i]``, ``H_i = −Σ_v p_iv log p_iv``. The one
-    seam between a forward strategy and the head: [`token_logps`][prefopt.logprobs.token_logps] and the shared-prompt forward
-    ([`prefopt.shared_prefix`][prefopt.shared_prefix]) both select the hidden states that count and call this. A plain
-    ``nn.Linear`` head goes through [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (a custom backward; no logits kept); any other
+    seam between a forward strategy and the head: [`token_logps`][prefopt.logprobs.token_logps] and the
+    shared-prompt forward ([`prefopt.shared_prefix`][prefopt.shared_prefix]) both select the hidden states
+    that count and call this. A plain ``nn.Linear`` head goes through
+    [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (a custom backward; no logits kept); any other
     head module (LoRA on ``lm_head``, ``modules_to_save``) is called chunk by chunk under activation
     checkpointing (slower, same values).
 
@@ -812,10 +813,10 @@ def token_logps(
 
     Runs the model's backbone once, then its LM head (with the config's logit scaling / soft-capping and
     ``temperature``) over the positions that count only, in chunks of ``chunk_size`` tokens, through
-    [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] — no ``(b, t, V)`` logits tensor is kept for backward. Gradients reach the
-    backbone (LoRA adapters included) and the head weight when it requires grad (tied embeddings).
-    If the head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), a slower generic path calls the head
-    module per chunk under activation checkpointing; the results are the same.
+    [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] — no ``(b, t, V)`` logits tensor is kept for
+    backward. Gradients reach the backbone (LoRA adapters included) and the head weight when it requires grad
+    (tied embeddings). If the head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), a slower generic
+    path calls the head module per chunk under activation checkpointing; the results are the same.
 
     Args:
         model: a transformers causal LM (``PreTrainedModel`` with ``base_model_prefix`` and
@@ -833,7 +834,8 @@ def token_logps(
 
     Returns:
         ``(b, t)`` log-probs (float32; float64 for a float64 model), 0 at ``i = 0`` and where
-        ``completion_mask`` is False. For the per-token entropy as well, use [`token_logps_and_entropy`][prefopt.logprobs.token_logps_and_entropy].
+        ``completion_mask`` is False. For the per-token entropy as well, use
+        [`token_logps_and_entropy`][prefopt.logprobs.token_logps_and_entropy].
     """
     return _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature).logp
 
@@ -873,10 +875,11 @@ def token_stats(
 ) -> HeadStats:
     """[`token_logps`][prefopt.logprobs.token_logps] plus the per-token statistics asked for, from one forward and one pass of the head.
 
-    Returns a [`HeadStats`][prefopt.logprobs.HeadStats] whose fields are ``(b, t)`` in the layout of [`token_logps`][prefopt.logprobs.token_logps] (0 at
-    ``i = 0`` and where ``completion_mask`` is False): ``logp``, ``entropy`` (if ``entropy``) and
-    ``log_sum_sq_probs`` (if asked: ``log Σ_v π_v²``, WPO's normaliser, detached). No ``(b, t, V)`` tensor is
-    kept for backward. Same other arguments as [`token_logps`][prefopt.logprobs.token_logps].
+    Returns a [`HeadStats`][prefopt.logprobs.HeadStats] whose fields are ``(b, t)`` in the layout of
+    [`token_logps`][prefopt.logprobs.token_logps] (0 at ``i = 0`` and where ``completion_mask`` is False):
+    ``logp``, ``entropy`` (if ``entropy``) and ``log_sum_sq_probs`` (if asked: ``log Σ_v π_v²``, WPO's
+    normaliser, detached). No ``(b, t, V)`` tensor is kept for backward. Same other arguments as
+    [`token_logps`][prefopt.logprobs.token_logps].
     """
     return _token_stats(
         model,
@@ -1198,10 +1201,10 @@ def token_kl_to_reference(
     r"""Per-position ``KL(π_ref(·|x, y_<i) ‖ π_θ(·|x, y_<i))`` over the vocabulary along given sequences.
 
     TDPO's per-token KL (Zeng et al. 2024, arXiv 2404.11999) — the ``token_kl`` input of the ``tdpo`` loss —
-    from one reference forward (no grad) and one policy forward, through [`chunked_head_kl`][prefopt.logprobs.chunked_head_kl]: no
-    ``(b, t, V)`` tensor is formed for either model. Layout of [`token_logps`][prefopt.logprobs.token_logps]: ``(b, t)``, position ``i``
-    holds the KL of the distributions that predict token ``i``; 0 at ``i = 0`` and where ``completion_mask``
-    is False.
+    from one reference forward (no grad) and one policy forward, through
+    [`chunked_head_kl`][prefopt.logprobs.chunked_head_kl]: no ``(b, t, V)`` tensor is formed for either model.
+    Layout of [`token_logps`][prefopt.logprobs.token_logps]: ``(b, t)``, position ``i`` holds the KL of the
+    distributions that predict token ``i``; 0 at ``i = 0`` and where ``completion_mask`` is False.
 
     Args:
         policy: a [`LoraPolicy`][prefopt.policy.LoraPolicy] or a plain causal LM.

@@ -108,7 +108,8 @@ def gae(
 
     Args:
         rewards: ``(b, t)`` per-token rewards; values at masked positions are ignored. For RLHF put the
-            terminal score at the last valid token (see [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
+            terminal score at the last valid token (see
+            [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
         values: ``(b, t)`` value predictions ``V_t = V(x, y_<t)`` (ignored where masked).
         mask: ``(b, t)`` bool, True on the tokens that are actions.
         gamma: discount in [0, 1] (default 1.0, TRL's PPO default).
@@ -467,7 +468,8 @@ def kl_penalized_rewards(
         kl_in_reward: the switch described above.
 
     Returns:
-        [`PenalizedRewards`][prefopt.rl.PenalizedRewards] (detached: rewards are constants for the policy gradient).
+        [`PenalizedRewards`][prefopt.rl.PenalizedRewards] (detached: rewards are constants for the policy
+        gradient).
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")

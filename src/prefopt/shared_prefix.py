@@ -1,10 +1,11 @@
 r"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
 
 In a preference batch the chosen and the rejected sequence of a pair start with the same prompt, and HH-RLHF
-prompts are often longer than the answers. The duplicated layout of [`prefopt.data.PreferenceCollator`][prefopt.data.collate.PreferenceCollator]
-(``2B`` rows ``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its
-``k`` completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is
-the same function of the parameters (completion row \(r\), completion token \(j\)):
+prompts are often longer than the answers. The duplicated layout of
+[`prefopt.data.PreferenceCollator`][prefopt.data.collate.PreferenceCollator] (``2B`` rows
+``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its ``k``
+completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is the
+same function of the parameters (completion row \(r\), completion token \(j\)):
 
 $$
 \ell_{r,j} = \log p\big(c_{r,j} \mid x_{r \bmod B},\, c_{r,<j}\big)
@@ -12,8 +13,8 @@ $$
 
 The first completion token (``j = 0``) is predicted from the hidden state of the prompt's LAST real token; token
 ``j ≥ 1`` from the completion's own position ``j − 1``. Log-probs go through
-[`prefopt.logprobs.chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (the model's logit scaling, soft-capping and a temperature are
-honoured), so no ``(rows, tokens, V)`` logits are kept. Two methods:
+[`prefopt.logprobs.chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (the model's logit scaling,
+soft-capping and a temperature are honoured), so no ``(rows, tokens, V)`` logits are kept. Two methods:
 
 * ``"packed"`` (default): ONE row per prompt, ``x_i ++ c_i ++ c_{B+i} ++ …`` (real tokens only, right-padded
   to the longest row), position ids restarting at ``len(x_i)`` for each completion, and a 4-D additive
@@ -29,11 +30,11 @@ In both, inputs are RIGHT-padded and no query row is ever fully masked (no NaNs 
 
 Exactness (``tests/test_shared_prefix.py``, tiny Llama / Qwen2 / Mistral / Gemma / GPT-2 / GPT-NeoX, LoRA
 included, uneven prompts): float32 per-token log-probs and LoRA gradients within 1e-5 of
-[`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps] on the duplicated batch; float64 log-probs within 1e-10 of the naive
-full-logits oracle; float64 gradients within 1e-12 (relative) for GPT-2 / GPT-NeoX and ~3e-8 for the RMSNorm
-models, whose transformers implementation normalizes in float32 even in a float64 model, so gradients merging in
-a different order (the prompt's, summed through the repeated cache instead of over duplicated rows) round
-differently there.
+[`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps] on the duplicated batch; float64 log-probs
+within 1e-10 of the naive full-logits oracle; float64 gradients within 1e-12 (relative) for GPT-2 / GPT-NeoX
+and ~3e-8 for the RMSNorm models, whose transformers implementation normalizes in float32 even in a float64
+model, so gradients merging in a different order (the prompt's, summed through the repeated cache instead of
+over duplicated rows) round differently there.
 
 Limits (checked, with a clear error): only model types in `SUPPORTED_MODEL_TYPES` (each tested); a model
 with a sliding attention window shorter than ``prompt length + completion length`` is refused ("cache" applies
@@ -396,12 +397,14 @@ def shared_prompt_rollout_logps(
 
     The same values as ``token_logps(model, rollout.input_ids, rollout.attention_mask,
     rollout.completion_mask, temperature=...)`` — ``(b, T)``, 0 outside the completion mask — from
-    [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps]: the rollout's prompt-major rows (``k·n + j``: sample ``j`` of prompt
-    ``k``) are split at ``prompt_len`` into ``B`` right-padded prompts and ``nB`` completion rows (row
-    ``j·B + k``), and the result is put back. Worth it when prompts are long against completions.
+    [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps]: the rollout's prompt-major
+    rows (``k·n + j``: sample ``j`` of prompt ``k``) are split at ``prompt_len`` into ``B`` right-padded
+    prompts and ``nB`` completion rows (row ``j·B + k``), and the result is put back. Worth it when prompts
+    are long against completions.
 
     Args:
-        model: as in [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps] (a ``LoraPolicy``'s ``.model``, or a plain model).
+        model: as in [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps] (a
+            ``LoraPolicy``'s ``.model``, or a plain model).
         rollout: a ``Rollout`` (right-padded rows ``[prompt, completion, pad]``; the ``n`` rows of a prompt
             share its tokens).
         chunk_size: completion tokens per LM-head chunk.

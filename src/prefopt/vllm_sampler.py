@@ -17,7 +17,8 @@ What one [`VLLMSampler.generate`][prefopt.vllm_sampler.VLLMSampler.generate] cal
 
 **Weight routes.** The backbone ``W0`` is loaded once; what changes after an optimizer step is the policy
 adapter ``ΔW = s·B·A``. Two routes keep the engine current (both detect a changed adapter by comparing it
-with the last synced copy, so calling [`VLLMSampler.generate`][prefopt.vllm_sampler.VLLMSampler.generate] after ``optimizer.step()`` is enough):
+with the last synced copy, so calling [`VLLMSampler.generate`][prefopt.vllm_sampler.VLLMSampler.generate]
+after ``optimizer.step()`` is enough):
 
 - ``route="merged"`` (default): ``W0 + ΔW`` of every adapted layer is written as a full checkpoint and
   reloaded into the engine (``collective_rpc("reload_weights")``), then the engine's prefix cache is reset
@@ -291,7 +292,8 @@ class VLLMSampler:
 
     Args:
         policy: the ``LoraPolicy`` being trained (its backbone is never written; the engine gets copies).
-        tokenizer: optional; supplies EOS / pad ids and lets [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] take prompt strings.
+        tokenizer: optional; supplies EOS / pad ids and lets
+            [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] take prompt strings.
         route: ``"merged"`` (default) or ``"lora"``, how adapter updates reach the engine.
         model_path: a Hugging Face folder holding the policy's *backbone* weights (e.g. the folder the model
             was loaded from). Default None: the backbone is exported once to ``workdir`` (it must equal
@@ -315,20 +317,25 @@ class VLLMSampler:
         kv_cache_gib: KV-cache size in GiB (default 1.0; vLLM's CPU default asks for most of the RAM).
         max_model_len: longest prompt + completion (default 2048, capped by the model's).
         max_num_seqs: sequences decoded together (default 256).
-        seed: engine seed (default 0). Each [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] call also draws per-request seeds from the
-            global torch RNG, so ``torch.manual_seed`` makes samples reproducible, as with ``HFSampler``.
+        seed: engine seed (default 0). Each [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] call also
+            draws per-request seeds from the global torch RNG, so ``torch.manual_seed`` makes samples
+            reproducible, as with ``HFSampler``.
         workdir: where weight files are written (default: a fresh folder under ``/dev/shm`` if it exists,
             else the system temp dir; removed by [`close`][prefopt.vllm_sampler.VLLMSampler.close]).
         engine_kwargs: extra keyword arguments for ``vllm.LLM`` (override the ones above).
         sampling_kwargs: extra ``vllm.SamplingParams`` fields (e.g. ``ignore_eos=True`` for fixed-length
             benchmarks). Anything that changes the distribution (penalties, ``min_p``, logit bias) makes
             ``sampler_logp`` differ from ``logp`` by more than numerics, as top-p/top-k do.
-        start: start the engine now (default True); False defers it to the first [`generate`][prefopt.vllm_sampler.VLLMSampler.generate].
+        start: start the engine now (default True); False defers it to the first
+            [`generate`][prefopt.vllm_sampler.VLLMSampler.generate].
 
-    Attributes: ``llm`` (the ``vllm.LLM``, None until started / after [`close`][prefopt.vllm_sampler.VLLMSampler.close]), ``syncs`` (a list of
-    [`SyncRecord`][prefopt.vllm_sampler.SyncRecord], one per weight sync), ``startup_s`` (engine start-up seconds).
+    Attributes: ``llm`` (the ``vllm.LLM``, None until started / after
+    [`close`][prefopt.vllm_sampler.VLLMSampler.close]), ``syncs`` (a list of
+    [`SyncRecord`][prefopt.vllm_sampler.SyncRecord], one per weight sync), ``startup_s`` (engine start-up
+    seconds).
 
-    Use as a context manager, or call [`close`][prefopt.vllm_sampler.VLLMSampler.close]: it shuts the engine's processes down. Not thread-safe.
+    Use as a context manager, or call [`close`][prefopt.vllm_sampler.VLLMSampler.close]: it shuts the engine's
+    processes down. Not thread-safe.
     """
 
     def __init__(

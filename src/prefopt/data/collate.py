@@ -1,7 +1,7 @@
 """Collators: lists of string rows → padded token batches.
 
-Layout of a [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] batch for ``B`` kept pairs (``P`` prompt, ``C`` chosen, ``R`` rejected,
-``e`` EOS, ``.`` padding; right padding):
+Layout of a [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] batch for ``B`` kept pairs (``P``
+prompt, ``C`` chosen, ``R`` rejected, ``e`` EOS, ``.`` padding; right padding):
 
     row 0      P P P P C C C e . .     completion_mask  0 0 0 0 1 1 1 1 0 0
     ...        (B chosen rows)
@@ -397,8 +397,9 @@ class PreferenceCollator(_CompletionMixin):
 class UnpairedCollator(_CompletionMixin):
     """Rows ``{prompt, completion, label}`` → one right-padded batch of ``B`` sequences (KTO, pointwise RM).
 
-    Same tokenization, truncation and bad-row rules as [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] (minus the pair checks),
-    plus ``bad_label`` for a label that is not a finite number or a bool.
+    Same tokenization, truncation and bad-row rules as
+    [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] (minus the pair checks), plus
+    ``bad_label`` for a label that is not a finite number or a bool.
 
     Returns an [`UnpairedBatch`][prefopt.types.UnpairedBatch]: ``input_ids`` / ``attention_mask`` ``(B, T)`` long, ``completion_mask`` ``(B, T)`` bool,
     ``prompt_len`` / ``completion_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long,
@@ -483,7 +484,8 @@ class PromptCollator(_Base):
         max_prompt_length: cap on the prompt length in tokens (``None``: no cap).
         prompt_truncation: ``"keep_end"`` (default: keep the last tokens, nearest the generation) or
             ``"keep_start"``.
-        add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator]).
+        add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in
+            [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator]).
         pad_to_multiple_of: as in [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator].
         strict: as in [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator].
 

@@ -2,8 +2,10 @@
 
 A *bad row* is skipped, never silently repaired. Every skip is counted under a short machine-readable
 reason (see `REASONS`) together with the index of the row, so that a user can look the row up.
-Loaders return an immutable [`LoadReport`][prefopt.data.report.LoadReport]; collators keep a running, mutable [`SkipTally`][prefopt.data.report.SkipTally]
-(``collator.stats``) whose [`SkipTally.snapshot`][prefopt.data.report.SkipTally.snapshot] gives a [`LoadReport`][prefopt.data.report.LoadReport] as well.
+Loaders return an immutable [`LoadReport`][prefopt.data.report.LoadReport]; collators keep a running, mutable
+[`SkipTally`][prefopt.data.report.SkipTally] (``collator.stats``) whose
+[`SkipTally.snapshot`][prefopt.data.report.SkipTally.snapshot] gives a
+[`LoadReport`][prefopt.data.report.LoadReport] as well.
 """
 
 from __future__ import annotations

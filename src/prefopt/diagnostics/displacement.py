@@ -14,15 +14,26 @@ forward-only and closed-form tools for that failure; see ``docs/displacement.md`
   - \frac{\lVert S(y^+)\rVert^2}{|y^+|^2}.
   $$
 
-  Higher = more similar = more likely to displace ``log π(y⁺)``. [`ches_scores`][prefopt.diagnostics.displacement.ches_scores], [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden],
-  [`ches_table`][prefopt.diagnostics.displacement.ches_table], [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
+  Higher = more similar = more likely to displace ``log π(y⁺)``.
+  [`ches_scores`][prefopt.diagnostics.displacement.ches_scores],
+  [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden],
+  [`ches_table`][prefopt.diagnostics.displacement.ches_table],
+  [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
 - **Ranking accuracy** (Chen, Malladi, Zhang, Chen, Zhang, Ranganath & Cho 2024, "Preference Learning
-  Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534: ranking accuracy, idealised ranking accuracy and the DPO flip condition): [`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy], [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy], [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss].
-- **Squeezing effect** (Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning", arXiv 2407.10490): a step *down* on ``log π(ȳ)`` moves mass to the most likely tokens. [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step],
-  [`squeeze_first_order`][prefopt.diagnostics.displacement.squeeze_first_order] (one-token, logits as parameters), [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe] (a model).
+  Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534: ranking accuracy, idealised ranking accuracy
+  and the DPO flip condition): [`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy],
+  [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy],
+  [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss].
+- **Squeezing effect** (Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning", arXiv 2407.10490): a
+  step *down* on ``log π(ȳ)`` moves mass to the most likely tokens.
+  [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step],
+  [`squeeze_first_order`][prefopt.diagnostics.displacement.squeeze_first_order] (one-token, logits as
+  parameters), [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe] (a model).
 - **One-token gradient inner products** (closed forms, ground truth for
-  [`entanglement`][prefopt.diagnostics.entanglement.entanglement]): [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner],
-  [`unembedding_grad_inner`][prefopt.diagnostics.displacement.unembedding_grad_inner], [`hidden_grad_inner`][prefopt.diagnostics.displacement.hidden_grad_inner].
+  [`entanglement`][prefopt.diagnostics.entanglement.entanglement]):
+  [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner],
+  [`unembedding_grad_inner`][prefopt.diagnostics.displacement.unembedding_grad_inner],
+  [`hidden_grad_inner`][prefopt.diagnostics.displacement.hidden_grad_inner].
 
 All outputs are float64.
 """
@@ -125,7 +136,8 @@ def ches_from_hidden(
     \mathrm{LN\text{-}CHES} = \frac{\langle S^+, S^-\rangle}{n^+ n^-} - \frac{\lVert S^+\rVert^2}{(n^+)^2}
     $$
 
-    (Razin et al. 2024, arXiv 2410.08847: CHES and length-normalised CHES). Differentiable in the hidden states.
+    (Razin et al. 2024, arXiv 2410.08847: CHES and length-normalised CHES). Differentiable in the hidden
+    states.
 
     Args:
         chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``.
@@ -190,11 +202,14 @@ def ches_scores(model: Any, batch: dict[str, Tensor], *, positions: Positions = 
     r"""CHES and LN-CHES of every pair of a collated preference batch, from one forward pass (no gradients).
 
     The hidden state is the backbone's last one — the input of the LM head (for HF models the last entry of
-    ``output_hidden_states``, after the final norm). See [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden] for the formula and
-    [`ches_positions`][prefopt.diagnostics.displacement.ches_positions] for ``positions``. Razin et al. 2024 (arXiv 2410.08847).
+    ``output_hidden_states``, after the final norm). See
+    [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden] for the formula and
+    [`ches_positions`][prefopt.diagnostics.displacement.ches_positions] for ``positions``. Razin et al. 2024
+    (arXiv 2410.08847).
 
     Args:
-        model: a transformers causal LM, a peft model, or a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy] (its adapted model).
+        model: a transformers causal LM, a peft model, or a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy]
+            (its adapted model).
         batch: ``input_ids`` ``(2B, T)``, optional ``attention_mask``, bool ``completion_mask`` ``(2B, T)``;
             rows ``0..B−1`` chosen, ``B..2B−1`` rejected (the layout of
             [`entanglement`][prefopt.diagnostics.entanglement.entanglement]). Padding as for
@@ -289,8 +304,10 @@ def ches_and_logps(
     [`token_logps`][prefopt.logprobs.token_logps] summed over the completion tokens: the LM head (with the
     config's logit scaling / soft-capping) runs only on the hidden states that predict completion tokens, in
     chunks, on the same hidden states CHES sums. Together they give CHES, LN-CHES, ranking accuracy
-    ([`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy]) and, at a fresh adapter where the policy is the reference,
-    [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy] and [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss] — for the price of one no-grad forward.
+    ([`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy]) and, at a fresh adapter where
+    the policy is the reference,
+    [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy] and
+    [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss] — for the price of one no-grad forward.
 
     Args:
         model: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
@@ -404,10 +421,12 @@ def ches_filter(
     broken by index, so exactly ``k``). Exactly one of ``keep_fraction`` / ``threshold`` must be given.
 
     Args:
-        scores: a [`ChesScores`][prefopt.diagnostics.displacement.ChesScores] (``score`` picks the field) or a ``(N,)`` float tensor of scores.
+        scores: a [`ChesScores`][prefopt.diagnostics.displacement.ChesScores] (``score`` picks the field) or a
+            ``(N,)`` float tensor of scores.
         keep_fraction: in ``(0, 1]``.
         threshold: a finite number.
-        score: ``"ln_ches"`` (default) or ``"ches"`` when ``scores`` is a [`ChesScores`][prefopt.diagnostics.displacement.ChesScores].
+        score: ``"ln_ches"`` (default) or ``"ches"`` when ``scores`` is a
+            [`ChesScores`][prefopt.diagnostics.displacement.ChesScores].
     """
     if score not in ("ln_ches", "ches"):
         raise ValueError(f"score must be 'ln_ches' or 'ches', got {score!r}")
@@ -537,10 +556,10 @@ def idealized_ranking_accuracy(
 def dpo_flip_loss(ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float) -> Tensor:
     r"""The DPO loss below which a pair is ranked correctly: ``log(1 + (π_ref(y_w)/π_ref(y_l))^β)``; ``(b,)``.
 
-    With ``h = (S_w − S_ref,w) − (S_l − S_ref,l)`` and ``L = −log σ(βh)``: ``S_w > S_l ⇔ h > S_ref,l − S_ref,w
-    ⇔ L < softplus(β (S_ref,w − S_ref,l))`` (derived here; the flip condition of Chen et al. 2024, arXiv 2405.19534). When the
-    reference prefers ``y_l`` strongly, this is far below ``log 2``: DPO must nearly reach its optimum on the
-    pair before the ranking flips. Differentiable.
+    With ``h = (S_w − S_ref,w) − (S_l − S_ref,l)`` and ``L = −log σ(βh)``:
+    ``S_w > S_l ⇔ h > S_ref,l − S_ref,w ⇔ L < softplus(β (S_ref,w − S_ref,l))`` (derived here; the flip
+    condition of Chen et al. 2024, arXiv 2405.19534). When the reference prefers ``y_l`` strongly, this is far
+    below ``log 2``: DPO must nearly reach its optimum on the pair before the ranking flips. Differentiable.
 
     Args:
         ref_chosen: ``(b,)`` reference sequence log-probs ``S_ref,w``.
@@ -592,9 +611,9 @@ def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
     π^+_i = \frac{π_i \exp(η(π_i - 1[i=ȳ]))}{\sum_j π_j \exp(η(π_j - 1[j=ȳ]))}
     $$
 
-    (Ren & Sutherland 2024, arXiv 2407.10490; closed form derived here for one context). ``π⁺_ȳ < π_ȳ`` always, and the most
-    likely other token always gains ("squeezing"). In DPO the rejected response's step is this with
-    ``η → η β σ(−βh)``. Differentiable.
+    (Ren & Sutherland 2024, arXiv 2407.10490; closed form derived here for one context). ``π⁺_ȳ < π_ȳ``
+    always, and the most likely other token always gains ("squeezing"). In DPO the rejected response's step is
+    this with ``η → η β σ(−βh)``. Differentiable.
 
     Args:
         logits: ``(..., V)``.
@@ -675,7 +694,8 @@ def squeezing_probe(
     [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step].
 
     Args:
-        model: a causal LM (``nn.Module`` returning ``.logits``) or a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy].
+        model: a causal LM (``nn.Module`` returning ``.logits``) or a
+            [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy].
         input_ids: ``(b, t)``.
         completion_mask: ``(b, t)`` bool (False at 0).
         attention_mask: optional ``(b, t)``.
@@ -806,7 +826,9 @@ def unembedding_grad_inner(
     ⟨·,·⟩_F = ⟨e_a - π, e_b - π'⟩ \, ⟨h, h'⟩,
     $$
 
-    with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner] times ``‖h‖²``.
+    with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view
+    of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives
+    [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner] times ``‖h‖²``.
 
     Args:
         probs_a: ``(..., V)`` ``π = softmax(W h)``.

@@ -25,9 +25,10 @@ $$
 which costs ``(nT)²`` numbers instead of ``n·d_out·d_in``; ``method="auto"`` picks the smaller per layer.
 
 **Fallback.** A selected parameter that is not the weight/bias of an ``nn.Linear`` called on ``(n, T, d)``
-inputs (embeddings, norms, an LM head applied functionally by [`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps], weights
-shared by several modules) gets its per-row gradients from a loop of ``n`` ``torch.autograd.grad`` calls on the
-retained graph, with a ``RuntimeWarning`` naming the parameters (correct, slower).
+inputs (embeddings, norms, an LM head applied functionally by
+[`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps], weights shared by several modules) gets its
+per-row gradients from a loop of ``n`` ``torch.autograd.grad`` calls on the retained graph, with a
+``RuntimeWarning`` naming the parameters (correct, slower).
 
 **Self-check.** The ordinary summed gradient ``Σ_i ∇ s_i`` comes out of the same backward; the per-row
 gradients of every hooked parameter are checked against it, and a parameter whose rows do not add up (a
@@ -157,8 +158,8 @@ def per_row_gradients(
             materialize) when ``flat=True``.
         flat: also return the ``(n, P)`` per-row gradient matrix.
 
-    Returns: [`RowGradients`][prefopt.diagnostics.pergrad.RowGradients]. Cost: one forward, one backward, per-layer einsums; plus ``n`` backward
-    calls restricted to the fallback parameters if there are any.
+    Returns: [`RowGradients`][prefopt.diagnostics.pergrad.RowGradients]. Cost: one forward, one backward,
+    per-layer einsums; plus ``n`` backward calls restricted to the fallback parameters if there are any.
     """
     if method not in ("auto", "materialize", "ghost"):
         raise ValueError(f"method must be 'auto', 'materialize' or 'ghost', got {method!r}")

@@ -15,8 +15,8 @@ positively, different tokens in the same context typically negatively.
 **Shared tokens** (definition used by `TokenCorrelation.summary`): completion offset ``k`` (0-based
 position inside the completion) is *shared* when both completions have a token at offset ``k`` and it is the
 same token id, ``y_{w,k} = y_{l,k}`` — the "same token at the same completion offset" rule, also used by
-[`prefopt.losses.decoupled.shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]. For two responses that differ in one token, every other
-offset is shared.
+[`prefopt.losses.decoupled.shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]. For two responses
+that differ in one token, every other offset is shared.
 
 **Computation** (exact, no approximation). The gradient of token ``t`` of a row is a vector–Jacobian product
 (VJP). Default path (``method="vjp"``, used when every selected parameter is the weight/bias of an
@@ -36,10 +36,11 @@ by kernel-launch latency (small models on a GPU) batching the VJPs gains more.
 Fallback (``method="copies"``): ``n`` *copies* of the row, copy ``k`` truncated after its token ``t_k`` and
 counting only that token (causality makes later tokens irrelevant), so that one forward and one backward of
 ``Σ_k ℓ_k`` over the copies yields all ``n`` per-token gradients through the per-row identity of
-[`prefopt.diagnostics.pergrad`][prefopt.diagnostics.pergrad], in chunks of ``chunk_rows`` copies. Memory: the ``(T_w + T_l, P)``
-per-token gradient matrix (``P`` = selected parameter elements; restrict with ``params=`` for large
-adapters), float64 on the copies path and in the model's precision on the VJP path; the VJP path also holds
-``chunk × p × Σ d_out`` output gradients per chunk (the chunk is shrunk to keep that under ``2^27`` numbers).
+[`prefopt.diagnostics.pergrad`][prefopt.diagnostics.pergrad], in chunks of ``chunk_rows`` copies. Memory: the
+``(T_w + T_l, P)`` per-token gradient matrix (``P`` = selected parameter elements; restrict with ``params=``
+for large adapters), float64 on the copies path and in the model's precision on the VJP path; the VJP path
+also holds ``chunk × p × Σ d_out`` output gradients per chunk (the chunk is shrunk to keep that under ``2^27``
+numbers).
 """
 
 from __future__ import annotations
@@ -390,7 +391,8 @@ def token_gradient_correlation(
     r"""Cosines between per-token gradients of pair ``index`` of a collated preference batch.
 
     Args:
-        policy_or_model: a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy] (its policy model is used) or a causal LM.
+        policy_or_model: a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy] (its policy model is used) or a
+            causal LM.
         batch: ``input_ids`` / ``attention_mask`` / bool ``completion_mask``, ``(2B, T)``, chosen rows first.
         index: the pair, ``0 ≤ index < B`` (rows ``index`` and ``index + B``).
         tokenizer: optional; decodes each completion token for labels.
@@ -400,7 +402,8 @@ def token_gradient_correlation(
         method: ``"vjp"`` (one forward + batched VJPs; raises if the model does not fit it), ``"copies"``
             (truncated copies of the row) or ``"auto"`` (``"vjp"`` when it applies, else ``"copies"``).
 
-    Returns: [`TokenCorrelation`][prefopt.diagnostics.token_correlation.TokenCorrelation]. The model runs in ``eval()`` mode and is left as found.
+    Returns: [`TokenCorrelation`][prefopt.diagnostics.token_correlation.TokenCorrelation]. The model runs in
+    ``eval()`` mode and is left as found.
     """
     model, _ = resolve_model(policy_or_model)
     ids, am, cm, b = check_pair_batch(batch)

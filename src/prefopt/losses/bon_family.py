@@ -9,16 +9,18 @@ in what they need at training time (see ``docs/bon_family.md`` for the math and 
 | ``vbon`` | ``best_of_n`` | a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
 | ``qrpo`` | ``best_of_n`` | any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
 
-InfAlign-CTRL is not a loss but a reward: [`infalign_reward`][prefopt.losses.bon_family.infalign_reward] (calibrate with [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward],
-then [`infalign_transform`][prefopt.losses.bon_family.infalign_transform]) feeds any policy-gradient loss, e.g. through
-[`prefopt.rl.rloo_advantages`][prefopt.rl.rloo_advantages]; [`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff] gives the model-free win-rate/KL curve
-used to choose the transform's ``t``.
+InfAlign-CTRL is not a loss but a reward: [`infalign_reward`][prefopt.losses.bon_family.infalign_reward]
+(calibrate with [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward], then
+[`infalign_transform`][prefopt.losses.bon_family.infalign_transform]) feeds any policy-gradient loss, e.g.
+through [`prefopt.rl.rloo_advantages`][prefopt.rl.rloo_advantages];
+[`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff] gives the model-free
+win-rate/KL curve used to choose the transform's ``t``.
 
 Notation: ``F(y) = P_{y'∼π_ref}[r(y') < r(y)]`` and ``p_≤(y)`` the reference quantiles; with distinct rewards
 ``π_BoN(y) = (F(y) + π_ref(y))^N − F(y)^N = Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref^i`` (exact helpers in
-[`prefopt.bon`][prefopt.bon], e.g. [`prefopt.bon.bon_distribution`][prefopt.bon.bon_distribution]). For continuous rewards
-``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised RL optimum with
-reward ``log Q`` and coefficient ``1/(N−1)``.
+[`prefopt.bon`][prefopt.bon], e.g. [`prefopt.bon.bon_distribution`][prefopt.bon.bon_distribution]). For
+continuous rewards ``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised
+RL optimum with reward ``log Q`` and coefficient ``1/(N−1)``.
 """
 
 from __future__ import annotations
@@ -262,16 +264,17 @@ def vbon(
     With the exact quantile, ``E[∇ mean_i loss_i] = ∇KL(π_θ ‖ π_BoN)`` (``variant="exact"``; the fixed point is
     ``π_BoN``); ``"bound"`` targets ``∝ π_ref·F^{N−1}``; ``"released_exact"`` targets
     ``∝ π_ref·(π_BoN/π_ref)^{(N−1)/N}``. Equivalently: KL-regularised RL with reward ``c·g/(N−1)`` and
-    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention, [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond]).
-    Amini, Vieira, Ash, Cotterell 2024, "Variational Best-of-N Alignment" (arXiv 2407.06057; equation
-    numbers not verified, the paper body was not available to us). The authors' code optimises the same
-    objective with PPO; its ``exact`` reward is ``(1/N)·g`` with KL coefficient ``1/(N−1)``, i.e.
-    ``c = (N−1)/N`` here (``"released_exact"``), which does not reach ``π_BoN`` exactly; its ``l1`` reward is
-    ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)`` (``quantile="vbon"``).
+    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention,
+    [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond]). Amini, Vieira, Ash, Cotterell 2024, "Variational
+    Best-of-N Alignment" (arXiv 2407.06057; equation numbers not verified, the paper body was not available to
+    us). The authors' code optimises the same objective with PPO; its ``exact`` reward is ``(1/N)·g`` with KL
+    coefficient ``1/(N−1)``, i.e. ``c = (N−1)/N`` here (``"released_exact"``), which does not reach ``π_BoN``
+    exactly; its ``l1`` reward is ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)``
+    (``quantile="vbon"``).
 
     Relation to BOND: ``variant="bound"`` with ``quantile="le"`` and a floor ``1/(2k)``
-    (``quantile_floor=0.5``) is exactly [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] at ``backward_weight=1`` with the ``"loo"``
-    baseline (the ``log N`` cancels in ``R − B``).
+    (``quantile_floor=0.5``) is exactly [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] at
+    ``backward_weight=1`` with the ``"loo"`` baseline (the ``log N`` cancels in ``R − B``).
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples]: ``logp`` ``(b,)`` ``S_θ(y)`` of the
@@ -280,8 +283,9 @@ def vbon(
             same prompt. ``best_logp`` is not used.
         n: ``N >= 2`` (default 8).
         variant: ``"exact"`` (default, as the authors' README), ``"bound"`` or ``"released_exact"``.
-        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see [`pool_quantile`][prefopt.losses.bon_family.pool_quantile];
-            the exact form needs the strict quantile ``F``, which ``"lt"`` estimates without bias).
+        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see
+            [`pool_quantile`][prefopt.losses.bon_family.pool_quantile]; the exact form needs the strict
+            quantile ``F``, which ``"lt"`` estimates without bias).
         quantile_floor: ``c ∈ (0, 1]``; ``F̂`` is floored at ``c/k`` before the ``log`` of the bound (default
             0.5, as BOND's ``1/(2k)``); the exact form needs no floor.
         baseline: ``"loo"`` (default; needs ``b >= 2``) or ``"none"``.
@@ -385,11 +389,12 @@ def qrpo(
 
     per response (chosen and rejected of a pair are two independent rows; the mean over rows is the
     authors' ``½[(…)_w² + (…)_l²]``); ``loss_type="mae"`` takes ``|·|``. ``Z`` is
-    [`qrpo_log_partition`][prefopt.losses.bon_family.qrpo_log_partition]; the loss is 0 exactly at ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised
-    optimum with reward ``T(q)``; for ``T = log`` and ``β = 1/(N−1)`` this is the continuous Best-of-N,
-    ``N·q^{N−1}·π_ref``). Matrenok et al. 2025, "Quantile Reward Policy Optimization" (arXiv 2507.08068;
-    equation numbers not verified, the paper body was not available to us); formulas as in the authors'
-    ``src/qrpo/trainers/qrpo.py``. Not implemented: the authors' ``scaled-normal-icdf`` transform.
+    [`qrpo_log_partition`][prefopt.losses.bon_family.qrpo_log_partition]; the loss is 0 exactly at
+    ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised optimum with reward ``T(q)``; for ``T = log`` and
+    ``β = 1/(N−1)`` this is the continuous Best-of-N, ``N·q^{N−1}·π_ref``). Matrenok et al. 2025, "Quantile
+    Reward Policy Optimization" (arXiv 2507.08068; equation numbers not verified, the paper body was not
+    available to us); formulas as in the authors' ``src/qrpo/trainers/qrpo.py``. Not implemented: the authors'
+    ``scaled-normal-icdf`` transform.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples]: ``logp``, ``ref_logp`` ``(b,)`` sequence
@@ -437,13 +442,13 @@ def calibrated_reward(reward: Tensor, ref_rewards: Tensor, *, ties: str = "mid")
     estimated on a pool of ``k`` reference samples ``z_j`` (``ties="mid"``, the default: ties count half, as
     in the win rate ``E[1[r(y) > r(z)] + ½·1[r(y) = r(z)]]``); ``ties="le"`` counts ties as wins (the CDF
     ``p_≤``, QRPO's and BOND's convention), ``ties="lt"`` as losses. This is
-    [`pool_quantile`][prefopt.losses.bon_family.pool_quantile] with that convention. Properties (tested exactly on a categorical): invariant to
-    any strictly increasing transform of ``r``; under ``y ∼ π_ref`` with the exact reference distribution,
-    ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the limit of a continuous reward.
-    Balashankar et al. 2025, "InfAlign: Inference-aware language model alignment" (arXiv 2412.19792,
-    Sec. 4, the calibration step of InfAlign-CTRL; the paper body was not available to us, so the equation
-    number and the paper's exact tie convention are not verified — choose ``ties`` explicitly if it
-    matters).
+    [`pool_quantile`][prefopt.losses.bon_family.pool_quantile] with that convention. Properties (tested
+    exactly on a categorical): invariant to any strictly increasing transform of ``r``; under ``y ∼ π_ref``
+    with the exact reference distribution, ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the
+    limit of a continuous reward. Balashankar et al. 2025, "InfAlign: Inference-aware language model
+    alignment" (arXiv 2412.19792, Sec. 4, the calibration step of InfAlign-CTRL; the paper body was not
+    available to us, so the equation number and the paper's exact tie convention are not verified — choose
+    ``ties`` explicitly if it matters).
 
     Args:
         reward: ``(b,)`` rewards of the responses being scored.
@@ -473,8 +478,10 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
     ignored). ``t > 0``; as ``t → 0`` both exponentials become affine in ``c``, i.e. identity up to a
     rescaling of β. The KL-regularised optimum with reward ``Φ(C)`` is ``π_ref·e^{Φ(C)/β}/Z``. Balashankar
     et al. 2025 (arXiv 2412.19792, Sec. 4): the exponential forms and the selection of ``t`` per ``N`` from
-    the model-free win-rate/KL curve ([`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff]) follow the paper's description as we
-    know it from its abstract and secondary summaries; the equation numbers are not verified.
+    the model-free win-rate/KL curve
+    ([`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff]) follow the paper's
+    description as we know it from its abstract and secondary summaries; the equation numbers are not
+    verified.
 
     Range: ``e^{t·c} ≤ e^t`` is finite for ``t < 88`` in float32 and ``t < 709`` in float64 (the useful ``t``
     measured in ``docs/bon_family.md`` are 5-20); ``−e^{−t·c}`` is always finite.

@@ -5,7 +5,8 @@ averaged over a batch of samples, is an unbiased estimate of the gradient of a d
 they estimate are stated in each docstring and checked exactly (by enumeration) on a categorical policy in
 ``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N math is in
 [`prefopt.bon`][prefopt.bon]. This module also holds the training-time reward transforms the losses use:
-[`empirical_quantile`][prefopt.losses.bond.empirical_quantile] / [`log_empirical_quantile`][prefopt.losses.bond.log_empirical_quantile] (BOND's Monte-Carlo quantile) and
+[`empirical_quantile`][prefopt.losses.bond.empirical_quantile] /
+[`log_empirical_quantile`][prefopt.losses.bond.log_empirical_quantile] (BOND's Monte-Carlo quantile) and
 [`jbond_reward`][prefopt.losses.bond.jbond_reward].
 
 Extreme values: the surrogate products ``−(R − B)·logp`` and ``γ·sg(logp − anchor_logp)·logp`` go through
@@ -152,8 +153,9 @@ def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor,
 def loo_baseline(ret: Tensor, kind: str = "loo") -> Tensor:
     """Leave-one-out batch mean ``B_i = (Σ_{j≠i} R_j)/(b − 1)`` (``kind='loo'``, needs ``b ≥ 2``) or 0 (``'none'``).
 
-    The baseline of the score-function terms of [`bond`][prefopt.losses.bond.bond], [`jbond`][prefopt.losses.bond.jbond] and vBoN: independent of ``y_i``, so
-    it leaves the expected gradient unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
+    The baseline of the score-function terms of [`bond`][prefopt.losses.bond.bond],
+    [`jbond`][prefopt.losses.bond.jbond] and vBoN: independent of ``y_i``, so it leaves the expected gradient
+    unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
     """
     if kind == "none":
         return torch.zeros_like(ret)
@@ -201,9 +203,10 @@ def bond(
     $$
 
     Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
-    **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale. With the exact
-    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` ([`prefopt.bon.practical_bond_target`][prefopt.bon.practical_bond_target]), the expected
-    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is
+    **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale.
+    With the exact quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}``
+    ([`prefopt.bon.practical_bond_target`][prefopt.bon.practical_bond_target]), the expected gradient of
+    ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is
 
     $$
     (1-w)\, \nabla \mathrm{KL}(\pi_{BoN} \,\|\, \pi_\theta) + w\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \tilde\pi)
@@ -224,17 +227,18 @@ def bond(
             ``best_logp`` ``(b,)`` the policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample
             (required).
         n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
-        backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 = forward
-            only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys divergence).
-        quantile_floor: floor for ``p̂ = 0`` (see [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; default ``'half'``
-            = ``1/(2k)``).
+        backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 =
+            forward only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys
+            divergence).
+        quantile_floor: floor for ``p̂ = 0`` (see
+            [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; default ``'half'`` = ``1/(2k)``).
         baseline: ``'loo'`` (leave-one-out mean return of the other samples in the batch; needs ``b >= 2``)
             or ``'none'``.
 
     Returns:
-        [`LossOutput`][prefopt.types.LossOutput] with an unreduced ``(b,)`` loss and metrics (all ``(b,)``, detached):
-        ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage`` (``R − B``),
-        ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
+        [`LossOutput`][prefopt.types.LossOutput] with an unreduced ``(b,)`` loss and metrics (all ``(b,)``,
+        detached): ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage``
+        (``R − B``), ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
         ``kl/bon_backward`` (``logp − ref_logp − (N−1)·log p̂``, a one-sample estimate of ``KL(π_θ‖π_BoN)``
         with (B) dropped; equals ``−R``), ``loss/forward`` (``−best_logp``), ``loss/backward``
         (``−(R − B)·logp``).
@@ -319,9 +323,9 @@ def jbond(
         baseline: ``'loo'`` (needs ``b >= 2``) or ``'none'``.
 
     Returns:
-        [`LossOutput`][prefopt.types.LossOutput], ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``), ``jbond/return``,
-        ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``, ``loss/backward``,
-        ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
+        [`LossOutput`][prefopt.types.LossOutput], ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``),
+        ``jbond/return``, ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``,
+        ``loss/backward``, ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
     """
     logp, anchor_logp, reward, anchor_rewards, best_anchor_logp = _unpack(samples, "jbond")
 

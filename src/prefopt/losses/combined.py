@@ -178,8 +178,9 @@ def mpo(
 
     Wang et al. 2024 (arXiv 2411.10442), Eq. (2); TRL ``loss_type=["sigmoid", "bco_pair", "sft"]`` with
     ``loss_weights=[0.8, 0.2, 1.0]`` (the weights in TRL's documentation example and prefopt's defaults).
-    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as [`CombinedLoss`][prefopt.losses.combined.CombinedLoss].
-    Zero point: policy == reference ⇒ ``0.8·log 2 + 0.2·2 log 2 + NLL``.
+    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as
+    [`CombinedLoss`][prefopt.losses.combined.CombinedLoss]. Zero point: policy == reference ⇒
+    ``0.8·log 2 + 0.2·2 log 2 + NLL``.
     """
     preset = combine(
         {"dpo": dpo_weight, "bco_pair": bco_weight, "sft": sft_weight}, beta=beta, nll_norm=nll_norm

@@ -16,7 +16,8 @@ happen:
   per-pair gradient norms from [`prefopt.diagnostics.entanglement`][prefopt.diagnostics.entanglement]).
 - ``decoupled`` — DPO margin plus separately weighted per-response anchors against the reference.
 - ``token_masked`` — per-token weights ``μ`` on the log-ratios with an L1 sparsity penalty (shared tokens,
-  which dominate ``⟨∇_w,∇_l⟩``, can be masked out); [`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask] gives the rule-based ``μ``.
+  which dominate ``⟨∇_w,∇_l⟩``, can be masked out);
+  [`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask] gives the rule-based ``μ``.
 
 The remedies follow the directions named by Yuan et al. 2024 (arXiv 2410.13828): each is written
 out with its math here and tested for the property it promises.
@@ -192,13 +193,14 @@ def decoupled(
     role with a hinge): ``c`` pushes ``S_w`` above ``S^ref_w``, ``r`` pushes ``S_l`` below ``S^ref_l``.
     ``m = 1, c = r = 0`` is DPO; ``m = 0, c = r = 1`` is an APO-zero-like loss with log-sigmoid terms.
 
-    Gradient: ``∂L/∂S_w = −d_w``, ``∂L/∂S_l = d_l`` with (see [`decoupled_weights`][prefopt.losses.decoupled.decoupled_weights])
-    ``d_w = β (m σ(−βh) + c σ(−βρ_w))``, ``d_l = β (m σ(−βh) + r σ(βρ_l))``. One SGD step changes
-    ``S_w`` by ``η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)`` to first order, so **δS_w > 0 iff**
-    ``⟨∇_w,∇_l⟩ < (d_w/d_l) ‖∇_w‖²`` — the DPO condition with the threshold raised by the factor
-    ``d_w/d_l = 1 + c σ(−βρ_w)/(m σ(−βh))`` when ``r = 0``. It is guaranteed **for every geometry** when
-    ``d_w ‖∇_w‖ ≥ d_l ‖∇_l‖`` (then ``d_l⟨∇_w,∇_l⟩ ≤ d_l‖∇_w‖‖∇_l‖ ≤ d_w‖∇_w‖²`` by Cauchy–Schwarz), in
-    particular always when ``m = r = 0``. Symmetrically ``δS_l < 0`` iff ``⟨∇_w,∇_l⟩ < (d_l/d_w)‖∇_l‖²``.
+    Gradient: ``∂L/∂S_w = −d_w``, ``∂L/∂S_l = d_l`` with (see
+    [`decoupled_weights`][prefopt.losses.decoupled.decoupled_weights]) ``d_w = β (m σ(−βh) + c σ(−βρ_w))``,
+    ``d_l = β (m σ(−βh) + r σ(βρ_l))``. One SGD step changes ``S_w`` by ``η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)`` to
+    first order, so **δS_w > 0 iff** ``⟨∇_w,∇_l⟩ < (d_w/d_l) ‖∇_w‖²`` — the DPO condition with the threshold
+    raised by the factor ``d_w/d_l = 1 + c σ(−βρ_w)/(m σ(−βh))`` when ``r = 0``. It is guaranteed **for every
+    geometry** when ``d_w ‖∇_w‖ ≥ d_l ‖∇_l‖`` (then ``d_l⟨∇_w,∇_l⟩ ≤ d_l‖∇_w‖‖∇_l‖ ≤ d_w‖∇_w‖²`` by
+    Cauchy–Schwarz), in particular always when ``m = r = 0``. Symmetrically ``δS_l < 0`` iff
+    ``⟨∇_w,∇_l⟩ < (d_l/d_w)‖∇_l‖²``.
 
     Args:
         logps: ``(b,)`` fields with reference log-probs.
@@ -249,7 +251,8 @@ def shared_token_mask(batch: PairBatch | dict[str, Tensor]) -> Tensor:
     ``μ = 1`` on completion tokens, except ``μ = 0`` on a token *shared* with the paired response: completion
     offset ``k`` (0-based index among the row's completion tokens) is shared when both responses have a token
     at offset ``k`` and it is the same id. Outside the completion ``μ = 0`` (it is masked there anyway).
-    Same definition as [`prefopt.diagnostics.shared_offsets`][prefopt.diagnostics.token_correlation.shared_offsets].
+    Same definition as
+    [`prefopt.diagnostics.shared_offsets`][prefopt.diagnostics.token_correlation.shared_offsets].
 
     Raises ``ValueError``/``TypeError`` naming the key: odd rows, non-bool completion mask, empty completion.
     """
@@ -298,11 +301,12 @@ def token_masked(
     L = -\log σ\big(β (ρ^μ(y_w) − ρ^μ(y_l))\big) + λ \Big(\frac{Σ_t m_t μ_{w,t}}{|y_w|} + \frac{Σ_t m_t μ_{l,t}}{|y_l|}\Big),
     $$
 
-    ``λ = sparsity``. ``μ ∈ [0, 1]`` is given: rule-based ([`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]: 0 on tokens shared by
-    both responses, whose gradients make up most of ``⟨∇_w,∇_l⟩``) or produced by a learned head, e.g.
+    ``λ = sparsity``. ``μ ∈ [0, 1]`` is given: rule-based
+    ([`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]: 0 on tokens shared by both responses,
+    whose gradients make up most of ``⟨∇_w,∇_l⟩``) or produced by a learned head, e.g.
     ``sigmoid(w·sg(hidden))``; gradients flow into ``μ`` when it requires grad, and the L1 term drives
-    low-contrast tokens to 0. With ``μ ≡ 1`` and ``λ = 0`` this **is** DPO on the summed log-probs (same value,
-    same gradient); with ``λ > 0`` and a constant ``μ`` the penalty is a constant (same gradient).
+    low-contrast tokens to 0. With ``μ ≡ 1`` and ``λ = 0`` this **is** DPO on the summed log-probs (same
+    value, same gradient); with ``λ > 0`` and a constant ``μ`` the penalty is a constant (same gradient).
 
     Args:
         policy_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen

@@ -36,12 +36,14 @@ does not clamp the forward-KL one (``exp(−ρ)`` overflows to ``inf`` once ``ρ
 below 40 (i.e. ``π/π_ref > e^-40`` for forward KL); beyond it the score saturates and its gradient is 0.
 
 Extreme values (every finite input, every accepted hyperparameter gives a finite loss and finite gradients):
-the exponential term of [`discopop`][prefopt.losses.margin.discopop] has its exponent clamped at 40 in the same way (it matters only for
-``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as ``z → −∞``); the squared terms of
-[`ipo`][prefopt.losses.margin.ipo] and [`sppo_hard`][prefopt.losses.margin.sppo_hard] go through [`saturating_product`][prefopt.losses.margin.saturating_product],
-whose *value* saturates at ``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every
-finite ``d``); and their ``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the
-float32 range of the square, so the loss would be the saturation constant for every input).
+the exponential term of [`discopop`][prefopt.losses.margin.discopop] has its exponent clamped at 40 in the
+same way (it matters only for ``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as
+``z → −∞``); the squared terms of [`ipo`][prefopt.losses.margin.ipo] and
+[`sppo_hard`][prefopt.losses.margin.sppo_hard] go through
+[`saturating_product`][prefopt.losses.margin.saturating_product], whose *value* saturates at
+``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every finite ``d``); and their
+``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the float32 range of the square, so
+the loss would be the saturation constant for every input).
 """
 
 from __future__ import annotations
@@ -640,10 +642,9 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
 
     Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
     (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
-    ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference for
-    the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
-    counts (not clamped). Not in TRL.
-    Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
+    ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference
+    for the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
+    counts (not clamped). Not in TRL. Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
 
     Args:
         logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.

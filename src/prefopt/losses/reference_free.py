@@ -1,14 +1,15 @@
 r"""Reference-free pairwise losses: SimPO, CPO, ORPO, RRHF, SLiC-HF.
 
 None of these reads ``ref_chosen``/``ref_rejected`` (``PairLogps`` may leave them ``None``). Notation as in
-[`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``Ā = S/|y|`` per-token means (lengths clamped at 1),
-``σ`` the sigmoid. Every loss returns ``loss`` ``(b,)`` and the detached per-pair metrics
-``rewards/{chosen,rejected,margins,accuracies}`` and ``logps/{chosen,rejected}`` (what "reward" means is
-given per loss: TRL's CPO/ORPO trainers log ``β·S`` or ``β·Ā``).
+[`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``Ā = S/|y|`` per-token means
+(lengths clamped at 1), ``σ`` the sigmoid. Every loss returns ``loss`` ``(b,)`` and the detached per-pair
+metrics ``rewards/{chosen,rejected,margins,accuracies}`` and ``logps/{chosen,rejected}`` (what "reward" means
+is given per loss: TRL's CPO/ORPO trainers log ``β·S`` or ``β·Ā``).
 
-NLL terms (CPO, ORPO, RRHF, SLiC) take ``nll_norm`` (see [`prefopt.losses.margin.nll_chosen`][prefopt.losses.margin.nll_chosen]):
-``"batch_tokens"`` reproduces TRL's ``nn.CrossEntropyLoss`` token mean over the batch's chosen tokens
-(per-pair values whose batch mean is that number), ``"sequence"`` is ``−S_w/|y_w|``, ``"sum"`` is ``−S_w``.
+NLL terms (CPO, ORPO, RRHF, SLiC) take ``nll_norm`` (see
+[`prefopt.losses.margin.nll_chosen`][prefopt.losses.margin.nll_chosen]): ``"batch_tokens"`` reproduces TRL's
+``nn.CrossEntropyLoss`` token mean over the batch's chosen tokens (per-pair values whose batch mean is that
+number), ``"sequence"`` is ``−S_w/|y_w|``, ``"sum"`` is ``−S_w``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 r"""Unpaired losses on labelled single completions: KTO (and APO-zero's unpaired variant).
 
-Input: [`UnpairedLogps`][prefopt.types.UnpairedLogps] with ``(b,)`` fields ``logp`` (policy ``S(y_i)``), ``ref_logp``
-(``S_ref(y_i)``), ``desirable`` (bool), and optionally ``kl_logp``/``kl_ref_logp`` ``(m,)`` — log-probs of
-*mismatched* (prompt, completion) pairs used for KTO's reference point. ``ρ_i = S(y_i) − S_ref(y_i)``.
+Input: [`UnpairedLogps`][prefopt.types.UnpairedLogps] with ``(b,)`` fields ``logp`` (policy ``S(y_i)``),
+``ref_logp`` (``S_ref(y_i)``), ``desirable`` (bool), and optionally ``kl_logp``/``kl_ref_logp`` ``(m,)`` —
+log-probs of *mismatched* (prompt, completion) pairs used for KTO's reference point.
+``ρ_i = S(y_i) − S_ref(y_i)``.
 
 Metrics (detached): ``rewards`` ``β·ρ`` ``(b,)``; ``logps`` ``S`` ``(b,)``; ``desirable`` ``(b,)`` as 0./1.;
 ``kl`` the reference point ``z0`` (a 0-dim tensor). Unlike TRL, which concatenates the desirable losses
@@ -57,9 +58,10 @@ def kto(
 
     Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization" (arXiv 2402.01306),
     Eq. (7) (prefopt's ``loss`` is the paper's ``λ_y − v(x, y)``, which has the same gradient); ``z0`` from
-    [`kto_reference_point`][prefopt.losses.unpaired.kto_reference_point] (detached, clamped at 0). TRL ``KTOTrainer(loss_type="kto")``: same
-    hyperparameters and defaults (``beta`` 0.1, ``desirable_weight`` 1.0, ``undesirable_weight`` 1.0). The
-    paper recommends ``λ_D n_D / (λ_U n_U) ∈ [1, 4/3]`` (TRL warns otherwise; prefopt does not).
+    [`kto_reference_point`][prefopt.losses.unpaired.kto_reference_point] (detached, clamped at 0). TRL
+    ``KTOTrainer(loss_type="kto")``: same hyperparameters and defaults (``beta`` 0.1, ``desirable_weight``
+    1.0, ``undesirable_weight`` 1.0). The paper recommends ``λ_D n_D / (λ_U n_U) ∈ [1, 4/3]`` (TRL warns
+    otherwise; prefopt does not).
 
     Shapes: ``logps.logp`` ``(b,)`` → ``loss`` ``(b,)``. Zero point: ``ρ_i = z0`` ⇒ ``λ/2``.
     """

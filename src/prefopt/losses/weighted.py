@@ -1,13 +1,14 @@
 r"""Offline pairwise objectives that need per-token statistics of the LM head: WPO, LD-DPO, AlphaPO, TDPO.
 
-Notation as in [`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``ρ = S − S^ref``, ``h = ρ_w − ρ_l``,
-``Ā = S/|y|``, ``σ`` the sigmoid, ``sg`` stop-gradient; per token ``ℓ_t = log π_θ(y_t | x, y_<t)`` and
-``m_t`` the completion mask.
+Notation as in [`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``ρ = S − S^ref``,
+``h = ρ_w − ρ_l``, ``Ā = S/|y|``, ``σ`` the sigmoid, ``sg`` stop-gradient; per token
+``ℓ_t = log π_θ(y_t | x, y_<t)`` and ``m_t`` the completion mask.
 
-Per-token data come in the **token-pairs** layout of [`prefopt.losses.decoupled`][prefopt.losses.decoupled]: a ``(2B, T)`` tensor whose
-rows ``0..B−1`` are the chosen completions and rows ``B..2B−1`` their rejected twins (row ``B + i`` pairs with
-row ``i``), with a ``(2B, T)`` bool ``completion_mask`` (True = the token counts). Positions outside the mask
-never reach a value or a gradient (they are selected away with ``torch.where`` before any arithmetic).
+Per-token data come in the **token-pairs** layout of [`prefopt.losses.decoupled`][prefopt.losses.decoupled]: a
+``(2B, T)`` tensor whose rows ``0..B−1`` are the chosen completions and rows ``B..2B−1`` their rejected twins
+(row ``B + i`` pairs with row ``i``), with a ``(2B, T)`` bool ``completion_mask`` (True = the token counts).
+Positions outside the mask never reach a value or a gradient (they are selected away with ``torch.where``
+before any arithmetic).
 
 | loss | input kind | extra per-token data |
 |---|---|---|
@@ -16,14 +17,16 @@ never reach a value or a gradient (they are selected away with ``torch.where`` b
 | ``alphapo`` | ``pairs`` | none (needs lengths) |
 | ``tdpo`` | ``pairs`` | ``token_kl``, ``completion_mask`` (keyword-only) |
 
-WPO's weight multiplies *any* registered pairwise loss (``base=``), and [`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps] turns
-per-token log-probs into length-desensitised [`PairLogps`][prefopt.types.PairLogps] for any pairwise loss,
-so both compose (WPO + IPO, WPO + SimPO, LD + IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²``
-for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for TDPO) come from the chunked LM head on a model —
-[`token_stats`][prefopt.logprobs.token_stats] (``log_sum_sq_probs=True``) and
-[`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no ``(b, t, V)`` tensor kept. The
-full-logits implementations here, [`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs] and [`token_kl`][prefopt.losses.weighted.token_kl], keep a ``(…, V)`` tensor: use
-them on small models or as oracles.
+WPO's weight multiplies *any* registered pairwise loss (``base=``), and
+[`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps] turns per-token log-probs into length-desensitised
+[`PairLogps`][prefopt.types.PairLogps] for any pairwise loss, so both compose (WPO + IPO, WPO + SimPO, LD +
+IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²`` for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for
+TDPO) come from the chunked LM head on a model — [`token_stats`][prefopt.logprobs.token_stats]
+(``log_sum_sq_probs=True``) and [`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no
+``(b, t, V)`` tensor kept. The full-logits implementations here,
+[`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs] and
+[`token_kl`][prefopt.losses.weighted.token_kl], keep a ``(…, V)`` tensor: use them on small models or as
+oracles.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, completion_mask: 
 
     Args:
         token_logps: ``(n, T)`` per-token log-probs ``ℓ_t`` of the sampled tokens (any rows, e.g. ``2B``).
-        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²`` ([`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs]).
+        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²``
+            ([`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs]).
         completion_mask: ``(n, T)`` bool.
 
     Returns: ``(n,)`` detached weights (``|y|`` clamped at 1, so an empty row gives ``w = 1``).
@@ -199,11 +203,11 @@ def wpo(
     w(y) = \operatorname{sg}\exp\Big(\frac{1}{|y|}\sum_t m_t\big(ℓ_t − \log\textstyle\sum_v π_θ(v|x,y_{<t})^2\big)\Big)
     $$
 
-    ([`wpo_weights`][prefopt.losses.weighted.wpo_weights]; no ``min`` when ``clamp=None``). Zhou et al. 2024 (arXiv 2406.11827), Eq. (2)
-    with the aligned, length-normalised weight of Sec. 3. TRL 1.16: ``DPOConfig(use_weighting=True)`` with
-    any ``loss_type`` (TRL does not clamp: ``clamp=None``, the default); the authors' released
-    ``scripts/run_wpo.py`` clamps the product at 1 (``clamp=1.0``). Paper/authors' β for DPO: 0.01
-    (``base_kwargs={"beta": 0.01}``).
+    ([`wpo_weights`][prefopt.losses.weighted.wpo_weights]; no ``min`` when ``clamp=None``). Zhou et al. 2024
+    (arXiv 2406.11827), Eq. (2) with the aligned, length-normalised weight of Sec. 3. TRL 1.16:
+    ``DPOConfig(use_weighting=True)`` with any ``loss_type`` (TRL does not clamp: ``clamp=None``, the
+    default); the authors' released ``scripts/run_wpo.py`` clamps the product at 1 (``clamp=1.0``).
+    Paper/authors' β for DPO: 0.01 (``base_kwargs={"beta": 0.01}``).
 
     Args:
         logps: ``(b,)`` pair log-probs for the base loss (with reference fields if the base needs them).
@@ -313,10 +317,10 @@ def ld_dpo(
 ) -> LossOutput:
     r"""LD-DPO: ``L = −log σ(β·(ρ^{LD}_w − ρ^{LD}_l))`` with ``ρ^{LD} = S^{LD} − S^{LD}_{ref}``.
 
-    ``S^{LD}`` ([`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps]) counts the tokens beyond the shorter response's length with weight
-    ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16 ``DPOConfig(ld_alpha=α)`` with
-    ``loss_type="sigmoid"`` (TRL applies it to every loss type; for another base loss call it on
-    ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
+    ``S^{LD}`` ([`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps]) counts the tokens beyond the shorter
+    response's length with weight ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16
+    ``DPOConfig(ld_alpha=α)`` with ``loss_type="sigmoid"`` (TRL applies it to every loss type; for another
+    base loss call it on ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
 
     Args:
         policy_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
@@ -372,9 +376,9 @@ def alphapo(
 ) -> LossOutput:
     r"""AlphaPO: SimPO with the α-reward, ``L = −log σ(β·(r_α(Ā_w) − r_α(Ā_l)) − γ)``.
 
-    ``r_α(Ā) = (1 − e^{−αĀ})/α`` ([`alpha_reward`][prefopt.losses.weighted.alpha_reward]), ``Ā = S/|y|``. Gupta et al. 2025, "AlphaPO: Reward
-    Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number not verified: the paper body was
-    not available to us). TRL 1.16
+    ``r_α(Ā) = (1 − e^{−αĀ})/α`` ([`alpha_reward`][prefopt.losses.weighted.alpha_reward]), ``Ā = S/|y|``.
+    Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number
+    not verified: the paper body was not available to us). TRL 1.16
     ``experimental.cpo.CPOConfig(loss_type="alphapo", alpha=α)`` (= ``simpo`` with ``cpo_alpha=0``; TRL's
     ``simpo_gamma`` is this ``γ``); ``label_smoothing = ε`` gives TRL's ``−(1−ε) log σ(z) − ε log σ(−z)``.
     ``α = 0`` is SimPO exactly; ``α > 0`` up-weights low-probability responses (``dr_α/dĀ = e^{−αĀ}``).
@@ -421,7 +425,8 @@ def tdpo(
 ) -> LossOutput:
     r"""TDPO: DPO with the sequential token-level forward KL of each response.
 
-    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from [`token_kl`][prefopt.losses.weighted.token_kl]):
+    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from
+    [`token_kl`][prefopt.losses.weighted.token_kl]):
 
     - TDPO1: ``L = −log σ(β·(h − (D(y_l) − D(y_w))))``
     - TDPO2: ``L = −log σ(β·(h − α·(D(y_l) − sg D(y_w))))`` (no gradient through the chosen KL)
