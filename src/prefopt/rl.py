@@ -512,31 +512,33 @@ def reinforce_pp_advantages(
     r"""REINFORCE++ and REINFORCE++-baseline advantages, whitened over every valid token of the batch
     (Hu et al. 2025, arXiv:2501.03262, §3).
 
-    Per-token rewards $R_{i,t} = -\beta k_{i,t} + \mathbb 1[t = T_i]\,\tilde r_i$ ($T_i$ the last valid token,
-    $k$ the caller's per-token KL estimate of ``old_logp`` vs ``ref_logp``, e.g.
-    [`kl_estimate`][prefopt.rl.kl_estimate]), returns $G_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s}$ ($\gamma = 1$),
-    then $A_{i,t} = (G_{i,t} - \mu)/\sigma$ with $\mu, \sigma^2$ over all valid tokens of the batch.
+    Per-token rewards \(R_{i,t} = -\beta k_{i,t} + \mathbb 1[t = T_i]\,\tilde r_i\) (\(T_i\) the last valid
+    token, \(k\) the caller's per-token KL estimate of ``old_logp`` vs ``ref_logp``, e.g.
+    [`kl_estimate`][prefopt.rl.kl_estimate]), returns \(G_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s}\)
+    (\(\gamma = 1\)), then \(A_{i,t} = (G_{i,t} - \mu)/\sigma\) with \(\mu, \sigma^2\) over all valid tokens
+    of the batch.
 
-    * ``group_size=None`` (REINFORCE++): $\tilde r_i = r_i$.
+    * ``group_size=None`` (REINFORCE++): \(\tilde r_i = r_i\).
     * ``group_size=k`` (REINFORCE++-baseline; rows ``i·k + j`` are the ``k`` completions of prompt ``i``):
       ``baseline_returns="per_token"`` (OpenRLHF, the authors' code) subtracts the group mean of the scores,
-      $\tilde r_i = r_i - \frac1k\sum_{j \in g(i)} r_j$, then builds $G$ as above;
-      ``"sequence_sum"`` (verl) instead uses $G_{i,t} = S_i - \frac1k\sum_{j\in g(i)} S_j$ on every token,
-      $S_i = r_i - \beta\sum_t m_{i,t} k_{i,t}$ (constant along the sequence). With ``beta = 0`` the two agree.
-      Adding a per-prompt constant to the scores leaves either unchanged.
-    * ``whiten_var="biased"`` (OpenRLHF): $\sigma^2 = \frac1N\sum (G-\mu)^2$, $A = (G-\mu)\,/\sqrt{\max(\sigma^2,
-      \epsilon)}$; ``"unbiased"`` (verl): [`masked_whiten`][prefopt.masked.masked_whiten], Bessel
-      $\sigma^2$ and $\sqrt{\sigma^2 + \epsilon}$. With $\epsilon$ negligible they differ by exactly
-      $\sqrt{N/(N-1)}$, $N$ the number of valid tokens. A constant $G$ gives exactly 0.
+      \(\tilde r_i = r_i - \frac1k\sum_{j \in g(i)} r_j\), then builds \(G\) as above;
+      ``"sequence_sum"`` (verl) instead uses \(G_{i,t} = S_i - \frac1k\sum_{j\in g(i)} S_j\) on every token,
+      \(S_i = r_i - \beta\sum_t m_{i,t} k_{i,t}\) (constant along the sequence). With ``beta = 0`` the two
+      agree. Adding a per-prompt constant to the scores leaves either unchanged.
+    * ``whiten_var="biased"`` (OpenRLHF): \(\sigma^2 = \frac1N\sum (G-\mu)^2\),
+      \(A = (G-\mu)\,/\sqrt{\max(\sigma^2, \epsilon)}\); ``"unbiased"`` (verl):
+      [`masked_whiten`][prefopt.masked.masked_whiten], Bessel \(\sigma^2\) and \(\sqrt{\sigma^2 + \epsilon}\).
+      With \(\epsilon\) negligible they differ by exactly \(\sqrt{N/(N-1)}\), \(N\) the number of valid
+      tokens. A constant \(G\) gives exactly 0.
 
     * ``group_size=1`` (one completion per prompt) follows ``singleton``: ``"error"`` (default) raises;
       ``"raw"`` takes the group mean as 0 (verl: the raw score is kept); ``"zero"`` subtracts the sample's
-      own score (OpenRLHF: $\tilde r_i = 0$, resp. $G_{i,t} = 0$ with ``"sequence_sum"``).
+      own score (OpenRLHF: \(\tilde r_i = 0\), resp. \(G_{i,t} = 0\) with ``"sequence_sum"``).
 
-    Reward clipping (OpenRLHF clips $r$ to ±10) is left to the caller.
+    Reward clipping (OpenRLHF clips \(r\) to ±10) is left to the caller.
 
     Args:
-        scores: ``(b,)`` sequence scores $r_i$.
+        scores: ``(b,)`` sequence scores \(r_i\).
         mask: ``(b, t)`` bool completion mask; every row needs at least one valid token.
         kl: optional ``(b, t)`` per-token KL estimate (values at masked positions are ignored).
         beta: KL coefficient ≥ 0 (default 0.0; OpenRLHF's ``init_kl_coef`` is 0.01). Needs ``kl`` when > 0.
@@ -632,26 +634,26 @@ def _positive_int(name: str, v: object) -> int:
 def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: float = 1.0) -> Tensor:
     r"""DAPO's soft overlong punishment, added to the task reward (Yu et al. 2025, arXiv:2503.14476, Eq. 13).
 
-    With $L_{max}$ = ``max_len``, $L_c$ = ``cache_len`` and $f$ = ``factor``:
+    With \(L_{max}\) = ``max_len``, \(L_c\) = ``cache_len`` and \(f\) = ``factor``:
 
     $$ R_{len}(y) = \begin{cases} 0 & |y| \le L_{max} - L_c \\
        f\,\frac{(L_{max} - L_c) - |y|}{L_c} & L_{max} - L_c < |y| \le L_{max} \\
        -f & |y| > L_{max} \end{cases} $$
 
-    A linear ramp from 0 to $-f$ over the last $L_c$ tokens. verl's DAPO reward manager and OpenRLHF agree with
-    this for $|y| \le L_{max}$ (the only case for engine-truncated completions); beyond $L_{max}$ verl keeps
-    the ramp going (unbounded) while the paper and OpenRLHF stop at $-f$. The paper's setting is
-    $L_{max} = 20480$, $L_c = 4096$, $f = 1$.
+    A linear ramp from 0 to \(-f\) over the last \(L_c\) tokens. verl's DAPO reward manager and OpenRLHF agree
+    with this for \(|y| \le L_{max}\) (the only case for engine-truncated completions); beyond \(L_{max}\)
+    verl keeps the ramp going (unbounded) while the paper and OpenRLHF stop at \(-f\). The paper's setting is
+    \(L_{max} = 20480\), \(L_c = 4096\), \(f = 1\).
 
     Args:
-        lengths: ``(b,)`` completion lengths $|y|$ (integer or float tensor, finite, ≥ 0), e.g.
+        lengths: ``(b,)`` completion lengths \(|y|\) (integer or float tensor, finite, ≥ 0), e.g.
             ``mask.sum(-1)``.
-        max_len: $L_{max} \ge 1$.
-        cache_len: $L_c$, ``1 ≤ cache_len ≤ max_len``.
-        factor: $f \ge 0$ (default 1.0).
+        max_len: \(L_{max} \ge 1\).
+        cache_len: \(L_c\), ``1 ≤ cache_len ≤ max_len``.
+        factor: \(f \ge 0\) (default 1.0).
 
     Returns:
-        ``(b,)`` penalties in $[-f, 0]$ (float32, or float64 for a float64 input).
+        ``(b,)`` penalties in \([-f, 0]\) (float32, or float64 for a float64 input).
     """
     max_len = _positive_int("max_len", max_len)
     cache_len = _positive_int("cache_len", cache_len)
@@ -676,7 +678,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: f
 
 def informative_groups(rewards: Tensor, *, mean_bounds: tuple[float, float] | None = None) -> Tensor:
     r"""DAPO's dynamic-sampling filter: which prompt groups carry a learning signal (Yu et al. 2025,
-    arXiv:2503.14476, Eq. 11, the constraint $0 < |\{o_i : \text{correct}\}| < G$).
+    arXiv:2503.14476, Eq. 11, the constraint \(0 < |\{o_i : \text{correct}\}| < G\)).
 
     * ``mean_bounds=None`` (verl ``filter_groups``): keep a group iff its rewards are not all equal. A
       constant group has advantage exactly 0 under any group-normalised estimator
@@ -718,28 +720,28 @@ _MISMATCH_CLAMP = 20.0
 
 
 def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    r"""How far the sampler (inference engine, $\ell^{samp}$) is from the trainer ($\ell^{old}$) on a rollout.
+    r"""How far the sampler (inference engine, \(\ell^{samp}\)) is from the trainer (\(\ell^{old}\)) on a rollout.
 
-    With $\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}$ on valid tokens (the rollout was sampled from
-    the sampler, so token means are Monte-Carlo estimates under it), $\bar\ell_i$ the per-sequence mean
+    With \(\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}\) on valid tokens (the rollout was sampled from
+    the sampler, so token means are Monte-Carlo estimates under it), \(\bar\ell_i\) the per-sequence mean
     log-prob, token means over all valid tokens and sequence means over rows with at least one token:
 
     | key | value | estimates |
     |---|---|---|
-    | ``"k1"`` | $\mathrm{mean}_{i,t}(-\Delta)$ | KL(π_samp ‖ π_old) per token (unbiased, can be < 0) |
-    | ``"k3"`` | $\mathrm{mean}_{i,t}(e^{\Delta} - 1 - \Delta)$ | the same KL (unbiased, each term ≥ 0) |
-    | ``"chi2_token"`` | $\mathrm{mean}_{i,t}(e^{2\Delta}) - 1$ | χ²(π_old ‖ π_samp) per token ($\sum \pi_{old}^2/\pi_{samp} - 1$) |
-    | ``"chi2_seq"`` | $\mathrm{mean}_i \exp(2\sum_t m\Delta) - 1$ | the same for whole sequences |
-    | ``"training_ppl"`` / ``"rollout_ppl"`` | $\mathrm{mean}_i e^{-\bar\ell^{old}_i}$ / $\mathrm{mean}_i e^{-\bar\ell^{samp}_i}$ | perplexities |
-    | ``"log_ppl_diff"`` | $\mathrm{mean}_i(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | log of training / rollout perplexity |
-    | ``"ppl_ratio"`` | $\mathrm{mean}_i \exp(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | training / rollout perplexity |
-    | ``"abs_diff_mean"`` / ``"abs_diff_max"`` | mean / max of $\lvert\Delta\rvert$ | TRL's ``sampling_logp_difference`` |
+    | ``"k1"`` | \(\mathrm{mean}_{i,t}(-\Delta)\) | KL(π_samp ‖ π_old) per token (unbiased, can be < 0) |
+    | ``"k3"`` | \(\mathrm{mean}_{i,t}(e^{\Delta} - 1 - \Delta)\) | the same KL (unbiased, each term ≥ 0) |
+    | ``"chi2_token"`` | \(\mathrm{mean}_{i,t}(e^{2\Delta}) - 1\) | χ²(π_old ‖ π_samp) per token (\(\sum \pi_{old}^2/\pi_{samp} - 1\)) |
+    | ``"chi2_seq"`` | \(\mathrm{mean}_i \exp(2\sum_t m\Delta) - 1\) | the same for whole sequences |
+    | ``"training_ppl"`` / ``"rollout_ppl"`` | \(\mathrm{mean}_i e^{-\bar\ell^{old}_i}\) / \(\mathrm{mean}_i e^{-\bar\ell^{samp}_i}\) | perplexities |
+    | ``"log_ppl_diff"`` | \(\mathrm{mean}_i(\bar\ell^{samp}_i - \bar\ell^{old}_i)\) | log of training / rollout perplexity |
+    | ``"ppl_ratio"`` | \(\mathrm{mean}_i \exp(\bar\ell^{samp}_i - \bar\ell^{old}_i)\) | training / rollout perplexity |
+    | ``"abs_diff_mean"`` / ``"abs_diff_max"`` | mean / max of \(\lvert\Delta\rvert\) | TRL's ``sampling_logp_difference`` |
 
     These are verl's ``compute_offpolicy_metrics`` (``kl``, ``k3_kl``, ``chi2_token``, ``chi2_seq``,
     ``training_ppl``, ``rollout_ppl``, ``log_ppl_diff``, ``ppl_ratio``) and TRL's logged differences, in one
     call. Identical log-probs give 0 for every key except the perplexities (equal) and ``ppl_ratio`` = 1.
     Every exponent is clamped to ±20, so extreme inputs stay finite; a NaN sampler log-prob on a valid
-    token counts as $\Delta = 0$ (as TRL's correction does). With no valid token every key is 0 (the
+    token counts as \(\Delta = 0\) (as TRL's correction does). With no valid token every key is 0 (the
     perplexities and ``ppl_ratio`` too).
 
     Args:
@@ -796,8 +798,8 @@ def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> di
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
     r"""The top-ρ high-entropy ("forking") tokens of a batch (Wang et al. 2025, "Beyond the 80/20 rule",
-    arXiv:2506.01939): keep token $(i, t)$ iff $H_{i,t} \ge \tau_\rho$, the $(1-\rho)$-quantile (linear
-    interpolation, ``torch.quantile``) of $\{H_{i,t} : m_{i,t}\}$.
+    arXiv:2506.01939): keep token \((i, t)\) iff \(H_{i,t} \ge \tau_\rho\), the \((1-\rho)\)-quantile (linear
+    interpolation, ``torch.quantile``) of \(\{H_{i,t} : m_{i,t}\}\).
 
     Pass the result as ``policy_mask`` to a policy-gradient loss (e.g.
     [`grpo`][prefopt.losses.policy_gradient.grpo]) and reduce with the full ``mask``: the policy term then
@@ -837,7 +839,7 @@ def entropy_bonus(
     num_sequences: Tensor | float | None = None,
     max_length: int | None = None,
 ) -> Tensor:
-    r"""The entropy bonus to **add** to a policy loss: $-c\,\mathrm{Agg}(H)$ (maximising entropy).
+    r"""The entropy bonus to **add** to a policy loss: \(-c\,\mathrm{Agg}(H)\) (maximising entropy).
 
     ``mode`` and the counts are those of [`aggregate`][prefopt.masked.aggregate]. TRL's ``entropy_coef``
     is ``mode="token-mean"`` over the effective mask (``mask & high_entropy_mask(...)`` when
@@ -848,7 +850,7 @@ def entropy_bonus(
     Args:
         entropy: ``(b, t)`` per-token entropies (with grad).
         mask: ``(b, t)`` bool: the tokens the bonus acts on.
-        coef: $c \ge 0$.
+        coef: \(c \ge 0\).
         mode: as [`aggregate`][prefopt.masked.aggregate].
         num_tokens: as [`aggregate`][prefopt.masked.aggregate].
         num_sequences: as [`aggregate`][prefopt.masked.aggregate].
