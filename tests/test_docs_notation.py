@@ -3,9 +3,10 @@
 Every module, class, function and attribute docstring (found with ``ast``) is scanned for markup that the docs
 site would show raw or that a strict build cannot resolve: Sphinx roles (``:func:`x```; write the
 mkdocstrings cross-reference ``[`x`][prefopt.module.x]`` or a code span), RST directives (``.. math::``; write
-``$$ … $$`` or ``\\( … \\)`` for MathJax), RST simple or grid tables (write a Markdown table), the RST
-literal-block marker ``text::`` (write ``text:`` and keep the indented block), and citations of notes that are
-not part of the repository (cite the paper and the equation number instead).
+``$$ … $$`` for MathJax), RST simple or grid tables (write a Markdown table), the RST literal-block marker
+``text::`` (write ``text:`` and keep the indented block), and citations of notes that are not part of the
+repository (cite the paper and the equation number instead). Inline math has one notation too: ``\\( … \\)``,
+not ``$…$``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ CHECKS: dict[str, re.Pattern[str]] = {
         r"\b(?:ALGORITHMS|FRONTIER|DESIGN|PEERS)\.md\b|shared/reference"
     ),
 }
+# inline math is written \( … \) (display math $$ … $$); checked outside code spans and $$ blocks
+SINGLE_DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)\S(?:[^$]*?\S)?(?<!\\)\$(?!\$)")
+_CODE_OR_DISPLAY = re.compile(r"(`+).+?\1|\$\$.+?\$\$", re.S)
 
 
 def notation_problems(text: str) -> list[str]:
@@ -51,6 +55,8 @@ def notation_problems(text: str) -> list[str]:
             end = text.find("\n", m.end())
             line = text[start : end if end >= 0 else len(text)].strip()
             problems.append(f"{name}: {line[:120]}")
+    for m in SINGLE_DOLLAR.finditer(_CODE_OR_DISPLAY.sub(" ", text)):
+        problems.append(f"single-dollar inline math: {m.group(0)[:120]}")
     return problems
 
 
@@ -110,6 +116,8 @@ def test_allowed_files_exist() -> None:
         ("The formula::\n\n    x = 1\n", "RST literal-block marker"),
         ("Derived in ALGORITHMS.md §3.", "citation of a file outside the repository"),
         ("see /work/shared/reference/FRONTIER.md", "citation of a file outside the repository"),
+        ("the ratio $\\rho_t$ of token $t$", "single-dollar inline math"),
+        ("a bound $x\n+ y$ across a line", "single-dollar inline math"),
     ],
 )
 def test_scanner_flags_rst(text: str, check: str) -> None:
@@ -123,6 +131,7 @@ def test_scanner_accepts_markdown() -> None:
         "with \\( h = \\rho_w - \\rho_l \\) (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7):\n\n"
         "| loss | input kind |\n|---|---|\n| ``dpo`` | ``pairs`` |\n\n"
         "The flow:\n\n    a ─► b\n\n"
+        "Cached under ``$PREFOPT_CACHE/lab``; $$ x = 1 $$ and\n$$\ny = 2\n$$\n\n"
         "Args:\n    x: ``x[::2]`` every other row; a dict ``{'a': 1}``.\n"
     )
     assert notation_problems(text) == []
