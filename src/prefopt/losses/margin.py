@@ -230,7 +230,8 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
 def dpo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""DPO: ``L = −log σ(β·(ψ(ρ_w) − ψ(ρ_l)))``, with ``ψ(ρ) = ρ`` by default, i.e. ``−log σ(β h)``.
+    r"""DPO: \(L = -\log\sigma\big(\beta(\psi(\rho_w) - \psi(\rho_l))\big)\), with \(\psi(\rho) = \rho\) by
+    default, i.e. \(-\log\sigma(\beta h)\).
 
     Rafailov et al. 2023, "Direct Preference Optimization" (arXiv 2305.18290), Eq. (7). f-divergence
     variants: Wang et al. 2023 (arXiv 2309.16240), Eq. (11). TRL ``loss_type="sigmoid"`` (with
@@ -262,7 +263,8 @@ def cdpo(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""Conservative DPO: ``L = −(1−ε)·log σ(β h) − ε·log σ(−β h)`` (DPO under label noise ``ε``).
+    r"""Conservative DPO: \(L = -(1-\epsilon)\log\sigma(\beta h) - \epsilon\log\sigma(-\beta h)\) (DPO under
+    label noise \(\epsilon\)).
 
     Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (cDPO); this is the form
     TRL used for ``loss_type="sigmoid"`` with ``label_smoothing > 0`` before 1.x (TRL 1.16's ``sigmoid``
@@ -296,7 +298,8 @@ def robust_dpo(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""Robust DPO (rDPO): ``L = [(1−ε)·(−log σ(β h)) − ε·(−log σ(−β h))] / (1 − 2ε)``.
+    r"""Robust DPO (rDPO):
+    \(L = \big[(1-\epsilon)(-\log\sigma(\beta h)) - \epsilon(-\log\sigma(-\beta h))\big] / (1 - 2\epsilon)\).
 
     Chowdhury et al. 2024, "Provably Robust DPO" (arXiv 2403.00409), Eq. (8): an unbiased estimator of the
     clean DPO loss when labels are flipped with probability ``ε``: ``(1−ε)L(h) + εL(−h) = −log σ(β h)``.
@@ -322,7 +325,8 @@ def robust_dpo(
 def ipo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""IPO: ``L = (h̃ − 1/(2τ))²`` with the per-token margin ``h̃ = ψ(ρ_w)/|y_w| − ψ(ρ_l)/|y_l|`` and ``τ = β``.
+    r"""IPO: \(L = (\tilde h - 1/(2\tau))^2\) with the per-token margin
+    \(\tilde h = \psi(\rho_w)/|y_w| - \psi(\rho_l)/|y_l|\) and \(\tau = \beta\).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
     (arXiv 2310.12036), Eq. (17). Deviation from the paper's formula (which uses sequence sums): like TRL
@@ -349,7 +353,7 @@ def ipo(
 def hinge(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""Hinge (SLiC/RSO on log-ratios): ``L = max(0, 1 − β h)``.
+    r"""Hinge (SLiC/RSO on log-ratios): \(L = \max(0, 1 - \beta h)\).
 
     Zhao et al. 2023 (SLiC, arXiv 2305.10425) and Liu et al. 2023 (RSO, arXiv 2309.06657), Eq. (9) there;
     TRL ``loss_type="hinge"``. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
@@ -378,7 +382,9 @@ def exo_pair(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""EXO (pairwise): ``L = KL(q ‖ p) = q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε)``, ``q_w = σ(β h)``, ``q_l = σ(−β h)``.
+    r"""EXO (pairwise):
+    \(L = \mathrm{KL}(q \,\|\, p) = q_w(\log q_w - \log(1-\epsilon)) + q_l(\log q_l - \log\epsilon)\),
+    \(q_w = \sigma(\beta h)\), \(q_l = \sigma(-\beta h)\).
 
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856),
     Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``.
@@ -404,7 +410,8 @@ def exo_pair(
 
 @register_loss("nca_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""NCA (pairwise): ``L = −log σ(β ρ_w) − ½ log σ(−β ρ_w) − ½ log σ(−β ρ_l)``.
+    r"""NCA (pairwise):
+    \(L = -\log\sigma(\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_l)\).
 
     Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
     (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``.
@@ -422,15 +429,15 @@ def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 
 @register_loss("bco_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: float = 0.1) -> LossOutput:
-    r"""BCO (pairwise): ``L = −log σ(β ρ_w − δ) − log σ(−(β ρ_l − δ))``.
+    r"""BCO (pairwise): \(L = -\log\sigma(\beta\rho_w - \delta) - \log\sigma(-(\beta\rho_l - \delta))\).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
     (arXiv 2404.04656), Eq. (5) with the reward shift ``δ``. TRL ``loss_type="bco_pair"``.
 
     ``delta`` is a **data** argument (not a hyperparameter), detached before use: the paper (and TRL's older
     ``DPOTrainer``) uses the running mean of the implicit rewards ``β ρ`` over past batches; keep that running
-    mean in your loop and pass it here (``()`` or ``(b,)`` tensor, or a float). ``None`` means ``δ = 0``, which is
-    exactly TRL 1.16's ``bco_pair`` (it dropped the running mean).
+    mean in your loop and pass it here (``()`` or ``(b,)`` tensor, or a float). ``None`` means ``δ = 0``,
+    which is exactly TRL 1.16's ``bco_pair`` (it dropped the running mean).
 
     Zero point: ``ρ = 0, δ = 0`` ⇒ ``2 log 2``. Extra metric ``delta`` (broadcast to ``(b,)``).
 
@@ -458,7 +465,7 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
 
 @register_loss("sppo_hard", inputs="pairs", needs_reference=True, checks=SQUARE_BETA)
 def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""SPPO with hard labels: ``L = (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²``.
+    r"""SPPO with hard labels: \(L = (\rho_w - 1/(2\beta))^2 + (\rho_l + 1/(2\beta))^2\).
 
     Wu et al. 2024, "Self-Play Preference Optimization" (arXiv 2405.00675), Eq. (4.7) of Algorithm 1 with the
     win probability set to 1 for the chosen and 0 for the rejected response (``η = 1/β``); TRL
@@ -479,7 +486,9 @@ def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     "aot", inputs="pairs", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5)}
 )
 def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    r"""AOT (paired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(S_w − S_l)_i − sort(S^ref_w − S^ref_l)_i``.
+    r"""AOT (paired):
+    \(L_i = -(1-\epsilon)\log\sigma(\beta\Delta_{(i)}) - \epsilon\log\sigma(-\beta\Delta_{(i)})\),
+    \(\Delta_{(i)} = \mathrm{sort}(S_w - S_l)_i - \mathrm{sort}(S^{ref}_w - S^{ref}_l)_i\).
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
     (arXiv 2406.05882), the paired AOT loss (first-order stochastic dominance via sorting within the batch);
@@ -507,7 +516,9 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) ->
     checks={**BETA, "label_smoothing": between(0.0, 0.5)},
 )
 def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    r"""AOT (unpaired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(ρ_w)_i − sort(ρ_l)_i``.
+    r"""AOT (unpaired):
+    \(L_i = -(1-\epsilon)\log\sigma(\beta\Delta_{(i)}) - \epsilon\log\sigma(-\beta\Delta_{(i)})\),
+    \(\Delta_{(i)} = \mathrm{sort}(\rho_w)_i - \mathrm{sort}(\rho_l)_i\).
 
     Melnyk et al. 2024 (arXiv 2406.05882), unpaired AOT; TRL ``loss_type="aot_unpaired"``. Batch-level like
     [`aot`][prefopt.losses.margin.aot] (entries follow the sorted order).
@@ -526,7 +537,8 @@ def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float 
 
 @register_loss("apo_zero", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""APO-zero: ``L = (1 − σ(β ρ_w)) + σ(β ρ_l)``: raise the chosen likelihood, lower the rejected one.
+    r"""APO-zero: \(L = (1 - \sigma(\beta\rho_w)) + \sigma(\beta\rho_l)\): raise the chosen likelihood, lower
+    the rejected one.
 
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization" (arXiv 2408.06266), Eq. (7); TRL
     ``loss_type="apo_zero"``. Zero point: ``ρ = 0`` ⇒ 1; ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
@@ -542,7 +554,8 @@ def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 
 @register_loss("apo_down", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_down(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""APO-down: ``L = σ(β ρ_w) + (1 − σ(β h))``: lower both likelihoods, the rejected one more.
+    r"""APO-down: \(L = \sigma(\beta\rho_w) + (1 - \sigma(\beta h))\): lower both likelihoods, the rejected
+    one more.
 
     D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Zero point:
     ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
@@ -565,7 +578,8 @@ def discopop(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""DiscoPOP / LRML: with ``z = β h`` and ``w = σ(z/τ)``: ``L = (1 − w)·(−log σ(z)) + w·exp(−z)``.
+    r"""DiscoPOP / LRML: with \(z = \beta h\) and \(w = \sigma(z/\tau)\):
+    \(L = (1 - w)(-\log\sigma(z)) + w\,e^{-z}\).
 
     Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language Models"
     (arXiv 2406.08414), Eq. (5) (log-ratio modulated loss). TRL ``loss_type="discopop"`` (``discopop_tau``).
@@ -595,7 +609,7 @@ def discopop(
 def sigmoid_norm(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""Length-normalized DPO: ``L = −log σ(β·(ψ(ρ_w)/|y_w| − ψ(ρ_l)/|y_l|))``.
+    r"""Length-normalized DPO: \(L = -\log\sigma\big(\beta(\psi(\rho_w)/|y_w| - \psi(\rho_l)/|y_l|)\big)\).
 
     DPO (Rafailov et al. 2023, Eq. 7) on per-token log-ratios; TRL ``loss_type="sigmoid_norm"`` (lengths
     clamped at 1). Zero point: equal per-token log-ratios ⇒ ``log 2``.
@@ -638,13 +652,13 @@ def sft(logps: PairLogps, *, nll_norm: str = "batch_tokens") -> LossOutput:
 
 @register_loss("rdpo", inputs="pairs", needs_reference=True, checks={**BETA, "alpha": FINITE})
 def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutput:
-    r"""Length-regularized DPO (R-DPO): ``L = −log σ(β h + α (|y_w| − |y_l|))``.
+    r"""Length-regularized DPO (R-DPO): \(L = -\log\sigma(\beta h + \alpha(|y_w| - |y_l|))\).
 
     Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
-    (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
-    ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference
-    for the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
-    counts (not clamped). Not in TRL. Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
+    (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the
+    implicit reward ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains
+    a preference for the longer response and the policy is not pushed to learn the length bias. Lengths are
+    the raw token counts (not clamped). Not in TRL. Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
 
     Args:
         logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
@@ -660,7 +674,7 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
 
 @register_loss("dpop", inputs="pairs", needs_reference=True, checks={**BETA, "lam": ge(0)})
 def dpop(logps: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutput:
-    r"""DPO-Positive (DPOP): ``L = −log σ(β (h − λ·max(0, S^ref_w − S_w)))``.
+    r"""DPO-Positive (DPOP): \(L = -\log\sigma\big(\beta(h - \lambda\max(0, S^{ref}_w - S_w))\big)\).
 
     Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive"
     (arXiv 2402.13228), Eq. (3): the penalty is active only while the policy assigns the chosen completion a
