@@ -101,7 +101,7 @@ def _hparam_names(fn: Callable[..., Any]) -> set[str]:
 
 
 def combine(weights: Mapping[str, float], **hparams: Any) -> CombinedLoss:
-    r"""Build ``L = Σ_k w_k · L_k`` from registry names and weights.
+    r"""Build \(L = \sum_k w_k L_k\) from registry names and weights.
 
     Args:
         weights: ``{loss name: weight}`` (order kept; weights finite and ``≥ 0``; at least one loss).
@@ -171,7 +171,8 @@ def mpo(
     sft_weight: float = 1.0,
     nll_norm: str = "batch_tokens",
 ) -> LossOutput:
-    r"""MPO: ``L = w_p·L_dpo + w_q·L_bco_pair + w_g·L_sft`` (preference + quality + generation losses).
+    r"""MPO: \(L = w_p L_{dpo} + w_q L_{bco} + w_g L_{sft}\) (preference + quality + generation losses:
+    ``dpo``, ``bco_pair``, ``sft``).
 
     A registered preset of [`combine`][prefopt.losses.combined.combine] (``beta`` shared by ``dpo`` and
     ``bco_pair``, ``nll_norm`` for ``sft``).

@@ -82,7 +82,8 @@ def _masked_row_sum(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def log_sum_sq_probs(logits: Tensor) -> Tensor:
-    r"""``log Σ_v π_v²`` with ``π = softmax(z)`` over the last dim: ``logsumexp(2z) − 2·logsumexp(z)``.
+    r"""\(\log\sum_v \pi_v^2\) with \(\pi = \mathrm{softmax}(z)\) over the last dim:
+    ``logsumexp(2z) − 2·logsumexp(z)``.
 
     The WPO per-token normaliser (``Σ_v π_v² = E_{v∼π}[π_v]``, the expected probability of the policy's own
     sample). Full-logits reference implementation: ``(…, V)`` → ``(…)``, computed without gradient (WPO
@@ -99,7 +100,8 @@ def log_sum_sq_probs(logits: Tensor) -> Tensor:
 
 
 def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    r"""Per-position forward KL ``KL(π_ref,t ‖ π_θ,t) = Σ_v π_ref(v)·(log π_ref(v) − log π_θ(v))``.
+    r"""Per-position forward KL
+    \(\mathrm{KL}(\pi_{ref,t} \,\|\, \pi_{\theta,t}) = \sum_v \pi_{ref}(v)\,(\log\pi_{ref}(v) - \log\pi_\theta(v))\).
 
     TDPO's sequential KL term (Zeng et al. 2024, arXiv 2404.11999), evaluated along a given response. Full-logits reference implementation: ``(…, V)`` each → ``(…)``; the gradient flows into
     ``policy_logits`` only (the reference is detached). Computed in at least float32; ``≥ 0``, ``= 0`` where
@@ -119,7 +121,9 @@ def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, completion_mask: Tensor) -> Tensor:
-    r"""WPO's per-sequence factor ``w(y) = exp((1/|y|)·Σ_t m_t (ℓ_t − log Σ_v π_θ(v|x,y_<t)²))``, detached.
+    r"""WPO's per-sequence factor
+    \(w(y) = \exp\big(\frac{1}{|y|}\sum_t m_t(\ell_t - \log\sum_v \pi_\theta(v \mid x, y_{<t})^2)\big)\),
+    detached.
 
     Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (arXiv 2406.11827),
     Eq. (2), with the length-normalised, "aligned" per-token log-probs of TRL 1.16 ``use_weighting``.
@@ -315,7 +319,8 @@ def ld_dpo(
     beta: float = 0.1,
     ld_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""LD-DPO: ``L = −log σ(β·(ρ^{LD}_w − ρ^{LD}_l))`` with ``ρ^{LD} = S^{LD} − S^{LD}_{ref}``.
+    r"""LD-DPO: \(L = -\log\sigma(\beta(\rho^{LD}_w - \rho^{LD}_l))\) with
+    \(\rho^{LD} = S^{LD} - S^{LD}_{ref}\).
 
     ``S^{LD}`` ([`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps]) counts the tokens beyond the shorter
     response's length with weight ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16
@@ -345,7 +350,8 @@ def ld_dpo(
 
 
 def alpha_reward(mean_logp: Tensor, alpha: float) -> Tensor:
-    r"""AlphaPO's reward ``r_α = (1 − p^{−α})/α`` of the length-normalised probability ``p = exp(Ā)``.
+    r"""AlphaPO's reward \(r_\alpha = (1 - p^{-\alpha})/\alpha\) of the length-normalised probability
+    \(p = \exp(\bar A)\).
 
     Computed as ``−expm1(−α·Ā)/α`` (exact as ``α → 0``, where ``r_α → Ā``, SimPO's reward); ``α = 0``
     returns ``Ā``. ``dr_α/dĀ = p^{−α}``. Overflow guard: the exponent ``−α·Ā`` is clamped at 40 (for
@@ -374,7 +380,7 @@ def alphapo(
     gamma: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    r"""AlphaPO: SimPO with the α-reward, ``L = −log σ(β·(r_α(Ā_w) − r_α(Ā_l)) − γ)``.
+    r"""AlphaPO: SimPO with the α-reward, \(L = -\log\sigma(\beta(r_\alpha(\bar A_w) - r_\alpha(\bar A_l)) - \gamma)\).
 
     ``r_α(Ā) = (1 − e^{−αĀ})/α`` ([`alpha_reward`][prefopt.losses.weighted.alpha_reward]), ``Ā = S/|y|``.
     Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number
