@@ -237,7 +237,8 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
 
 
 def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    r"""``r_BOND(y) = log p_≤(y) + (1/(N−1))·log Σ_{i=1}^{N}(p_</p_≤)^{i−1}`` (Sessa et al., Sec. 4).
+    r"""\(r_{BOND}(y) = \log p_\le(y) + \frac{1}{N-1}\log\sum_{i=1}^{N}(p_</p_\le)^{i-1}\)
+    (Sessa et al., Sec. 4).
 
     It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``:
 
@@ -253,7 +254,8 @@ def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 
 
 def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """``π̃(y) ∝ π_ref(y) · p_≤(y)^{N−1}``: the fixed point of the *practical* backward BOND term.
+    r"""\(\tilde\pi(y) \propto \pi_{ref}(y)\, p_\le(y)^{N-1}\): the fixed point of the *practical* backward
+    BOND term.
 
     The practical backward term (and [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] with
     ``backward_weight = 1``) uses the reward ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``;
@@ -269,7 +271,8 @@ def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 
 
 def bon_kl_bound(n: int) -> float:
-    """``log N − (N−1)/N``: an upper bound on ``KL(π_BoN ‖ π_ref)``, tight when no response has an atom.
+    r"""\(\log N - (N-1)/N\): an upper bound on \(\mathrm{KL}(\pi_{BoN} \,\|\, \pi_{ref})\), tight when no
+    response has an atom.
 
     (The continuous Best-of-N density is ``N·F^{N−1}·f`` and ``E[log F] = −1/N`` under it.)
     """
@@ -278,7 +281,8 @@ def bon_kl_bound(n: int) -> float:
 
 
 def kl_categorical(p: Tensor, q: Tensor) -> Tensor:
-    """``KL(p ‖ q) = Σ_y p(y)·(log p(y) − log q(y))`` over the last dim (terms with ``p(y) = 0`` count 0).
+    r"""\(\mathrm{KL}(p \,\|\, q) = \sum_y p(y)\,(\log p(y) - \log q(y))\) over the last dim (terms with
+    \(p(y) = 0\) count 0).
 
     Shapes ``(..., K)`` → ``(...)``. Returns ``+inf`` if ``p`` puts mass where ``q`` has none.
     """
@@ -295,7 +299,8 @@ def kl_categorical(p: Tensor, q: Tensor) -> Tensor:
 def jeffreys_divergence(
     policy_probs: Tensor, target_probs: Tensor, *, backward_weight: float = 0.5
 ) -> Tensor:
-    """``J_w(π ‖ π*) = (1−w)·KL(π* ‖ π) + w·KL(π ‖ π*)``: the Jeffreys divergence of Sessa et al. (Sec. 5).
+    r"""\(J_w(\pi \,\|\, \pi^*) = (1-w)\,\mathrm{KL}(\pi^* \,\|\, \pi) + w\,\mathrm{KL}(\pi \,\|\, \pi^*)\):
+    the Jeffreys divergence of Sessa et al. (Sec. 5).
 
     ``w = backward_weight`` (the paper's β of the Jeffreys divergence, renamed so it does not collide with a
     KL coefficient): ``0`` is the forward (mode-covering, SFT-like) KL, ``1`` the backward (mode-seeking) KL.
@@ -310,7 +315,8 @@ def jeffreys_divergence(
 
 
 def jbond_expected_reward(anchor_probs: Tensor, rewards: Tensor, *, strict: bool = True) -> Tensor:
-    """Exact ``E_{y'_1,y'_2~π_anchor}[r_J(y)] = −log 16·(1 − p)²`` for every item of a finite set.
+    r"""Exact \(E_{y'_1, y'_2 \sim \pi_{anchor}}[r_J(y)] = -\log 16\,(1 - p)^2\) for every item of a finite
+    set.
 
     ``p = p_≤(y)`` under ``π_anchor`` for ``strict=True``, ``p_<(y)`` for ``strict=False``. Shapes ``(..., K)``.
     """

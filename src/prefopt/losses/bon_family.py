@@ -70,7 +70,7 @@ def _harmonic(k: int) -> float:
 
 
 def bonbon_beta(n: int) -> float:
-    r"""BoNBoN's ``β* = 1/(2 (n−1) H_{n−1})``, ``H_k = Σ_{j≤k} 1/j`` (``n = 8`` gives 0.0275482…).
+    r"""BoNBoN's \(\beta^* = 1/(2(n-1)H_{n-1})\), \(H_k = \sum_{j \le k} 1/j\) (``n = 8`` gives 0.0275482…).
 
     Derivation: under ``π_BoN`` (continuous rewards) the best-vs-worst log-ratio margin is
     ``h* = (n−1)(log Q(y_(n)) − log Q(y_(1)))``; ``Q`` of the reference samples is uniform, so
@@ -197,7 +197,7 @@ def pool_quantile(reward: Tensor, ref_rewards: Tensor, kind: str) -> Tensor:
 
 
 def vbon_log_ratio(quantile: Tensor, ref_logp: Tensor, n: int, variant: str = "exact") -> Tensor:
-    r"""``g(y) = log π_BoN(y)/π_ref(y)`` (``"exact"``) or its one-term lower bound (``"bound"``).
+    r"""\(g(y) = \log \pi_{BoN}(y)/\pi_{ref}(y)\) (``"exact"``) or its one-term lower bound (``"bound"``).
 
     ``"exact"``: ``g = log Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref(y)^{i−1}`` (the binomial form of
     ``π_BoN/π_ref`` with ``F`` the strict quantile and ``π_ref(y) = exp(ref_logp)``), by a log-sum-exp over
@@ -498,7 +498,8 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
 def infalign_reward(
     reward: Tensor, ref_rewards: Tensor, *, transform: str = "bon", t: float = 1.0, ties: str = "mid"
 ) -> Tensor:
-    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``: [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward] then
+    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``:
+    [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward] then
     [`infalign_transform`][prefopt.losses.bon_family.infalign_transform].
 
     Use it as the reward of any KL-regularised policy-gradient loss, e.g. with ``G`` samples per prompt

@@ -43,7 +43,8 @@ def _real_tensor(name: str, x: Any) -> Tensor:
 
 
 def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
-    """Monte-Carlo quantile ``p̂_≤(y) = (1/k)·Σ_{i=1}^{k} 1[r(y'_i) ≤ r(y)]`` of ``y`` among ``k`` reference samples.
+    r"""Monte-Carlo quantile \(\hat p_\le(y) = \frac1k\sum_{i=1}^{k} \mathbb 1[r(y'_i) \le r(y)]\) of \(y\)
+    among \(k\) reference samples.
 
     The practical BOND reward is ``log p̂_≤`` (Sessa et al., Sec. 4), which is ``−inf`` when ``y`` is below
     every reference sample. The paper's handling of ``p̂ = 0`` is not known to us, so it is configurable:
@@ -91,7 +92,8 @@ def log_empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | 
 
 
 def jbond_reward(reward: Tensor, anchor_rewards: Tensor, *, strict: bool = True) -> Tensor:
-    """J-BOND's reward ``r_J(y) = −log 16 · 1[y loses to both anchor samples]`` (Sessa et al., Alg. 2).
+    r"""J-BOND's reward \(r_J(y) = -\log 16 \cdot \mathbb 1[y \text{ loses to both anchor samples}]\)
+    (Sessa et al., Alg. 2).
 
     ``strict=True`` (the main text): "loses" means ``r(y) < min(r(y'_1), r(y'_2))``;
     ``strict=False`` (the appendix variant): ``r(y) ≤ min(r(y'_1), r(y'_2))``.
@@ -151,7 +153,8 @@ def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor,
 
 
 def loo_baseline(ret: Tensor, kind: str = "loo") -> Tensor:
-    """Leave-one-out batch mean ``B_i = (Σ_{j≠i} R_j)/(b − 1)`` (``kind='loo'``, needs ``b ≥ 2``) or 0 (``'none'``).
+    r"""Leave-one-out batch mean \(B_i = \frac{1}{b-1}\sum_{j \ne i} R_j\) (``kind='loo'``, needs \(b \ge 2\))
+    or 0 (``'none'``).
 
     The baseline of the score-function terms of [`bond`][prefopt.losses.bond.bond],
     [`jbond`][prefopt.losses.bond.jbond] and vBoN: independent of ``y_i``, so it leaves the expected gradient
@@ -186,7 +189,8 @@ def bond(
     quantile_floor: str | float = "half",
     baseline: str = "loo",
 ) -> LossOutput:
-    r"""Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
+    r"""Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B)
+    dropped).
 
     Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples;
     \(\ell_i\) = ``logp``, \(\ell^{ref}_i\) = ``ref_logp``, \(\ell^*_i\) = ``best_logp``):
