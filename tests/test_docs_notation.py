@@ -148,3 +148,74 @@ def test_scanner_reads_every_kind_of_docstring() -> None:
     docs = _docstrings(ast.parse(source))
     assert sorted(line for line, _ in docs) == [1, 3, 5, 7, 9]
     assert all(notation_problems(doc) for _, doc in docs)
+
+
+def rendering_problems(html: str) -> list[str]:
+    """Math or list markup that Markdown (with ``pymdownx.arithmatex``) left as text in one rendered docstring."""
+    text = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', "", html, flags=re.S)
+    text = re.sub(r"<code>.*?</code>|<pre>.*?</pre>", "", text, flags=re.S)
+    problems = []
+    if "$$" in text:
+        problems.append("display math $$ not rendered (inside a list item it needs 4 spaces of indentation)")
+    if re.search(r"\\[(\[]|\\(?:frac|log|sum|sigma|beta|mathrm)\b", text):
+        problems.append("raw LaTeX outside math")
+    if re.search(r"<p>(?:(?!</p>).)*\n\s*- ", text, flags=re.S):
+        problems.append("a '- ' bullet swallowed by the paragraph above (leave a blank line before it)")
+    return problems
+
+
+def test_rendering_check_can_fail() -> None:
+    assert rendering_problems('<p>a</p><div class="arithmatex">\\[ x \\]</div><p>b <code>$$</code></p>') == []
+    assert rendering_problems("<p>$$\nx = 1\n$$</p>")
+    assert rendering_problems("<p>with \\(x\\) inline</p>")
+    assert rendering_problems("<p>first bullet text\n- second bullet</p>")
+
+
+def test_docstring_math_and_lists_render() -> None:
+    """Every text part of every docstring (description, Args/Returns entries), rendered with the docs site's
+    Markdown extensions: math becomes MathJax input, no ``$$`` or LaTeX is left as text, no bullet is lost."""
+    griffe = pytest.importorskip("griffe")
+    markdown = pytest.importorskip("markdown")
+    pytest.importorskip("pymdownx.arithmatex")
+    md = markdown.Markdown(
+        extensions=[
+            "admonition",
+            "attr_list",
+            "def_list",
+            "footnotes",
+            "tables",
+            "pymdownx.superfences",
+            "pymdownx.arithmatex",
+        ],
+        extension_configs={"pymdownx.arithmatex": {"generic": True}},
+    )
+    pkg = griffe.load("prefopt", search_paths=[str(ROOT / "src")])
+
+    def walk(obj: object) -> list[object]:
+        out = [obj]
+        for member in obj.members.values():  # type: ignore[attr-defined]
+            if not member.is_alias:
+                out += walk(member)
+        return out
+
+    problems, seen = [], 0
+    for obj in walk(pkg):
+        doc = obj.docstring  # type: ignore[attr-defined]
+        rel = Path(obj.filepath).resolve().relative_to(ROOT).as_posix()  # type: ignore[attr-defined]
+        if doc is None or rel in ALLOWED:
+            continue
+        texts = []
+        for section in doc.parse("google"):
+            value = section.value
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list):
+                texts += [getattr(item, "description", "") or "" for item in value]
+            else:
+                texts.append(getattr(value, "description", "") or "")
+        for text in texts:
+            md.reset()
+            problems += [f"{obj.path}: {p}" for p in rendering_problems(md.convert(text))]  # type: ignore[attr-defined]
+        seen += 1
+    assert seen > 300, f"only {seen} docstrings found"
+    assert not problems, "\n".join(problems)

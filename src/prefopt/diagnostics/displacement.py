@@ -8,27 +8,30 @@ forward-only and closed-form tools for that failure; see ``docs/displacement.md`
   with ``h_k(y)`` the last-layer hidden state (the input of the unembedding) at the position that *predicts*
   ``y_k`` for the input ``(x, y)`` and ``S(y) = Σ_{k=1}^{|y|} h_k(y)``,
 
-  $$
-  \mathrm{CHES}(x,y^+,y^-) = \langle S(y^+), S(y^-)\rangle - \lVert S(y^+)\rVert^2, \qquad
-  \mathrm{LN\text{-}CHES} = \frac{\langle S(y^+), S(y^-)\rangle}{|y^+||y^-|}
-  - \frac{\lVert S(y^+)\rVert^2}{|y^+|^2}.
-  $$
+    $$
+    \mathrm{CHES}(x,y^+,y^-) = \langle S(y^+), S(y^-)\rangle - \lVert S(y^+)\rVert^2, \qquad
+    \mathrm{LN\text{-}CHES} = \frac{\langle S(y^+), S(y^-)\rangle}{|y^+||y^-|}
+    - \frac{\lVert S(y^+)\rVert^2}{|y^+|^2}.
+    $$
 
-  Higher = more similar = more likely to displace ``log π(y⁺)``.
-  [`ches_scores`][prefopt.diagnostics.displacement.ches_scores],
-  [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden],
-  [`ches_table`][prefopt.diagnostics.displacement.ches_table],
-  [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
+    Higher = more similar = more likely to displace ``log π(y⁺)``.
+    [`ches_scores`][prefopt.diagnostics.displacement.ches_scores],
+    [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden],
+    [`ches_table`][prefopt.diagnostics.displacement.ches_table],
+    [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
+
 - **Ranking accuracy** (Chen, Malladi, Zhang, Chen, Zhang, Ranganath & Cho 2024, "Preference Learning
   Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534: ranking accuracy, idealised ranking accuracy
   and the DPO flip condition): [`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy],
   [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy],
   [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss].
+
 - **Squeezing effect** (Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning", arXiv 2407.10490): a
   step *down* on ``log π(ȳ)`` moves mass to the most likely tokens.
   [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step],
   [`squeeze_first_order`][prefopt.diagnostics.displacement.squeeze_first_order] (one-token, logits as
   parameters), [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe] (a model).
+
 - **One-token gradient inner products** (closed forms, ground truth for
   [`entanglement`][prefopt.diagnostics.entanglement.entanglement]):
   [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner],
