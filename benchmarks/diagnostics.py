@@ -2,11 +2,11 @@
 
 Side by side in one run, A/B alternating, medians over ``--repeats``:
 
-* ``report``  — :func:`prefopt.diagnostics.entanglement` on ``B`` pairs (one forward + one backward with
+* ``report``  — ``prefopt.diagnostics.entanglement`` on ``B`` pairs (one forward + one backward with
   per-row hooks, plus the reference forward);
-* ``ches``    — :func:`prefopt.diagnostics.displacement.ches_scores` on the same ``B`` pairs (one no-grad forward of
+* ``ches``    — ``prefopt.diagnostics.displacement.ches_scores`` on the same ``B`` pairs (one no-grad forward of
   the backbone, adapter on: the same model the report differentiates);
-* ``screen``  — :func:`prefopt.diagnostics.displacement.ches_and_logps` (CHES + both sequence log-probs from one
+* ``screen``  — ``prefopt.diagnostics.displacement.ches_and_logps`` (CHES + both sequence log-probs from one
   forward: what ``prefopt diagnose`` runs per batch);
 * ``screen_shared`` — ``ches_and_logps(..., share_prompt=True)``: each pair's prompt once, both responses on its
   KV cache (one pair at a time); the same numbers;
@@ -19,7 +19,7 @@ Side by side in one run, A/B alternating, medians over ``--repeats``:
   DPO loss, AdamW step);
 * ``loop``    — the naive per-pair report: reference forward, policy forward, ``2B`` backward passes on the
   retained graph, flattened gradients, inner products by hand;
-* ``token``   — :func:`prefopt.diagnostics.token_gradient_correlation` on one pair of length ``--token-len``
+* ``token``   — ``prefopt.diagnostics.token_gradient_correlation`` on one pair of length ``--token-len``
   (default ``method="auto"``: one forward + batched VJPs w.r.t. the recorded LoRA-layer outputs);
 * ``token_copies`` — the same with ``method="copies"`` (truncated copies of the row, the previous engine);
 * ``token_loop`` — the fair oracle a user would write: one forward of the pair, one

@@ -2,13 +2,13 @@
 
 The step (identical work in every configuration): SmolLM2-135M-Instruct + LoRA (r=8, alpha=16, all-linear,
 dropout 0, same initial adapter weights), the first ``--pairs`` (4) pairs of HH-RLHF helpful-base tokenized ONCE
-by :class:`prefopt.data.PreferenceCollator` (max length 512; TRL's own collator receives the very same
+by ``prefopt.data.PreferenceCollator`` (max length 512; TRL's own collator receives the very same
 ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``), sigmoid DPO loss (beta 0.1) with the reference = adapters
 off, backward, one AdamW step (lr 1e-4, weight decay 0, no clipping, no scheduler).
 
 * ``prefopt``: ``pair_logps(policy, batch)`` (chunked LM head; policy and ``policy.reference()``), ``get_loss("dpo")``,
   ``loss.mean().backward()``, ``opt.step()``.
-* ``prefopt_shared``: the same with :func:`prefopt.shared_prefix.shared_prompt_pair_logps` (each prompt once,
+* ``prefopt_shared``: the same with ``prefopt.shared_prefix.shared_prompt_pair_logps`` (each prompt once,
   ``method="packed"``); ``prefopt_shared_cache`` (not run by default): ``method="cache"``.
   prefopt runs the reference forward before the policy forward; TRL runs it after.
 * ``trl``: ``DPOTrainer(model, args=DPOConfig(...), peft_config=LoraConfig(...))``, then per step

@@ -5,15 +5,15 @@ grad and an LM head ``W`` ``(V, d)``, compute ``Σ log p(token_{i} | prefix)`` o
 call ``backward``.
 
 * naive:   ``logits = h[:, :-1] @ Wᵀ`` → ``log_softmax(float32)`` → ``gather`` → ``sum`` → ``backward``
-* chunked: :func:`prefopt.logprobs.chunked_head_logps` on the same flattened hidden states → ``sum`` → ``backward``
+* chunked: ``prefopt.logprobs.chunked_head_logps`` on the same flattened hidden states → ``sum`` → ``backward``
 
 ``--stat`` adds the per-token statistics of WPO and TDPO (Zhou et al. 2024; Zeng et al. 2024):
 
 * ``wpo``: the log-probs **and** WPO's normaliser ``log Σ_v π_v²`` — naive: both from the full logits
-  (``prefopt.losses.weighted.log_sum_sq_probs``); chunked: :func:`prefopt.logprobs.head_stats` with
+  (``prefopt.losses.weighted.log_sum_sq_probs``); chunked: ``prefopt.logprobs.head_stats`` with
   ``log_sum_sq_probs=True`` (one pass over each chunk of logits).
 * ``tdpo``: the per-token ``KL(π_ref ‖ π_θ)`` over the vocabulary, reference hidden states fixed — naive:
-  ``prefopt.losses.weighted.token_kl`` on both full logits; chunked: :func:`prefopt.logprobs.chunked_head_kl`.
+  ``prefopt.losses.weighted.token_kl`` on both full logits; chunked: ``prefopt.logprobs.chunked_head_kl``.
 
 Memory method: every measurement runs in a fresh subprocess. After the inputs are built, the process's
 peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is read; the step is run once; the

@@ -2,9 +2,9 @@
 
 Everything here is a pure function of tensors, used to state and check what the Best-of-N losses estimate
 (tests, examples, the lab). The training-time reward transforms that the losses consume (empirical
-quantiles, the J-BOND reward) live beside the losses in :mod:`prefopt.losses.bond`; drawing Best-of-N samples is
-:func:`prefopt.sampling.best_of_n`; the EMA anchor update is :func:`prefopt.policy.ema_update_`. See
-``docs/bond.md`` for the derivations.
+quantiles, the J-BOND reward) live beside the losses in [`prefopt.losses.bond`][prefopt.losses.bond]; drawing
+Best-of-N samples is [`prefopt.sampling.best_of_n`][prefopt.sampling.best_of_n]; the EMA anchor update is
+[`prefopt.policy.ema_update_`][prefopt.policy.ema_update_]. See ``docs/bond.md`` for the derivations.
 
 Reference: P. G. Sessa et al., "BOND: Aligning LLMs with Best-of-N Distillation", arXiv 2407.14622 (ICLR 2025).
 
@@ -161,15 +161,20 @@ def _bon_parts(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Tens
 
 
 def bon_distribution(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """The exact Best-of-N distribution over a finite response set (Sessa et al., Thm. 1, with ties).
+    r"""The exact Best-of-N distribution over a finite response set (Sessa et al., Thm. 1, with ties).
 
     Draw ``N`` i.i.d. responses from ``π_ref`` and keep the one with the largest reward, the *first* drawn
     among tied maxima. Item ``y`` is kept iff, for some ``i``, draws ``1..i−1`` are strictly worse, draw ``i``
-    is ``y`` and draws ``i+1..N`` are not better, so::
+    is ``y`` and draws ``i+1..N`` are not better, so
 
-        π_BoN(y) = π_ref(y) · Σ_{i=1}^{N} p_<(y)^{i−1} · p_≤(y)^{N−i}
-                 = π_ref(y) · p_≤(y)^{N−1} · Σ_{i=1}^{N} (p_<(y)/p_≤(y))^{i−1}        (A)·(B) form
-                 = π_ref(y) · (p_≤^N − p_<^N) / (p_≤ − p_<)                            (p_≤ > p_<)
+    $$
+    \begin{aligned}
+    \pi_{BoN}(y) &= \pi_{ref}(y) \sum_{i=1}^{N} p_<(y)^{i-1}\, p_\le(y)^{N-i} \\
+    &= \pi_{ref}(y)\, p_\le(y)^{N-1} \sum_{i=1}^{N} \Big(\frac{p_<(y)}{p_\le(y)}\Big)^{i-1}
+       && \text{(the (A)}\cdot\text{(B) form)} \\
+    &= \pi_{ref}(y)\, \frac{p_\le^N - p_<^N}{p_\le - p_<} && (p_\le > p_<)
+    \end{aligned}
+    $$
 
     ``p_≤ − p_<`` is the reference mass ``m(y)`` of the tie class of ``y`` (all items with reward ``r(y)``),
     so a tie class as a whole receives ``p_≤^N − p_<^N`` (the probability that the maximum of ``N`` draws
@@ -215,8 +220,8 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
     correction; ``(B) = 0`` only for the worst item, where ``p_< = 0``).
 
     Args:
-        ref_probs: ``(..., K)`` as in :func:`bon_distribution`.
-        rewards: ``(..., K)`` as in :func:`bon_distribution`.
+        ref_probs: ``(..., K)`` as in [`bon_distribution`][prefopt.bon.bon_distribution].
+        rewards: ``(..., K)`` as in [`bon_distribution`][prefopt.bon.bon_distribution].
         n: ``N >= 2`` (``β_BOND = 1/(N−1)`` is undefined for ``N = 1``).
 
     Returns:
@@ -232,26 +237,30 @@ def r_bond_terms(ref_probs: Tensor, rewards: Tensor, n: int) -> tuple[Tensor, Te
 
 
 def r_bond(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """``r_BOND(y) = log p_≤(y) + (1/(N−1))·log Σ_{i=1}^{N}(p_</p_≤)^{i−1}`` (Sessa et al., Sec. 4).
+    r"""\(r_{BOND}(y) = \log p_\le(y) + \frac{1}{N-1}\log\sum_{i=1}^{N}(p_</p_\le)^{i-1}\)
+    (Sessa et al., Sec. 4).
 
-    It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``::
+    It is the reward for which Best-of-N is the solution of KL-regularized RL with ``β_BOND = 1/(N−1)``:
 
-        π_BoN(y) = π_ref(y) · exp((N−1) · r_BOND(y))          (exactly; no normalizer is needed)
+    $$
+    \pi_{BoN}(y) = \pi_{ref}(y)\, \exp\big((N-1)\, r_{BOND}(y)\big) \qquad \text{(exactly; no normalizer is needed)}
+    $$
 
     ``r_BOND`` depends on the rewards only through their order (invariant to strictly increasing maps).
-    Shapes ``(..., K)``; ``N >= 2``. See :func:`r_bond_terms` for the two terms.
+    Shapes ``(..., K)``; ``N >= 2``. See [`r_bond_terms`][prefopt.bon.r_bond_terms] for the two terms.
     """
     a, b = r_bond_terms(ref_probs, rewards, n)
     return a + b
 
 
 def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
-    """``π̃(y) ∝ π_ref(y) · p_≤(y)^{N−1}``: the fixed point of the *practical* backward BOND term.
+    r"""\(\tilde\pi(y) \propto \pi_{ref}(y)\, p_\le(y)^{N-1}\): the fixed point of the *practical* backward
+    BOND term.
 
-    The practical backward term (and :func:`prefopt.losses.bond.bond` with ``backward_weight = 1``) uses the reward
-    ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``; its KL-regularized optimum is this
-    tilted distribution, not ``π_BoN``. Because (B) ``∈ [1, N]`` is largest for good items,
-    ``π̃`` puts less mass on the best items than ``π_BoN``. Shapes ``(..., K)``; ``N >= 1``.
+    The practical backward term (and [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] with
+    ``backward_weight = 1``) uses the reward ``log p_≤`` and drops the tie/collision term (B) of ``r_BOND``;
+    its KL-regularized optimum is this tilted distribution, not ``π_BoN``. Because (B) ``∈ [1, N]`` is largest
+    for good items, ``π̃`` puts less mass on the best items than ``π_BoN``. Shapes ``(..., K)``; ``N >= 1``.
     """
     check_n(n)
     _check_probs("ref_probs", ref_probs)
@@ -262,7 +271,8 @@ def practical_bond_target(ref_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 
 
 def bon_kl_bound(n: int) -> float:
-    """``log N − (N−1)/N``: an upper bound on ``KL(π_BoN ‖ π_ref)``, tight when no response has an atom.
+    r"""\(\log N - (N-1)/N\): an upper bound on \(\mathrm{KL}(\pi_{BoN} \,\|\, \pi_{ref})\), tight when no
+    response has an atom.
 
     (The continuous Best-of-N density is ``N·F^{N−1}·f`` and ``E[log F] = −1/N`` under it.)
     """
@@ -271,7 +281,8 @@ def bon_kl_bound(n: int) -> float:
 
 
 def kl_categorical(p: Tensor, q: Tensor) -> Tensor:
-    """``KL(p ‖ q) = Σ_y p(y)·(log p(y) − log q(y))`` over the last dim (terms with ``p(y) = 0`` count 0).
+    r"""\(\mathrm{KL}(p \,\|\, q) = \sum_y p(y)\,(\log p(y) - \log q(y))\) over the last dim (terms with
+    \(p(y) = 0\) count 0).
 
     Shapes ``(..., K)`` → ``(...)``. Returns ``+inf`` if ``p`` puts mass where ``q`` has none.
     """
@@ -288,7 +299,8 @@ def kl_categorical(p: Tensor, q: Tensor) -> Tensor:
 def jeffreys_divergence(
     policy_probs: Tensor, target_probs: Tensor, *, backward_weight: float = 0.5
 ) -> Tensor:
-    """``J_w(π ‖ π*) = (1−w)·KL(π* ‖ π) + w·KL(π ‖ π*)``: the Jeffreys divergence of Sessa et al. (Sec. 5).
+    r"""\(J_w(\pi \,\|\, \pi^*) = (1-w)\,\mathrm{KL}(\pi^* \,\|\, \pi) + w\,\mathrm{KL}(\pi \,\|\, \pi^*)\):
+    the Jeffreys divergence of Sessa et al. (Sec. 5).
 
     ``w = backward_weight`` (the paper's β of the Jeffreys divergence, renamed so it does not collide with a
     KL coefficient): ``0`` is the forward (mode-covering, SFT-like) KL, ``1`` the backward (mode-seeking) KL.
@@ -303,7 +315,8 @@ def jeffreys_divergence(
 
 
 def jbond_expected_reward(anchor_probs: Tensor, rewards: Tensor, *, strict: bool = True) -> Tensor:
-    """Exact ``E_{y'_1,y'_2~π_anchor}[r_J(y)] = −log 16·(1 − p)²`` for every item of a finite set.
+    r"""Exact \(E_{y'_1, y'_2 \sim \pi_{anchor}}[r_J(y)] = -\log 16\,(1 - p)^2\) for every item of a finite
+    set.
 
     ``p = p_≤(y)`` under ``π_anchor`` for ``strict=True``, ``p_<(y)`` for ``strict=False``. Shapes ``(..., K)``.
     """

@@ -1,6 +1,6 @@
 """Training checkpoints that survive a crash and resume a run exactly.
 
-A training checkpoint is one folder holding everything the next optimizer step depends on::
+A training checkpoint is one folder holding everything the next optimizer step depends on:
 
     <run>/checkpoints/step-00000010/
         policy/              LoraPolicy.save: policy adapter, anchor adapter, value head (exact)
@@ -17,7 +17,7 @@ files are written by [`LoraPolicy.save`][prefopt.policy.LoraPolicy.save] (itself
 
 Resuming reproduces the uninterrupted run exactly when the loop keeps all of its randomness in the saved
 state: the global RNGs are saved and restored here; any private ``random.Random`` or ``torch.Generator``
-of the loop, and its data position, go into ``extra``. A typical loop::
+of the loop, and its data position, go into ``extra``. A typical loop:
 
     if args.resume:
         state = load_training_state(args.resume, model)      # policy rebuilt on `model`

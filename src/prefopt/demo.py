@@ -269,10 +269,14 @@ def run_demo(
 
     Args:
         out_dir: folder for ``demo.png``, ``token_correlation.png``, ``entanglement.csv``, ``demo.json``.
-        steps: optimizer steps per loss; eval_every: steps between held-out evaluations.
+        steps: optimizer steps per loss.
+        eval_every: steps between held-out evaluations.
         losses: pairwise registry losses, DPO first (default ``["dpo", "dpop"]``); the first is the baseline.
-        batch_pairs: pairs per step; lr: AdamW learning rate of the LoRA adapter; beta: the losses' β.
-        held_out: held-out pairs (from dialogues never trained on); words: words per completion.
+        batch_pairs: pairs per step.
+        lr: AdamW learning rate of the LoRA adapter.
+        beta: the losses' β.
+        held_out: held-out pairs (from dialogues never trained on).
+        words: words per completion.
         jbond_steps: J-BOND steps in the lab (0 skips the section).
         tiny: a tiny random model and the built-in pairs (for tests; no verdict is meaningful).
         data: folder holding ``hh-rlhf/helpful-base.test.jsonl.gz`` (default ``$PREFOPT_DATA`` or
@@ -280,7 +284,8 @@ def run_demo(
         seed: seeds data order and shuffles, LoRA initialisation, sampling.
         max_prompt_length: prompt tokens kept (the end of the dialogue).
         lora_layers: LoRA on the top ``lora_layers`` decoder blocks only (None: all blocks).
-        threads: torch CPU threads (default: the idle cores); progress: show progress bars.
+        threads: torch CPU threads (default: the idle cores).
+        progress: show progress bars.
     """
     from tqdm.auto import tqdm
 

@@ -1,21 +1,23 @@
-"""Per-token log-probabilities of a causal LM with a chunked LM head, and sequence reductions.
+r"""Per-token log-probabilities of a causal LM with a chunked LM head, and sequence reductions.
 
 The naive way to get per-token log-probs, ``log_softmax(model(ids).logits).gather(-1, ids[:, 1:])``, keeps a
 ``(rows, tokens, vocab)`` float32 tensor alive for backward (several, in fact: the logits, the log-softmax
 output and their gradients). For 8 × 512 tokens and a 128k vocabulary that is 2 GB *per copy*.
-:func:`token_logps` instead runs the model's **backbone** only, gathers the hidden states of the positions
-that count (``completion_mask``), and applies the LM head chunk by chunk inside a custom
-:class:`torch.autograd.Function` that saves for backward only the hidden states and the targets (head
+[`token_logps`][prefopt.logprobs.token_logps] instead runs the model's **backbone** only, gathers the hidden
+states of the positions that count (``completion_mask``), and applies the LM head chunk by chunk inside a
+custom `torch.autograd.Function` that saves for backward only the hidden states and the targets (head
 trainable) or one ``d``-vector per token (head frozen) — never a vocabulary-sized tensor.
 
-For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``), bias ``b`` and targets ``y``::
+For a chunk of hidden states ``h`` (``(c, d)``), head weight ``W`` (``(V, d)``), bias ``b`` and targets ``y``:
 
-    a = h Wᵀ + b                          raw head output            (c, V)
-    s = κ · a                             model's logit scale κ (Cohere ``logit_scale``, 1/Granite ``logits_scaling``)
-    z = σ · tanh(s / σ)   (if softcap)    Gemma-2/3 ``final_logit_softcapping`` σ
-    z ← z / τ                             sampling temperature τ
-    ℓ = z_y − logsumexp(z)                log p(y | prefix), computed in float32 (float64 for float64 models)
-    H = logsumexp(z) − Σ_v p_v z_v        entropy of the predicting distribution (optional)
+| step | what it is |
+|---|---|
+| \(a = h W^\top + b\) | raw head output, ``(c, V)`` |
+| \(s = \kappa\, a\) | the model's logit scale \(\kappa\) (Cohere ``logit_scale``, 1/Granite ``logits_scaling``) |
+| \(z = \sigma \tanh(s / \sigma)\) | soft-capping, if the model has it (Gemma-2/3 ``final_logit_softcapping`` \(\sigma\)) |
+| \(z \leftarrow z / \tau\) | sampling temperature \(\tau\) |
+| \(\ell = z_y - \operatorname{logsumexp}(z)\) | \(\log p(y \mid \text{prefix})\), computed in float32 (float64 for float64 models) |
+| \(H = \operatorname{logsumexp}(z) - \sum_v p_v z_v\) | entropy of the predicting distribution (optional) |
 
 Backward uses ``∂ℓ/∂z = e_y − p`` and ``∂H/∂z = −p ⊙ (log p + H)``, then the chain rule
 ``∂z/∂a = (κ/τ)·(1 − tanh²(s/σ))`` (``κ/τ`` without a softcap). When the head weight needs a gradient
@@ -124,7 +126,7 @@ def _is_identity(value: Any) -> bool:
 
 
 def logit_transform(config: Any) -> LogitTransform:
-    """The :class:`LogitTransform` a Hugging Face model ``config`` declares for its final logits.
+    """The [`LogitTransform`][prefopt.logprobs.LogitTransform] a Hugging Face model ``config`` declares for its final logits.
 
     Handled (each checked against the model's own forward in ``tests/test_logprobs.py``):
     ``final_logit_softcapping`` (Gemma-2/3, any model type: ``σ·tanh(z/σ)``), ``logit_scale`` (Cohere:
@@ -454,9 +456,9 @@ def chunked_head_logps(
         weight: ``(V, d)`` LM-head weight (gets a gradient if it requires one, e.g. tied embeddings).
         targets: ``(n,)`` integer token ids in ``[0, V)``.
         bias: optional ``(V,)`` head bias.
-        transform: the model's :class:`LogitTransform` (default: none).
+        transform: the model's [`LogitTransform`][prefopt.logprobs.LogitTransform] (default: none).
         temperature: ``τ > 0`` dividing the final logits (default 1).
-        chunk_size: rows of ``hidden`` per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        chunk_size: rows of ``hidden`` per head chunk (default `DEFAULT_CHUNK_SIZE`).
         return_entropy: also return ``H_i = −Σ_v p_iv log p_iv`` (differentiable).
 
     Returns:
@@ -558,8 +560,8 @@ def _module_head_logps(
 
 @dataclass(frozen=True)
 class HeadStats:
-    """Per-token statistics from an LM head, in the layout of the log-probs (``(n,)`` from :func:`head_stats`,
-    ``(b, t)`` from :func:`token_stats`), each present when asked for:
+    """Per-token statistics from an LM head, in the layout of the log-probs (``(n,)`` from [`head_stats`][prefopt.logprobs.head_stats],
+    ``(b, t)`` from [`token_stats`][prefopt.logprobs.token_stats]), each present when asked for:
 
     - ``logp``: ``log π(y_i)``, differentiable;
     - ``entropy``: ``H_i = −Σ_v π_v log π_v``, differentiable;
@@ -587,9 +589,10 @@ def head_stats(
     r"""Hidden states → per-token log-probs (and entropy) through an LM head, without keeping ``(n, V)`` logits.
 
     ``z_i = softcap(κ·head(h_i))/τ``, ``logp_i = log softmax(z_i)[y_i]``, ``H_i = −Σ_v p_iv log p_iv``. The one
-    seam between a forward strategy and the head: :func:`token_logps` and the shared-prompt forward
-    (:mod:`prefopt.shared_prefix`) both select the hidden states that count and call this. A plain
-    ``nn.Linear`` head goes through :func:`chunked_head_logps` (a custom backward; no logits kept); any other
+    seam between a forward strategy and the head: [`token_logps`][prefopt.logprobs.token_logps] and the
+    shared-prompt forward ([`prefopt.shared_prefix`][prefopt.shared_prefix]) both select the hidden states
+    that count and call this. A plain ``nn.Linear`` head goes through
+    [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (a custom backward; no logits kept); any other
     head module (LoRA on ``lm_head``, ``modules_to_save``) is called chunk by chunk under activation
     checkpointing (slower, same values).
 
@@ -597,16 +600,16 @@ def head_stats(
         head: the LM head module (``model.get_output_embeddings()``).
         hidden: ``(n, d)`` hidden states.
         targets: ``(n,)`` integer token ids.
-        transform: the model's :class:`LogitTransform` (default: none).
+        transform: the model's [`LogitTransform`][prefopt.logprobs.LogitTransform] (default: none).
         temperature: ``τ > 0`` (default 1).
-        chunk_size: rows per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        chunk_size: rows per head chunk (default `DEFAULT_CHUNK_SIZE`).
         entropy: also compute the (differentiable) entropy.
         log_sum_sq_probs: also compute ``log Σ_v π_v²`` (WPO), in the same pass over each chunk of logits.
         validate: check that ``targets`` lie in ``[0, V)`` (one device synchronisation). ``False`` when the
             caller has checked the token ids already, as both forward strategies do.
 
     Returns:
-        :class:`HeadStats` with float32 tensors (float64 for float64 ``hidden``).
+        [`HeadStats`][prefopt.logprobs.HeadStats] with float32 tensors (float64 for float64 ``hidden``).
     """
     for flag_name, flag in (("entropy", entropy), ("log_sum_sq_probs", log_sum_sq_probs)):
         if not isinstance(flag, bool):
@@ -810,10 +813,10 @@ def token_logps(
 
     Runs the model's backbone once, then its LM head (with the config's logit scaling / soft-capping and
     ``temperature``) over the positions that count only, in chunks of ``chunk_size`` tokens, through
-    :func:`chunked_head_logps` — no ``(b, t, V)`` logits tensor is kept for backward. Gradients reach the
-    backbone (LoRA adapters included) and the head weight when it requires grad (tied embeddings).
-    If the head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), a slower generic path calls the head
-    module per chunk under activation checkpointing; the results are the same.
+    [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps] — no ``(b, t, V)`` logits tensor is kept for
+    backward. Gradients reach the backbone (LoRA adapters included) and the head weight when it requires grad
+    (tied embeddings). If the head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), a slower generic
+    path calls the head module per chunk under activation checkpointing; the results are the same.
 
     Args:
         model: a transformers causal LM (``PreTrainedModel`` with ``base_model_prefix`` and
@@ -826,12 +829,13 @@ def token_logps(
             position embeddings such as GPT-2's; rotary models are unaffected up to float rounding).
         completion_mask: ``(b, t)`` bool, True where token ``i`` counts; must be False at ``i = 0``.
             None: every position ``i ≥ 1`` counts.
-        chunk_size: completion tokens per head chunk (default :data:`DEFAULT_CHUNK_SIZE`).
+        chunk_size: completion tokens per head chunk (default `DEFAULT_CHUNK_SIZE`).
         temperature: ``τ > 0``; the final logits are divided by it (sampling log-probs). Default 1.
 
     Returns:
         ``(b, t)`` log-probs (float32; float64 for a float64 model), 0 at ``i = 0`` and where
-        ``completion_mask`` is False. For the per-token entropy as well, use :func:`token_logps_and_entropy`.
+        ``completion_mask`` is False. For the per-token entropy as well, use
+        [`token_logps_and_entropy`][prefopt.logprobs.token_logps_and_entropy].
     """
     return _token_stats(model, input_ids, attention_mask, completion_mask, chunk_size, temperature).logp
 
@@ -845,7 +849,7 @@ def token_logps_and_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`token_logps` and the per-token entropy ``H[:, i] = −Σ_v p(v | input_ids[:, :i]) log p(v | …)``.
+    """[`token_logps`][prefopt.logprobs.token_logps] and the per-token entropy ``H[:, i] = −Σ_v p(v | input_ids[:, :i]) log p(v | …)``.
 
     Same arguments, one forward. Both ``(b, t)`` in the same layout (0 at ``i = 0`` and where
     ``completion_mask`` is False); the entropy is differentiable (an entropy bonus, the high-entropy token
@@ -869,12 +873,13 @@ def token_stats(
     entropy: bool = False,
     log_sum_sq_probs: bool = False,
 ) -> HeadStats:
-    """:func:`token_logps` plus the per-token statistics asked for, from one forward and one pass of the head.
+    """[`token_logps`][prefopt.logprobs.token_logps] plus the per-token statistics asked for, from one forward and one pass of the head.
 
-    Returns a :class:`HeadStats` whose fields are ``(b, t)`` in the layout of :func:`token_logps` (0 at
-    ``i = 0`` and where ``completion_mask`` is False): ``logp``, ``entropy`` (if ``entropy``) and
-    ``log_sum_sq_probs`` (if asked: ``log Σ_v π_v²``, WPO's normaliser, detached). No ``(b, t, V)`` tensor is
-    kept for backward. Same other arguments as :func:`token_logps`.
+    Returns a [`HeadStats`][prefopt.logprobs.HeadStats] whose fields are ``(b, t)`` in the layout of
+    [`token_logps`][prefopt.logprobs.token_logps] (0 at ``i = 0`` and where ``completion_mask`` is False):
+    ``logp``, ``entropy`` (if ``entropy``) and ``log_sum_sq_probs`` (if asked: ``log Σ_v π_v²``, WPO's
+    normaliser, detached). No ``(b, t, V)`` tensor is kept for backward. Same other arguments as
+    [`token_logps`][prefopt.logprobs.token_logps].
     """
     return _token_stats(
         model,
@@ -1104,9 +1109,9 @@ def chunked_head_kl(
         bias: the policy's LM head, ``(V, d)`` and ``(V,)`` or ``None``.
         ref_weight: the reference's LM head (default: ``weight``/``bias``, detached).
         ref_bias: the reference's LM head (default: ``weight``/``bias``, detached).
-        transform: as in :func:`chunked_head_logps`.
-        temperature: as in :func:`chunked_head_logps`.
-        chunk_size: as in :func:`chunked_head_logps`.
+        transform: as in [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps].
+        temperature: as in [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps].
+        chunk_size: as in [`chunked_head_logps`][prefopt.logprobs.chunked_head_logps].
 
     Returns:
         ``(n,)`` KL values ``≥ 0`` (float32; float64 for float64 ``hidden``), differentiable.
@@ -1196,20 +1201,20 @@ def token_kl_to_reference(
     r"""Per-position ``KL(π_ref(·|x, y_<i) ‖ π_θ(·|x, y_<i))`` over the vocabulary along given sequences.
 
     TDPO's per-token KL (Zeng et al. 2024, arXiv 2404.11999) — the ``token_kl`` input of the ``tdpo`` loss —
-    from one reference forward (no grad) and one policy forward, through :func:`chunked_head_kl`: no
-    ``(b, t, V)`` tensor is formed for either model. Layout of :func:`token_logps`: ``(b, t)``, position ``i``
-    holds the KL of the distributions that predict token ``i``; 0 at ``i = 0`` and where ``completion_mask``
-    is False.
+    from one reference forward (no grad) and one policy forward, through
+    [`chunked_head_kl`][prefopt.logprobs.chunked_head_kl]: no ``(b, t, V)`` tensor is formed for either model.
+    Layout of [`token_logps`][prefopt.logprobs.token_logps]: ``(b, t)``, position ``i`` holds the KL of the
+    distributions that predict token ``i``; 0 at ``i = 0`` and where ``completion_mask`` is False.
 
     Args:
         policy: a [`LoraPolicy`][prefopt.policy.LoraPolicy] or a plain causal LM.
-        input_ids: as in :func:`token_logps`.
-        attention_mask: as in :func:`token_logps`.
-        completion_mask: as in :func:`token_logps`.
+        input_ids: as in [`token_logps`][prefopt.logprobs.token_logps].
+        attention_mask: as in [`token_logps`][prefopt.logprobs.token_logps].
+        completion_mask: as in [`token_logps`][prefopt.logprobs.token_logps].
         reference: ``True`` (default): the ``LoraPolicy``'s adapters-off view; otherwise the reference model
             (a plain causal LM or a ``LoraPolicy``, whose policy view is used).
-        chunk_size: as in :func:`token_logps`.
-        temperature: as in :func:`token_logps`.
+        chunk_size: as in [`token_logps`][prefopt.logprobs.token_logps].
+        temperature: as in [`token_logps`][prefopt.logprobs.token_logps].
 
     Returns:
         ``(b, t)`` KL values (float32; float64 for a float64 model), differentiable in the policy.

@@ -2,7 +2,7 @@
 
 Why these exist: the gradient of a mean over a *local* batch depends on how the batch was split. To get the
 same gradient whether a global batch is processed whole, in micro-batches with gradient accumulation, or
-across data-parallel ranks, divide every micro-batch's *sum* by the same *global* count::
+across data-parallel ranks, divide every micro-batch's *sum* by the same *global* count:
 
     n_tokens = completion_mask.sum()                      # over the whole global batch (all-reduce it under DDP)
     for micro in micro_batches:
@@ -119,16 +119,16 @@ def aggregate(
 ) -> Tensor:
     r"""Reduce a per-token loss ``(b, t)`` to the scalar objective of one of the field's conventions.
 
-    With $l_{i,t}$ the loss, $m_{i,t}$ the mask, $\lvert y_i\rvert = \sum_t m_{i,t}$, $N$ = ``num_tokens``
-    (default $\sum_{i,t} m_{i,t}$), $B$ = ``num_sequences`` (default $b$) and $L$ = ``max_length``
-    (default $t$):
+    With \(l_{i,t}\) the loss, \(m_{i,t}\) the mask, \(\lvert y_i\rvert = \sum_t m_{i,t}\), \(N\) =
+    ``num_tokens`` (default \(\sum_{i,t} m_{i,t}\)), \(B\) = ``num_sequences`` (default \(b\)) and \(L\) =
+    ``max_length`` (default \(t\)):
 
     | ``mode`` | value | used by |
     |---|---|---|
-    | ``"token-mean"`` | $\frac{1}{N}\sum_{i,t} m_{i,t} l_{i,t}$ | DAPO (Yu et al. 2025, arXiv:2503.14476), PPO |
-    | ``"seq-mean-token-mean"`` | $\frac{1}{B}\sum_i \frac{1}{\max(\lvert y_i\rvert, 1)}\sum_t m_{i,t} l_{i,t}$ | GRPO (Shao et al. 2024, arXiv:2402.03300, Eq. 3) |
-    | ``"seq-mean-token-sum"`` | $\frac{1}{B}\sum_{i,t} m_{i,t} l_{i,t}$ | REINFORCE / RLOO (one action per sequence) |
-    | ``"seq-mean-token-sum-norm"`` | $\frac{1}{B L}\sum_{i,t} m_{i,t} l_{i,t}$ | Dr. GRPO (Liu et al. 2025, arXiv:2503.20783; a constant normaliser) |
+    | ``"token-mean"`` | \(\frac{1}{N}\sum_{i,t} m_{i,t} l_{i,t}\) | DAPO (Yu et al. 2025, arXiv:2503.14476), PPO |
+    | ``"seq-mean-token-mean"`` | \(\frac{1}{B}\sum_i \frac{1}{\max(\lvert y_i\rvert, 1)}\sum_t m_{i,t} l_{i,t}\) | GRPO (Shao et al. 2024, arXiv:2402.03300, Eq. 3) |
+    | ``"seq-mean-token-sum"`` | \(\frac{1}{B}\sum_{i,t} m_{i,t} l_{i,t}\) | REINFORCE / RLOO (one action per sequence) |
+    | ``"seq-mean-token-sum-norm"`` | \(\frac{1}{B L}\sum_{i,t} m_{i,t} l_{i,t}\) | Dr. GRPO (Liu et al. 2025, arXiv:2503.20783; a constant normaliser) |
 
     Each mode is a sum of per-token terms with weights that do not depend on the other rows once ``N`` and
     ``B`` are fixed, so passing the *global* batch's ``num_tokens`` / ``num_sequences`` makes the sum of the
@@ -201,10 +201,10 @@ def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
 def masked_whiten(
     x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8
 ) -> Tensor:
-    r"""Whitening over the counted elements: $(x - \mu)/\sqrt{\sigma^2 + \epsilon}$ (mean added back if not
+    r"""Whitening over the counted elements: \((x - \mu)/\sqrt{\sigma^2 + \epsilon}\) (mean added back if not
     ``shift_mean``); the one whitening function (PPO advantages, ``shift_mean=False`` for rewards as TRL).
 
-    $\mu$ and $\sigma^2$ (Bessel-corrected) are over every element where ``mask`` is True (``mask=None``:
+    \(\mu\) and \(\sigma^2\) (Bessel-corrected) are over every element where ``mask`` is True (``mask=None``:
     every element). Masked-out positions are returned as 0 and never reach the gradient. The moments are
     computed on ``x`` divided by its largest deviation, so inputs whose squares overflow (``[1e20, −1e20, 0]``
     in float32) whiten correctly instead of collapsing to 0; a constant input gives 0 (never NaN, even with
@@ -263,7 +263,7 @@ def seq_sum(logp: Tensor, mask: Tensor) -> Tensor:
 def seq_mean(logp: Tensor, mask: Tensor) -> Tensor:
     """``Ā(y) = S(y) / |y|`` per row → ``(b,)``; 0 for a row with no counted token.
 
-    (:func:`mean_of_seq_means` further averages these over rows to a scalar.)
+    ([`mean_of_seq_means`][prefopt.masked.mean_of_seq_means] further averages these over rows to a scalar.)
     """
     _check_pair(logp, mask)
     return masked_mean(logp, mask, dim=-1)

@@ -91,7 +91,8 @@ def load_smollm2(
     """Load SmolLM2-135M-Instruct offline and return ``(model, tokenizer)``.
 
     Args:
-        cache_dir: where the converted copy lives (default :func:`default_cache_dir`).
+        cache_dir: where the converted copy lives (default
+            [`default_cache_dir`][prefopt.models.default_cache_dir]).
         dtype: parameter dtype (default float32, as the GGUF is dequantized to float32).
         eval_mode: put the model in ``eval()`` mode (dropout off).
 

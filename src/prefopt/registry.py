@@ -12,7 +12,7 @@ The **family** of a loss is the name of the module of ``prefopt.losses`` that de
 ``"custom"``. Every module of ``prefopt.losses`` is imported on the first lookup, so a new family file needs
 no list entry.
 
-The **input kinds** (:data:`INPUT_KINDS`) say what the first argument is:
+The **input kinds** ([`INPUT_KINDS`][prefopt.registry.INPUT_KINDS]) say what the first argument is:
 
 | kind          | first argument                                                        | families             |
 |---------------|-----------------------------------------------------------------------|----------------------|

@@ -91,11 +91,16 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     r"""Generalized advantage estimation over the valid tokens of each row (Schulman et al. 2016, Eq. 16).
 
-    With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token)::
+    With ``t' = next(t)`` the next position after ``t`` whose mask is True (none after the last valid token):
 
-        δ_t = r_t + γ·V_{t'} − V_t            (V_{t'} := 0 after the last valid token: no bootstrap)
-        Â_t = δ_t + γλ·Â_{t'}                 = Σ_l (γλ)^l δ_{t+l}  over valid tokens
-        Ĝ_t = Â_t + V_t                       (the λ-return, the value target)
+    $$
+    \begin{aligned}
+    \delta_t &= r_t + \gamma V_{t'} - V_t && (V_{t'} := 0 \text{ after the last valid token: no bootstrap}) \\
+    \hat A_t &= \delta_t + \gamma\lambda\, \hat A_{t'} = \textstyle\sum_l (\gamma\lambda)^l \delta_{t+l}
+       && (l \text{ counts valid tokens}) \\
+    \hat G_t &= \hat A_t + V_t && (\text{the } \lambda\text{-return, the value target})
+    \end{aligned}
+    $$
 
     Masked positions are skipped, not treated as zero-reward steps, so left padding, right padding and
     holes inside a row all give the same numbers as slicing out the valid tokens. ``λ = 0`` gives the TD error
@@ -103,7 +108,8 @@ def gae(
 
     Args:
         rewards: ``(b, t)`` per-token rewards; values at masked positions are ignored. For RLHF put the
-            terminal score at the last valid token (see :func:`kl_penalized_rewards`).
+            terminal score at the last valid token (see
+            [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
         values: ``(b, t)`` value predictions ``V_t = V(x, y_<t)`` (ignored where masked).
         mask: ``(b, t)`` bool, True on the tokens that are actions.
         gamma: discount in [0, 1] (default 1.0, TRL's PPO default).
@@ -181,9 +187,11 @@ def _singleton_advantages(r: Tensor, singleton: str, scale: float = 1.0) -> Tens
 def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tensor:
     r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics", Eq. 9).
 
-    For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``::
+    For each prompt with ``k`` sampled completions and rewards ``R_1..R_k``:
 
-        A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j  =  k/(k−1) · (R_i − R̄)
+    $$
+    A_i = R_i - \frac{1}{k-1} \sum_{j \ne i} R_j = \frac{k}{k-1}\,(R_i - \bar R)
+    $$
 
     Properties: ``Σ_i A_i = 0`` per prompt; adding a constant to a prompt's rewards leaves ``A`` unchanged;
     ``k = 2`` gives ``A = ±(R_1 − R_2)``. The baseline of sample ``i`` does not depend on ``R_i``, so the
@@ -196,7 +204,7 @@ def rloo_advantages(rewards: Tensor, *, singleton: Singleton = "error") -> Tenso
 
     Args:
         rewards: ``(prompts, k)``, ``k ≥ 2`` (or ``k = 1`` with ``singleton``). For KL-in-the-reward RLOO
-            pass ``score − β·Σ_t k1_t`` (see :func:`kl_penalized_rewards`).
+            pass ``score − β·Σ_t k1_t`` (see [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]).
         singleton: ``"error"``, ``"raw"`` or ``"zero"``: the rule for ``k = 1``.
 
     Returns:
@@ -219,10 +227,14 @@ def group_advantages(
 ) -> Tensor:
     r"""GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, §4.1.2 "outcome supervision").
 
-    For each prompt's group of ``G`` rewards::
+    For each prompt's group of ``G`` rewards, with ``scale_std=True`` (std with Bessel's correction, as TRL;
+    \(\epsilon\) = ``eps``)
 
-        A_i = (r_i − mean(r)) / (std(r) + eps)      if scale_std      (std with Bessel's correction, as TRL)
-        A_i =  r_i − mean(r)                         otherwise         (Dr. GRPO, Liu et al. 2025)
+    $$
+    A_i = \frac{r_i - \operatorname{mean}(r)}{\operatorname{std}(r) + \epsilon},
+    $$
+
+    and with ``scale_std=False`` (Dr. GRPO, Liu et al. 2025) \(A_i = r_i - \operatorname{mean}(r)\).
 
     A group whose rewards are all equal gets advantages of **exactly 0** (never NaN, even with ``eps = 0``):
     it carries no learning signal. The advantage is broadcast to every token of completion ``i`` by the loss.
@@ -267,9 +279,12 @@ def group_advantages(
 
 def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
     r"""ReMax advantages: the reward of a sampled completion minus the reward of the **greedy** completion of
-    the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1)::
+    the same prompt (Li et al. 2023, "ReMax", arXiv:2310.10505, Algorithm 1):
 
-        A_i = r(x, y_i) − r(x, ŷ)            ŷ = greedy (argmax) decoding of x under the current policy
+    $$
+    A_i = r(x, y_i) - r(x, \hat y), \qquad \hat y = \text{the greedy (argmax) decoding of } x
+    \text{ under the current policy}
+    $$
 
     The baseline ``r(x, ŷ)`` does not depend on the sampled ``y_i``, so the gradient stays unbiased; a sample
     equal to the greedy response gets ``A = 0``. Get ``ŷ`` with
@@ -281,9 +296,11 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
     ``(prompts,)``. Token form (``mask`` given; verl's ``remax`` estimator with the KL penalty in the
     reward): ``rewards`` is ``(b, t)`` per-token rewards ``R_{i,t}`` (e.g.
     [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards]'s ``token_rewards``), ``greedy_rewards`` is
-    ``(b,)``, the greedy score of row ``i``'s prompt, and::
+    ``(b,)``, the greedy score of row ``i``'s prompt, and
 
-        A_{i,t} = Σ_{s ≥ t} m_{i,s} R_{i,s} − r(x_i, ŷ_i)        (0 where m_{i,t} is False)
+    $$
+    A_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s} - r(x_i, \hat y_i) \qquad (0 \text{ where } m_{i,t} \text{ is False})
+    $$
 
     With no KL penalty (``R`` = the score on the last valid token) this is the sequence form on every token.
 
@@ -333,11 +350,16 @@ def remax_advantages(rewards: Tensor, greedy_rewards: Tensor, *, mask: Tensor | 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, *, estimator: KLEstimator = "k1") -> Tensor:
     r"""Per-token Monte-Carlo estimates of ``KL(π ‖ π_ref)`` from tokens sampled from ``π`` (Schulman 2020).
 
-    With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``::
+    With ``l = log π(y) − log π_ref(y)`` and ``q = π_ref(y)/π(y) = exp(−l)``:
 
-        k1 = l                    unbiased, can be negative, high variance
-        k2 = ½·l²                 biased, ≥ 0, low variance
-        k3 = q − 1 − log q        unbiased, ≥ 0   (computed as expm1(−l) + l for accuracy near l = 0)
+    $$
+    \begin{aligned}
+    k_1 &= l && \text{unbiased, can be negative, high variance} \\
+    k_2 &= \tfrac{1}{2}\, l^2 && \text{biased, } \ge 0, \text{ low variance} \\
+    k_3 &= q - 1 - \log q && \text{unbiased, } \ge 0 \text{ (computed as } \operatorname{expm1}(-l) + l
+       \text{ for accuracy near } l = 0)
+    \end{aligned}
+    $$
 
     Gradients when the estimate is used as a *loss* (samples fixed, differentiated w.r.t. ``θ`` in
     ``log π_θ``), in expectation over ``y ~ π``:
@@ -393,10 +415,10 @@ def last_valid_index(mask: Tensor, *, name: str = "mask") -> Tensor:
 
 @dataclass(frozen=True)
 class PenalizedRewards:
-    """Output of :func:`kl_penalized_rewards` (all detached).
+    """Output of [`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards] (all detached).
 
     Attributes:
-        token_rewards: ``(b, t)`` per-token rewards for :func:`gae` (PPO); 0 where masked.
+        token_rewards: ``(b, t)`` per-token rewards for [`gae`][prefopt.rl.gae] (PPO); 0 where masked.
         sequence_rewards: ``(b,)`` ``Σ_t token_rewards`` = ``score − β·Σ_t k_t`` (or just ``score``): the
             return for REINFORCE / RLOO / GRPO advantages.
         kl: ``(b, t)`` per-token KL estimate (0 where masked), for logging or for a KL-in-the-loss term.
@@ -419,10 +441,15 @@ def kl_penalized_rewards(
 ) -> PenalizedRewards:
     r"""Per-token RLHF rewards with the KL penalty in the reward (PPO / RLOO style) or left to the loss.
 
-    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO)::
+    ``kl_in_reward=True`` (Ziegler et al. 2019; TRL PPO and RLOO), with \(T_{last}\) the last valid token of
+    the row:
 
-        r_t = −β·k_t + 1[t = T_last]·score          (T_last = last valid token of the row)
-        R   = Σ_t r_t = score − β·Σ_t k_t
+    $$
+    \begin{aligned}
+    r_t &= -\beta k_t + \mathbb 1[t = T_{last}]\, \mathrm{score} \\
+    R &= \textstyle\sum_t r_t = \mathrm{score} - \beta \sum_t k_t
+    \end{aligned}
+    $$
 
     The penalty enters the *return*, so it is weighted by the advantage and (for PPO) discounted by GAE;
     use ``estimator="k1"`` here (its reward value is unbiased; its gradient as a loss would be useless).
@@ -433,14 +460,16 @@ def kl_penalized_rewards(
 
     Args:
         scores: ``(b,)`` reward-model / programmatic scores of the whole completion.
-        logp: ``(b, t)`` log-probs of the sampling policy (``old_logp``), ref_logp: ``(b, t)`` reference.
+        logp: ``(b, t)`` log-probs of the sampling policy (``old_logp``).
+        ref_logp: ``(b, t)`` reference log-probs.
         mask: ``(b, t)`` bool completion mask (left or right padding); every row needs one valid token.
         beta: KL coefficient ≥ 0 (default 0.05, TRL's PPO ``kl_coef`` / RLOO ``beta``).
         estimator: KL estimator for the penalty (default ``"k1"``).
         kl_in_reward: the switch described above.
 
     Returns:
-        :class:`PenalizedRewards` (detached: rewards are constants for the policy gradient).
+        [`PenalizedRewards`][prefopt.rl.PenalizedRewards] (detached: rewards are constants for the policy
+        gradient).
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < float("inf"):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
@@ -483,31 +512,33 @@ def reinforce_pp_advantages(
     r"""REINFORCE++ and REINFORCE++-baseline advantages, whitened over every valid token of the batch
     (Hu et al. 2025, arXiv:2501.03262, §3).
 
-    Per-token rewards $R_{i,t} = -\beta k_{i,t} + \mathbb 1[t = T_i]\,\tilde r_i$ ($T_i$ the last valid token,
-    $k$ the caller's per-token KL estimate of ``old_logp`` vs ``ref_logp``, e.g.
-    [`kl_estimate`][prefopt.rl.kl_estimate]), returns $G_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s}$ ($\gamma = 1$),
-    then $A_{i,t} = (G_{i,t} - \mu)/\sigma$ with $\mu, \sigma^2$ over all valid tokens of the batch.
+    Per-token rewards \(R_{i,t} = -\beta k_{i,t} + \mathbb 1[t = T_i]\,\tilde r_i\) (\(T_i\) the last valid
+    token, \(k\) the caller's per-token KL estimate of ``old_logp`` vs ``ref_logp``, e.g.
+    [`kl_estimate`][prefopt.rl.kl_estimate]), returns \(G_{i,t} = \sum_{s \ge t} m_{i,s} R_{i,s}\)
+    (\(\gamma = 1\)), then \(A_{i,t} = (G_{i,t} - \mu)/\sigma\) with \(\mu, \sigma^2\) over all valid tokens
+    of the batch.
 
-    * ``group_size=None`` (REINFORCE++): $\tilde r_i = r_i$.
+    * ``group_size=None`` (REINFORCE++): \(\tilde r_i = r_i\).
     * ``group_size=k`` (REINFORCE++-baseline; rows ``i·k + j`` are the ``k`` completions of prompt ``i``):
       ``baseline_returns="per_token"`` (OpenRLHF, the authors' code) subtracts the group mean of the scores,
-      $\tilde r_i = r_i - \frac1k\sum_{j \in g(i)} r_j$, then builds $G$ as above;
-      ``"sequence_sum"`` (verl) instead uses $G_{i,t} = S_i - \frac1k\sum_{j\in g(i)} S_j$ on every token,
-      $S_i = r_i - \beta\sum_t m_{i,t} k_{i,t}$ (constant along the sequence). With ``beta = 0`` the two agree.
-      Adding a per-prompt constant to the scores leaves either unchanged.
-    * ``whiten_var="biased"`` (OpenRLHF): $\sigma^2 = \frac1N\sum (G-\mu)^2$, $A = (G-\mu)\,/\sqrt{\max(\sigma^2,
-      \epsilon)}$; ``"unbiased"`` (verl): [`masked_whiten`][prefopt.masked.masked_whiten], Bessel
-      $\sigma^2$ and $\sqrt{\sigma^2 + \epsilon}$. With $\epsilon$ negligible they differ by exactly
-      $\sqrt{N/(N-1)}$, $N$ the number of valid tokens. A constant $G$ gives exactly 0.
+      \(\tilde r_i = r_i - \frac1k\sum_{j \in g(i)} r_j\), then builds \(G\) as above;
+      ``"sequence_sum"`` (verl) instead uses \(G_{i,t} = S_i - \frac1k\sum_{j\in g(i)} S_j\) on every token,
+      \(S_i = r_i - \beta\sum_t m_{i,t} k_{i,t}\) (constant along the sequence). With ``beta = 0`` the two
+      agree. Adding a per-prompt constant to the scores leaves either unchanged.
+    * ``whiten_var="biased"`` (OpenRLHF): \(\sigma^2 = \frac1N\sum (G-\mu)^2\),
+      \(A = (G-\mu)\,/\sqrt{\max(\sigma^2, \epsilon)}\); ``"unbiased"`` (verl):
+      [`masked_whiten`][prefopt.masked.masked_whiten], Bessel \(\sigma^2\) and \(\sqrt{\sigma^2 + \epsilon}\).
+      With \(\epsilon\) negligible they differ by exactly \(\sqrt{N/(N-1)}\), \(N\) the number of valid
+      tokens. A constant \(G\) gives exactly 0.
 
     * ``group_size=1`` (one completion per prompt) follows ``singleton``: ``"error"`` (default) raises;
       ``"raw"`` takes the group mean as 0 (verl: the raw score is kept); ``"zero"`` subtracts the sample's
-      own score (OpenRLHF: $\tilde r_i = 0$, resp. $G_{i,t} = 0$ with ``"sequence_sum"``).
+      own score (OpenRLHF: \(\tilde r_i = 0\), resp. \(G_{i,t} = 0\) with ``"sequence_sum"``).
 
-    Reward clipping (OpenRLHF clips $r$ to ±10) is left to the caller.
+    Reward clipping (OpenRLHF clips \(r\) to ±10) is left to the caller.
 
     Args:
-        scores: ``(b,)`` sequence scores $r_i$.
+        scores: ``(b,)`` sequence scores \(r_i\).
         mask: ``(b, t)`` bool completion mask; every row needs at least one valid token.
         kl: optional ``(b, t)`` per-token KL estimate (values at masked positions are ignored).
         beta: KL coefficient ≥ 0 (default 0.0; OpenRLHF's ``init_kl_coef`` is 0.01). Needs ``kl`` when > 0.
@@ -603,26 +634,26 @@ def _positive_int(name: str, v: object) -> int:
 def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: float = 1.0) -> Tensor:
     r"""DAPO's soft overlong punishment, added to the task reward (Yu et al. 2025, arXiv:2503.14476, Eq. 13).
 
-    With $L_{max}$ = ``max_len``, $L_c$ = ``cache_len`` and $f$ = ``factor``:
+    With \(L_{max}\) = ``max_len``, \(L_c\) = ``cache_len`` and \(f\) = ``factor``:
 
     $$ R_{len}(y) = \begin{cases} 0 & |y| \le L_{max} - L_c \\
        f\,\frac{(L_{max} - L_c) - |y|}{L_c} & L_{max} - L_c < |y| \le L_{max} \\
        -f & |y| > L_{max} \end{cases} $$
 
-    A linear ramp from 0 to $-f$ over the last $L_c$ tokens. verl's DAPO reward manager and OpenRLHF agree with
-    this for $|y| \le L_{max}$ (the only case for engine-truncated completions); beyond $L_{max}$ verl keeps
-    the ramp going (unbounded) while the paper and OpenRLHF stop at $-f$. The paper's setting is
-    $L_{max} = 20480$, $L_c = 4096$, $f = 1$.
+    A linear ramp from 0 to \(-f\) over the last \(L_c\) tokens. verl's DAPO reward manager and OpenRLHF agree
+    with this for \(|y| \le L_{max}\) (the only case for engine-truncated completions); beyond \(L_{max}\)
+    verl keeps the ramp going (unbounded) while the paper and OpenRLHF stop at \(-f\). The paper's setting is
+    \(L_{max} = 20480\), \(L_c = 4096\), \(f = 1\).
 
     Args:
-        lengths: ``(b,)`` completion lengths $|y|$ (integer or float tensor, finite, ≥ 0), e.g.
+        lengths: ``(b,)`` completion lengths \(|y|\) (integer or float tensor, finite, ≥ 0), e.g.
             ``mask.sum(-1)``.
-        max_len: $L_{max} \ge 1$.
-        cache_len: $L_c$, ``1 ≤ cache_len ≤ max_len``.
-        factor: $f \ge 0$ (default 1.0).
+        max_len: \(L_{max} \ge 1\).
+        cache_len: \(L_c\), ``1 ≤ cache_len ≤ max_len``.
+        factor: \(f \ge 0\) (default 1.0).
 
     Returns:
-        ``(b,)`` penalties in $[-f, 0]$ (float32, or float64 for a float64 input).
+        ``(b,)`` penalties in \([-f, 0]\) (float32, or float64 for a float64 input).
     """
     max_len = _positive_int("max_len", max_len)
     cache_len = _positive_int("cache_len", cache_len)
@@ -647,7 +678,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, *, factor: f
 
 def informative_groups(rewards: Tensor, *, mean_bounds: tuple[float, float] | None = None) -> Tensor:
     r"""DAPO's dynamic-sampling filter: which prompt groups carry a learning signal (Yu et al. 2025,
-    arXiv:2503.14476, Eq. 11, the constraint $0 < |\{o_i : \text{correct}\}| < G$).
+    arXiv:2503.14476, Eq. 11, the constraint \(0 < |\{o_i : \text{correct}\}| < G\)).
 
     * ``mean_bounds=None`` (verl ``filter_groups``): keep a group iff its rewards are not all equal. A
       constant group has advantage exactly 0 under any group-normalised estimator
@@ -689,28 +720,28 @@ _MISMATCH_CLAMP = 20.0
 
 
 def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    r"""How far the sampler (inference engine, $\ell^{samp}$) is from the trainer ($\ell^{old}$) on a rollout.
+    r"""How far the sampler (inference engine, \(\ell^{samp}\)) is from the trainer (\(\ell^{old}\)) on a rollout.
 
-    With $\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}$ on valid tokens (the rollout was sampled from
-    the sampler, so token means are Monte-Carlo estimates under it), $\bar\ell_i$ the per-sequence mean
+    With \(\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}\) on valid tokens (the rollout was sampled from
+    the sampler, so token means are Monte-Carlo estimates under it), \(\bar\ell_i\) the per-sequence mean
     log-prob, token means over all valid tokens and sequence means over rows with at least one token:
 
     | key | value | estimates |
     |---|---|---|
-    | ``"k1"`` | $\mathrm{mean}_{i,t}(-\Delta)$ | KL(π_samp ‖ π_old) per token (unbiased, can be < 0) |
-    | ``"k3"`` | $\mathrm{mean}_{i,t}(e^{\Delta} - 1 - \Delta)$ | the same KL (unbiased, each term ≥ 0) |
-    | ``"chi2_token"`` | $\mathrm{mean}_{i,t}(e^{2\Delta}) - 1$ | χ²(π_old ‖ π_samp) per token ($\sum \pi_{old}^2/\pi_{samp} - 1$) |
-    | ``"chi2_seq"`` | $\mathrm{mean}_i \exp(2\sum_t m\Delta) - 1$ | the same for whole sequences |
-    | ``"training_ppl"`` / ``"rollout_ppl"`` | $\mathrm{mean}_i e^{-\bar\ell^{old}_i}$ / $\mathrm{mean}_i e^{-\bar\ell^{samp}_i}$ | perplexities |
-    | ``"log_ppl_diff"`` | $\mathrm{mean}_i(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | log of training / rollout perplexity |
-    | ``"ppl_ratio"`` | $\mathrm{mean}_i \exp(\bar\ell^{samp}_i - \bar\ell^{old}_i)$ | training / rollout perplexity |
-    | ``"abs_diff_mean"`` / ``"abs_diff_max"`` | mean / max of $\lvert\Delta\rvert$ | TRL's ``sampling_logp_difference`` |
+    | ``"k1"`` | \(\mathrm{mean}_{i,t}(-\Delta)\) | KL(π_samp ‖ π_old) per token (unbiased, can be < 0) |
+    | ``"k3"`` | \(\mathrm{mean}_{i,t}(e^{\Delta} - 1 - \Delta)\) | the same KL (unbiased, each term ≥ 0) |
+    | ``"chi2_token"`` | \(\mathrm{mean}_{i,t}(e^{2\Delta}) - 1\) | χ²(π_old ‖ π_samp) per token (\(\sum \pi_{old}^2/\pi_{samp} - 1\)) |
+    | ``"chi2_seq"`` | \(\mathrm{mean}_i \exp(2\sum_t m\Delta) - 1\) | the same for whole sequences |
+    | ``"training_ppl"`` / ``"rollout_ppl"`` | \(\mathrm{mean}_i e^{-\bar\ell^{old}_i}\) / \(\mathrm{mean}_i e^{-\bar\ell^{samp}_i}\) | perplexities |
+    | ``"log_ppl_diff"`` | \(\mathrm{mean}_i(\bar\ell^{samp}_i - \bar\ell^{old}_i)\) | log of training / rollout perplexity |
+    | ``"ppl_ratio"`` | \(\mathrm{mean}_i \exp(\bar\ell^{samp}_i - \bar\ell^{old}_i)\) | training / rollout perplexity |
+    | ``"abs_diff_mean"`` / ``"abs_diff_max"`` | mean / max of \(\lvert\Delta\rvert\) | TRL's ``sampling_logp_difference`` |
 
     These are verl's ``compute_offpolicy_metrics`` (``kl``, ``k3_kl``, ``chi2_token``, ``chi2_seq``,
     ``training_ppl``, ``rollout_ppl``, ``log_ppl_diff``, ``ppl_ratio``) and TRL's logged differences, in one
     call. Identical log-probs give 0 for every key except the perplexities (equal) and ``ppl_ratio`` = 1.
     Every exponent is clamped to ±20, so extreme inputs stay finite; a NaN sampler log-prob on a valid
-    token counts as $\Delta = 0$ (as TRL's correction does). With no valid token every key is 0 (the
+    token counts as \(\Delta = 0\) (as TRL's correction does). With no valid token every key is 0 (the
     perplexities and ``ppl_ratio`` too).
 
     Args:
@@ -767,8 +798,8 @@ def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> di
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
     r"""The top-ρ high-entropy ("forking") tokens of a batch (Wang et al. 2025, "Beyond the 80/20 rule",
-    arXiv:2506.01939): keep token $(i, t)$ iff $H_{i,t} \ge \tau_\rho$, the $(1-\rho)$-quantile (linear
-    interpolation, ``torch.quantile``) of $\{H_{i,t} : m_{i,t}\}$.
+    arXiv:2506.01939): keep token \((i, t)\) iff \(H_{i,t} \ge \tau_\rho\), the \((1-\rho)\)-quantile (linear
+    interpolation, ``torch.quantile``) of \(\{H_{i,t} : m_{i,t}\}\).
 
     Pass the result as ``policy_mask`` to a policy-gradient loss (e.g.
     [`grpo`][prefopt.losses.policy_gradient.grpo]) and reduce with the full ``mask``: the policy term then
@@ -808,7 +839,7 @@ def entropy_bonus(
     num_sequences: Tensor | float | None = None,
     max_length: int | None = None,
 ) -> Tensor:
-    r"""The entropy bonus to **add** to a policy loss: $-c\,\mathrm{Agg}(H)$ (maximising entropy).
+    r"""The entropy bonus to **add** to a policy loss: \(-c\,\mathrm{Agg}(H)\) (maximising entropy).
 
     ``mode`` and the counts are those of [`aggregate`][prefopt.masked.aggregate]. TRL's ``entropy_coef``
     is ``mode="token-mean"`` over the effective mask (``mask & high_entropy_mask(...)`` when
@@ -819,7 +850,7 @@ def entropy_bonus(
     Args:
         entropy: ``(b, t)`` per-token entropies (with grad).
         mask: ``(b, t)`` bool: the tokens the bonus acts on.
-        coef: $c \ge 0$.
+        coef: \(c \ge 0\).
         mode: as [`aggregate`][prefopt.masked.aggregate].
         num_tokens: as [`aggregate`][prefopt.masked.aggregate].
         num_sequences: as [`aggregate`][prefopt.masked.aggregate].

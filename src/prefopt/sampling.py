@@ -1,7 +1,7 @@
 r"""Rollouts for online RL: sample completions from the policy and score them (behaviour and reference log-probs).
 
 The flow of one rollout (PE-RLHF, Sidahmed et al. 2024, arXiv 2403.10704, §3: policy, reference and value on
-one LoRA backbone)::
+one LoRA backbone):
 
     prompts (LEFT-padded, prefopt.data.PromptCollator)
        └─► generate (HF ``generate``: KV cache, temperature, top-p / top-k, max_new_tokens, EOS)
@@ -27,7 +27,7 @@ the sampled tokens come from a slightly different distribution than ``old_logp``
 with the engine, then call [`pack_rollout`][prefopt.sampling.pack_rollout] (EOS cut, masks, layout) and [`score_rollout`][prefopt.sampling.score_rollout]
 (log-probs recomputed by the training model, so that the ratio starts at 1 even if the engine's numerics
 differ); the engine's weights must be synced from the policy after each update (e.g. merge the LoRA
-adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's LoRA support)::
+adapter and load it into the engine — ``LoraPolicy.merged_model()``, or vLLM's LoRA support):
 
     class VLLMSampler:                       # sketch; vLLM is not a dependency of prefopt
         def __init__(self, llm, policy, *, eos_token_id, pad_token_id, max_new_tokens=64, temperature=1.0):

@@ -1,17 +1,20 @@
-"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
+r"""Shared-prompt forward: each prompt runs once for all of its completions, exactly.
 
 In a preference batch the chosen and the rejected sequence of a pair start with the same prompt, and HH-RLHF
-prompts are often longer than the answers. The duplicated layout of :class:`prefopt.data.PreferenceCollator`
-(``2B`` rows ``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its
-``k`` completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is
-the same function of the parameters::
+prompts are often longer than the answers. The duplicated layout of
+[`prefopt.data.PreferenceCollator`][prefopt.data.collate.PreferenceCollator] (``2B`` rows
+``prompt ++ completion``) runs every prompt twice. Here every prompt ``x_i`` is run once for its ``k``
+completions (``k = 2`` for pairs: chosen rows ``0..B-1``, rejected rows ``B..2B-1``) and the result is the
+same function of the parameters (completion row \(r\), completion token \(j\)):
 
-    ℓ[r, j] = log p(c[r, j] | x_{r mod B}, c[r, <j])       completion row r, completion token j
+$$
+\ell_{r,j} = \log p\big(c_{r,j} \mid x_{r \bmod B},\, c_{r,<j}\big)
+$$
 
 The first completion token (``j = 0``) is predicted from the hidden state of the prompt's LAST real token; token
 ``j ≥ 1`` from the completion's own position ``j − 1``. Log-probs go through
-:func:`prefopt.logprobs.chunked_head_logps` (the model's logit scaling, soft-capping and a temperature are
-honoured), so no ``(rows, tokens, V)`` logits are kept. Two methods:
+[`prefopt.logprobs.chunked_head_logps`][prefopt.logprobs.chunked_head_logps] (the model's logit scaling,
+soft-capping and a temperature are honoured), so no ``(rows, tokens, V)`` logits are kept. Two methods:
 
 * ``"packed"`` (default): ONE row per prompt, ``x_i ++ c_i ++ c_{B+i} ++ …`` (real tokens only, right-padded
   to the longest row), position ids restarting at ``len(x_i)`` for each completion, and a 4-D additive
@@ -27,13 +30,13 @@ In both, inputs are RIGHT-padded and no query row is ever fully masked (no NaNs 
 
 Exactness (``tests/test_shared_prefix.py``, tiny Llama / Qwen2 / Mistral / Gemma / GPT-2 / GPT-NeoX, LoRA
 included, uneven prompts): float32 per-token log-probs and LoRA gradients within 1e-5 of
-:func:`prefopt.logprobs.token_logps` on the duplicated batch; float64 log-probs within 1e-10 of the naive
-full-logits oracle; float64 gradients within 1e-12 (relative) for GPT-2 / GPT-NeoX and ~3e-8 for the RMSNorm
-models, whose transformers implementation normalizes in float32 even in a float64 model, so gradients merging in
-a different order (the prompt's, summed through the repeated cache instead of over duplicated rows) round
-differently there.
+[`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps] on the duplicated batch; float64 log-probs
+within 1e-10 of the naive full-logits oracle; float64 gradients within 1e-12 (relative) for GPT-2 / GPT-NeoX
+and ~3e-8 for the RMSNorm models, whose transformers implementation normalizes in float32 even in a float64
+model, so gradients merging in a different order (the prompt's, summed through the repeated cache instead of
+over duplicated rows) round differently there.
 
-Limits (checked, with a clear error): only model types in :data:`SUPPORTED_MODEL_TYPES` (each tested); a model
+Limits (checked, with a clear error): only model types in `SUPPORTED_MODEL_TYPES` (each tested); a model
 with a sliding attention window shorter than ``prompt length + completion length`` is refused ("cache" applies
 the window to cache indices, which the padding hole shifts; the custom mask of "packed" bypasses the window).
 Nothing here is from a paper: causal attention restricted to (prompt, own completion) is the same computation
@@ -238,7 +241,7 @@ def shared_prompt_token_logps(
     """Per-token completion log-probs with each prompt run once: ``ℓ[r, j] = log p(c[r,j] | x_{r mod B}, c[r,<j])``.
 
     Args:
-        model: a transformers causal LM of a type in :data:`SUPPORTED_MODEL_TYPES`, or a peft model wrapping one.
+        model: a transformers causal LM of a type in `SUPPORTED_MODEL_TYPES`, or a peft model wrapping one.
         prompt_ids: ``(B, P)`` integer ids, right-padded.
         prompt_mask: ``(B, P)`` 0/1 (int or bool), ones then zeros, at least one real token per row.
         completion_ids: ``(kB, C)`` integer ids, right-padded; row ``r`` continues prompt ``r mod B``
@@ -246,7 +249,7 @@ def shared_prompt_token_logps(
         completion_mask: ``(kB, C)`` bool, True where a completion token counts (must be a real token).
         completion_attention_mask: ``(kB, C)`` 0/1, the real completion tokens (default: ``completion_mask``,
             which must then be right-padded).
-        chunk_size: completion tokens per LM-head chunk (default :data:`prefopt.logprobs.DEFAULT_CHUNK_SIZE`).
+        chunk_size: completion tokens per LM-head chunk (default `prefopt.logprobs.DEFAULT_CHUNK_SIZE`).
         temperature: ``τ > 0`` dividing the final logits (default 1).
         method: ``"packed"`` (default): one row per prompt, ``prompt ++ c_1 ++ … ++ c_k``, with a 4-D mask that
             hides the other completions and position ids restarting after the prompt — the fewest token slots
@@ -255,7 +258,7 @@ def shared_prompt_token_logps(
 
     Returns:
         ``(kB, C)`` log-probs, 0 where ``completion_mask`` is False: float32, or float64 for a float64 model
-        (as :func:`prefopt.logprobs.token_logps`). Differentiable w.r.t. every
+        (as [`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps]). Differentiable w.r.t. every
         parameter that the prompt or the completion forward uses.
 
     Raises:
@@ -394,12 +397,14 @@ def shared_prompt_rollout_logps(
 
     The same values as ``token_logps(model, rollout.input_ids, rollout.attention_mask,
     rollout.completion_mask, temperature=...)`` — ``(b, T)``, 0 outside the completion mask — from
-    :func:`shared_prompt_token_logps`: the rollout's prompt-major rows (``k·n + j``: sample ``j`` of prompt
-    ``k``) are split at ``prompt_len`` into ``B`` right-padded prompts and ``nB`` completion rows (row
-    ``j·B + k``), and the result is put back. Worth it when prompts are long against completions.
+    [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps]: the rollout's prompt-major
+    rows (``k·n + j``: sample ``j`` of prompt ``k``) are split at ``prompt_len`` into ``B`` right-padded
+    prompts and ``nB`` completion rows (row ``j·B + k``), and the result is put back. Worth it when prompts
+    are long against completions.
 
     Args:
-        model: as in :func:`shared_prompt_token_logps` (a ``LoraPolicy``'s ``.model``, or a plain model).
+        model: as in [`shared_prompt_token_logps`][prefopt.shared_prefix.shared_prompt_token_logps] (a
+            ``LoraPolicy``'s ``.model``, or a plain model).
         rollout: a ``Rollout`` (right-padded rows ``[prompt, completion, pad]``; the ``n`` rows of a prompt
             share its tokens).
         chunk_size: completion tokens per LM-head chunk.

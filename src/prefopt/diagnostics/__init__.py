@@ -1,13 +1,21 @@
 """Gradient-entanglement diagnostics (Yuan et al. 2024, arXiv 2410.13828); see ``docs/entanglement.md``.
 
-- :func:`entanglement` — per-pair ``⟨∇_w, ∇_l⟩``, norms, cosine, ratio, the loss's weights and the first-order
-  change of each log-prob after one SGD step (optionally verified by taking the step).
-- :func:`token_gradient_correlation` — per-token gradient cosines of one pair; :func:`plot_token_correlation`.
-- :func:`per_row_gradients` — the one-backward per-example gradient engine both use.
-- Likelihood displacement (``docs/displacement.md``): :func:`ches_scores` / :func:`ches_table` /
-  :func:`ches_filter` (CHES, Razin et al. 2024), :func:`ranking_accuracy` and
-  :func:`idealized_ranking_accuracy` (Chen et al. 2024), :func:`squeeze_step` and :func:`squeezing_probe`
-  (Ren & Sutherland 2024), one-token gradient inner products.
+- [`entanglement`][prefopt.diagnostics.entanglement] — per-pair ``⟨∇_w, ∇_l⟩``, norms, cosine, ratio, the
+  loss's weights and the first-order change of each log-prob after one SGD step (optionally verified by taking
+  the step).
+- [`token_gradient_correlation`][prefopt.diagnostics.token_correlation.token_gradient_correlation] — per-token
+  gradient cosines of one pair; [`plot_token_correlation`][prefopt.diagnostics.plots.plot_token_correlation].
+- [`per_row_gradients`][prefopt.diagnostics.pergrad.per_row_gradients] — the one-backward per-example gradient
+  engine both use.
+- Likelihood displacement (``docs/displacement.md``):
+  [`ches_scores`][prefopt.diagnostics.displacement.ches_scores] /
+  [`ches_table`][prefopt.diagnostics.displacement.ches_table] /
+  [`ches_filter`][prefopt.diagnostics.displacement.ches_filter] (CHES, Razin et al. 2024),
+  [`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy] and
+  [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy] (Chen et al.
+  2024), [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step] and
+  [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe] (Ren & Sutherland 2024), one-token
+  gradient inner products.
 """
 
 from __future__ import annotations

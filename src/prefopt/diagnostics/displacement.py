@@ -8,21 +8,35 @@ forward-only and closed-form tools for that failure; see ``docs/displacement.md`
   with ``h_k(y)`` the last-layer hidden state (the input of the unembedding) at the position that *predicts*
   ``y_k`` for the input ``(x, y)`` and ``S(y) = Σ_{k=1}^{|y|} h_k(y)``,
 
-  .. math::
+    $$
+    \mathrm{CHES}(x,y^+,y^-) = \langle S(y^+), S(y^-)\rangle - \lVert S(y^+)\rVert^2, \qquad
+    \mathrm{LN\text{-}CHES} = \frac{\langle S(y^+), S(y^-)\rangle}{|y^+||y^-|}
+    - \frac{\lVert S(y^+)\rVert^2}{|y^+|^2}.
+    $$
 
-      \mathrm{CHES}(x,y^+,y^-) = \langle S(y^+), S(y^-)\rangle - \lVert S(y^+)\rVert^2, \qquad
-      \mathrm{LN\text{-}CHES} = \frac{\langle S(y^+), S(y^-)\rangle}{|y^+||y^-|}
-          - \frac{\lVert S(y^+)\rVert^2}{|y^+|^2}.
+    Higher = more similar = more likely to displace ``log π(y⁺)``.
+    [`ches_scores`][prefopt.diagnostics.displacement.ches_scores],
+    [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden],
+    [`ches_table`][prefopt.diagnostics.displacement.ches_table],
+    [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
 
-  Higher = more similar = more likely to displace ``log π(y⁺)``. :func:`ches_scores`, :func:`ches_from_hidden`,
-  :func:`ches_table`, :func:`ches_filter`.
 - **Ranking accuracy** (Chen, Malladi, Zhang, Chen, Zhang, Ranganath & Cho 2024, "Preference Learning
-  Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534: ranking accuracy, idealised ranking accuracy and the DPO flip condition): :func:`ranking_accuracy`, :func:`idealized_ranking_accuracy`, :func:`dpo_flip_loss`.
-- **Squeezing effect** (Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning", arXiv 2407.10490): a step *down* on ``log π(ȳ)`` moves mass to the most likely tokens. :func:`squeeze_step`,
-  :func:`squeeze_first_order` (one-token, logits as parameters), :func:`squeezing_probe` (a model).
+  Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534: ranking accuracy, idealised ranking accuracy
+  and the DPO flip condition): [`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy],
+  [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy],
+  [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss].
+
+- **Squeezing effect** (Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning", arXiv 2407.10490): a
+  step *down* on ``log π(ȳ)`` moves mass to the most likely tokens.
+  [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step],
+  [`squeeze_first_order`][prefopt.diagnostics.displacement.squeeze_first_order] (one-token, logits as
+  parameters), [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe] (a model).
+
 - **One-token gradient inner products** (closed forms, ground truth for
-  [`entanglement`][prefopt.diagnostics.entanglement.entanglement]): :func:`tabular_grad_inner`,
-  :func:`unembedding_grad_inner`, :func:`hidden_grad_inner`.
+  [`entanglement`][prefopt.diagnostics.entanglement.entanglement]):
+  [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner],
+  [`unembedding_grad_inner`][prefopt.diagnostics.displacement.unembedding_grad_inner],
+  [`hidden_grad_inner`][prefopt.diagnostics.displacement.hidden_grad_inner].
 
 All outputs are float64.
 """
@@ -98,6 +112,7 @@ def ches_positions(completion_mask: Tensor, *, positions: Positions = "predictin
 
     Args:
         completion_mask: ``(b, t)`` bool, True at response tokens (False at position 0).
+        positions: ``"predicting"`` (default) or ``"inclusive"``, as above.
     """
     check_tensor("completion_mask", completion_mask, ndim=2, floating=False)
     check_mask("completion_mask", completion_mask, tuple(completion_mask.shape), "completion_mask")
@@ -118,22 +133,22 @@ def ches_from_hidden(
 ) -> tuple[Tensor, Tensor]:
     r"""``(CHES, LN-CHES)`` per pair from hidden states and the positions to sum (float64, ``(b,)``).
 
-    .. math::
+    $$
+    S^\pm = \sum_p m^\pm_p h^\pm_p,\quad n^\pm = \sum_p m^\pm_p,\quad
+    \mathrm{CHES} = \langle S^+, S^-\rangle - \lVert S^+\rVert^2,\quad
+    \mathrm{LN\text{-}CHES} = \frac{\langle S^+, S^-\rangle}{n^+ n^-} - \frac{\lVert S^+\rVert^2}{(n^+)^2}
+    $$
 
-        S^\pm = \sum_p m^\pm_p h^\pm_p,\quad n^\pm = \sum_p m^\pm_p,\quad
-        \mathrm{CHES} = \langle S^+, S^-\rangle - \lVert S^+\rVert^2,\quad
-        \mathrm{LN\text{-}CHES} = \frac{\langle S^+, S^-\rangle}{n^+ n^-} - \frac{\lVert S^+\rVert^2}{(n^+)^2}
-
-    (Razin et al. 2024, arXiv 2410.08847: CHES and length-normalised CHES). Differentiable in the hidden states.
+    (Razin et al. 2024, arXiv 2410.08847: CHES and length-normalised CHES). Differentiable in the hidden
+    states.
 
     Args:
-        chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``; rejected_hidden ``(b, t⁻, d)`` of ``(x, y⁻)``.
-        chosen_mask: ``(b, t±)`` bool, True at the positions that count (see
-            :func:`ches_positions`); every row needs at least one. Masked positions are never read (they may
-            hold NaN).
-        rejected_mask: ``(b, t±)`` bool, True at the positions that count (see
-            :func:`ches_positions`); every row needs at least one. Masked positions are never read (they may
-            hold NaN).
+        chosen_hidden: ``(b, t⁺, d)`` hidden states of ``(x, y⁺)``.
+        rejected_hidden: ``(b, t⁻, d)`` hidden states of ``(x, y⁻)``.
+        chosen_mask: ``(b, t⁺)`` bool, True at the positions that count (see
+            [`ches_positions`][prefopt.diagnostics.displacement.ches_positions]); every row needs at least
+            one. Masked positions are never read (they may hold NaN).
+        rejected_mask: ``(b, t⁻)`` bool, the same for ``rejected_hidden``.
     """
     out = []
     for side, h, m in (("chosen", chosen_hidden, chosen_mask), ("rejected", rejected_hidden, rejected_mask)):
@@ -164,8 +179,9 @@ class ChesScores:
     Attributes:
         ches: ``⟨S⁺, S⁻⟩ − ‖S⁺‖²`` (float64).
         ln_ches: the length-normalised score (float64).
-        chosen_count / rejected_count: the number of hidden states summed (``|y|``, or ``|y|+1`` with
-            ``positions="inclusive"``), int64.
+        chosen_count: the number of hidden states summed for the chosen response (``|y|``, or ``|y|+1``
+            with ``positions="inclusive"``), int64.
+        rejected_count: the same for the rejected response.
         positions: the position convention used.
     """
 
@@ -189,11 +205,14 @@ def ches_scores(model: Any, batch: dict[str, Tensor], *, positions: Positions = 
     r"""CHES and LN-CHES of every pair of a collated preference batch, from one forward pass (no gradients).
 
     The hidden state is the backbone's last one — the input of the LM head (for HF models the last entry of
-    ``output_hidden_states``, after the final norm). See :func:`ches_from_hidden` for the formula and
-    :func:`ches_positions` for ``positions``. Razin et al. 2024 (arXiv 2410.08847).
+    ``output_hidden_states``, after the final norm). See
+    [`ches_from_hidden`][prefopt.diagnostics.displacement.ches_from_hidden] for the formula and
+    [`ches_positions`][prefopt.diagnostics.displacement.ches_positions] for ``positions``. Razin et al. 2024
+    (arXiv 2410.08847).
 
     Args:
-        model: a transformers causal LM, a peft model, or a :class:`prefopt.LoraPolicy` (its adapted model).
+        model: a transformers causal LM, a peft model, or a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy]
+            (its adapted model).
         batch: ``input_ids`` ``(2B, T)``, optional ``attention_mask``, bool ``completion_mask`` ``(2B, T)``;
             rows ``0..B−1`` chosen, ``B..2B−1`` rejected (the layout of
             [`entanglement`][prefopt.diagnostics.entanglement.entanglement]). Padding as for
@@ -281,20 +300,22 @@ def _shared_prompt_hidden(backbone: nn.Module, ids: Tensor, am: Tensor | None, c
 def ches_and_logps(
     model: Any, batch: Any, *, positions: Positions = "predicting", share_prompt: bool = False
 ) -> tuple[ChesScores, Tensor, Tensor]:
-    r"""``(scores, S_w, S_l)``: :func:`ches_scores` and the sequence log-probs of both responses, from ONE
+    r"""``(scores, S_w, S_l)``: [`ches_scores`][prefopt.diagnostics.displacement.ches_scores] and the sequence log-probs of both responses, from ONE
     forward of the backbone (the screening pass of ``prefopt diagnose``).
 
     ``S_w = log π(y_w|x)`` and ``S_l`` (``(B,)``, float32, float64 for a float64 model) are
     [`token_logps`][prefopt.logprobs.token_logps] summed over the completion tokens: the LM head (with the
     config's logit scaling / soft-capping) runs only on the hidden states that predict completion tokens, in
     chunks, on the same hidden states CHES sums. Together they give CHES, LN-CHES, ranking accuracy
-    (:func:`ranking_accuracy`) and, at a fresh adapter where the policy is the reference,
-    :func:`idealized_ranking_accuracy` and :func:`dpo_flip_loss` — for the price of one no-grad forward.
+    ([`ranking_accuracy`][prefopt.diagnostics.displacement.ranking_accuracy]) and, at a fresh adapter where
+    the policy is the reference,
+    [`idealized_ranking_accuracy`][prefopt.diagnostics.displacement.idealized_ranking_accuracy] and
+    [`dpo_flip_loss`][prefopt.diagnostics.displacement.dpo_flip_loss] — for the price of one no-grad forward.
 
     Args:
-        model: as :func:`ches_scores`.
-        batch: as :func:`ches_scores`.
-        positions: as :func:`ches_scores`.
+        model: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
+        batch: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
+        positions: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
         share_prompt: run each pair's prompt once and both responses on its key/value cache (one pair at a
             time) instead of one forward of all ``2B`` full rows: the same numbers up to float rounding, and
             cheaper when prompts are long against responses (multi-turn dialogues). Needs a backbone with a
@@ -338,12 +359,15 @@ def ches_table(
     progress: bool = False,
     total: int | None = None,
 ) -> dict[str, list[Any]]:
-    """Stream :func:`ches_scores` over batches; return a column table ``{"pair", "ches", "ln_ches",
+    """Stream [`ches_scores`][prefopt.diagnostics.displacement.ches_scores] over batches; return a column table ``{"pair", "ches", "ln_ches",
     "chosen_count", "rejected_count"}`` of plain Python lists (``pair`` numbers the pairs in stream order).
 
     Args:
+        model: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
         batches: an iterable of collated pair batches (e.g. a ``DataLoader`` with prefopt's pair collator).
+        positions: as [`ches_scores`][prefopt.diagnostics.displacement.ches_scores].
         progress: show a ``tqdm`` progress bar (over batches; ``total`` if the iterable has no length).
+        total: the number of batches for the progress bar when ``batches`` has no length (optional).
     """
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
@@ -368,10 +392,11 @@ def ches_table(
 
 @dataclass(frozen=True)
 class ChesFilter:
-    """The result of :func:`ches_filter`.
+    """The result of [`ches_filter`][prefopt.diagnostics.displacement.ches_filter].
 
     Attributes:
-        keep / removed: pair indices (int64, ascending) kept and dropped.
+        keep: indices of the kept pairs (int64, ascending).
+        removed: indices of the dropped pairs (int64, ascending).
         threshold: the score cut used: a pair is kept iff its score ``≤ threshold`` (``keep_fraction``: the
             ``k``-th smallest score).
         score: ``"ches"`` or ``"ln_ches"``.
@@ -399,10 +424,12 @@ def ches_filter(
     broken by index, so exactly ``k``). Exactly one of ``keep_fraction`` / ``threshold`` must be given.
 
     Args:
-        scores: a :class:`ChesScores` (``score`` picks the field) or a ``(N,)`` float tensor of scores.
+        scores: a [`ChesScores`][prefopt.diagnostics.displacement.ChesScores] (``score`` picks the field) or a
+            ``(N,)`` float tensor of scores.
         keep_fraction: in ``(0, 1]``.
         threshold: a finite number.
-        score: ``"ln_ches"`` (default) or ``"ches"`` when ``scores`` is a :class:`ChesScores`.
+        score: ``"ln_ches"`` (default) or ``"ches"`` when ``scores`` is a
+            [`ChesScores`][prefopt.diagnostics.displacement.ChesScores].
     """
     if score not in ("ln_ches", "ches"):
         raise ValueError(f"score must be 'ln_ches' or 'ches', got {score!r}")
@@ -498,10 +525,10 @@ def idealized_ranking_accuracy(
     The optimum ``π* ∝ π_ref exp(r*/β)`` under a Bradley–Terry reward with ``P(y_w ≻ y_l) = α`` has
     (Chen et al. 2024, arXiv 2405.19534, idealised ranking accuracy)
 
-    .. math::
-
-        \frac{π^*(y_w|x)}{π^*(y_l|x)} = \frac{π_{ref}(y_w|x)}{π_{ref}(y_l|x)}
-            \left(\frac{α}{1-α}\right)^{1/β},
+    $$
+    \frac{π^*(y_w|x)}{π^*(y_l|x)} = \frac{π_{ref}(y_w|x)}{π_{ref}(y_l|x)}
+    \left(\frac{α}{1-α}\right)^{1/β},
+    $$
 
     and a pair counts as correct iff this ratio ``> 1 + tie_band`` (default 0: strict ``>``; the authors'
     code uses a ±5 % tie band, ``tie_band=0.05``). Computed in log space:
@@ -532,14 +559,15 @@ def idealized_ranking_accuracy(
 def dpo_flip_loss(ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float) -> Tensor:
     r"""The DPO loss below which a pair is ranked correctly: ``log(1 + (π_ref(y_w)/π_ref(y_l))^β)``; ``(b,)``.
 
-    With ``h = (S_w − S_ref,w) − (S_l − S_ref,l)`` and ``L = −log σ(βh)``: ``S_w > S_l ⇔ h > S_ref,l − S_ref,w
-    ⇔ L < softplus(β (S_ref,w − S_ref,l))`` (derived here; the flip condition of Chen et al. 2024, arXiv 2405.19534). When the
-    reference prefers ``y_l`` strongly, this is far below ``log 2``: DPO must nearly reach its optimum on the
-    pair before the ranking flips. Differentiable.
+    With ``h = (S_w − S_ref,w) − (S_l − S_ref,l)`` and ``L = −log σ(βh)``:
+    ``S_w > S_l ⇔ h > S_ref,l − S_ref,w ⇔ L < softplus(β (S_ref,w − S_ref,l))`` (derived here; the flip
+    condition of Chen et al. 2024, arXiv 2405.19534). When the reference prefers ``y_l`` strongly, this is far
+    below ``log 2``: DPO must nearly reach its optimum on the pair before the ranking flips. Differentiable.
 
     Args:
-        ref_chosen: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
-        ref_rejected: ``(b,)`` reference sequence log-probs. beta: ``β > 0``.
+        ref_chosen: ``(b,)`` reference sequence log-probs ``S_ref,w``.
+        ref_rejected: ``(b,)`` reference sequence log-probs ``S_ref,l``.
+        beta: ``β > 0``.
     """
     b = _check_vec("ref_chosen", ref_chosen).shape[0]
     _check_vec("ref_rejected", ref_rejected, b)
@@ -582,16 +610,18 @@ def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
 
     ``z⁺ = z − η ∇_z log π(ȳ) = z − η (e_ȳ − π)``, so
 
-    .. math::
+    $$
+    π^+_i = \frac{π_i \exp(η(π_i - 1[i=ȳ]))}{\sum_j π_j \exp(η(π_j - 1[j=ȳ]))}
+    $$
 
-        π^+_i = \frac{π_i \exp(η(π_i - 1[i=ȳ]))}{\sum_j π_j \exp(η(π_j - 1[j=ȳ]))}
-
-    (Ren & Sutherland 2024, arXiv 2407.10490; closed form derived here for one context). ``π⁺_ȳ < π_ȳ`` always, and the most
-    likely other token always gains ("squeezing"). In DPO the rejected response's step is this with
-    ``η → η β σ(−βh)``. Differentiable.
+    (Ren & Sutherland 2024, arXiv 2407.10490; closed form derived here for one context). ``π⁺_ȳ < π_ȳ``
+    always, and the most likely other token always gains ("squeezing"). In DPO the rejected response's step is
+    this with ``η → η β σ(−βh)``. Differentiable.
 
     Args:
-        logits: ``(..., V)``. target: ``(...)`` integer token ids ``ȳ``. eta: step size ``η ≥ 0``.
+        logits: ``(..., V)``.
+        target: ``(...)`` integer token ids ``ȳ``.
+        eta: step size ``η ≥ 0``.
 
     Returns:
         ``(..., V)`` probabilities ``π⁺`` (dtype of ``logits``).
@@ -601,11 +631,11 @@ def squeeze_step(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
 
 
 def squeeze_first_order(logits: Tensor, target: Tensor, *, eta: float) -> Tensor:
-    r"""First-order change of every ``log π_i`` after :func:`squeeze_step`: ``(..., V)``.
+    r"""First-order change of every ``log π_i`` after [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step]: ``(..., V)``.
 
-    .. math::
-
-        Δ \log π_i ≈ η\,(π_i - 1[i=ȳ] - \lVert π\rVert^2 + π_ȳ)
+    $$
+    Δ \log π_i ≈ η\,(π_i - 1[i=ȳ] - \lVert π\rVert^2 + π_ȳ)
+    $$
 
     so a token ``i ≠ ȳ`` gains iff ``π_i > ‖π‖² − π_ȳ`` ("the rich get richer"; Ren & Sutherland 2024,
     arXiv 2407.10490; derived here). Differentiable.
@@ -617,13 +647,15 @@ def squeeze_first_order(logits: Tensor, target: Tensor, *, eta: float) -> Tensor
 
 @dataclass(frozen=True)
 class SqueezeReport:
-    """Per-token result of :func:`squeezing_probe`; tensors ``(b, t)`` float64 (``argmax``: int64), zero
+    """Per-token result of [`squeezing_probe`][prefopt.diagnostics.displacement.squeezing_probe]; tensors ``(b, t)`` float64 (``argmax``: int64), zero
     where ``completion_mask`` is False.
 
     Attributes:
         argmax: the most likely token at the position before the step (``−1`` where masked).
-        argmax_prob_before / argmax_prob_after: its probability before / after the step.
-        target_prob_before / target_prob_after: probability of the response token ``y_t``.
+        argmax_prob_before: its probability before the step.
+        argmax_prob_after: its probability after the step.
+        target_prob_before: probability of the response token ``y_t`` before the step.
+        target_prob_after: probability of the response token ``y_t`` after the step.
         moved_to_argmax: ``argmax_prob_after − argmax_prob_before``.
         argmax_is_target: bool, the response token is itself the argmax.
         eta: the step size.
@@ -662,12 +694,16 @@ def squeezing_probe(
     probability of the pre-step argmax token and of the response token before and after. Ren & Sutherland
     2024 (arXiv 2407.10490): the argmax typically gains even when it is not ``y_t``. Parameters are
     restored exactly after each row. With logits as parameters the per-position result is
-    :func:`squeeze_step`.
+    [`squeeze_step`][prefopt.diagnostics.displacement.squeeze_step].
 
     Args:
-        model: a causal LM (``nn.Module`` returning ``.logits``) or a :class:`prefopt.LoraPolicy`.
-        input_ids: ``(b, t)``; completion_mask ``(b, t)`` bool (False at 0); attention_mask optional.
-        eta: ``η > 0``. params: parameters or names to step (default: all with ``requires_grad``).
+        model: a causal LM (``nn.Module`` returning ``.logits``) or a
+            [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy].
+        input_ids: ``(b, t)``.
+        completion_mask: ``(b, t)`` bool (False at 0).
+        attention_mask: optional ``(b, t)``.
+        eta: ``η > 0``.
+        params: parameters or names to step (default: all with ``requires_grad``).
 
     Cost: per row one forward+backward and one forward; model in ``eval()`` mode.
     """
@@ -760,16 +796,20 @@ def tabular_grad_inner(probs: Tensor, chosen: Tensor, rejected: Tensor) -> tuple
     r"""``(⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖²)`` for ``g_a = ∇_z log softmax(z)_a = e_a − π`` (logits as parameters,
     one context):
 
-    .. math::
-
-        ⟨g_w, g_l⟩ = \lVert π\rVert^2 - π_w - π_l + 1[w=l], \qquad \lVert g_w\rVert^2 = 1 - 2π_w + \lVert π\rVert^2.
+    $$
+    ⟨g_w, g_l⟩ = \lVert π\rVert^2 - π_w - π_l + 1[w=l], \qquad \lVert g_w\rVert^2 = 1 - 2π_w + \lVert π\rVert^2.
+    $$
 
     For ``w ≠ l``, ``⟨g_w,g_l⟩ − ‖g_w‖² = π_w − π_l − 1 < 0``: a DPO step on such a one-token pair can never
     lower ``π_w`` (the entanglement condition of Yuan et al. 2024, arXiv 2410.13828, never fires).
 
     Args:
-        probs: ``(..., V)`` probabilities ``π``. chosen / rejected: ``(...)`` token ids.
-    Returns: three ``(...)`` tensors in the dtype of ``probs``.
+        probs: ``(..., V)`` probabilities ``π``.
+        chosen: ``(...)`` token ids ``w``.
+        rejected: ``(...)`` token ids ``l``.
+
+    Returns:
+        Three ``(...)`` tensors in the dtype of ``probs``.
     """
     w, lt = _probs_and_tokens(probs, ("chosen", "rejected"), (chosen, rejected))
     sq = (probs * probs).sum(-1)
@@ -784,17 +824,25 @@ def unembedding_grad_inner(
 ) -> Tensor:
     r"""``⟨∇_W log π(a|h), ∇_W log π(b|h')⟩_F`` for a shared unembedding, logits ``= W h``:
 
-    .. math::
+    $$
+    ∇_W \log π(a|h) = (e_a - π) h^\top \;\Rightarrow\;
+    ⟨·,·⟩_F = ⟨e_a - π, e_b - π'⟩ \, ⟨h, h'⟩,
+    $$
 
-        ∇_W \log π(a|h) = (e_a - π) h^\top \;\Rightarrow\;
-        ⟨·,·⟩_F = ⟨e_a - π, e_b - π'⟩ \, ⟨h, h'⟩,
-
-    with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives :func:`tabular_grad_inner` times ``‖h‖²``.
+    with ``⟨e_a − π, e_b − π'⟩ = 1[a=b] − π'_a − π_b + ⟨π, π'⟩`` (derived here; cf. the token-unembedding view
+    of Razin et al. 2024, arXiv 2410.08847). Same context (``h = h'``) gives
+    [`tabular_grad_inner`][prefopt.diagnostics.displacement.tabular_grad_inner] times ``‖h‖²``.
 
     Args:
-        probs_a: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
-        probs_b: ``(..., V)``; token_a / token_b: ``(...)``; hidden_a / hidden_b: ``(..., d)``.
-    Returns: ``(...)``.
+        probs_a: ``(..., V)`` ``π = softmax(W h)``.
+        token_a: ``(...)`` token ids ``a``.
+        hidden_a: ``(..., d)`` ``h``.
+        probs_b: ``(..., V)`` ``π' = softmax(W h')``.
+        token_b: ``(...)`` token ids ``b``.
+        hidden_b: ``(..., d)`` ``h'``.
+
+    Returns:
+        ``(...)``.
     """
     (a,) = _probs_and_tokens(probs_a, ("token_a",), (token_a,))
     (bb,) = _probs_and_tokens(probs_b, ("token_b",), (token_b,))
@@ -821,15 +869,20 @@ def hidden_grad_inner(
     r"""``(⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖²)`` for ``g_a = ∇_h log softmax(W h)_a`` (hidden state as the parameter,
     ``W`` fixed — derived here; the unconstrained-features view of Razin et al. 2024, arXiv 2410.08847):
 
-    .. math::
-
-        g_a = W_a - W^\top π = W_a - \bar W,\qquad ⟨g_w, g_l⟩ = ⟨W_w - \bar W, W_l - \bar W⟩.
+    $$
+    g_a = W_a - W^\top π = W_a - \bar W,\qquad ⟨g_w, g_l⟩ = ⟨W_w - \bar W, W_l - \bar W⟩.
+    $$
 
     A DPO step on ``h`` alone lowers ``log π(y_w)`` to first order iff ``⟨g_w, g_l⟩ > ‖g_w‖²``.
 
     Args:
-        unembedding: ``(V, d)`` ``W``. probs: ``(..., V)`` ``π = softmax(W h)``. chosen / rejected: ``(...)``.
-    Returns: three ``(...)`` tensors.
+        unembedding: ``(V, d)`` ``W``.
+        probs: ``(..., V)`` ``π = softmax(W h)``.
+        chosen: ``(...)`` token ids ``w``.
+        rejected: ``(...)`` token ids ``l``.
+
+    Returns:
+        Three ``(...)`` tensors.
     """
     check_tensor("unembedding", unembedding, ndim=2)
     w, lt = _probs_and_tokens(probs, ("chosen", "rejected"), (chosen, rejected))

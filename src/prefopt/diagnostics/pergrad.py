@@ -9,25 +9,26 @@ default), or the per-row gradients themselves, without ``n`` backward passes.
 For an ``nn.Linear`` ``y = x Wᵀ + b`` called on a ``(n, T, d_in)`` input, one backward of ``Σ_i s_i`` gives the
 output gradients ``g_{i,t} = ∂(Σ_j s_j)/∂y_{i,t} = ∂s_i/∂y_{i,t}`` (rows do not interact), so
 
-.. math::
-
-    ∇_W s_i = Σ_t g_{i,t} x_{i,t}^T  \quad (d_{out}×d_{in}), \qquad ∇_b s_i = Σ_t g_{i,t}.
+$$
+∇_W s_i = Σ_t g_{i,t} x_{i,t}^T  \quad (d_{out}×d_{in}), \qquad ∇_b s_i = Σ_t g_{i,t}.
+$$
 
 Forward hooks record ``x`` for every call of every ``nn.Linear`` that owns a selected parameter, and a tensor
 hook on the call's output records ``g``. Per layer, the gradients are either **materialized** (``n·d_out·d_in``
 numbers; tiny for LoRA's ``A`` ``(r, d_in)`` and ``B`` ``(d_out, r)``) or their Gram is taken with the **ghost**
 identity (Li et al. 2022, arXiv 2110.05679, §4 "ghost clipping")
 
-.. math::
-
-    ⟨∇_W s_i, ∇_W s_j⟩ = Σ_{t,u} (g_{i,t}·g_{j,u})(x_{i,t}·x_{j,u}),
+$$
+⟨∇_W s_i, ∇_W s_j⟩ = Σ_{t,u} (g_{i,t}·g_{j,u})(x_{i,t}·x_{j,u}),
+$$
 
 which costs ``(nT)²`` numbers instead of ``n·d_out·d_in``; ``method="auto"`` picks the smaller per layer.
 
 **Fallback.** A selected parameter that is not the weight/bias of an ``nn.Linear`` called on ``(n, T, d)``
-inputs (embeddings, norms, an LM head applied functionally by :func:`prefopt.logprobs.token_logps`, weights
-shared by several modules) gets its per-row gradients from a loop of ``n`` ``torch.autograd.grad`` calls on the
-retained graph, with a ``RuntimeWarning`` naming the parameters (correct, slower).
+inputs (embeddings, norms, an LM head applied functionally by
+[`prefopt.logprobs.token_logps`][prefopt.logprobs.token_logps], weights shared by several modules) gets its
+per-row gradients from a loop of ``n`` ``torch.autograd.grad`` calls on the retained graph, with a
+``RuntimeWarning`` naming the parameters (correct, slower).
 
 **Self-check.** The ordinary summed gradient ``Σ_i ∇ s_i`` comes out of the same backward; the per-row
 gradients of every hooked parameter are checked against it, and a parameter whose rows do not add up (a
@@ -110,7 +111,7 @@ class _Record:
 
 @dataclass(frozen=True)
 class RowGradients:
-    """Result of :func:`per_row_gradients`.
+    """Result of [`per_row_gradients`][prefopt.diagnostics.pergrad.per_row_gradients].
 
     Attributes:
         values: ``(n,)`` the per-row scalars ``s_i`` (detached, as computed).
@@ -152,13 +153,13 @@ def per_row_gradients(
         model: the module whose ``nn.Linear`` submodules are hooked (the one ``forward`` runs).
         forward: a closure running the model with grad enabled and returning ``(n_rows,)`` scalars.
         n_rows: the batch size of every hooked call (``x.shape[0]``).
-        named_params: from :func:`resolve_params`.
+        named_params: from [`resolve_params`][prefopt.diagnostics.pergrad.resolve_params].
         method: ``"materialize"``, ``"ghost"`` or ``"auto"`` (per layer, the cheaper one); ignored (always
             materialize) when ``flat=True``.
         flat: also return the ``(n, P)`` per-row gradient matrix.
 
-    Returns: :class:`RowGradients`. Cost: one forward, one backward, per-layer einsums; plus ``n`` backward
-    calls restricted to the fallback parameters if there are any.
+    Returns: [`RowGradients`][prefopt.diagnostics.pergrad.RowGradients]. Cost: one forward, one backward,
+    per-layer einsums; plus ``n`` backward calls restricted to the fallback parameters if there are any.
     """
     if method not in ("auto", "materialize", "ghost"):
         raise ValueError(f"method must be 'auto', 'materialize' or 'ghost', got {method!r}")

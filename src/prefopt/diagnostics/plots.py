@@ -1,4 +1,4 @@
-"""Heatmap of a :class:`~prefopt.diagnostics.token_correlation.TokenCorrelation` (matplotlib, Agg backend)."""
+"""Heatmap of a [`TokenCorrelation`][prefopt.diagnostics.token_correlation.TokenCorrelation] (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 

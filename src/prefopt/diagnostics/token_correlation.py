@@ -3,20 +3,20 @@ r"""Token-level view of gradient entanglement: cosines between per-token log-pro
 For a pair ``(y_w, y_l)`` with completion tokens ``y_{w,1..T_w}`` and ``y_{l,1..T_l}``, let
 ``g_{w,t} = ∇_θ log π_θ(y_{w,t} | x, y_{w,<t})`` (same for ``l``). Then ``∇_w = Σ_t g_{w,t}`` and
 
-.. math::
-
-    ⟨∇_w, ∇_l⟩ = Σ_{t,s} ⟨g_{w,t}, g_{l,s}⟩,
+$$
+⟨∇_w, ∇_l⟩ = Σ_{t,s} ⟨g_{w,t}, g_{l,s}⟩,
+$$
 
 so the ``(T_w × T_l)`` matrix of cosines ``cos(g_{w,t}, g_{l,s})`` shows *which* token pairs make the chosen and
 rejected gradients aligned (Yuan et al. 2024, arXiv 2410.13828, token-gradient heatmaps). For the unembedding
 ``W`` alone, ``⟨g_a, g'_b⟩ = ⟨e_a − p, e_b − p'⟩⟨h, h'⟩``: the same token in the same context correlates
 positively, different tokens in the same context typically negatively.
 
-**Shared tokens** (definition used by :attr:`TokenCorrelation.summary`): completion offset ``k`` (0-based
+**Shared tokens** (definition used by `TokenCorrelation.summary`): completion offset ``k`` (0-based
 position inside the completion) is *shared* when both completions have a token at offset ``k`` and it is the
 same token id, ``y_{w,k} = y_{l,k}`` — the "same token at the same completion offset" rule, also used by
-:func:`prefopt.losses.decoupled.shared_token_mask`. For two responses that differ in one token, every other
-offset is shared.
+[`prefopt.losses.decoupled.shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]. For two responses
+that differ in one token, every other offset is shared.
 
 **Computation** (exact, no approximation). The gradient of token ``t`` of a row is a vector–Jacobian product
 (VJP). Default path (``method="vjp"``, used when every selected parameter is the weight/bias of an
@@ -36,10 +36,11 @@ by kernel-launch latency (small models on a GPU) batching the VJPs gains more.
 Fallback (``method="copies"``): ``n`` *copies* of the row, copy ``k`` truncated after its token ``t_k`` and
 counting only that token (causality makes later tokens irrelevant), so that one forward and one backward of
 ``Σ_k ℓ_k`` over the copies yields all ``n`` per-token gradients through the per-row identity of
-:mod:`prefopt.diagnostics.pergrad`, in chunks of ``chunk_rows`` copies. Memory: the ``(T_w + T_l, P)``
-per-token gradient matrix (``P`` = selected parameter elements; restrict with ``params=`` for large
-adapters), float64 on the copies path and in the model's precision on the VJP path; the VJP path also holds
-``chunk × p × Σ d_out`` output gradients per chunk (the chunk is shrunk to keep that under ``2^27`` numbers).
+[`prefopt.diagnostics.pergrad`][prefopt.diagnostics.pergrad], in chunks of ``chunk_rows`` copies. Memory: the
+``(T_w + T_l, P)`` per-token gradient matrix (``P`` = selected parameter elements; restrict with ``params=``
+for large adapters), float64 on the copies path and in the model's precision on the VJP path; the VJP path
+also holds ``chunk × p × Σ d_out`` output gradients per chunk (the chunk is shrunk to keep that under ``2^27``
+numbers).
 """
 
 from __future__ import annotations
@@ -75,13 +76,19 @@ class TokenCorrelation:
 
     Attributes:
         matrix: ``(T_w, T_l)`` ``cos(g_{w,t}, g_{l,s})``.
-        chosen_matrix / rejected_matrix: ``(T_w, T_w)`` / ``(T_l, T_l)`` within-response cosines.
+        chosen_matrix: ``(T_w, T_w)`` within-response cosines of the chosen response.
+        rejected_matrix: ``(T_l, T_l)`` within-response cosines of the rejected response.
         cross_inner: ``(T_w, T_l)`` raw inner products ``⟨g_{w,t}, g_{l,s}⟩``; its sum is ``⟨∇_w, ∇_l⟩``.
-        chosen_norms / rejected_norms: ``(T_w,)`` / ``(T_l,)`` ``‖g_{·,t}‖``.
-        chosen_ids / rejected_ids: completion token ids; chosen_positions / rejected_positions: their
-            column index in ``input_ids``.
-        chosen_shared / rejected_shared: bool, True at shared offsets (module docstring).
-        chosen_tokens / rejected_tokens: decoded tokens (one string each) if a tokenizer was given, else None.
+        chosen_norms: ``(T_w,)`` ``‖g_{w,t}‖``.
+        rejected_norms: ``(T_l,)`` ``‖g_{l,t}‖``.
+        chosen_ids: chosen completion token ids.
+        rejected_ids: rejected completion token ids.
+        chosen_positions: their column index in ``input_ids``.
+        rejected_positions: their column index in ``input_ids``.
+        chosen_shared: bool ``(T_w,)``, True at shared offsets (module docstring).
+        rejected_shared: bool ``(T_l,)``, True at shared offsets.
+        chosen_tokens: decoded chosen tokens (one string each) if a tokenizer was given, else None.
+        rejected_tokens: decoded rejected tokens, likewise.
         summary: ``mean_shared`` (mean of ``matrix[i, j]`` over cells whose chosen *and* rejected token are
             shared), ``mean_differing`` (cells with at least one non-shared token), ``diag_shared`` (mean of
             ``matrix[k, k]`` over shared ``k``: same token, same offset), ``diag_differing`` (``matrix[k, k]``
@@ -175,7 +182,7 @@ def per_token_gradients_vjp(
     *,
     chunk_rows: int = 32,
 ) -> tuple[Tensor, Tensor] | None:
-    """Same result as :func:`per_token_gradients` (but ``G`` in the model's precision: float64 for a float64
+    """Same result as [`per_token_gradients`][prefopt.diagnostics.token_correlation.per_token_gradients] (but ``G`` in the model's precision: float64 for a float64
     model, else float32) by forwards of causal prefixes and batched VJPs w.r.t.
     recorded layer outputs (module docstring), or None when the model/parameters do not fit that path (a
     selected parameter that is not a backbone ``nn.Linear`` weight/bias called exactly once on a ``(1, T, d)``
@@ -384,7 +391,8 @@ def token_gradient_correlation(
     r"""Cosines between per-token gradients of pair ``index`` of a collated preference batch.
 
     Args:
-        policy_or_model: a :class:`prefopt.LoraPolicy` (its policy model is used) or a causal LM.
+        policy_or_model: a [`prefopt.LoraPolicy`][prefopt.policy.LoraPolicy] (its policy model is used) or a
+            causal LM.
         batch: ``input_ids`` / ``attention_mask`` / bool ``completion_mask``, ``(2B, T)``, chosen rows first.
         index: the pair, ``0 ≤ index < B`` (rows ``index`` and ``index + B``).
         tokenizer: optional; decodes each completion token for labels.
@@ -394,7 +402,8 @@ def token_gradient_correlation(
         method: ``"vjp"`` (one forward + batched VJPs; raises if the model does not fit it), ``"copies"``
             (truncated copies of the row) or ``"auto"`` (``"vjp"`` when it applies, else ``"copies"``).
 
-    Returns: :class:`TokenCorrelation`. The model runs in ``eval()`` mode and is left as found.
+    Returns: [`TokenCorrelation`][prefopt.diagnostics.token_correlation.TokenCorrelation]. The model runs in
+    ``eval()`` mode and is left as found.
     """
     model, _ = resolve_model(policy_or_model)
     ids, am, cm, b = check_pair_batch(batch)

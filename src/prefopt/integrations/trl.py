@@ -1,21 +1,22 @@
 r"""Keep TRL's ``DPOTrainer`` (data pipeline, fused LM head, reference handling, logging, accelerate/DeepSpeed/FSDP)
 and compute the loss with any pairwise prefopt loss.
 
-:class:`PrefoptDPOTrainer` subclasses ``trl.DPOTrainer`` (tested with TRL 1.16.0) and replaces only the loss
-computation, ``_compute_loss``. Per-token log-probs still come from TRL's fused LM head
-(``model(..., labels=labels, fused_lm_head=True).log_probs``, no ``(B, T, V)`` logits), the reference from
-``ref_model``, from the PEFT model with its adapter disabled (or its ``"ref"`` adapter), or from precomputed
-columns — exactly as TRL does. What changes: the sequence sums become a :class:`prefopt.types.PairLogps`
+[`PrefoptDPOTrainer`][prefopt.integrations.trl.PrefoptDPOTrainer] subclasses ``trl.DPOTrainer`` (tested with
+TRL 1.16.0) and replaces only the loss computation, ``_compute_loss``. Per-token log-probs still come from
+TRL's fused LM head (``model(..., labels=labels, fused_lm_head=True).log_probs``, no ``(B, T, V)`` logits),
+the reference from ``ref_model``, from the PEFT model with its adapter disabled (or its ``"ref"`` adapter), or
+from precomputed columns — exactly as TRL does. What changes: the sequence sums become a
+[`prefopt.types.PairLogps`][prefopt.types.PairLogps]
 
-.. math::
-
-    S(y) = \sum_t m_t \log \pi_\theta(y_t \mid x, y_{<t}), \qquad |y| = \sum_t m_t
+$$
+S(y) = \sum_t m_t \log \pi_\theta(y_t \mid x, y_{<t}), \qquad |y| = \sum_t m_t
+$$
 
 (chosen = first half of the batch, rejected = second half, with ``ref_*`` fields and lengths), which is fed to
 ``prefopt.get_loss(loss, **loss_kwargs)``; the training loss is the mean of its unreduced per-pair loss, as in
 TRL (``per_sequence_loss.mean()``).
 
-Example::
+An example:
 
     from prefopt.integrations.trl import PrefoptDPOTrainer
     from trl import DPOConfig
@@ -34,9 +35,11 @@ Correspondence with TRL's ``loss_type`` on the same batch (tested in ``tests/tes
 the same name. Losses TRL does not have (``simpo``, ``cpo``, ``orpo``, ``rdpo``, ``dpop``, ``cdpo``, ...) just work.
 
 TRL options that act on top of any loss work as in TRL (tested value-for-value and gradient-for-gradient):
-``ld_alpha`` (LD-DPO: the sums become :func:`prefopt.losses.weighted.ld_pair_logps`, policy and reference) and
-``use_weighting`` (WPO: each pair's loss is multiplied by :func:`prefopt.losses.weighted.wpo_weights` of the
-chosen and of the rejected response, from the ``log Σ_v π_v²`` of TRL's fused head).
+``ld_alpha`` (LD-DPO: the sums become
+[`prefopt.losses.weighted.ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps], policy and reference) and
+``use_weighting`` (WPO: each pair's loss is multiplied by
+[`prefopt.losses.weighted.wpo_weights`][prefopt.losses.weighted.wpo_weights] of the chosen and of the rejected
+response, from the ``log Σ_v π_v²`` of TRL's fused head).
 
 Not supported (a ``ValueError`` at construction, rather than silently ignored): TRL options that change the
 loss — ``loss_type`` other than the default ``["sigmoid"]``, ``loss_weights``, ``f_divergence_type`` other
@@ -77,7 +80,7 @@ _TRL_DEFAULT_LOSS = ["sigmoid"]
 
 
 def check_pairwise_loss(name: str) -> None:
-    """Raise ``ValueError`` unless the registered loss ``name`` takes a single :class:`PairLogps`.
+    """Raise ``ValueError`` unless the registered loss ``name`` takes a single [`PairLogps`][prefopt.types.PairLogps].
 
     (``KeyError`` with the list of names for an unknown ``name``.)
     """
@@ -103,7 +106,8 @@ class PrefoptDPOTrainer(DPOTrainer):  # type: ignore[misc]
             ``DPOConfig.beta`` is **not** forwarded: pass ``beta`` here (prefopt's default applies otherwise).
 
     Attributes:
-        prefopt_loss: the :class:`prefopt.registry.BoundLoss` used by ``_compute_loss``.
+        prefopt_loss: the [`prefopt.registry.BoundLoss`][prefopt.registry.BoundLoss] used by
+            ``_compute_loss``.
 
     Metrics logged (averaged over the logging interval, gathered over processes): ``logps/chosen``,
     ``logps/rejected`` and ``prefopt/<name>`` for every metric of the loss's ``LossOutput``.

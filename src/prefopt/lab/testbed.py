@@ -330,8 +330,8 @@ class Lab:
     def reference(self, *, cache: bool = True, progress: bool = False) -> tuple[Any, PretrainReport]:
         """The pre-trained reference LM (eval mode, float32) and how it was obtained.
 
-        Loaded from :meth:`cache_dir` when present (``cache=True``), else pre-trained and saved there (the
-        write is atomic: a temporary folder renamed into place).
+        Loaded from [`cache_dir`][prefopt.lab.testbed.Lab.cache_dir] when present (``cache=True``), else
+        pre-trained and saved there (the write is atomic: a temporary folder renamed into place).
         """
         from transformers import LlamaForCausalLM
 

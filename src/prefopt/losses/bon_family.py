@@ -3,24 +3,24 @@ r"""The rest of the Best-of-N family beside BOND/J-BOND: BoNBoN, variational BoN
 All three target (an approximation of) the Best-of-N distribution ``π_BoN`` of the reference policy; they differ
 in what they need at training time (see ``docs/bon_family.md`` for the math and a "which one when" table):
 
-============  ==============  ================================================================================
-loss          input kind      data per row
-============  ==============  ================================================================================
-``bonbon``    ``pairs``       best (chosen) and worst (rejected) of ``n`` reference samples, with ``S``, ``S_ref``
-``vbon``      ``best_of_n``   a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
-``qrpo``      ``best_of_n``   any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards
-============  ==============  ================================================================================
+| loss | input kind | data per row |
+|---|---|---|
+| ``bonbon`` | ``pairs`` | best (chosen) and worst (rejected) of ``n`` reference samples, with ``S``, ``S_ref`` |
+| ``vbon`` | ``best_of_n`` | a policy sample: ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
+| ``qrpo`` | ``best_of_n`` | any response (offline): ``S_θ``, ``S_ref``, its reward, ``k`` reference rewards |
 
-InfAlign-CTRL is not a loss but a reward: :func:`infalign_reward` (calibrate with :func:`calibrated_reward`,
-then :func:`infalign_transform`) feeds any policy-gradient loss, e.g. through
-:func:`prefopt.rl.rloo_advantages`; :func:`calibrated_bon_tradeoff` gives the model-free win-rate/KL curve
-used to choose the transform's ``t``.
+InfAlign-CTRL is not a loss but a reward: [`infalign_reward`][prefopt.losses.bon_family.infalign_reward]
+(calibrate with [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward], then
+[`infalign_transform`][prefopt.losses.bon_family.infalign_transform]) feeds any policy-gradient loss, e.g.
+through [`prefopt.rl.rloo_advantages`][prefopt.rl.rloo_advantages];
+[`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff] gives the model-free
+win-rate/KL curve used to choose the transform's ``t``.
 
 Notation: ``F(y) = P_{y'∼π_ref}[r(y') < r(y)]`` and ``p_≤(y)`` the reference quantiles; with distinct rewards
 ``π_BoN(y) = (F(y) + π_ref(y))^N − F(y)^N = Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref^i`` (exact helpers in
-:mod:`prefopt.bon`, e.g. :func:`prefopt.bon.bon_distribution`). For continuous rewards
-``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised RL optimum with
-reward ``log Q`` and coefficient ``1/(N−1)``.
+[`prefopt.bon`][prefopt.bon], e.g. [`prefopt.bon.bon_distribution`][prefopt.bon.bon_distribution]). For
+continuous rewards ``π_BoN = N·Q^{N−1}·π_ref`` with ``Q`` the reference CDF of the reward, the KL-regularised
+RL optimum with reward ``log Q`` and coefficient ``1/(N−1)``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _harmonic(k: int) -> float:
 
 
 def bonbon_beta(n: int) -> float:
-    r"""BoNBoN's ``β* = 1/(2 (n−1) H_{n−1})``, ``H_k = Σ_{j≤k} 1/j`` (``n = 8`` gives 0.0275482…).
+    r"""BoNBoN's \(\beta^* = 1/(2(n-1)H_{n-1})\), \(H_k = \sum_{j \le k} 1/j\) (``n = 8`` gives 0.0275482…).
 
     Derivation: under ``π_BoN`` (continuous rewards) the best-vs-worst log-ratio margin is
     ``h* = (n−1)(log Q(y_(n)) − log Q(y_(1)))``; ``Q`` of the reference samples is uniform, so
@@ -109,10 +109,10 @@ def bonbon(
 ) -> LossOutput:
     r"""BoNBoN: SFT on the best of ``n`` reference samples plus an IPO term on best-vs-worst.
 
-    .. math::
-
-        L = α·(−S(y_{(n)})) + (1 − α)·\Big(h − \frac{1}{2β}\Big)^2,\qquad
-        h = ρ(y_{(n)}) − ρ(y_{(1)}),\quad β = β^* = \frac{1}{2(n−1)H_{n−1}}\ (\texttt{beta="auto"})
+    $$
+    L = α·(−S(y_{(n)})) + (1 − α)·\Big(h − \frac{1}{2β}\Big)^2,\qquad
+    h = ρ(y_{(n)}) − ρ(y_{(1)}),\quad β = β^* = \frac{1}{2(n−1)H_{n−1}}\ (\texttt{beta="auto"})
+    $$
 
     ``y_(n)`` / ``y_(1)`` are the best and worst (by reward) of ``n`` samples from the reference;
     ``pair_loss="sigmoid"`` replaces the IPO term by ``−log σ(β h)``, which is what the authors' released
@@ -131,9 +131,10 @@ def bonbon(
     Args:
         logps: ``(b,)``: ``chosen`` = ``S_θ`` of the best sample, ``rejected`` = of the worst, with reference
             fields.
-        n: samples per prompt ``n >= 2`` (default 8). beta: ``"auto"`` (``β*(n)``, default) or ``β > 0``.
-        alpha: SFT weight ``α ∈ [0, 1]`` (default 0.005, the authors' README). pair_loss: ``"ipo"`` (paper,
-            default) | ``"sigmoid"`` (released code).
+        n: samples per prompt ``n >= 2`` (default 8).
+        beta: ``"auto"`` (``β*(n)``, default) or ``β > 0``.
+        alpha: SFT weight ``α ∈ [0, 1]`` (default 0.005, the authors' README).
+        pair_loss: ``"ipo"`` (paper, default) or ``"sigmoid"`` (released code).
 
     Returns: ``loss`` ``(b,)``; the standard pair metrics (rewards ``β·ρ``) plus ``bonbon/sft`` (``−S_w``) and
     ``bonbon/pair`` (the pair term), ``(b,)`` detached.
@@ -196,7 +197,7 @@ def pool_quantile(reward: Tensor, ref_rewards: Tensor, kind: str) -> Tensor:
 
 
 def vbon_log_ratio(quantile: Tensor, ref_logp: Tensor, n: int, variant: str = "exact") -> Tensor:
-    r"""``g(y) = log π_BoN(y)/π_ref(y)`` (``"exact"``) or its one-term lower bound (``"bound"``).
+    r"""\(g(y) = \log \pi_{BoN}(y)/\pi_{ref}(y)\) (``"exact"``) or its one-term lower bound (``"bound"``).
 
     ``"exact"``: ``g = log Σ_{i=1}^{N} C(N,i) F^{N−i} π_ref(y)^{i−1}`` (the binomial form of
     ``π_BoN/π_ref`` with ``F`` the strict quantile and ``π_ref(y) = exp(ref_logp)``), by a log-sum-exp over
@@ -247,35 +248,44 @@ def vbon(
 ) -> LossOutput:
     r"""Variational Best-of-N: policy-gradient surrogate of ``KL(π_θ ‖ π_BoN)``.
 
-    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards)::
+    Per policy sample ``y_i ∼ π_θ`` (``F̂`` its quantile among the ``k`` reference rewards; \(\ell_i\) =
+    ``logp``, \(\ell^{ref}_i\) = ``ref_logp``):
 
-        g_i    = log π_BoN/π_ref (y_i)     exact binomial form (variant="exact"), or the bound log N + (N−1) log F̂
-        R_i    = sg[ c·g_i − (logp_i − ref_logp_i) ]       c = 1, or (N−1)/N for variant="released_exact"
-        loss_i = −(R_i − B_i)·logp_i                        B_i leave-one-out mean of R (baseline="loo") or 0
+    $$
+    \begin{aligned}
+    g_i &= \log \frac{\pi_{BoN}}{\pi_{ref}}(y_i) && \text{exact binomial form (variant="exact"), or the bound }
+       \log N + (N-1) \log \hat F \\
+    R_i &= \mathrm{sg}\big[c\, g_i - (\ell_i - \ell^{ref}_i)\big] && c = 1, \text{ or } (N-1)/N
+       \text{ for the released-exact variant} \\
+    \mathrm{loss}_i &= -(R_i - B_i)\, \ell_i && B_i \text{ the leave-one-out mean of } R \text{ (baseline="loo") or } 0
+    \end{aligned}
+    $$
 
     With the exact quantile, ``E[∇ mean_i loss_i] = ∇KL(π_θ ‖ π_BoN)`` (``variant="exact"``; the fixed point is
     ``π_BoN``); ``"bound"`` targets ``∝ π_ref·F^{N−1}``; ``"released_exact"`` targets
     ``∝ π_ref·(π_BoN/π_ref)^{(N−1)/N}``. Equivalently: KL-regularised RL with reward ``c·g/(N−1)`` and
-    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention, :func:`prefopt.losses.bond.bond`).
-    Amini, Vieira, Ash, Cotterell 2024, "Variational Best-of-N Alignment" (arXiv 2407.06057; equation
-    numbers not verified, the paper body was not available to us). The authors' code optimises the same
-    objective with PPO; its ``exact`` reward is ``(1/N)·g`` with KL coefficient ``1/(N−1)``, i.e.
-    ``c = (N−1)/N`` here (``"released_exact"``), which does not reach ``π_BoN`` exactly; its ``l1`` reward is
-    ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)`` (``quantile="vbon"``).
+    coefficient ``1/(N−1)``, scaled by ``N−1`` (BOND's scale convention,
+    [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond]). Amini, Vieira, Ash, Cotterell 2024, "Variational
+    Best-of-N Alignment" (arXiv 2407.06057; equation numbers not verified, the paper body was not available to
+    us). The authors' code optimises the same objective with PPO; its ``exact`` reward is ``(1/N)·g`` with KL
+    coefficient ``1/(N−1)``, i.e. ``c = (N−1)/N`` here (``"released_exact"``), which does not reach ``π_BoN``
+    exactly; its ``l1`` reward is ``"bound"``. The authors' quantile estimate is ``(c_< + 1)/(k + 1)``
+    (``quantile="vbon"``).
 
     Relation to BOND: ``variant="bound"`` with ``quantile="le"`` and a floor ``1/(2k)``
-    (``quantile_floor=0.5``) is exactly :func:`prefopt.losses.bond.bond` at ``backward_weight=1`` with the ``"loo"``
-    baseline (the ``log N`` cancels in ``R − B``).
+    (``quantile_floor=0.5``) is exactly [`prefopt.losses.bond.bond`][prefopt.losses.bond.bond] at
+    ``backward_weight=1`` with the ``"loo"`` baseline (the ``log N`` cancels in ``R − B``).
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples]: ``logp`` ``(b,)`` ``S_θ(y)`` of the
             policy's own sample; ``ref_logp`` ``(b,)`` ``S_ref(y)`` (enters the return, and ``g`` of the exact
             variants); ``reward`` ``(b,)``; ``ref_rewards`` ``(b, k)`` rewards of reference samples of the
             same prompt. ``best_logp`` is not used.
-        n: ``N >= 2`` (default 8). variant: ``"exact"`` (default, as the authors' README) | ``"bound"`` |
-            ``"released_exact"``.
-        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see :func:`pool_quantile`;
-            the exact form needs the strict quantile ``F``, which ``"lt"`` estimates without bias).
+        n: ``N >= 2`` (default 8).
+        variant: ``"exact"`` (default, as the authors' README), ``"bound"`` or ``"released_exact"``.
+        quantile: ``"vbon"`` (default, authors') | ``"lt"`` | ``"le"`` | ``"mid"`` (see
+            [`pool_quantile`][prefopt.losses.bon_family.pool_quantile]; the exact form needs the strict
+            quantile ``F``, which ``"lt"`` estimates without bias).
         quantile_floor: ``c ∈ (0, 1]``; ``F̂`` is floored at ``c/k`` before the ``log`` of the bound (default
             0.5, as BOND's ``1/(2k)``); the exact form needs no floor.
         baseline: ``"loo"`` (default; needs ``b >= 2``) or ``"none"``.
@@ -372,25 +382,26 @@ def qrpo(
 ) -> LossOutput:
     r"""QRPO: regress the implicit reward onto the quantile reward with the exact log-partition.
 
-    .. math::
-
-        L(y) = \big(T(q(y)) − β\log Z − β\,(S_θ(y) − S_{ref}(y))\big)^2,\qquad
-        q(y) = \frac{1}{k}\sum_j 1[r(y'_j) ≤ r(y)],\ y'_j ∼ π_{ref}
+    $$
+    L(y) = \big(T(q(y)) − β\log Z − β\,(S_θ(y) − S_{ref}(y))\big)^2,\qquad
+    q(y) = \frac{1}{k}\sum_j 1[r(y'_j) ≤ r(y)],\ y'_j ∼ π_{ref}
+    $$
 
     per response (chosen and rejected of a pair are two independent rows; the mean over rows is the
     authors' ``½[(…)_w² + (…)_l²]``); ``loss_type="mae"`` takes ``|·|``. ``Z`` is
-    :func:`qrpo_log_partition`; the loss is 0 exactly at ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised
-    optimum with reward ``T(q)``; for ``T = log`` and ``β = 1/(N−1)`` this is the continuous Best-of-N,
-    ``N·q^{N−1}·π_ref``). Matrenok et al. 2025, "Quantile Reward Policy Optimization" (arXiv 2507.08068;
-    equation numbers not verified, the paper body was not available to us); formulas as in the authors'
-    ``src/qrpo/trainers/qrpo.py``. Not implemented: the authors' ``scaled-normal-icdf`` transform.
+    [`qrpo_log_partition`][prefopt.losses.bon_family.qrpo_log_partition]; the loss is 0 exactly at
+    ``π* = π_ref·e^{T(q)/β}/Z`` (the KL-regularised optimum with reward ``T(q)``; for ``T = log`` and
+    ``β = 1/(N−1)`` this is the continuous Best-of-N, ``N·q^{N−1}·π_ref``). Matrenok et al. 2025, "Quantile
+    Reward Policy Optimization" (arXiv 2507.08068; equation numbers not verified, the paper body was not
+    available to us); formulas as in the authors' ``src/qrpo/trainers/qrpo.py``. Not implemented: the authors'
+    ``scaled-normal-icdf`` transform.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples]: ``logp``, ``ref_logp`` ``(b,)`` sequence
             sums of any response (offline data or samples); ``reward`` ``(b,)``; ``ref_rewards`` ``(b, k)``
             rewards of ``k`` reference samples of the same prompt. ``best_logp`` is not used.
-        beta: ``β > 0`` (default 0.1, the authors' config). transform: ``"log"`` (default) | ``"identity"``
-            (the paper's chat runs) | ``"normal_icdf"``.
+        beta: ``β > 0`` (default 0.1, the authors' config).
+        transform: ``"log"`` (default), ``"identity"`` (the paper's chat runs) or ``"normal_icdf"``.
         logz: ``"exact"`` (default) | ``"released_approx"`` (identity only: the released ``log β + 1/β``).
         quantile: ``"le"`` (default, authors': ties count as below) | ``"lt"`` | ``"mid"``.
         loss_type: ``"mse"`` (default) | ``"mae"``.
@@ -424,20 +435,20 @@ INFALIGN_TRANSFORMS = ("identity", "bon", "won")
 def calibrated_reward(reward: Tensor, ref_rewards: Tensor, *, ties: str = "mid") -> Tensor:
     r"""InfAlign's calibrated reward: the win rate of ``y`` against reference samples of the same prompt.
 
-    .. math::
-
-        C(x, y) = E_{z∼π_{ref}(·|x)}\big[1[r(x,z) < r(x,y)] + ½·1[r(x,z) = r(x,y)]\big]
+    $$
+    C(x, y) = E_{z∼π_{ref}(·|x)}\big[1[r(x,z) < r(x,y)] + ½·1[r(x,z) = r(x,y)]\big]
+    $$
 
     estimated on a pool of ``k`` reference samples ``z_j`` (``ties="mid"``, the default: ties count half, as
     in the win rate ``E[1[r(y) > r(z)] + ½·1[r(y) = r(z)]]``); ``ties="le"`` counts ties as wins (the CDF
     ``p_≤``, QRPO's and BOND's convention), ``ties="lt"`` as losses. This is
-    :func:`pool_quantile` with that convention. Properties (tested exactly on a categorical): invariant to
-    any strictly increasing transform of ``r``; under ``y ∼ π_ref`` with the exact reference distribution,
-    ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the limit of a continuous reward.
-    Balashankar et al. 2025, "InfAlign: Inference-aware language model alignment" (arXiv 2412.19792,
-    Sec. 4, the calibration step of InfAlign-CTRL; the paper body was not available to us, so the equation
-    number and the paper's exact tie convention are not verified — choose ``ties`` explicitly if it
-    matters).
+    [`pool_quantile`][prefopt.losses.bon_family.pool_quantile] with that convention. Properties (tested
+    exactly on a categorical): invariant to any strictly increasing transform of ``r``; under ``y ∼ π_ref``
+    with the exact reference distribution, ``E[C] = ½`` for any reward (mid-rank) and ``C ∼ U(0, 1)`` in the
+    limit of a continuous reward. Balashankar et al. 2025, "InfAlign: Inference-aware language model
+    alignment" (arXiv 2412.19792, Sec. 4, the calibration step of InfAlign-CTRL; the paper body was not
+    available to us, so the equation number and the paper's exact tie convention are not verified — choose
+    ``ties`` explicitly if it matters).
 
     Args:
         reward: ``(b,)`` rewards of the responses being scored.
@@ -467,8 +478,10 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
     ignored). ``t > 0``; as ``t → 0`` both exponentials become affine in ``c``, i.e. identity up to a
     rescaling of β. The KL-regularised optimum with reward ``Φ(C)`` is ``π_ref·e^{Φ(C)/β}/Z``. Balashankar
     et al. 2025 (arXiv 2412.19792, Sec. 4): the exponential forms and the selection of ``t`` per ``N`` from
-    the model-free win-rate/KL curve (:func:`calibrated_bon_tradeoff`) follow the paper's description as we
-    know it from its abstract and secondary summaries; the equation numbers are not verified.
+    the model-free win-rate/KL curve
+    ([`calibrated_bon_tradeoff`][prefopt.losses.bon_family.calibrated_bon_tradeoff]) follow the paper's
+    description as we know it from its abstract and secondary summaries; the equation numbers are not
+    verified.
 
     Range: ``e^{t·c} ≤ e^t`` is finite for ``t < 88`` in float32 and ``t < 709`` in float64 (the useful ``t``
     measured in ``docs/bon_family.md`` are 5-20); ``−e^{−t·c}`` is always finite.
@@ -485,8 +498,9 @@ def infalign_transform(c: Tensor, transform: str = "bon", *, t: float = 1.0) -> 
 def infalign_reward(
     reward: Tensor, ref_rewards: Tensor, *, transform: str = "bon", t: float = 1.0, ties: str = "mid"
 ) -> Tensor:
-    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``: :func:`calibrated_reward` then
-    :func:`infalign_transform`.
+    r"""InfAlign-CTRL's training reward ``Φ(C(x, y))``:
+    [`calibrated_reward`][prefopt.losses.bon_family.calibrated_reward] then
+    [`infalign_transform`][prefopt.losses.bon_family.infalign_transform].
 
     Use it as the reward of any KL-regularised policy-gradient loss, e.g. with ``G`` samples per prompt
     ``adv = prefopt.rl.rloo_advantages(infalign_reward(r, ref_r).view(-1, G))`` (the KL penalty with
@@ -504,10 +518,10 @@ def calibrated_bon_tradeoff(
     gives ``C`` the density ``f(u) = e^{Φ(u)/β}/Z`` on ``[0, 1]``, whatever the model or the reward. So both
     numbers are model-free:
 
-    .. math::
-
-        KL = ∫_0^1 f \log f\,du,\qquad
-        W_N = P\big(C(Y) > C(Y')\big) = ∫_0^1 u^N\, d\big(F(u)^N\big),\quad F(u) = ∫_0^u f,
+    $$
+    KL = ∫_0^1 f \log f\,du,\qquad
+    W_N = P\big(C(Y) > C(Y')\big) = ∫_0^1 u^N\, d\big(F(u)^N\big),\quad F(u) = ∫_0^u f,
+    $$
 
     with ``Y`` the best of ``N`` draws from ``π*`` and ``Y'`` the best of ``N`` from ``π_ref`` (``C`` of the
     best of ``N`` reference draws has CDF ``u^N``). The InfAlign recipe picks, per ``N``, the ``t`` whose curve

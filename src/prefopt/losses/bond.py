@@ -4,9 +4,10 @@ Both losses are *surrogates*: pure functions of per-sequence log-probs and rewar
 averaged over a batch of samples, is an unbiased estimate of the gradient of a divergence. The expectations
 they estimate are stated in each docstring and checked exactly (by enumeration) on a categorical policy in
 ``tests/test_losses_bond.py``. The math is in ``docs/bond.md``; the exact Best-of-N math is in
-:mod:`prefopt.bon`. This module also holds the training-time reward transforms the losses use:
-:func:`empirical_quantile` / :func:`log_empirical_quantile` (BOND's Monte-Carlo quantile) and
-:func:`jbond_reward`.
+[`prefopt.bon`][prefopt.bon]. This module also holds the training-time reward transforms the losses use:
+[`empirical_quantile`][prefopt.losses.bond.empirical_quantile] /
+[`log_empirical_quantile`][prefopt.losses.bond.log_empirical_quantile] (BOND's Monte-Carlo quantile) and
+[`jbond_reward`][prefopt.losses.bond.jbond_reward].
 
 Extreme values: the surrogate products ``−(R − B)·logp`` and ``γ·sg(logp − anchor_logp)·logp`` go through
 [`saturating_product`][prefopt.losses.margin.saturating_product]: with one row's log-prob at ``−1e30`` their
@@ -42,7 +43,8 @@ def _real_tensor(name: str, x: Any) -> Tensor:
 
 
 def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
-    """Monte-Carlo quantile ``p̂_≤(y) = (1/k)·Σ_{i=1}^{k} 1[r(y'_i) ≤ r(y)]`` of ``y`` among ``k`` reference samples.
+    r"""Monte-Carlo quantile \(\hat p_\le(y) = \frac1k\sum_{i=1}^{k} \mathbb 1[r(y'_i) \le r(y)]\) of \(y\)
+    among \(k\) reference samples.
 
     The practical BOND reward is ``log p̂_≤`` (Sessa et al., Sec. 4), which is ``−inf`` when ``y`` is below
     every reference sample. The paper's handling of ``p̂ = 0`` is not known to us, so it is configurable:
@@ -55,6 +57,7 @@ def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | floa
     Args:
         reward: ``(...)`` rewards of the responses being scored, e.g. ``(b,)``.
         ref_rewards: ``(..., k)`` rewards of ``k >= 2`` reference samples for the same prompt.
+        floor: ``"half"`` (default), ``"smoothed"`` or a float ``c ∈ (0, 1]``, as above.
 
     Returns:
         ``(...)`` quantiles in ``(0, 1]`` with ``reward``'s floating dtype (float32 for integer rewards).
@@ -84,12 +87,13 @@ def empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | floa
 
 
 def log_empirical_quantile(reward: Tensor, ref_rewards: Tensor, *, floor: str | float = "half") -> Tensor:
-    """``log p̂_≤(y)`` (see :func:`empirical_quantile`; finite thanks to the floor). Shape of ``reward``."""
+    """``log p̂_≤(y)`` (see [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; finite thanks to the floor). Shape of ``reward``."""
     return torch.log(empirical_quantile(reward, ref_rewards, floor=floor))
 
 
 def jbond_reward(reward: Tensor, anchor_rewards: Tensor, *, strict: bool = True) -> Tensor:
-    """J-BOND's reward ``r_J(y) = −log 16 · 1[y loses to both anchor samples]`` (Sessa et al., Alg. 2).
+    r"""J-BOND's reward \(r_J(y) = -\log 16 \cdot \mathbb 1[y \text{ loses to both anchor samples}]\)
+    (Sessa et al., Alg. 2).
 
     ``strict=True`` (the main text): "loses" means ``r(y) < min(r(y'_1), r(y'_2))``;
     ``strict=False`` (the appendix variant): ``r(y) ≤ min(r(y'_1), r(y'_2))``.
@@ -101,6 +105,7 @@ def jbond_reward(reward: Tensor, anchor_rewards: Tensor, *, strict: bool = True)
     Args:
         reward: ``(b,)`` reward of the policy sample.
         anchor_rewards: ``(b, 2)`` rewards of the two anchor samples.
+        strict: ``True`` (default, "<") or ``False`` ("≤"), as above.
 
     Returns:
         ``(b,)`` values in ``{−log 16, 0}`` with ``reward``'s floating dtype.
@@ -148,10 +153,12 @@ def _unpack(samples: BestOfNSamples, loss: str) -> tuple[Tensor, Tensor, Tensor,
 
 
 def loo_baseline(ret: Tensor, kind: str = "loo") -> Tensor:
-    """Leave-one-out batch mean ``B_i = (Σ_{j≠i} R_j)/(b − 1)`` (``kind='loo'``, needs ``b ≥ 2``) or 0 (``'none'``).
+    r"""Leave-one-out batch mean \(B_i = \frac{1}{b-1}\sum_{j \ne i} R_j\) (``kind='loo'``, needs \(b \ge 2\))
+    or 0 (``'none'``).
 
-    The baseline of the score-function terms of :func:`bond`, :func:`jbond` and vBoN: independent of ``y_i``, so
-    it leaves the expected gradient unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
+    The baseline of the score-function terms of [`bond`][prefopt.losses.bond.bond],
+    [`jbond`][prefopt.losses.bond.jbond] and vBoN: independent of ``y_i``, so it leaves the expected gradient
+    unchanged and lowers its variance. ``ret`` ``(b,)``, returns ``(b,)``.
     """
     if kind == "none":
         return torch.zeros_like(ret)
@@ -182,22 +189,32 @@ def bond(
     quantile_floor: str | float = "half",
     baseline: str = "loo",
 ) -> LossOutput:
-    """Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B) dropped).
+    r"""Practical BOND with the Jeffreys divergence (Sessa et al., Sec. 4-5; practical form, term (B)
+    dropped).
 
-    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples)::
+    Per example ``i`` (``y_i ~ π_θ`` the policy's own sample, ``y*_i`` the best of ``N`` reference samples;
+    \(\ell_i\) = ``logp``, \(\ell^{ref}_i\) = ``ref_logp``, \(\ell^*_i\) = ``best_logp``):
 
-        log p̂_i = log p̂_≤(y_i)            empirical quantile of reward_i among the k ref_rewards (floored)
-        R_i     = sg[(N−1)·log p̂_i − (logp_i − ref_logp_i)]          the return  ("bond/return")
-        B_i     = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0  (baseline='none')
-        loss_i  = (1−w)·(−best_logp_i)  +  w·(−(R_i − B_i)·logp_i)
-                   └── forward KL ──┘      └──── backward KL ────┘
+    $$
+    \begin{aligned}
+    \log \hat p_i &= \log \hat p_\le(y_i) && \text{empirical quantile of } r(y_i) \text{ among the } k
+       \text{ reference rewards (floored)} \\
+    R_i &= \mathrm{sg}\big[(N-1) \log \hat p_i - (\ell_i - \ell^{ref}_i)\big] && \text{the return (logged as bond/return)} \\
+    B_i &= \frac{1}{b-1} \sum_{j \ne i} R_j \ \text{(baseline='loo')} \quad \text{or} \quad 0 \ \text{(baseline='none')} \\
+    \mathrm{loss}_i &= \underbrace{(1-w)\,(-\ell^*_i)}_{\text{forward KL}}
+       + \underbrace{w\,\big(-(R_i - B_i)\, \ell_i\big)}_{\text{backward KL}}
+    \end{aligned}
+    $$
 
     Scale convention: the return is the paper's ``log p̂ − β_BOND·KL`` with ``β_BOND = 1/(N−1)``
-    **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale. With the exact
-    quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}`` (:func:`prefopt.bon.practical_bond_target`), the expected
-    gradient of ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is::
+    **multiplied by (N−1)**, so that ``w`` (``backward_weight``) weighs two KL divergences on the same scale.
+    With the exact quantile ``p_≤`` and ``π̃ ∝ π_ref·p_≤^{N−1}``
+    ([`prefopt.bon.practical_bond_target`][prefopt.bon.practical_bond_target]), the expected gradient of
+    ``mean_i loss_i`` (independent ``y_i ~ π_θ``, ``y*_i ~ BoN_N(π_ref)``) is
 
-        (1−w)·∇KL(π_BoN ‖ π_θ)  +  w·∇KL(π_θ ‖ π̃)
+    $$
+    (1-w)\, \nabla \mathrm{KL}(\pi_{BoN} \,\|\, \pi_\theta) + w\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \tilde\pi)
+    $$
 
     (the baseline does not change it: ``E[∇log π] = 0`` and ``B_i`` is independent of ``y_i``). So
     ``w = 0`` is SFT on Best-of-N samples and converges to ``π_BoN``; ``w = 1`` converges to ``π̃``, not
@@ -210,21 +227,22 @@ def bond(
             ``S_θ(y)`` of its own sample (sum over completion tokens); ``ref_logp`` ``(b,)`` the reference
             log-prob ``S_ref(y)`` of the same sample (enters the return only); ``reward`` ``(b,)``;
             ``ref_rewards`` ``(b, k)`` rewards of ``k >= 2`` reference samples of the same prompt (the
-            quantile pool; it may be the Best-of-N pool itself, :attr:`prefopt.sampling.BestOfN.rewards`);
+            quantile pool; it may be the Best-of-N pool itself, `prefopt.sampling.BestOfN.rewards`);
             ``best_logp`` ``(b,)`` the policy log-prob ``S_θ(y*)`` of the Best-of-N reference sample
             (required).
         n: ``N >= 1``, the Best-of-N being distilled (default 8, the paper's XSum setting).
-        backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 = forward
-            only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys divergence).
-        quantile_floor: floor for ``p̂ = 0`` (see :func:`empirical_quantile`; default ``'half'``
-            = ``1/(2k)``).
+        backward_weight: ``w``, the Jeffreys divergence's weight on the backward KL, in ``[0, 1]`` (0 =
+            forward only, 1 = backward only; default 0.5 as recommended; the paper's β of the Jeffreys
+            divergence).
+        quantile_floor: floor for ``p̂ = 0`` (see
+            [`empirical_quantile`][prefopt.losses.bond.empirical_quantile]; default ``'half'`` = ``1/(2k)``).
         baseline: ``'loo'`` (leave-one-out mean return of the other samples in the batch; needs ``b >= 2``)
             or ``'none'``.
 
     Returns:
-        :class:`LossOutput` with an unreduced ``(b,)`` loss and metrics (all ``(b,)``, detached):
-        ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage`` (``R − B``),
-        ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
+        [`LossOutput`][prefopt.types.LossOutput] with an unreduced ``(b,)`` loss and metrics (all ``(b,)``,
+        detached): ``bond/log_quantile`` (``log p̂_≤``), ``bond/return`` (``R``), ``bond/advantage``
+        (``R − B``), ``kl/ref`` (``logp − ref_logp``, a one-sample estimate of ``KL(π_θ‖π_ref)``),
         ``kl/bon_backward`` (``logp − ref_logp − (N−1)·log p̂``, a one-sample estimate of ``KL(π_θ‖π_BoN)``
         with (B) dropped; equals ``−R``), ``loss/forward`` (``−best_logp``), ``loss/backward``
         (``−(R − B)·logp``).
@@ -268,24 +286,35 @@ def jbond(
     strict: bool = True,
     baseline: str = "loo",
 ) -> LossOutput:
-    """J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
+    r"""J-BOND: Jeffreys distillation of Best-of-2 of a moving anchor (Sessa et al., Alg. 2).
 
-    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties)::
+    Per example ``i`` (``y_i ~ π_θ``; ``y'_1, y'_2 ~ π_anchor``; ``y'_best`` the better one, first on ties;
+    \(\ell_i\) the policy log-prob of \(y_i\), \(\ell^{a}_i\) its anchor log-prob, \(\ell^*_i\) the policy
+    log-prob of \(y'_{best}\)):
 
-        r_J,i  = −log 16 · 1[r(y_i) < min(r(y'_1), r(y'_2))]     ("≤" with strict=False, the appendix form)
-        R_i    = sg[r_J,i − (logp_i − anchor_logp_i)]              β_BOND = 1/(N−1) = 1 for N = 2
-        B_i    = (Σ_{j≠i} R_j)/(b−1)  (baseline='loo')   or 0
-        loss_i = (1−w)·(−best_anchor_logp_i) + w·(−(R_i − B_i)·logp_i) + γ·sg(logp_i − anchor_logp_i)·logp_i
+    $$
+    \begin{aligned}
+    r_{J,i} &= -\log 16 \cdot \mathbb 1\big[r(y_i) < \min(r(y'_1), r(y'_2))\big]
+       && (\le \text{ with strict=False, the appendix form}) \\
+    R_i &= \mathrm{sg}\big[r_{J,i} - (\ell_i - \ell^{a}_i)\big] && \beta_{BOND} = 1/(N-1) = 1 \text{ for } N = 2 \\
+    B_i &= \frac{1}{b-1} \sum_{j \ne i} R_j \ \text{(baseline='loo')} \quad \text{or} \quad 0 \\
+    \mathrm{loss}_i &= (1-w)\,(-\ell^*_i) + w\,\big(-(R_i - B_i)\, \ell_i\big)
+       + \gamma\, \mathrm{sg}(\ell_i - \ell^{a}_i)\, \ell_i
+    \end{aligned}
+    $$
 
-    With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``::
+    With ``N = 2`` there is no ``N−1`` scale ambiguity. Expected gradient of ``mean_i loss_i``:
 
-        (1−w)·∇KL(BoN_2(π_anchor) ‖ π_θ) + w·∇KL(π_θ ‖ π̃_J) + γ·∇KL(π_θ ‖ π_anchor)
+    $$
+    (1-w)\, \nabla \mathrm{KL}\big(\mathrm{BoN}_2(\pi_{anchor}) \,\|\, \pi_\theta\big)
+    + w\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \tilde\pi_J) + \gamma\, \nabla \mathrm{KL}(\pi_\theta \,\|\, \pi_{anchor})
+    $$
 
     where ``π̃_J ∝ π_anchor·exp(E[r_J | y])`` and ``E[r_J | y] = −log 16·(1 − p_≤(y))²`` (quantile under
     ``π_anchor``; ``p_<`` for ``strict=False``) — equal to ``log p_≤`` at the median, an approximation
     elsewhere. The ``γ`` term is the single-sample score-function estimator of ``∇KL(π_θ‖π_anchor)`` (the
     paper does not specify its estimator). The caller updates the anchor, e.g. with
-    :func:`prefopt.policy.ema_update_` or ``LoraPolicy.update_anchor_``.
+    [`prefopt.policy.ema_update_`][prefopt.policy.ema_update_] or ``LoraPolicy.update_anchor_``.
 
     Args:
         samples: [`BestOfNSamples`][prefopt.types.BestOfNSamples] whose pool is the anchor: ``logp`` ``(b,)``
@@ -298,9 +327,9 @@ def jbond(
         baseline: ``'loo'`` (needs ``b >= 2``) or ``'none'``.
 
     Returns:
-        :class:`LossOutput`, ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``), ``jbond/return``,
-        ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``, ``loss/backward``,
-        ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
+        [`LossOutput`][prefopt.types.LossOutput], ``(b,)`` loss; metrics ``(b,)``: ``jbond/reward`` (``r_J``),
+        ``jbond/return``, ``jbond/advantage``, ``kl/anchor`` (``logp − anchor_logp``), ``loss/forward``,
+        ``loss/backward``, ``loss/kl_reg`` (``γ·sg(logp − anchor_logp)·logp``).
     """
     logp, anchor_logp, reward, anchor_rewards, best_anchor_logp = _unpack(samples, "jbond")
 

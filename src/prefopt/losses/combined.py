@@ -4,7 +4,7 @@ r"""Weighted combinations of registered losses (TRL's list ``loss_type`` with ``
 weights; the batch mean of prefopt's per-pair sum is the same number (and has the same gradient).
 
 Example (MPO, Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal Large Language Models via
-Mixed Preference Optimization", arXiv 2411.10442, Eq. 2)::
+Mixed Preference Optimization", arXiv 2411.10442, Eq. 2):
 
     mpo = combine({"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, beta=0.1)
     out = mpo(PairLogps(...))        # out.loss (b,), out.metrics merged
@@ -101,7 +101,7 @@ def _hparam_names(fn: Callable[..., Any]) -> set[str]:
 
 
 def combine(weights: Mapping[str, float], **hparams: Any) -> CombinedLoss:
-    r"""Build ``L = Σ_k w_k · L_k`` from registry names and weights.
+    r"""Build \(L = \sum_k w_k L_k\) from registry names and weights.
 
     Args:
         weights: ``{loss name: weight}`` (order kept; weights finite and ``≥ 0``; at least one loss).
@@ -171,15 +171,17 @@ def mpo(
     sft_weight: float = 1.0,
     nll_norm: str = "batch_tokens",
 ) -> LossOutput:
-    r"""MPO: ``L = w_p·L_dpo + w_q·L_bco_pair + w_g·L_sft`` (preference + quality + generation losses).
+    r"""MPO: \(L = w_p L_{dpo} + w_q L_{bco} + w_g L_{sft}\) (preference + quality + generation losses:
+    ``dpo``, ``bco_pair``, ``sft``).
 
     A registered preset of [`combine`][prefopt.losses.combined.combine] (``beta`` shared by ``dpo`` and
     ``bco_pair``, ``nll_norm`` for ``sft``).
 
     Wang et al. 2024 (arXiv 2411.10442), Eq. (2); TRL ``loss_type=["sigmoid", "bco_pair", "sft"]`` with
     ``loss_weights=[0.8, 0.2, 1.0]`` (the weights in TRL's documentation example and prefopt's defaults).
-    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as :class:`CombinedLoss`.
-    Zero point: policy == reference ⇒ ``0.8·log 2 + 0.2·2 log 2 + NLL``.
+    ``delta`` is ``bco_pair``'s reward shift (``None`` ⇒ 0, as TRL 1.16). Metrics as
+    [`CombinedLoss`][prefopt.losses.combined.CombinedLoss]. Zero point: policy == reference ⇒
+    ``0.8·log 2 + 0.2·2 log 2 + NLL``.
     """
     preset = combine(
         {"dpo": dpo_weight, "bco_pair": bco_weight, "sft": sft_weight}, beta=beta, nll_norm=nll_norm

@@ -4,19 +4,20 @@ Background (Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model A
 Entanglement", arXiv 2410.13828; derivations in ``docs/entanglement.md``). For a pairwise loss with weights
 ``d_w = −∂L/∂S_w`` and ``d_l = ∂L/∂S_l``, one SGD step of size ``η`` changes the log-probs by
 
-.. math::
-
-    δS_w ≈ η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩), \qquad δS_l ≈ η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²),
+$$
+δS_w ≈ η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩), \qquad δS_l ≈ η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²),
+$$
 
 so with DPO (``d_w = d_l``) the chosen log-prob *falls* whenever ``⟨∇_w,∇_l⟩ > ‖∇_w‖²`` (typical for pairs
 that share most tokens). The losses here change the gradient so that this cannot, or is less likely to,
 happen:
 
 - ``pairwise_normalized`` — each pair's two gradients rescaled to unit norm (exact sign guarantee, needs the
-  per-pair gradient norms from :func:`prefopt.diagnostics.entanglement`).
+  per-pair gradient norms from [`prefopt.diagnostics.entanglement`][prefopt.diagnostics.entanglement]).
 - ``decoupled`` — DPO margin plus separately weighted per-response anchors against the reference.
 - ``token_masked`` — per-token weights ``μ`` on the log-ratios with an L1 sparsity penalty (shared tokens,
-  which dominate ``⟨∇_w,∇_l⟩``, can be masked out); :func:`shared_token_mask` gives the rule-based ``μ``.
+  which dominate ``⟨∇_w,∇_l⟩``, can be masked out);
+  [`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask] gives the rule-based ``μ``.
 
 The remedies follow the directions named by Yuan et al. 2024 (arXiv 2410.13828): each is written
 out with its math here and tested for the property it promises.
@@ -89,10 +90,10 @@ def pairwise_normalized(
 ) -> LossOutput:
     r"""Pairwise normalized gradient descent as a surrogate loss (remedy 1 of Yuan et al. 2024, reconstructed).
 
-    .. math::
-
-        \tilde L = -\operatorname{sg}(d)\,\Big(\frac{S_w}{\operatorname{sg}(‖∇_w‖)} - \frac{S_l}{\operatorname{sg}(‖∇_l‖)}\Big),
-        \qquad ∇_θ \tilde L = -d\,(u_w - u_l),\quad u = ∇/‖∇‖,
+    $$
+    \tilde L = -\operatorname{sg}(d)\,\Big(\frac{S_w}{\operatorname{sg}(‖∇_w‖)} - \frac{S_l}{\operatorname{sg}(‖∇_l‖)}\Big),
+    \qquad ∇_θ \tilde L = -d\,(u_w - u_l),\quad u = ∇/‖∇‖,
+    $$
 
     with ``d = β σ(−β h)`` (DPO's weight, ``h = ρ_w − ρ_l``) unless ``weight`` is given. One SGD step then
     changes the log-probs by ``δS_w ≈ η d ‖∇_w‖ (1 − cos)``, ``δS_l ≈ −η d ‖∇_l‖ (1 − cos)``: the chosen
@@ -148,7 +149,7 @@ def decoupled_weights(
     chosen_weight: float = 1.0,
     rejected_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    r"""Closed-form ``(d_w, d_l) = (−∂L/∂S_w, ∂L/∂S_l)`` of :func:`decoupled` (``(b,)`` each):
+    r"""Closed-form ``(d_w, d_l) = (−∂L/∂S_w, ∂L/∂S_l)`` of [`decoupled`][prefopt.losses.decoupled.decoupled] (``(b,)`` each):
     ``d_w = β (m σ(−βh) + c σ(−βρ_w))``, ``d_l = β (m σ(−βh) + r σ(βρ_l))``."""
     rho_w, rho_l = _logratios(logps, "decoupled")
     margin = margin_weight * torch.sigmoid(-beta * (rho_w - rho_l))
@@ -182,9 +183,9 @@ def decoupled(
 ) -> LossOutput:
     r"""DPO margin plus separately weighted anchors that raise the chosen and lower the rejected log-prob.
 
-    .. math::
-
-        L = m\,[-\log σ(β h)] + c\,[-\log σ(β ρ_w)] + r\,[-\log σ(-β ρ_l)], \qquad h = ρ_w − ρ_l,
+    $$
+    L = m\,[-\log σ(β h)] + c\,[-\log σ(β ρ_w)] + r\,[-\log σ(-β ρ_l)], \qquad h = ρ_w − ρ_l,
+    $$
 
     ``m = margin_weight``, ``c = chosen_weight``, ``r = rejected_weight``. The anchors are NCA/APO-zero-style
     per-response terms against the reference (Chen et al. 2024, NCA, arXiv 2402.05369; D'Oosterlinck et al.
@@ -192,18 +193,21 @@ def decoupled(
     role with a hinge): ``c`` pushes ``S_w`` above ``S^ref_w``, ``r`` pushes ``S_l`` below ``S^ref_l``.
     ``m = 1, c = r = 0`` is DPO; ``m = 0, c = r = 1`` is an APO-zero-like loss with log-sigmoid terms.
 
-    Gradient: ``∂L/∂S_w = −d_w``, ``∂L/∂S_l = d_l`` with (see :func:`decoupled_weights`)
-    ``d_w = β (m σ(−βh) + c σ(−βρ_w))``, ``d_l = β (m σ(−βh) + r σ(βρ_l))``. One SGD step changes
-    ``S_w`` by ``η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)`` to first order, so **δS_w > 0 iff**
-    ``⟨∇_w,∇_l⟩ < (d_w/d_l) ‖∇_w‖²`` — the DPO condition with the threshold raised by the factor
-    ``d_w/d_l = 1 + c σ(−βρ_w)/(m σ(−βh))`` when ``r = 0``. It is guaranteed **for every geometry** when
-    ``d_w ‖∇_w‖ ≥ d_l ‖∇_l‖`` (then ``d_l⟨∇_w,∇_l⟩ ≤ d_l‖∇_w‖‖∇_l‖ ≤ d_w‖∇_w‖²`` by Cauchy–Schwarz), in
-    particular always when ``m = r = 0``. Symmetrically ``δS_l < 0`` iff ``⟨∇_w,∇_l⟩ < (d_l/d_w)‖∇_l‖²``.
+    Gradient: ``∂L/∂S_w = −d_w``, ``∂L/∂S_l = d_l`` with (see
+    [`decoupled_weights`][prefopt.losses.decoupled.decoupled_weights]) ``d_w = β (m σ(−βh) + c σ(−βρ_w))``,
+    ``d_l = β (m σ(−βh) + r σ(βρ_l))``. One SGD step changes ``S_w`` by ``η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)`` to
+    first order, so **δS_w > 0 iff** ``⟨∇_w,∇_l⟩ < (d_w/d_l) ‖∇_w‖²`` — the DPO condition with the threshold
+    raised by the factor ``d_w/d_l = 1 + c σ(−βρ_w)/(m σ(−βh))`` when ``r = 0``. It is guaranteed **for every
+    geometry** when ``d_w ‖∇_w‖ ≥ d_l ‖∇_l‖`` (then ``d_l⟨∇_w,∇_l⟩ ≤ d_l‖∇_w‖‖∇_l‖ ≤ d_w‖∇_w‖²`` by
+    Cauchy–Schwarz), in particular always when ``m = r = 0``. Symmetrically ``δS_l < 0`` iff
+    ``⟨∇_w,∇_l⟩ < (d_l/d_w)‖∇_l‖²``.
 
     Args:
         logps: ``(b,)`` fields with reference log-probs.
-        beta: ``β > 0`` (default 0.1). margin_weight, chosen_weight, rejected_weight: ``≥ 0``, not all zero
-            (defaults 1, 1, 0).
+        beta: ``β > 0`` (default 0.1).
+        margin_weight: ``m ≥ 0`` (default 1); ``m``, ``c`` and ``r`` must not all be zero.
+        chosen_weight: ``c ≥ 0`` (default 1).
+        rejected_weight: ``r ≥ 0`` (default 0).
 
     Returns: ``loss`` ``(b,)``; metrics: reward metrics plus ``weight/chosen`` (``d_w``) and
     ``weight/rejected`` (``d_l``).
@@ -242,12 +246,13 @@ def _check_rows(name: str, x: Tensor) -> int:
 
 
 def shared_token_mask(batch: PairBatch | dict[str, Tensor]) -> Tensor:
-    r"""Rule-based token weights ``μ`` ``(2B, T)`` float32 for :func:`token_masked`.
+    r"""Rule-based token weights ``μ`` ``(2B, T)`` float32 for [`token_masked`][prefopt.losses.decoupled.token_masked].
 
     ``μ = 1`` on completion tokens, except ``μ = 0`` on a token *shared* with the paired response: completion
     offset ``k`` (0-based index among the row's completion tokens) is shared when both responses have a token
     at offset ``k`` and it is the same id. Outside the completion ``μ = 0`` (it is masked there anyway).
-    Same definition as :func:`prefopt.diagnostics.shared_offsets`.
+    Same definition as
+    [`prefopt.diagnostics.shared_offsets`][prefopt.diagnostics.token_correlation.shared_offsets].
 
     Raises ``ValueError``/``TypeError`` naming the key: odd rows, non-bool completion mask, empty completion.
     """
@@ -291,25 +296,26 @@ def token_masked(
     r"""DPO on ``μ``-weighted token log-ratios with an L1 sparsity penalty on ``μ`` (remedy 2, reconstructed;
     cf. SparsePO, Christopoulou et al. 2024, arXiv 2410.05102).
 
-    .. math::
+    $$
+    ρ^μ(y) = Σ_t m_t μ_t (ℓ_t − ℓ^{ref}_t),\qquad
+    L = -\log σ\big(β (ρ^μ(y_w) − ρ^μ(y_l))\big) + λ \Big(\frac{Σ_t m_t μ_{w,t}}{|y_w|} + \frac{Σ_t m_t μ_{l,t}}{|y_l|}\Big),
+    $$
 
-        ρ^μ(y) = Σ_t m_t μ_t (ℓ_t − ℓ^{ref}_t),\qquad
-        L = -\log σ\big(β (ρ^μ(y_w) − ρ^μ(y_l))\big) + λ \Big(\frac{Σ_t m_t μ_{w,t}}{|y_w|} + \frac{Σ_t m_t μ_{l,t}}{|y_l|}\Big),
-
-    ``λ = sparsity``. ``μ ∈ [0, 1]`` is given: rule-based (:func:`shared_token_mask`: 0 on tokens shared by
-    both responses, whose gradients make up most of ``⟨∇_w,∇_l⟩``) or produced by a learned head, e.g.
+    ``λ = sparsity``. ``μ ∈ [0, 1]`` is given: rule-based
+    ([`shared_token_mask`][prefopt.losses.decoupled.shared_token_mask]: 0 on tokens shared by both responses,
+    whose gradients make up most of ``⟨∇_w,∇_l⟩``) or produced by a learned head, e.g.
     ``sigmoid(w·sg(hidden))``; gradients flow into ``μ`` when it requires grad, and the L1 term drives
-    low-contrast tokens to 0. With ``μ ≡ 1`` and ``λ = 0`` this **is** DPO on the summed log-probs (same value,
-    same gradient); with ``λ > 0`` and a constant ``μ`` the penalty is a constant (same gradient).
+    low-contrast tokens to 0. With ``μ ≡ 1`` and ``λ = 0`` this **is** DPO on the summed log-probs (same
+    value, same gradient); with ``λ > 0`` and a constant ``μ`` the penalty is a constant (same gradient).
 
     Args:
         policy_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
-            rows first; ``ref_logps`` is treated as a constant.
-        ref_logps: ``(2B, T)`` per-token log-probs (``prefopt.logprobs.token_logps``), chosen
-            rows first; ``ref_logps`` is treated as a constant.
+            rows first.
+        ref_logps: ``(2B, T)`` reference per-token log-probs, same layout, treated as a constant.
         completion_mask: ``(2B, T)`` bool.
         mu: ``(2B, T)`` weights in ``[0, 1]`` (values outside the completion are ignored).
-        beta: ``β > 0`` (0.1). sparsity: ``λ ≥ 0`` (default 0, so that ``μ ≡ 1`` is exactly DPO).
+        beta: ``β > 0`` (default 0.1).
+        sparsity: ``λ ≥ 0`` (default 0, so that ``μ ≡ 1`` is exactly DPO).
 
     Returns: ``loss`` ``(B,)``; metrics: reward metrics (``β ρ^μ``), ``mask/chosen_frac`` and
     ``mask/rejected_frac`` (``Σ m μ / |y|``), ``mask/degenerate`` (1.0 where a response keeps no weight at all,

@@ -5,8 +5,8 @@ Notation (``docs/losses/margin.md``): for a pair ``(y_w, y_l)`` the policy seque
 the log-ratios are ``ρ_w = S_w − S^ref_w`` and ``ρ_l = S_l − S^ref_l``, the margin is ``h = ρ_w − ρ_l``;
 ``σ`` is the logistic sigmoid and ``|y|`` a completion's token count (``PairLogps.chosen_len``).
 
-Every loss here takes a :class:`~prefopt.types.PairLogps` whose fields are ``(b,)`` and returns a
-:class:`~prefopt.types.LossOutput` whose ``loss`` is ``(b,)`` (one value per pair, unreduced) and whose
+Every loss here takes a [`PairLogps`][prefopt.types.PairLogps] whose fields are ``(b,)`` and returns a
+[`LossOutput`][prefopt.types.LossOutput] whose ``loss`` is ``(b,)`` (one value per pair, unreduced) and whose
 metrics are detached ``(b,)`` tensors:
 
 ``rewards/chosen`` ``β·ρ_w``; ``rewards/rejected`` ``β·ρ_l``; ``rewards/margins`` their difference;
@@ -22,12 +22,12 @@ The f-divergence generalization (f-DPO, Wang et al. 2023, arXiv 2309.16240, Thm.
 built on the chosen−rejected score difference (``dpo``, ``cdpo``, ``robust_dpo``, ``ipo``, ``hinge``,
 ``exo_pair``, ``discopop``, ``sigmoid_norm``):
 
-=====================  ===========================================================
-``reverse_kl``         ``ψ(ρ) = ρ`` (standard DPO; the default)
-``forward_kl``         ``ψ(ρ) = 1 − exp(−ρ)``
-``js_divergence``      ``ψ(ρ) = log 2 + log σ(ρ)``
-``alpha_divergence``   ``ψ(ρ) = (exp((α−1)ρ) − 1)/(α−1)``; ``α = 1`` falls back to ``ρ``
-=====================  ===========================================================
+| ``f_divergence`` | score ``ψ(ρ)`` |
+|---|---|
+| ``reverse_kl`` | ``ψ(ρ) = ρ`` (standard DPO; the default) |
+| ``forward_kl`` | ``ψ(ρ) = 1 − exp(−ρ)`` |
+| ``js_divergence`` | ``ψ(ρ) = log 2 + log σ(ρ)`` |
+| ``alpha_divergence`` | ``ψ(ρ) = (exp((α−1)ρ) − 1)/(α−1)``; ``α = 1`` falls back to ``ρ`` |
 
 Overflow guard (deviation from TRL): the exponents of the forward-KL score (``−ρ``) and of the α-divergence
 score (``(α−1)ρ``) are clamped at 40 before ``exp``. TRL clamps the α-divergence exponent at 80 (float32) and
@@ -36,12 +36,14 @@ does not clamp the forward-KL one (``exp(−ρ)`` overflows to ``inf`` once ``ρ
 below 40 (i.e. ``π/π_ref > e^-40`` for forward KL); beyond it the score saturates and its gradient is 0.
 
 Extreme values (every finite input, every accepted hyperparameter gives a finite loss and finite gradients):
-the exponential term of :func:`discopop` has its exponent clamped at 40 in the same way (it matters only for
-``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as ``z → −∞``); the squared terms of
-:func:`ipo` and :func:`sppo_hard` go through [`saturating_product`][prefopt.losses.margin.saturating_product],
-whose *value* saturates at ``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every
-finite ``d``); and their ``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the
-float32 range of the square, so the loss would be the saturation constant for every input).
+the exponential term of [`discopop`][prefopt.losses.margin.discopop] has its exponent clamped at 40 in the
+same way (it matters only for ``tau > 1``, where ``w·exp(−z) ≈ exp(−z(1 − 1/τ))`` grows without bound as
+``z → −∞``); the squared terms of [`ipo`][prefopt.losses.margin.ipo] and
+[`sppo_hard`][prefopt.losses.margin.sppo_hard] go through
+[`saturating_product`][prefopt.losses.margin.saturating_product], whose *value* saturates at
+``±e^40 ≈ 2.4e17`` while its gradient stays the exact ``2·d`` (finite for every finite ``d``); and their
+``beta`` must be ``≥ 1e-8`` (below it the target ``1/(2β)`` alone exceeds the float32 range of the square, so
+the loss would be the saturation constant for every input).
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
 def dpo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""DPO: ``L = −log σ(β·(ψ(ρ_w) − ψ(ρ_l)))``, with ``ψ(ρ) = ρ`` by default, i.e. ``−log σ(β h)``.
+    r"""DPO: \(L = -\log\sigma\big(\beta(\psi(\rho_w) - \psi(\rho_l))\big)\), with \(\psi(\rho) = \rho\) by
+    default, i.e. \(-\log\sigma(\beta h)\).
 
     Rafailov et al. 2023, "Direct Preference Optimization" (arXiv 2305.18290), Eq. (7). f-divergence
     variants: Wang et al. 2023 (arXiv 2309.16240), Eq. (11). TRL ``loss_type="sigmoid"`` (with
@@ -260,16 +263,19 @@ def cdpo(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""Conservative DPO: ``L = −(1−ε)·log σ(β h) − ε·log σ(−β h)`` (DPO under label noise ``ε``).
+    r"""Conservative DPO: \(L = -(1-\epsilon)\log\sigma(\beta h) - \epsilon\log\sigma(-\beta h)\) (DPO under
+    label noise \(\epsilon\)).
 
     Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (cDPO); this is the form
     TRL used for ``loss_type="sigmoid"`` with ``label_smoothing > 0`` before 1.x (TRL 1.16's ``sigmoid``
     no longer smooths; ``aot`` and the experimental CPO trainer keep this form).
 
     Args:
-        beta: ``β > 0`` (default 0.1). label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
-        f_divergence: as in :func:`dpo` (the score difference replaces ``h``).
-        f_alpha: as in :func:`dpo` (the score difference replaces ``h``).
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.1; ``ε = 0`` is DPO).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo] (the score difference replaces ``h``).
 
     Returns: ``loss`` ``(b,)``. Zero point: ``h = 0`` ⇒ ``log 2``; the loss is minimal (stationary) at
     ``h* = log((1−ε)/ε)/β`` and decreasing in ``h`` below it.
@@ -292,14 +298,21 @@ def robust_dpo(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""Robust DPO (rDPO): ``L = [(1−ε)·(−log σ(β h)) − ε·(−log σ(−β h))] / (1 − 2ε)``.
+    r"""Robust DPO (rDPO):
+    \(L = \big[(1-\epsilon)(-\log\sigma(\beta h)) - \epsilon(-\log\sigma(-\beta h))\big] / (1 - 2\epsilon)\).
 
     Chowdhury et al. 2024, "Provably Robust DPO" (arXiv 2403.00409), Eq. (8): an unbiased estimator of the
     clean DPO loss when labels are flipped with probability ``ε``: ``(1−ε)L(h) + εL(−h) = −log σ(β h)``.
     TRL ``loss_type="robust"`` (``label_smoothing`` = ``ε``, default 0.0 as in TRL; the paper suggests 0.1).
 
-    Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5)`` (TRL only warns outside it; prefopt raises);
-    f_divergence, f_alpha as in :func:`dpo`. Zero point: ``h = 0`` ⇒ ``log 2``.
+    Zero point: ``h = 0`` ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5)`` (default 0.0; TRL only warns outside it, prefopt raises).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -312,16 +325,22 @@ def robust_dpo(
 def ipo(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""IPO: ``L = (h̃ − 1/(2τ))²`` with the per-token margin ``h̃ = ψ(ρ_w)/|y_w| − ψ(ρ_l)/|y_l|`` and ``τ = β``.
+    r"""IPO: \(L = (\tilde h - 1/(2\tau))^2\) with the per-token margin
+    \(\tilde h = \psi(\rho_w)/|y_w| - \psi(\rho_l)/|y_l|\) and \(\tau = \beta\).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
     (arXiv 2310.12036), Eq. (17). Deviation from the paper's formula (which uses sequence sums): like TRL
     ``loss_type="ipo"``, log-ratios are divided by the completion token counts (clamped at 1); TRL states this
     normalization was confirmed with the IPO authors. Needs ``chosen_len``/``rejected_len``.
 
-    Args: beta = ``τ ≥ 1e-8`` (default 0.1); f_divergence, f_alpha as in :func:`dpo`.
     Zero point: ``h̃ = 0`` ⇒ ``1/(4τ²)`` (= 25 at τ = 0.1); minimum 0 at ``h̃ = 1/(2τ)``. The square's value
     saturates at ``e^40`` (gradient exact; see the module docstring).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``τ ≥ 1e-8`` (default 0.1).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "ipo")
@@ -334,11 +353,16 @@ def ipo(
 def hinge(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""Hinge (SLiC/RSO on log-ratios): ``L = max(0, 1 − β h)``.
+    r"""Hinge (SLiC/RSO on log-ratios): \(L = \max(0, 1 - \beta h)\).
 
     Zhao et al. 2023 (SLiC, arXiv 2305.10425) and Liu et al. 2023 (RSO, arXiv 2309.06657), Eq. (9) there;
-    TRL ``loss_type="hinge"``. Args: beta ``> 0`` (0.1; ``1/β`` is the target margin); f_divergence, f_alpha
-    as in :func:`dpo`. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
+    TRL ``loss_type="hinge"``. Zero point: ``h = 0`` ⇒ 1; loss and gradient are 0 once ``β h ≥ 1``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1; ``1/β`` is the target margin).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     return _out(torch.relu(1.0 - beta * (s_w - s_l)), beta, rho_w, rho_l, logps)
@@ -358,14 +382,22 @@ def exo_pair(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""EXO (pairwise): ``L = KL(q ‖ p) = q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε)``, ``q_w = σ(β h)``, ``q_l = σ(−β h)``.
+    r"""EXO (pairwise):
+    \(L = \mathrm{KL}(q \,\|\, p) = q_w(\log q_w - \log(1-\epsilon)) + q_l(\log q_l - \log\epsilon)\),
+    \(q_w = \sigma(\beta h)\), \(q_l = \sigma(-\beta h)\).
 
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856),
-    Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``. Args: beta ``> 0`` (0.1); label_smoothing
-    ``ε ∈ (0, 1)`` (default 1e-3, the paper's recommendation; TRL requires ε > 0 for this loss);
-    f_divergence, f_alpha as in :func:`dpo`.
+    Eq. (16) with ``K = 2``. TRL ``loss_type="exo_pair"``.
 
     Zero point: ``h = 0`` ⇒ ``−log 2 − ½·log(ε(1−ε))``; the minimum 0 is at ``σ(β h) = 1 − ε``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ (0, 1)`` (default 1e-3, the paper's recommendation; TRL requires ε > 0 for
+            this loss).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -378,11 +410,16 @@ def exo_pair(
 
 @register_loss("nca_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""NCA (pairwise): ``L = −log σ(β ρ_w) − ½ log σ(−β ρ_w) − ½ log σ(−β ρ_l)``.
+    r"""NCA (pairwise):
+    \(L = -\log\sigma(\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_w) - \tfrac12\log\sigma(-\beta\rho_l)\).
 
     Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
-    (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``. Args: beta ``> 0`` (0.1).
+    (arXiv 2402.05369), NCA loss with ``K = 2``; TRL ``loss_type="nca_pair"``.
     Zero point: ``ρ = 0`` ⇒ ``2 log 2``; ``∂L/∂S_l > 0`` always.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     r_w, r_l = beta * rho_w, beta * rho_l
@@ -392,17 +429,22 @@ def nca_pair(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 
 @register_loss("bco_pair", inputs="pairs", needs_reference=True, checks=BETA)
 def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: float = 0.1) -> LossOutput:
-    r"""BCO (pairwise): ``L = −log σ(β ρ_w − δ) − log σ(−(β ρ_l − δ))``.
+    r"""BCO (pairwise): \(L = -\log\sigma(\beta\rho_w - \delta) - \log\sigma(-(\beta\rho_l - \delta))\).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
     (arXiv 2404.04656), Eq. (5) with the reward shift ``δ``. TRL ``loss_type="bco_pair"``.
 
     ``delta`` is a **data** argument (not a hyperparameter), detached before use: the paper (and TRL's older
     ``DPOTrainer``) uses the running mean of the implicit rewards ``β ρ`` over past batches; keep that running
-    mean in your loop and pass it here (``()`` or ``(b,)`` tensor, or a float). ``None`` means ``δ = 0``, which is
-    exactly TRL 1.16's ``bco_pair`` (it dropped the running mean). Args: beta ``> 0`` (0.1).
+    mean in your loop and pass it here (``()`` or ``(b,)`` tensor, or a float). ``None`` means ``δ = 0``,
+    which is exactly TRL 1.16's ``bco_pair`` (it dropped the running mean).
 
     Zero point: ``ρ = 0, δ = 0`` ⇒ ``2 log 2``. Extra metric ``delta`` (broadcast to ``(b,)``).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        delta: the reward shift ``δ`` (data, detached): a ``()`` or ``(b,)`` tensor, a float, or None (0).
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     if delta is None:
@@ -423,12 +465,16 @@ def bco_pair(logps: PairLogps, delta: Tensor | float | None = None, *, beta: flo
 
 @register_loss("sppo_hard", inputs="pairs", needs_reference=True, checks=SQUARE_BETA)
 def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""SPPO with hard labels: ``L = (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²``.
+    r"""SPPO with hard labels: \(L = (\rho_w - 1/(2\beta))^2 + (\rho_l + 1/(2\beta))^2\).
 
     Wu et al. 2024, "Self-Play Preference Optimization" (arXiv 2405.00675), Eq. (4.7) of Algorithm 1 with the
     win probability set to 1 for the chosen and 0 for the rejected response (``η = 1/β``); TRL
-    ``loss_type="sppo_hard"``. Args: beta ``≥ 1e-8`` (0.1). Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
+    ``loss_type="sppo_hard"``. Zero point: ``ρ = 0`` ⇒ ``1/(2β²)`` (= 50 at 0.1).
     Each square's value saturates at ``e^40`` (gradient exact; see the module docstring).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β ≥ 1e-8`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     d_w, d_l = rho_w - 0.5 / beta, rho_l + 0.5 / beta
@@ -440,15 +486,21 @@ def sppo_hard(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
     "aot", inputs="pairs", needs_reference=True, checks={**BETA, "label_smoothing": between(0.0, 0.5)}
 )
 def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    r"""AOT (paired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(S_w − S_l)_i − sort(S^ref_w − S^ref_l)_i``.
+    r"""AOT (paired):
+    \(L_i = -(1-\epsilon)\log\sigma(\beta\Delta_{(i)}) - \epsilon\log\sigma(-\beta\Delta_{(i)})\),
+    \(\Delta_{(i)} = \mathrm{sort}(S_w - S_l)_i - \mathrm{sort}(S^{ref}_w - S^{ref}_l)_i\).
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
     (arXiv 2406.05882), the paired AOT loss (first-order stochastic dominance via sorting within the batch);
     TRL ``loss_type="aot"``. **Batch-level**: entry ``i`` of ``loss`` belongs to the ``i``-th smallest margin,
     not to pair ``i`` (the batch mean is what is defined); splitting a batch changes the loss.
 
-    Args: beta ``> 0`` (0.1); label_smoothing ``ε ∈ [0, 0.5]`` (0.0, TRL's default).
     Zero point: policy == reference ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0, TRL's default).
     """
     rho_w, rho_l = logratios(logps)
     assert logps.ref_chosen is not None and logps.ref_rejected is not None
@@ -464,11 +516,18 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) ->
     checks={**BETA, "label_smoothing": between(0.0, 0.5)},
 )
 def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
-    r"""AOT (unpaired): ``L_i = −(1−ε) log σ(β Δ_(i)) − ε log σ(−β Δ_(i))``, ``Δ_(i) = sort(ρ_w)_i − sort(ρ_l)_i``.
+    r"""AOT (unpaired):
+    \(L_i = -(1-\epsilon)\log\sigma(\beta\Delta_{(i)}) - \epsilon\log\sigma(-\beta\Delta_{(i)})\),
+    \(\Delta_{(i)} = \mathrm{sort}(\rho_w)_i - \mathrm{sort}(\rho_l)_i\).
 
     Melnyk et al. 2024 (arXiv 2406.05882), unpaired AOT; TRL ``loss_type="aot_unpaired"``. Batch-level like
-    :func:`aot` (entries follow the sorted order). Args: beta ``> 0`` (0.1); label_smoothing ``∈ [0, 0.5]`` (0.0).
+    [`aot`][prefopt.losses.margin.aot] (entries follow the sorted order).
     Zero point: ``ρ = 0`` ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0).
     """
     rho_w, rho_l = logratios(logps)
     sw, _ = torch.sort(rho_w, dim=0)
@@ -478,11 +537,15 @@ def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float 
 
 @register_loss("apo_zero", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""APO-zero: ``L = (1 − σ(β ρ_w)) + σ(β ρ_l)``: raise the chosen likelihood, lower the rejected one.
+    r"""APO-zero: \(L = (1 - \sigma(\beta\rho_w)) + \sigma(\beta\rho_l)\): raise the chosen likelihood, lower
+    the rejected one.
 
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization" (arXiv 2408.06266), Eq. (7); TRL
-    ``loss_type="apo_zero"``. Args: beta ``> 0`` (0.1). Zero point: ``ρ = 0`` ⇒ 1;
-    ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
+    ``loss_type="apo_zero"``. Zero point: ``ρ = 0`` ⇒ 1; ``∂L/∂S_w < 0 < ∂L/∂S_l`` always.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     loss = (1.0 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
@@ -491,10 +554,15 @@ def apo_zero(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
 
 @register_loss("apo_down", inputs="pairs", needs_reference=True, checks=BETA)
 def apo_down(logps: PairLogps, *, beta: float = 0.1) -> LossOutput:
-    r"""APO-down: ``L = σ(β ρ_w) + (1 − σ(β h))``: lower both likelihoods, the rejected one more.
+    r"""APO-down: \(L = \sigma(\beta\rho_w) + (1 - \sigma(\beta h))\): lower both likelihoods, the rejected
+    one more.
 
-    D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Args: beta ``> 0``
-    (0.1). Zero point: ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
+    D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. (8); TRL ``loss_type="apo_down"``. Zero point:
+    ``ρ = 0`` ⇒ 1 (``∂L/∂S_w = 0`` there: the two terms cancel).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
     """
     rho_w, rho_l = logratios(logps)
     loss = torch.sigmoid(beta * rho_w) + (1.0 - torch.sigmoid(beta * (rho_w - rho_l)))
@@ -510,7 +578,8 @@ def discopop(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""DiscoPOP / LRML: with ``z = β h`` and ``w = σ(z/τ)``: ``L = (1 − w)·(−log σ(z)) + w·exp(−z)``.
+    r"""DiscoPOP / LRML: with \(z = \beta h\) and \(w = \sigma(z/\tau)\):
+    \(L = (1 - w)(-\log\sigma(z)) + w\,e^{-z}\).
 
     Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language Models"
     (arXiv 2406.08414), Eq. (5) (log-ratio modulated loss). TRL ``loss_type="discopop"`` (``discopop_tau``).
@@ -520,8 +589,14 @@ def discopop(
     saturates at ``e^40`` and its gradient is 0 beyond; the ``−log σ(z)`` term still pushes ``z`` up). For
     ``τ ≤ 1`` the exponent is ``≤ min(−z, z(1/τ − 1)) ≤ 0``, so the clamp is inactive and the value is TRL's.
 
-    Args: beta ``> 0`` (0.1); tau ``> 0`` (0.05, the paper's value); f_divergence, f_alpha as in :func:`dpo`.
     Zero point: ``h = 0`` ⇒ ``(log 2 + 1)/2``. Not monotone in ``h`` (no gradient-sign guarantee).
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        tau: ``τ > 0`` (default 0.05, the paper's value).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     z = beta * (s_w - s_l)
@@ -534,11 +609,16 @@ def discopop(
 def sigmoid_norm(
     logps: PairLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5
 ) -> LossOutput:
-    r"""Length-normalized DPO: ``L = −log σ(β·(ψ(ρ_w)/|y_w| − ψ(ρ_l)/|y_l|))``.
+    r"""Length-normalized DPO: \(L = -\log\sigma\big(\beta(\psi(\rho_w)/|y_w| - \psi(\rho_l)/|y_l|)\big)\).
 
     DPO (Rafailov et al. 2023, Eq. 7) on per-token log-ratios; TRL ``loss_type="sigmoid_norm"`` (lengths
-    clamped at 1). Needs ``chosen_len``/``rejected_len``. Args: beta ``> 0`` (0.1); f_divergence, f_alpha as
-    in :func:`dpo`. Zero point: equal per-token log-ratios ⇒ ``log 2``.
+    clamped at 1). Zero point: equal per-token log-ratios ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``β > 0`` (default 0.1).
+        f_divergence: as in [`dpo`][prefopt.losses.margin.dpo].
+        f_alpha: as in [`dpo`][prefopt.losses.margin.dpo].
     """
     rho_w, rho_l, s_w, s_l = _scores(logps, f_divergence, f_alpha)
     n_w, n_l = lengths(logps, "sigmoid_norm")
@@ -572,15 +652,18 @@ def sft(logps: PairLogps, *, nll_norm: str = "batch_tokens") -> LossOutput:
 
 @register_loss("rdpo", inputs="pairs", needs_reference=True, checks={**BETA, "alpha": FINITE})
 def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutput:
-    r"""Length-regularized DPO (R-DPO): ``L = −log σ(β h + α (|y_w| − |y_l|))``.
+    r"""Length-regularized DPO (R-DPO): \(L = -\log\sigma(\beta h + \alpha(|y_w| - |y_l|))\).
 
     Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
-    (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the implicit reward
-    ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains a preference for
-    the longer response and the policy is not pushed to learn the length bias. Lengths are the raw token
-    counts (not clamped). Not in TRL. Args: beta ``> 0`` (0.1); alpha finite (0.0 ⇒ DPO; the
-    Understand_MarginPO repo used 0.2 on TL;DR). Needs lengths.
-    Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
+    (arXiv 2403.19159), the R-DPO objective (Eq. 9). Derivation: maximizing ``E[r] − α|y| − β·KL`` makes the
+    implicit reward ``β ρ(y) + α|y|``, so with ``α > 0`` the length term, not the policy's log-ratio, explains
+    a preference for the longer response and the policy is not pushed to learn the length bias. Lengths are
+    the raw token counts (not clamped). Not in TRL. Zero point: ``h = 0`` and equal lengths ⇒ ``log 2``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected`` and ``chosen_len``/``rejected_len``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: ``α``, finite (default 0.0 ⇒ DPO; the Understand_MarginPO repo used 0.2 on TL;DR).
     """
     rho_w, rho_l = logratios(logps)
     if logps.chosen_len is None or logps.rejected_len is None:
@@ -591,13 +674,18 @@ def rdpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 0.0) -> LossOutp
 
 @register_loss("dpop", inputs="pairs", needs_reference=True, checks={**BETA, "lam": ge(0)})
 def dpop(logps: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutput:
-    r"""DPO-Positive (DPOP): ``L = −log σ(β (h − λ·max(0, S^ref_w − S_w)))``.
+    r"""DPO-Positive (DPOP): \(L = -\log\sigma\big(\beta(h - \lambda\max(0, S^{ref}_w - S_w))\big)\).
 
     Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive"
     (arXiv 2402.13228), Eq. (3): the penalty is active only while the policy assigns the chosen completion a
     lower likelihood than the reference, and then pushes ``S_w`` up. Not in TRL.
-    Args: beta ``> 0`` (0.1); lam ``λ ≥ 0`` (50, the paper's value). Zero point: ``S_w ≥ S^ref_w`` and
-    ``h = 0`` ⇒ ``log 2``; ``λ = 0`` ⇒ DPO. Extra metric ``penalty`` = ``max(0, S^ref_w − S_w)``.
+    Zero point: ``S_w ≥ S^ref_w`` and ``h = 0`` ⇒ ``log 2``; ``λ = 0`` ⇒ DPO. Extra metric ``penalty`` =
+    ``max(0, S^ref_w − S_w)``.
+
+    Args:
+        logps: ``(b,)`` fields; needs ``ref_chosen``/``ref_rejected``.
+        beta: ``β > 0`` (default 0.1).
+        lam: ``λ ≥ 0`` (default 50, the paper's value).
     """
     rho_w, rho_l = logratios(logps)
     penalty = torch.relu(-rho_w)

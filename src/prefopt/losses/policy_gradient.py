@@ -4,11 +4,11 @@ Every loss here is
 
     fn(logp, old_logp, advantages, mask, *, <keyword-only data extras>, <hyperparameters>) -> LossOutput
 
-* ``logp`` ``(b, t)``: log-probs $\ell_{i,t}$ of the sampled tokens under the current policy (with grad);
-  ``old_logp`` ``(b, t)``: under the sampling policy, $\ell^{old}_{i,t}$ (``None`` = on-policy, where the loss
-  allows it: ``logp.detach()``, so every ratio is exactly 1 with the right gradient);
-  ``advantages``: ``(b,)`` per sequence (broadcast over its tokens) or ``(b, t)`` per token, $A_{i,t}$;
-  ``mask`` ``(b, t)`` **bool**, True on the completion tokens that count (left or right padding both fine).
+* ``logp`` ``(b, t)``: log-probs \(\ell_{i,t}\) of the sampled tokens under the current policy (with grad);
+  ``old_logp`` ``(b, t)``: under the sampling policy, \(\ell^{old}_{i,t}\) (``None`` = on-policy, where the
+  loss allows it: ``logp.detach()``, so every ratio is exactly 1 with the right gradient); ``advantages``:
+  ``(b,)`` per sequence (broadcast over its tokens) or ``(b, t)`` per token, \(A_{i,t}\); ``mask`` ``(b, t)``
+  **bool**, True on the completion tokens that count (left or right padding both fine).
 * Extras (keyword-only, registered as ``extras``): ``ref_logp`` (GRPO's KL), ``values`` / ``old_values`` /
   ``returns`` / ``entropy`` (PPO, REINFORCE's learned baseline); on every clipped variant ``sampler_logp``
   (behaviour-policy correction, [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights])
@@ -25,11 +25,11 @@ Robustness, shared by every loss:
 * Masked positions never reach the value or the gradient: every input is selected with ``torch.where``
   before any arithmetic, so NaN/inf there give a finite loss and an exactly-zero, finite gradient (tested
   for every loss and every input).
-* The log-ratio $\log\rho = \ell - \ell^{old}$ is clamped to $[-20, 20]$ before ``exp`` (as verl does), so a
-  ratio never overflows: beyond $e^{\pm 20}$ the ratio saturates and its gradient is 0. Inside the clamp the
-  values are the textbook ones. A clipped token's gradient is exactly 0 (its branch is selected with
+* The log-ratio \(\log\rho = \ell - \ell^{old}\) is clamped to \([-20, 20]\) before ``exp`` (as verl does), so
+  a ratio never overflows: beyond \(e^{\pm 20}\) the ratio saturates and its gradient is 0. Inside the clamp
+  the values are the textbook ones. A clipped token's gradient is exactly 0 (its branch is selected with
   ``torch.where``, never multiplied by 0), and a zero advantage gives exactly 0.
-* GRPO's k3 term clamps its log-ratio to $[-20, 20]$ likewise, so it stays finite (at most $e^{20}$).
+* GRPO's k3 term clamps its log-ratio to \([-20, 20]\) likewise, so it stays finite (at most \(e^{20}\)).
 
 The shared core is ``_clipped`` (the PPO clipped surrogate on a log-ratio, with the optional dual clip and
 INTELLECT-2 δ caps); a variant that changes the ratio (a sequence-level ratio, a stop-gradient weight) is a
@@ -143,16 +143,16 @@ def _clipped(
     dual_clip: float | None = None,
     delta: float | None = None,
 ) -> _Clipped:
-    r"""The negated PPO surrogate $\max(-A\rho, -A\,\mathrm{clip}(\rho, lo, hi))$ (Schulman et al. 2017,
+    r"""The negated PPO surrogate \(\max(-A\rho, -A\,\mathrm{clip}(\rho, lo, hi))\) (Schulman et al. 2017,
     arXiv:1707.06347, Eq. 7) of an already clamped log-ratio, with two optional caps:
 
-    * ``dual_clip`` $c$ (Ye et al. 2020, arXiv:1912.09729, Eq. 5): where $A < 0$ the loss is
-      $\min(\cdot, -cA)$, i.e. the coefficient freezes at $c$ once $\rho > c$;
-    * ``delta`` $\delta$ (INTELLECT-2, arXiv:2505.07291, two-sided clipping as TRL's ``delta``):
-      $-\min(\min(\rho, \delta) A, \mathrm{clip}(\rho, lo, hi) A)$, i.e. for $A > 0$ the coefficient
-      freezes at $\min(hi, \delta)$ and for $A < 0$ at $\max(hi, \delta)$ once $\rho$ exceeds it.
+    * ``dual_clip`` \(c\) (Ye et al. 2020, arXiv:1912.09729, Eq. 5): where \(A < 0\) the loss is
+      \(\min(\cdot, -cA)\), i.e. the coefficient freezes at \(c\) once \(\rho > c\);
+    * ``delta`` \(\delta\) (INTELLECT-2, arXiv:2505.07291, two-sided clipping as TRL's ``delta``):
+      \(-\min(\min(\rho, \delta) A, \mathrm{clip}(\rho, lo, hi) A)\), i.e. for \(A > 0\) the coefficient
+      freezes at \(\min(hi, \delta)\) and for \(A < 0\) at \(\max(hi, \delta)\) once \(\rho\) exceeds it.
 
-    Every frozen branch is the *constant* coefficient times $-A$, selected with ``torch.where``, so its
+    Every frozen branch is the *constant* coefficient times \(-A\), selected with ``torch.where``, so its
     gradient is exactly 0 whatever the other branch holds.
     """
     ratio = torch.exp(log_ratio)
@@ -206,44 +206,44 @@ def behaviour_weights(
 ) -> tuple[Tensor, Tensor]:
     r"""Importance weights correcting for the sampler (behaviour policy) ≠ the trainer's old policy.
 
-    The rollout was drawn by an inference engine with log-probs $\ell^{samp}$ (``sampler_logp``), while the
-    loss's ratio is taken against the trainer's recomputed $\ell^{old}$ (``old_logp``): decoupled PPO
+    The rollout was drawn by an inference engine with log-probs \(\ell^{samp}\) (``sampler_logp``), while the
+    loss's ratio is taken against the trainer's recomputed \(\ell^{old}\) (``old_logp``): decoupled PPO
     (Hilton et al. 2022, arXiv:2110.00641, the decoupled objective: behaviour and proximal policies are
     distinct). With
-    $\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}$, $u_{i,t} = e^{\Delta_{i,t}}$,
-    $U_i = \exp(\sum_t m_{i,t}\Delta_{i,t})$ (product of the token ratios) and
-    $G_i = \exp(\frac{1}{|y_i|}\sum_t m_{i,t}\Delta_{i,t})$ (their geometric mean), bounds
-    $[C_{min}, C_{max}]$ = [``low``, ``high``]:
+    \(\Delta_{i,t} = \ell^{old}_{i,t} - \ell^{samp}_{i,t}\), \(u_{i,t} = e^{\Delta_{i,t}}\),
+    \(U_i = \exp(\sum_t m_{i,t}\Delta_{i,t})\) (product of the token ratios) and
+    \(G_i = \exp(\frac{1}{|y_i|}\sum_t m_{i,t}\Delta_{i,t})\) (their geometric mean), bounds
+    \([C_{min}, C_{max}]\) = [``low``, ``high``]:
 
-    | ``correction`` | $W_{i,t}$ | peers |
+    | ``correction`` | \(W_{i,t}\) | peers |
     |---|---|---|
-    | ``"token_truncate"`` (TIS) | $\mathrm{clip}(u_{i,t}, C_{min}, C_{max})$ | TRL ``token_truncate``, verl ``rollout_is="token"``, OpenRLHF ``tis`` |
-    | ``"token_mask"`` (MIS / IcePop) | $u_{i,t}\,1[C_{min} \le u_{i,t} \le C_{max}]$ | TRL ``token_mask``, OpenRLHF ``icepop`` |
-    | ``"sequence_truncate"`` | $\mathrm{clip}(U_i, C_{min}, C_{max})$ | TRL ``sequence_truncate`` |
-    | ``"sequence_mask"`` | $U_i\,1[C_{min} \le U_i \le C_{max}]$ | TRL ``sequence_mask`` (its default) |
-    | ``"geometric_mask"`` | $u_{i,t}\,1[C_{min} \le G_i \le C_{max}]$ (token ratio not truncated) | OpenRLHF ``seq-mask-tis`` |
+    | ``"token_truncate"`` (TIS) | \(\mathrm{clip}(u_{i,t}, C_{min}, C_{max})\) | TRL ``token_truncate``, verl ``rollout_is="token"``, OpenRLHF ``tis`` |
+    | ``"token_mask"`` (MIS / IcePop) | \(u_{i,t}\,1[C_{min} \le u_{i,t} \le C_{max}]\) | TRL ``token_mask``, OpenRLHF ``icepop`` |
+    | ``"sequence_truncate"`` | \(\mathrm{clip}(U_i, C_{min}, C_{max})\) | TRL ``sequence_truncate`` |
+    | ``"sequence_mask"`` | \(U_i\,1[C_{min} \le U_i \le C_{max}]\) | TRL ``sequence_mask`` (its default) |
+    | ``"geometric_mask"`` | \(u_{i,t}\,1[C_{min} \le G_i \le C_{max}]\) (token ratio not truncated) | OpenRLHF ``seq-mask-tis`` |
 
     Truncated importance sampling: Yao et al. 2025 ("Your efficient RL framework secretly brings you
-    off-policy RL training", the TIS note); masking: IcePop (arXiv:2510.18855). $W$ multiplies the
+    off-policy RL training", the TIS note); masking: IcePop (arXiv:2510.18855). \(W\) multiplies the
     **policy term** of the loss only (not the KL or value terms), as TRL, verl and OpenRLHF do.
 
-    Everything is computed in log space: truncation is $\exp(\mathrm{clamp}(\Delta, \log C_{min},
-    \log C_{max}))$, masking compares $\Delta$ with $\log C$, and the exponent is clamped to
-    ±``LOG_RATIO_CLAMP`` (20), so any $\Delta$ (even $\pm 10^4$) gives a finite weight. $\Delta = 0$
-    (sampler = old policy) gives $W = 1$ exactly in every mode. A NaN sampler log-prob on a valid token (an
-    engine that could not score it) counts as $\Delta = 0$, as in TRL; masked positions never matter.
+    Everything is computed in log space: truncation is \(\exp(\mathrm{clamp}(\Delta, \log C_{min},
+    \log C_{max}))\), masking compares \(\Delta\) with \(\log C\), and the exponent is clamped to
+    ±``LOG_RATIO_CLAMP`` (20), so any \(\Delta\) (even \(\pm 10^4\)) gives a finite weight. \(\Delta = 0\)
+    (sampler = old policy) gives \(W = 1\) exactly in every mode. A NaN sampler log-prob on a valid token (an
+    engine that could not score it) counts as \(\Delta = 0\), as in TRL; masked positions never matter.
 
     Args:
         old_logp: ``(b, t)`` trainer log-probs of the old (proximal) policy; pass ``logp.detach()``
-            on-policy ("bypass": the weight then corrects $\pi_\theta$ against the sampler).
+            on-policy ("bypass": the weight then corrects \(\pi_\theta\) against the sampler).
         sampler_logp: ``(b, t)`` sampler log-probs of the same tokens.
         mask: ``(b, t)`` bool completion mask.
         correction: one of ``CORRECTIONS`` (default ``"token_truncate"``).
-        low: $C_{min} \in [0, 1]$ or None (no lower bound; default None, as TRL).
-        high: $C_{max} \ge 1$ or None (no upper bound; default 2.0, the TIS note's and verl's).
+        low: \(C_{min} \in [0, 1]\) or None (no lower bound; default None, as TRL).
+        high: \(C_{max} \ge 1\) or None (no upper bound; default 2.0, the TIS note's and verl's).
 
     Returns:
-        ``(weight, kept)``: detached ``(b, t)`` weights $W$ (0 where masked or dropped) and the bool
+        ``(weight, kept)``: detached ``(b, t)`` weights \(W\) (0 where masked or dropped) and the bool
         ``(b, t)`` tokens whose weight is not dropped by a mask mode (``mask`` for the truncate modes).
     """
     _check_correction("behaviour_weights", correction, low, high, low_name="low", high_name="high")
@@ -282,17 +282,17 @@ def off_policy_sequence_mask(
 
     The mean is the per-token k1 estimate of KL(π_b ‖ π_θ) along the sequence; a negative-advantage
     sequence that has drifted too far is dropped from the policy term (not from the KL term), as TRL's
-    ``off_policy_mask_threshold`` (which passes the sampler's log-probs as $\ell^b$ when it has them, else
+    ``off_policy_mask_threshold`` (which passes the sampler's log-probs as \(\ell^b\) when it has them, else
     the old policy's). ``advantages`` ``(b,)`` or ``(b, t)`` (then the sign is per token, as TRL). NaN
-    $\ell^b$ on a valid token counts as no divergence (TRL). $\delta = +\infty$ keeps everything; a token
-    with $A \ge 0$ is always kept; $M$ carries no gradient.
+    \(\ell^b\) on a valid token counts as no divergence (TRL). \(\delta = +\infty\) keeps everything; a token
+    with \(A \ge 0\) is always kept; \(M\) carries no gradient.
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (detached inside).
         behaviour_logp: ``(b, t)`` sampler (or old-policy) log-probs.
         advantages: ``(b,)`` or ``(b, t)``.
         mask: ``(b, t)`` bool completion mask.
-        threshold: $\delta$ (TRL suggests 0.5).
+        threshold: \(\delta\) (TRL suggests 0.5).
 
     Returns:
         bool ``(b, t)``: True where the token is kept (always False where ``mask`` is False).
@@ -390,21 +390,21 @@ def reinforce(
 ) -> LossOutput:
     r"""REINFORCE for language models, per token, with an optional learned value baseline.
 
-    Terminal reward and $\gamma = 1$, so every token's return is the sequence reward $R_i$ (PE-RLHF, Sidahmed
-    et al. 2024, arXiv:2403.10704, §3; Lee et al. 2023, arXiv:2309.00267, App. F). With
-    $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$ (1 when ``old_logp`` is None):
+    Terminal reward and \(\gamma = 1\), so every token's return is the sequence reward \(R_i\) (PE-RLHF,
+    Sidahmed et al. 2024, arXiv:2403.10704, §3; Lee et al. 2023, arXiv:2309.00267, App. F). With
+    \(\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})\) (1 when ``old_logp`` is None):
 
     $$ l_{i,t} = -\mathrm{sg}(\rho_{i,t})\, A_{i,t}\, \ell_{i,t} + c_v\, v_{i,t} $$
 
-    whose gradient is the importance-weighted $-\rho A \nabla\ell$ (the gradient of the unclipped surrogate
-    $-\rho A$). ``aggregate(loss, mask, "seq-mean-token-sum")`` is the per-sequence REINFORCE objective
-    $-\frac1B\sum_i A_i S_i$, $S_i = \sum_t m_{i,t}\ell_{i,t}$.
+    whose gradient is the importance-weighted \(-\rho A \nabla\ell\) (the gradient of the unclipped surrogate
+    \(-\rho A\)). ``aggregate(loss, mask, "seq-mean-token-sum")`` is the per-sequence REINFORCE objective
+    \(-\frac1B\sum_i A_i S_i\), \(S_i = \sum_t m_{i,t}\ell_{i,t}\).
 
-    The baseline is the caller's: pass ``advantages = R − sg(V)``. The value loss $v$ is the paper's squared
-    error, with ``values`` read at every completion position ``(b, t)``: $v_{i,t} = (G_{i,t} - V_{i,t})^2$
-    (a token *sum* over the sequence, as $L_V = \sum_t (Z_t - V_t)^2$ in the paper); or one ``V(x)`` per
-    prompt ``(b,)``: $v_{i,t} = (R_i - V_i)^2 / |y_i|$ on each of its tokens, so that the token sum is
-    $(R_i - V_i)^2$. ``returns`` ($G$ or $R$) is ``(b,)`` or the shape of ``values``.
+    The baseline is the caller's: pass ``advantages = R − sg(V)``. The value loss \(v\) is the paper's squared
+    error, with ``values`` read at every completion position ``(b, t)``: \(v_{i,t} = (G_{i,t} - V_{i,t})^2\)
+    (a token *sum* over the sequence, as \(L_V = \sum_t (Z_t - V_t)^2\) in the paper); or one ``V(x)`` per
+    prompt ``(b,)``: \(v_{i,t} = (R_i - V_i)^2 / |y_i|\) on each of its tokens, so that the token sum is
+    \((R_i - V_i)^2\). ``returns`` (\(G\) or \(R\)) is ``(b,)`` or the shape of ``values``.
 
     Args:
         logp: ``(b, t)`` policy log-probs of the sampled tokens (with grad).
@@ -413,11 +413,11 @@ def reinforce(
         mask: ``(b, t)`` bool completion mask.
         values: optional ``(b,)`` or ``(b, t)`` value predictions (with grad) for the value loss.
         returns: the value targets; required with ``values``.
-        value_coef: $c_v \ge 0$ (default 1.0: the paper's unweighted $L_V$).
+        value_coef: \(c_v \ge 0\) (default 1.0: the paper's unweighted \(L_V\)).
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``pg_loss``, ``value_loss``,
-        ``advantages``, ``ratio``. The ratio's log is clamped to ±20 (its weight saturates at $e^{20}$).
+        ``advantages``, ``ratio``. The ratio's log is clamped to ±20 (its weight saturates at \(e^{20}\)).
     """
     mask = _mask(mask, logp)
     lp = torch.where(mask, logp, _zero(logp))
@@ -456,22 +456,24 @@ def rloo(
     logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, *, clip: float = 0.2
 ) -> LossOutput:
     r"""REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740, Eq. 9; Kool et al. 2019): the whole
-    completion is one action, with $S_i = \sum_t m_{i,t}\ell_{i,t}$ and $A_i$ from
+    completion is one action, with \(S_i = \sum_t m_{i,t}\ell_{i,t}\) and \(A_i\) from
     [`rloo_advantages`][prefopt.rl.rloo_advantages] (rows ``i·k + j``, the row-major order of its input):
 
-    * on-policy (``old_logp=None``): $l_{i,t} = -A_i\,\ell_{i,t}$, so $\sum_t l_{i,t} = -A_i S_i$;
+    * on-policy (``old_logp=None``): \(l_{i,t} = -A_i\,\ell_{i,t}\), so \(\sum_t l_{i,t} = -A_i S_i\);
     * with ``old_logp``: TRL's sequence-level clipped surrogate spread evenly over the tokens,
-      $l_{i,t} = \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i, 1-\epsilon, 1+\epsilon)) / |y_i|$ with
-      $\rho_i = \exp(S_i - S^{old}_i)$ (log clamped to ±20), so $\sum_t l_{i,t}$ is the per-sequence value.
+      \(l_{i,t} = \max(-A_i\rho_i, -A_i\,\mathrm{clip}(\rho_i, 1-\epsilon, 1+\epsilon)) / |y_i|\) with
+      \(\rho_i = \exp(S_i - S^{old}_i)\) (log clamped to ±20), so \(\sum_t l_{i,t}\) is the per-sequence
+      value.
 
-    At $\rho = 1$ both forms have the same gradient. ``aggregate(loss, mask, "seq-mean-token-sum")`` is the
+    At \(\rho = 1\) both forms have the same gradient. ``aggregate(loss, mask, "seq-mean-token-sum")`` is the
     mean over sequences. KL is expected *in the reward* (``rl.kl_penalized_rewards``), as in the paper and TRL.
 
     Args:
-        logp: ``(b, t)`` policy log-probs (with grad); old_logp: ``(b, t)`` or None.
+        logp: ``(b, t)`` policy log-probs (with grad).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy).
         advantages: ``(b,)`` per completion (detached inside).
         mask: ``(b, t)`` bool completion mask.
-        clip: $\epsilon > 0$ of the sequence-level clip (default 0.2, TRL); unused on-policy.
+        clip: \(\epsilon > 0\) of the sequence-level clip (default 0.2, TRL); unused on-policy.
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` (constant along a sequence):
@@ -589,7 +591,7 @@ def grpo(
 ) -> LossOutput:
     r"""GRPO per-token loss (Shao et al. 2024, arXiv:2402.03300, Eq. 3) with DAPO's clip-higher.
 
-    With $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$, $A_i$ the group advantage of completion $i$
+    With \(\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})\), \(A_i\) the group advantage of completion \(i\)
     ([`group_advantages`][prefopt.rl.group_advantages]) broadcast over its tokens, and the k3 estimator
     against the reference:
 
@@ -597,25 +599,25 @@ def grpo(
        + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
 
     KL is **in the loss** (differentiated: its gradient is that of the forward KL(π_ref ‖ π), see
-    [`kl_estimate`][prefopt.rl.kl_estimate]). $\epsilon_{high} > \epsilon_{low}$ is DAPO's clip-higher
+    [`kl_estimate`][prefopt.rl.kl_estimate]). \(\epsilon_{high} > \epsilon_{low}\) is DAPO's clip-higher
     (Yu et al. 2025, arXiv:2503.14476, Eq. 10; they use 0.2 / 0.28). Reduce with
     [`aggregate`][prefopt.masked.aggregate]: ``"seq-mean-token-mean"`` is the paper's objective (TRL
     ``loss_type="grpo"``), ``"token-mean"`` with the global token count DAPO's (TRL ``"dapo"``),
     ``"seq-mean-token-sum-norm"`` Dr. GRPO's (Liu et al. 2025, arXiv:2503.20783; TRL ``"dr_grpo"``, which
     also drops std scaling: ``group_advantages(r, scale_std=False)``).
 
-    Caps on the ratio (both off by default): ``dual_clip`` $c > 1$ (Ye et al. 2020, arXiv:1912.09729,
-    Eq. 5) caps a negative-advantage token's loss at $-cA$ (frozen once $\rho > c$), combined with the
-    asymmetric band; ``delta`` $\delta > 1$ is INTELLECT-2's two-sided clipping (arXiv:2505.07291; TRL
-    ``delta``): $-\min(\min(\rho, \delta) A, \mathrm{clip}(\rho, 1-\epsilon_{low}, 1+\epsilon_{high}) A)$.
-    For $\delta \ge 1 + \epsilon_{high}$ the two agree exactly (value and gradient, tested); for
-    $\delta < 1 + \epsilon_{high}$ ``delta`` also freezes positive-advantage tokens once $\rho > \delta$.
+    Caps on the ratio (both off by default): ``dual_clip`` \(c > 1\) (Ye et al. 2020, arXiv:1912.09729,
+    Eq. 5) caps a negative-advantage token's loss at \(-cA\) (frozen once \(\rho > c\)), combined with the
+    asymmetric band; ``delta`` \(\delta > 1\) is INTELLECT-2's two-sided clipping (arXiv:2505.07291; TRL
+    ``delta``): \(-\min(\min(\rho, \delta) A, \mathrm{clip}(\rho, 1-\epsilon_{low}, 1+\epsilon_{high}) A)\).
+    For \(\delta \ge 1 + \epsilon_{high}\) the two agree exactly (value and gradient, tested); for
+    \(\delta < 1 + \epsilon_{high}\) ``delta`` also freezes positive-advantage tokens once \(\rho > \delta\).
 
     Behaviour-policy correction (decoupled PPO): with ``sampler_logp`` (the inference engine's log-probs
     of the sampled tokens) the policy term is multiplied by the detached weight
-    $W$ of [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights] with ``(old_logp,
-    sampler_logp, mask, correction=..., low=correction_min, high=correction_max)``; the ratio $\rho$ stays
-    against ``old_logp``. ``opsm_threshold`` $\delta$ drops, from the policy term, the negative-advantage
+    \(W\) of [`behaviour_weights`][prefopt.losses.policy_gradient.behaviour_weights] with ``(old_logp,
+    sampler_logp, mask, correction=..., low=correction_min, high=correction_max)``; the ratio \(\rho\) stays
+    against ``old_logp``. ``opsm_threshold`` \(\delta\) drops, from the policy term, the negative-advantage
     sequences of [`off_policy_sequence_mask`][prefopt.losses.policy_gradient.off_policy_sequence_mask]
     (against ``sampler_logp`` if given, else ``old_logp``, else ``logp.detach()``: divergence 0, as TRL);
     ``policy_mask`` ``(b, t)`` bool restricts the
@@ -625,7 +627,7 @@ def grpo(
     uncorrected loss, and with ``sampler_logp == old_logp`` every weight is exactly 1 (tested).
 
     Extreme values: the log-ratios to the old policy and to the reference are clamped to ±20 before ``exp``
-    (so $\rho \le e^{20}$ and $k_3 \le e^{20}$, both finite, with gradient 0 beyond the clamp).
+    (so \(\rho \le e^{20}\) and \(k_3 \le e^{20}\), both finite, with gradient 0 beyond the clamp).
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
@@ -635,21 +637,21 @@ def grpo(
         ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
         sampler_logp: ``(b, t)`` sampler (behaviour-policy) log-probs, or None (no correction).
         policy_mask: ``(b, t)`` bool, or None: the tokens whose policy term counts.
-        epsilon_low: lower clip $\epsilon$ (default 0.2, TRL); must be in [0, 1).
-        epsilon_high: upper clip $\epsilon$ (default None = ``epsilon_low``).
+        epsilon_low: lower clip \(\epsilon\) (default 0.2, TRL); must be in [0, 1).
+        epsilon_high: upper clip \(\epsilon\) (default None = ``epsilon_low``).
         beta: KL coefficient ≥ 0 (default 0.0 as TRL, no reference needed; the paper uses 0.04).
-        dual_clip: $c > 1$ or None (default None; verl's default is 3.0).
-        delta: $\delta > 1$ or None (default None; INTELLECT-2 uses 4). Not together with ``dual_clip``.
+        dual_clip: \(c > 1\) or None (default None; verl's default is 3.0).
+        delta: \(\delta > 1\) or None (default None; INTELLECT-2 uses 4). Not together with ``dual_clip``.
         correction: the mode of the behaviour correction (default ``"token_truncate"``, TIS; used only
             with ``sampler_logp``), one of ``CORRECTIONS``.
-        correction_min: $C_{min} \in [0, 1]$ or None (default None).
-        correction_max: $C_{max} \ge 1$ or None (default 2.0).
-        opsm_threshold: OPSM's $\delta$, or None (default None: off; TRL suggests 0.5).
+        correction_min: \(C_{min} \in [0, 1]\) or None (default None).
+        correction_max: \(C_{max} \ge 1\) or None (default 2.0).
+        opsm_threshold: OPSM's \(\delta\), or None (default None: off; TRL suggests 0.5).
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``kl`` (k3; 0 without ``ref_logp``),
         ``ratio``, ``clip_low`` / ``clip_high`` / ``dual_clip`` (1.0 where the lower clip / the upper
-        clip or δ / the dual clip or δ removed the gradient), ``advantages``, ``is_weight`` ($W$; 1 without
+        clip or δ / the dual clip or δ removed the gradient), ``advantages``, ``is_weight`` (\(W\); 1 without
         a sampler), ``policy_kept`` (1.0 where the policy term counts).
     """
     mask = _mask(mask, logp)
@@ -779,32 +781,39 @@ def gspo(
        + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
 
     One clip decision per sequence: the surrogate is constant along the sequence, so
-    ``aggregate(loss, mask, "seq-mean-token-mean")`` is the paper's $-\frac1B\sum_i \min(\cdot)$ (TRL
+    ``aggregate(loss, mask, "seq-mean-token-mean")`` is the paper's \(-\frac1B\sum_i \min(\cdot)\) (TRL
     ``importance_sampling_level="sequence"`` with ``loss_type="grpo"``; tested equal in value and gradient).
     A token-sum aggregation (``"token-mean"``, ``"seq-mean-token-sum*"``) would weight each sequence by its
-    length. $s_i$ is the geometric mean of the token ratios: every token at log-ratio $\delta$ gives
-    $s_i = e^\delta$ whatever $|y_i|$. Unclipped, the gradient is $-A_i s_i \frac{1}{|y_i|}\sum_t \nabla\ell_{i,t}$;
-    on-policy it equals GRPO's. The log of $s_i$ is clamped to ±20 (saturating, zero gradient beyond).
+    length. \(s_i\) is the geometric mean of the token ratios: every token at log-ratio \(\delta\) gives
+    \(s_i = e^\delta\) whatever \(|y_i|\). Unclipped, the gradient is
+    \(-A_i s_i \frac{1}{|y_i|}\sum_t \nabla\ell_{i,t}\); on-policy it equals GRPO's. The log of \(s_i\) is
+    clamped to ±20 (saturating, zero gradient beyond).
 
     The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
     ``opsm_threshold`` are the behaviour correction, policy-term mask and OPSM of
     [`grpo`][prefopt.losses.policy_gradient.grpo] (applied to the policy term; a sequence-level correction
-    there is independent of $s_i$).
+    there is independent of \(s_i\)).
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
-        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $s_i = 1$).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: \(s_i = 1\)).
         advantages: ``(b,)`` per sequence (detached inside); for per-token advantages use
             [`gspo_token`][prefopt.losses.policy_gradient.gspo_token].
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
         epsilon_low: lower clip (default 3e-4, the paper's; sequence ratios stay near 1).
         epsilon_high: upper clip (default 4e-4, the paper's; None = ``epsilon_low``).
         beta: k3 coefficient ≥ 0 (default 0.0, the paper's).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)`` as [`grpo`][prefopt.losses.policy_gradient.grpo]
-        (``ratio`` is $s_i$ on every token of sequence $i$).
+        (``ratio`` is \(s_i\) on every token of sequence \(i\)).
     """
     eps_hi = epsilon_low if epsilon_high is None else epsilon_high
     return _gspo(
@@ -854,17 +863,31 @@ def gspo_token(
        l_{i,t} = -\min\big(s_{i,t} A_{i,t},\ \mathrm{clip}(s_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high})
        A_{i,t}\big) + \beta k_3 $$
 
-    $s_{i,t}$ has the value $s_i$ of [`gspo`][prefopt.losses.policy_gradient.gspo] and the gradient
-    $s_i \nabla\ell_{i,t}$; with $A_{i,t} \equiv A_i$ it gives GSPO's values and gradients exactly (tested,
-    inside and outside the clip band). Reduce with ``"seq-mean-token-mean"``. The clamp of $\log s_i$ to ±20
-    only bounds the (stop-gradient) value: beyond it an unclipped token's gradient is $-A e^{20}\nabla\ell$.
+    \(s_{i,t}\) has the value \(s_i\) of [`gspo`][prefopt.losses.policy_gradient.gspo] and the gradient
+    \(s_i \nabla\ell_{i,t}\); with \(A_{i,t} \equiv A_i\) it gives GSPO's values and gradients exactly
+    (tested, inside and outside the clip band). Reduce with ``"seq-mean-token-mean"``. The clamp of
+    \(\log s_i\) to ±20 only bounds the (stop-gradient) value: beyond it an unclipped token's gradient is
+    \(-A e^{20}\nabla\ell\).
 
     The arguments ``logp``, ``old_logp``, ``mask``, ``ref_logp``, ``epsilon_low``, ``epsilon_high``, ``beta``,
     ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
     ``opsm_threshold`` are as for [`gspo`][prefopt.losses.policy_gradient.gspo].
 
     Args:
+        logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        old_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
         advantages: ``(b,)`` per sequence or ``(b, t)`` per token (detached inside).
+        mask: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        ref_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        sampler_logp: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        policy_mask: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        epsilon_low: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        epsilon_high: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        beta: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction_min: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        correction_max: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
+        opsm_threshold: as in [`gspo`][prefopt.losses.policy_gradient.gspo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)`` and ``(b, t)`` metrics as ``gspo``.
@@ -933,48 +956,54 @@ def cispo(
 ) -> LossOutput:
     r"""CISPO: clipped importance-sampling-weight policy optimisation (MiniMax-M1, arXiv:2506.13585, Eq. 4–5).
 
-    A REINFORCE loss whose importance weight $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$ is clipped
+    A REINFORCE loss whose importance weight \(\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})\) is clipped
     and then used as a stop-gradient coefficient:
 
     $$ l_{i,t} = -\mathrm{sg}(\hat w_{i,t})\, A_{i,t}\, \ell_{i,t} + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}),
        \qquad \nabla l_{i,t} = -\hat w_{i,t} A_{i,t} \nabla\ell_{i,t} + \beta\nabla k_3 $$
 
     Unlike PPO/GRPO no token's gradient is ever removed: a token far off-policy keeps the gradient
-    $-\hat w A\nabla\ell$ with a capped weight. The loss *value* contains $\ell$ itself (it is not a ratio
-    surrogate), so compare gradients, not values, with the PPO family. Two peer conventions for $\hat w$:
+    \(-\hat w A\nabla\ell\) with a capped weight. The loss *value* contains \(\ell\) itself (it is not a ratio
+    surrogate), so compare gradients, not values, with the PPO family. Two peer conventions for \(\hat w\):
 
-    * ``bounds="upper"`` (default): $\hat w = \min(\rho, C)$ with the absolute cap $C$ = ``max_weight``
+    * ``bounds="upper"`` (default): \(\hat w = \min(\rho, C)\) with the absolute cap \(C\) = ``max_weight``
       (default 5.0). This is TRL's ``loss_type="cispo"`` with ``epsilon_high=C`` (TRL uses its
       ``epsilon_high`` as the cap itself; tested equal in value and gradient) and ScaleRL
-      (arXiv:2510.13786). MiniMax's upper-only $1 + \epsilon^{IS}_{high}$ is ``max_weight=1 + ε``. Note a cap
-      below 1 scales even on-policy gradients by $C$.
-    * ``bounds="two_sided"``: $\hat w = \mathrm{clip}(\rho, 1-\epsilon_{low}, 1+\epsilon_{high})$ (verl's and
-      NeMo-RL's CISPO; defaults 0.2 / 0.2 as verl). ``max_weight`` is unused.
+      (arXiv:2510.13786). MiniMax's upper-only \(1 + \epsilon^{IS}_{high}\) is ``max_weight=1 + ε``. Note a
+      cap below 1 scales even on-policy gradients by \(C\).
+    * ``bounds="two_sided"``: \(\hat w = \mathrm{clip}(\rho, 1-\epsilon_{low}, 1+\epsilon_{high})\) (verl's
+      and NeMo-RL's CISPO; defaults 0.2 / 0.2 as verl). ``max_weight`` is unused.
 
     The paper normalises over all tokens of the batch: reduce with ``aggregate(loss, mask, "token-mean")``
-    (TRL: ``"token-mean"`` with ``num_tokens=num_items_in_batch``). $\log\rho$ is clamped to ±20 before the
+    (TRL: ``"token-mean"`` with ``num_tokens=num_items_in_batch``). \(\log\rho\) is clamped to ±20 before the
     ``exp`` (only the stop-gradient weight is affected).
 
     The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
     ``opsm_threshold`` are the behaviour correction, policy-term mask and OPSM of
-    [`grpo`][prefopt.losses.policy_gradient.grpo] (the correction weight multiplies $\hat w$'s term).
+    [`grpo`][prefopt.losses.policy_gradient.grpo] (the correction weight multiplies \(\hat w\)'s term).
 
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
-        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: $\rho = 1$).
+        old_logp: ``(b, t)`` sampling-policy log-probs, or None (on-policy: \(\rho = 1\)).
         advantages: ``(b,)`` or ``(b, t)`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs (keyword-only); required when ``beta > 0``.
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
         bounds: ``"upper"`` (TRL / ScaleRL / MiniMax) or ``"two_sided"`` (verl / NeMo-RL).
-        max_weight: the cap $C > 0$ of ``"upper"`` (default 5.0, TRL's recommended value).
+        max_weight: the cap \(C > 0\) of ``"upper"`` (default 5.0, TRL's recommended value).
         epsilon_low: lower clip of ``"two_sided"``, in [0, 1) (default 0.2).
         epsilon_high: upper clip of ``"two_sided"``, ≥ 0 (default 0.2).
         beta: k3 coefficient ≥ 0 (default 0.0).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
-        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``is_weight``, ``policy_kept``, ``ratio`` ($\rho$), ``weight``
-        ($\hat w$), ``clip_low`` / ``clip_high`` (1.0 where the weight was raised / capped), ``kl`` (k3; 0
-        without ``ref_logp``), ``advantages``.
+        ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``is_weight``, ``policy_kept``, ``ratio``
+        (\(\rho\)), ``weight`` (\(\hat w\)), ``clip_low`` / ``clip_high`` (1.0 where the weight was raised /
+        capped), ``kl`` (k3; 0 without ``ref_logp``), ``advantages``.
     """
     mask = _mask(mask, logp)
     if beta > 0 and ref_logp is None:
@@ -1049,19 +1078,20 @@ def sapo(
     r"""SAPO: soft adaptive policy optimisation, a smooth gate in place of the hard clip (Gao et al. 2025,
     arXiv:2511.20347, the SAPO objective).
 
-    With $\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})$ and $\tau_{i,t} = \tau_{pos}$ if $A_{i,t} > 0$
-    else $\tau_{neg}$ (a zero advantage takes $\tau_{neg}$, as TRL and verl; it has no gradient anyway):
+    With \(\rho_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t})\) and \(\tau_{i,t} = \tau_{pos}\) if
+    \(A_{i,t} > 0\) else \(\tau_{neg}\) (a zero advantage takes \(\tau_{neg}\), as TRL and verl; it has no
+    gradient anyway):
 
     $$ g_\tau(\rho) = \frac{4}{\tau}\,\sigma\big(\tau(\rho - 1)\big), \qquad
        l_{i,t} = -g_{\tau_{i,t}}(\rho_{i,t})\, A_{i,t} + \beta\, k_3(\ell_{i,t}, \ell^{ref}_{i,t}) $$
 
-    The gradient is $-4\sigma(1-\sigma)\,\rho\, A\nabla\ell$ with $\sigma = \sigma(\tau(\rho-1))$: weight
-    exactly 1 at $\rho = 1$ for every $\tau$ (on-policy SAPO has GRPO's gradient, tested), decaying smoothly
-    as $\rho$ leaves 1 instead of dropping to 0 at a clip edge; $\tau \to 0$ recovers the unclipped
-    surrogate's $-\rho A\nabla\ell$. The value at $\rho = 1$ is $-2A/\tau$, a constant offset: loss curves
-    are not comparable with GRPO's. Reduce with ``"seq-mean-token-mean"`` (TRL ``loss_type="sapo"`` and
-    verl aggregate so; tested equal to TRL 1.16 in value and gradient). The log-ratio is clamped to ±20
-    (beyond it the gate is saturated: finite value, zero gradient).
+    The gradient is \(-4\sigma(1-\sigma)\,\rho\, A\nabla\ell\) with \(\sigma = \sigma(\tau(\rho-1))\): weight
+    exactly 1 at \(\rho = 1\) for every \(\tau\) (on-policy SAPO has GRPO's gradient, tested), decaying
+    smoothly as \(\rho\) leaves 1 instead of dropping to 0 at a clip edge; \(\tau \to 0\) recovers the
+    unclipped surrogate's \(-\rho A\nabla\ell\). The value at \(\rho = 1\) is \(-2A/\tau\), a constant offset:
+    loss curves are not comparable with GRPO's. Reduce with ``"seq-mean-token-mean"`` (TRL
+    ``loss_type="sapo"`` and verl aggregate so; tested equal to TRL 1.16 in value and gradient). The log-ratio
+    is clamped to ±20 (beyond it the gate is saturated: finite value, zero gradient).
 
     The arguments ``sampler_logp``, ``policy_mask``, ``correction``, ``correction_min``, ``correction_max``,
     ``opsm_threshold`` are as for [`grpo`][prefopt.losses.policy_gradient.grpo] (policy term only).
@@ -1072,13 +1102,19 @@ def sapo(
         advantages: ``(b,)`` or ``(b, t)`` (detached inside).
         mask: ``(b, t)`` bool completion mask.
         ref_logp: ``(b, t)`` reference log-probs; required when ``beta > 0``.
-        tau_pos: $\tau_{pos} > 0$ (default 1.0, TRL and verl).
-        tau_neg: $\tau_{neg} > 0$ (default 1.05, TRL and verl; the paper takes $\tau_{neg} > \tau_{pos}$).
+        sampler_logp: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        policy_mask: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        tau_pos: \(\tau_{pos} > 0\) (default 1.0, TRL and verl).
+        tau_neg: \(\tau_{neg} > 0\) (default 1.05, TRL and verl; the paper takes \(\tau_{neg} > \tau_{pos}\)).
         beta: k3 coefficient ≥ 0 (default 0.0).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``; metrics ``(b, t)``: ``ratio``, ``gate_weight`` (the
-        gradient weight $4\sigma(1-\sigma)\rho$), ``kl``, ``advantages``, ``is_weight``, ``policy_kept``.
+        gradient weight \(4\sigma(1-\sigma)\rho\)), ``kl``, ``advantages``, ``is_weight``, ``policy_kept``.
     """
     mask = _mask(mask, logp)
     if beta > 0 and ref_logp is None:
@@ -1171,7 +1207,7 @@ def ppo(
 ) -> LossOutput:
     r"""PPO per-token loss: clipped surrogate, optional dual clip, clipped value loss, entropy bonus.
 
-    With $\rho_t = \exp(\ell_t - \ell^{old}_t)$ (Schulman et al. 2017, arXiv:1707.06347, Eq. 7 and 9; value
+    With \(\rho_t = \exp(\ell_t - \ell^{old}_t)\) (Schulman et al. 2017, arXiv:1707.06347, Eq. 7 and 9; value
     clipping as in OpenAI baselines / TRL; dual clip from Ye et al. 2020, arXiv:1912.09729, Eq. 5):
 
     $$ pg_t = \max(-\hat A_t\rho_t, -\hat A_t\,\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{high})), \qquad
@@ -1181,22 +1217,22 @@ def ppo(
        vf_t = \tfrac12\max((V_t - \hat G_t)^2, (V^c_t - \hat G_t)^2), \quad
        l_t = pg_t + c_v\, vf_t - c_H H_t $$
 
-    ($vf_t = \frac12 (V_t - \hat G_t)^2$ with ``value_clip=None``.) The value loss is 0 at $V = \hat G$ when
-    unclipped or when $|V - V^{old}| \le \epsilon_v$; the clipped form is pessimistic (a max), so $V = \hat G$
-    far from $V^{old}$ still pays $\frac12(V^c - \hat G)^2$ and gets no gradient. The clip removes the
-    gradient of token $t$ exactly (0, not a small number) where $\hat A_t > 0, \rho_t > 1 + \epsilon$ or
-    $\hat A_t < 0, \rho_t < 1 - \epsilon$; the dual clip also where $\hat A_t < 0, \rho_t > c$. KL is expected
-    **in the reward** (``rl.kl_penalized_rewards`` → ``rl.gae`` → usually ``masked_whiten``). Reduce with
-    ``aggregate(loss, mask, "token-mean")``.
+    (\(vf_t = \frac12 (V_t - \hat G_t)^2\) with ``value_clip=None``.) The value loss is 0 at \(V = \hat G\)
+    when unclipped or when \(|V - V^{old}| \le \epsilon_v\); the clipped form is pessimistic (a max), so
+    \(V = \hat G\) far from \(V^{old}\) still pays \(\frac12(V^c - \hat G)^2\) and gets no gradient. The clip
+    removes the gradient of token \(t\) exactly (0, not a small number) where
+    \(\hat A_t > 0, \rho_t > 1 + \epsilon\) or \(\hat A_t < 0, \rho_t < 1 - \epsilon\); the dual clip also
+    where \(\hat A_t < 0, \rho_t > c\). KL is expected **in the reward** (``rl.kl_penalized_rewards`` →
+    ``rl.gae`` → usually ``masked_whiten``). Reduce with ``aggregate(loss, mask, "token-mean")``.
 
-    ``clip_high`` $\epsilon_{high}$ (default None = $\epsilon$) is DAPO's clip-higher (arXiv:2503.14476,
+    ``clip_high`` \(\epsilon_{high}\) (default None = \(\epsilon\)) is DAPO's clip-higher (arXiv:2503.14476,
     Eq. 10); with ``dual_clip`` it gives verl's default policy loss (``clip_ratio_low``, ``clip_ratio_high``,
     ``clip_ratio_c``). ``sampler_logp``, ``policy_mask``, ``correction*`` and ``opsm_threshold`` act on
-    $pg_t$ only, exactly as in [`grpo`][prefopt.losses.policy_gradient.grpo] (decoupled PPO with a
+    \(pg_t\) only, exactly as in [`grpo`][prefopt.losses.policy_gradient.grpo] (decoupled PPO with a
     behaviour correction; without ``sampler_logp`` the loss is bitwise the uncorrected one).
 
-    Extreme values: $\log\rho$ is clamped to ±20, so without the dual clip a negative-advantage token with a
-    ratio beyond $e^{20}$ pays $-\hat A e^{20}$ (finite) with zero gradient, instead of overflowing.
+    Extreme values: \(\log\rho\) is clamped to ±20, so without the dual clip a negative-advantage token with a
+    ratio beyond \(e^{20}\) pays \(-\hat A e^{20}\) (finite) with zero gradient, instead of overflowing.
 
     The arguments ``correction``, ``correction_min``, ``correction_max``, ``opsm_threshold`` are as for
     [`grpo`][prefopt.losses.policy_gradient.grpo] (defaults ``"token_truncate"``, None, 2.0, None).
@@ -1204,27 +1240,31 @@ def ppo(
     Args:
         logp: ``(b, t)`` current-policy log-probs (with grad).
         old_logp: ``(b, t)`` sampling-policy log-probs.
-        advantages: ``(b, t)`` (or ``(b,)`` broadcast) advantages $\hat A$ (detached inside).
+        advantages: ``(b, t)`` (or ``(b,)`` broadcast) advantages \(\hat A\) (detached inside).
         mask: ``(b, t)`` bool completion mask.
         values: ``(b, t)`` value predictions (with grad); needs ``returns``, and ``old_values`` unless
             ``value_clip=None``. Without ``values`` the value term is 0.
         old_values: ``(b, t)`` values at sampling time.
-        returns: ``(b, t)`` value targets $\hat G$ (``gae``'s returns).
+        returns: ``(b, t)`` value targets \(\hat G\) (``gae``'s returns).
         entropy: ``(b, t)`` per-token policy entropy; required when ``ent_coef > 0``.
         sampler_logp: ``(b, t)`` sampler log-probs, or None (see ``grpo``).
         policy_mask: ``(b, t)`` bool, or None: the tokens whose policy term counts.
-        clip: $\epsilon \in (0, 1)$ (default 0.2).
-        clip_high: $\epsilon_{high} \ge 0$ or None (default None = ``clip``).
-        dual_clip: $c > 1$ or None (default None; 3.0 in the paper).
-        value_clip: $\epsilon_v > 0$ or None (default 0.2).
-        vf_coef: $c_v$ (default 0.1).
-        ent_coef: $c_H$ (default 0.0; defaults as TRL's PPO).
+        clip: \(\epsilon \in (0, 1)\) (default 0.2).
+        clip_high: \(\epsilon_{high} \ge 0\) or None (default None = ``clip``).
+        dual_clip: \(c > 1\) or None (default None; 3.0 in the paper).
+        value_clip: \(\epsilon_v > 0\) or None (default 0.2).
+        vf_coef: \(c_v\) (default 0.1).
+        ent_coef: \(c_H\) (default 0.0; defaults as TRL's PPO).
+        correction: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_min: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        correction_max: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
+        opsm_threshold: as in [`grpo`][prefopt.losses.policy_gradient.grpo].
 
     Returns:
         ``LossOutput`` with ``loss`` ``(b, t)``, 0 where masked; metrics ``(b, t)``: ``pg_loss``,
-        ``value_loss``, ``entropy``, ``approx_kl`` ($\frac12(\ell - \ell^{old})^2$), ``ratio``, ``clip_frac``,
-        ``dual_clip_frac``, ``value_clip_frac``, ``is_weight``, ``policy_kept`` (``masked_mean(m, mask)``
-        gives the batch value).
+        ``value_loss``, ``entropy``, ``approx_kl`` (\(\frac12(\ell - \ell^{old})^2\)), ``ratio``,
+        ``clip_frac``, ``dual_clip_frac``, ``value_clip_frac``, ``is_weight``, ``policy_kept``
+        (``masked_mean(m, mask)`` gives the batch value).
     """
     mask = _mask(mask, logp)
     if old_logp is None:

@@ -1,14 +1,15 @@
 r"""Reference-free pairwise losses: SimPO, CPO, ORPO, RRHF, SLiC-HF.
 
 None of these reads ``ref_chosen``/``ref_rejected`` (``PairLogps`` may leave them ``None``). Notation as in
-:mod:`prefopt.losses.margin`: ``S`` token-sum log-probs, ``Ā = S/|y|`` per-token means (lengths clamped at 1),
-``σ`` the sigmoid. Every loss returns ``loss`` ``(b,)`` and the detached per-pair metrics
-``rewards/{chosen,rejected,margins,accuracies}`` and ``logps/{chosen,rejected}`` (what "reward" means is
-given per loss: TRL's CPO/ORPO trainers log ``β·S`` or ``β·Ā``).
+[`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``Ā = S/|y|`` per-token means
+(lengths clamped at 1), ``σ`` the sigmoid. Every loss returns ``loss`` ``(b,)`` and the detached per-pair
+metrics ``rewards/{chosen,rejected,margins,accuracies}`` and ``logps/{chosen,rejected}`` (what "reward" means
+is given per loss: TRL's CPO/ORPO trainers log ``β·S`` or ``β·Ā``).
 
-NLL terms (CPO, ORPO, RRHF, SLiC) take ``nll_norm`` (see :func:`prefopt.losses.margin.nll_chosen`):
-``"batch_tokens"`` reproduces TRL's ``nn.CrossEntropyLoss`` token mean over the batch's chosen tokens
-(per-pair values whose batch mean is that number), ``"sequence"`` is ``−S_w/|y_w|``, ``"sum"`` is ``−S_w``.
+NLL terms (CPO, ORPO, RRHF, SLiC) take ``nll_norm`` (see
+[`prefopt.losses.margin.nll_chosen`][prefopt.losses.margin.nll_chosen]): ``"batch_tokens"`` reproduces TRL's
+``nn.CrossEntropyLoss`` token mean over the batch's chosen tokens (per-pair values whose batch mean is that
+number), ``"sequence"`` is ``−S_w/|y_w|``, ``"sum"`` is ``−S_w``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _smoothed(z: Tensor, eps: float) -> Tensor:
 def simpo(
     logps: PairLogps, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0
 ) -> LossOutput:
-    r"""SimPO: ``L = −log σ(β (Ā_w − Ā_l) − γ)`` with ``Ā = S/|y|``.
+    r"""SimPO: \(L = -\log\sigma(\beta(\bar A_w - \bar A_l) - \gamma)\) with \(\bar A = S/|y|\).
 
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
     (arXiv 2405.14734), Eq. (6); TRL ``experimental.cpo.CPOTrainer(loss_type="simpo", cpo_alpha=0)``, where
@@ -75,15 +76,24 @@ def cpo(
     label_smoothing: float = 0.0,
     nll_norm: str = "batch_tokens",
 ) -> LossOutput:
-    r"""CPO: ``L = −(1−ε) log σ(β (S_w − S_l)) − ε log σ(−β (S_w − S_l)) + α·NLL(y_w)``.
+    r"""CPO:
+    \(L = -(1-\epsilon)\log\sigma(\beta(S_w - S_l)) - \epsilon\log\sigma(-\beta(S_w - S_l)) + \alpha\,\mathrm{NLL}(y_w)\).
 
     Xu et al. 2024, "Contrastive Preference Optimization" (arXiv 2401.08417), Eq. (3) (preference term) plus
     the behaviour-cloning NLL term. TRL ``experimental.cpo.CPOTrainer(loss_type="sigmoid")``: ``alpha`` here is
     TRL's ``cpo_alpha`` (default 1.0), **not** TRL's AlphaPO ``alpha`` (not implemented); the NLL is TRL's
     token-mean cross-entropy over the batch's chosen completion tokens (``nll_norm="batch_tokens"``, needs
-    ``chosen_len``). Args: beta ``> 0`` (0.1), alpha ``≥ 0`` (1.0), label_smoothing ``∈ [0, 0.5]`` (0.0).
+    ``chosen_len``).
     Zero point: ``S_w = S_l`` ⇒ ``log 2 + α·NLL``; ``α = 0`` is reference-free DPO.
     Rewards metric: ``β·S`` (as TRL). Extra metric ``nll``.
+
+    Args:
+        logps: ``(b,)`` fields (no reference needed); ``chosen_len`` for ``nll_norm`` ``"batch_tokens"`` or
+            ``"sequence"``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: ``α ≥ 0``, the NLL weight (default 1.0).
+        label_smoothing: ``ε ∈ [0, 0.5]`` (default 0.0).
+        nll_norm: ``"batch_tokens"`` (default), ``"sequence"`` or ``"sum"`` (see the module docstring).
     """
     z = beta * (logps.chosen - logps.rejected)
     pref = _smoothed(z, label_smoothing)
@@ -97,7 +107,9 @@ def cpo(
 
 @register_loss("orpo", inputs="pairs", checks={"lam": gt(0), **_NLL})
 def orpo(logps: PairLogps, *, lam: float = 0.1, nll_norm: str = "batch_tokens") -> LossOutput:
-    r"""ORPO: ``L = NLL(y_w) − λ·log σ(log odds(Ā_w) − log odds(Ā_l))``, ``log odds(Ā) = Ā − log(1 − e^Ā)``.
+    r"""ORPO:
+    \(L = \mathrm{NLL}(y_w) - \lambda\log\sigma\big(\operatorname{logodds}(\bar A_w) - \operatorname{logodds}(\bar A_l)\big)\),
+    \(\operatorname{logodds}(\bar A) = \bar A - \log(1 - e^{\bar A})\).
 
     Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model" (arXiv 2403.07691),
     Eqs. (6)–(7); TRL ``experimental.orpo.ORPOTrainer`` (``lam`` = TRL's ``beta``, default 0.1), which uses the
@@ -123,7 +135,7 @@ def orpo(logps: PairLogps, *, lam: float = 0.1, nll_norm: str = "batch_tokens") 
 
 @register_loss("rrhf", inputs="pairs", checks={"nll_weight": ge(0), **_NLL})
 def rrhf(logps: PairLogps, *, nll_weight: float = 1.0, nll_norm: str = "sequence") -> LossOutput:
-    r"""RRHF (one pair): ``L = max(0, Ā_l − Ā_w) + w·NLL(y_w)``, ``Ā = S/|y|``.
+    r"""RRHF (one pair): \(L = \max(0, \bar A_l - \bar A_w) + w\,\mathrm{NLL}(y_w)\), \(\bar A = S/|y|\).
 
     Yuan et al. 2023, "RRHF: Rank Responses to Align Language Models with Human Feedback"
     (arXiv 2304.05302), Eqs. (1)–(4) restricted to two responses (ranking loss on length-normalized scores
@@ -145,7 +157,7 @@ def rrhf(logps: PairLogps, *, nll_weight: float = 1.0, nll_norm: str = "sequence
 
 @register_loss("slic", inputs="pairs", checks={"delta": gt(0), "lam": ge(0), **_NLL})
 def slic(logps: PairLogps, *, delta: float = 1.0, lam: float = 0.1, nll_norm: str = "sum") -> LossOutput:
-    r"""SLiC-HF: ``L = max(0, δ − (S_w − S_l)) + λ·NLL(y_w)``.
+    r"""SLiC-HF: \(L = \max(0, \delta - (S_w - S_l)) + \lambda\,\mathrm{NLL}(y_w)\).
 
     Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv 2305.10425),
     Eq. (1): a rank-calibration hinge on sequence log-likelihoods plus a cross-entropy regularizer on a target

@@ -35,9 +35,11 @@ def bradley_terry(
     r"""Pairwise Bradley–Terry reward-model loss with an optional margin and reward centering.
 
     Per pair (Ouyang et al. 2022, Eq. 1; PE-RLHF §3 ``L_r``; margin as in Llama 2, Touvron et al. 2023,
-    Eq. 2; centering from Eisenstein et al. 2023, "Helping or Herding?", Eq. 2)::
+    Eq. 2; centering from Eisenstein et al. 2023, "Helping or Herding?", Eq. 2):
 
-        L = −log σ(r_c − r_r − m) + c · (r_c + r_r)²
+    $$
+    L = -\log\sigma(r_c - r_r - m) + c\,(r_c + r_r)^2
+    $$
 
     ``m`` is an optional per-pair margin (0 if absent); the centering term pushes the two rewards towards a
     zero sum so that the (shift-invariant) BT loss yields mean-zero rewards. TRL's ``RewardTrainer``
@@ -76,9 +78,11 @@ def bradley_terry(
 def reward_classification(rewards: Tensor, labels: Tensor) -> LossOutput:
     r"""Pointwise classification reward-model loss: binary cross-entropy on ``σ(r)`` (PE-RLHF §3).
 
-    Per example, with label (or soft label / probability) ``p ∈ [0, 1]``::
+    Per example, with label (or soft label / probability) ``p ∈ [0, 1]``:
 
-        L = −p · log σ(r) − (1 − p) · log σ(−r)
+    $$
+    L = -p\,\log\sigma(r) - (1 - p)\,\log\sigma(-r)
+    $$
 
     computed from logits (``binary_cross_entropy_with_logits``), so it stays finite for any finite ``r``.
     ``r`` is then a logit of "good": ``σ(r)`` estimates ``P(label = 1)``. Its minimum over ``r`` is the

@@ -1,31 +1,32 @@
 r"""Offline pairwise objectives that need per-token statistics of the LM head: WPO, LD-DPO, AlphaPO, TDPO.
 
-Notation as in :mod:`prefopt.losses.margin`: ``S`` token-sum log-probs, ``ρ = S − S^ref``, ``h = ρ_w − ρ_l``,
-``Ā = S/|y|``, ``σ`` the sigmoid, ``sg`` stop-gradient; per token ``ℓ_t = log π_θ(y_t | x, y_<t)`` and
-``m_t`` the completion mask.
+Notation as in [`prefopt.losses.margin`][prefopt.losses.margin]: ``S`` token-sum log-probs, ``ρ = S − S^ref``,
+``h = ρ_w − ρ_l``, ``Ā = S/|y|``, ``σ`` the sigmoid, ``sg`` stop-gradient; per token
+``ℓ_t = log π_θ(y_t | x, y_<t)`` and ``m_t`` the completion mask.
 
-Per-token data come in the **token-pairs** layout of :mod:`prefopt.losses.decoupled`: a ``(2B, T)`` tensor whose
-rows ``0..B−1`` are the chosen completions and rows ``B..2B−1`` their rejected twins (row ``B + i`` pairs with
-row ``i``), with a ``(2B, T)`` bool ``completion_mask`` (True = the token counts). Positions outside the mask
-never reach a value or a gradient (they are selected away with ``torch.where`` before any arithmetic).
+Per-token data come in the **token-pairs** layout of [`prefopt.losses.decoupled`][prefopt.losses.decoupled]: a
+``(2B, T)`` tensor whose rows ``0..B−1`` are the chosen completions and rows ``B..2B−1`` their rejected twins
+(row ``B + i`` pairs with row ``i``), with a ``(2B, T)`` bool ``completion_mask`` (True = the token counts).
+Positions outside the mask never reach a value or a gradient (they are selected away with ``torch.where``
+before any arithmetic).
 
-=============  ===============  ==========================================================================
-loss           input kind       extra per-token data
-=============  ===============  ==========================================================================
-``wpo``        ``pairs``        ``token_logps``, ``log_sum_sq_probs``, ``completion_mask`` (keyword-only)
-``ld_dpo``     ``token_pairs``  ``(policy_logps, ref_logps, completion_mask)`` positional
-``alphapo``    ``pairs``        none (needs lengths)
-``tdpo``       ``pairs``        ``token_kl``, ``completion_mask`` (keyword-only)
-=============  ===============  ==========================================================================
+| loss | input kind | extra per-token data |
+|---|---|---|
+| ``wpo`` | ``pairs`` | ``token_logps``, ``log_sum_sq_probs``, ``completion_mask`` (keyword-only) |
+| ``ld_dpo`` | ``token_pairs`` | ``(policy_logps, ref_logps, completion_mask)`` positional |
+| ``alphapo`` | ``pairs`` | none (needs lengths) |
+| ``tdpo`` | ``pairs`` | ``token_kl``, ``completion_mask`` (keyword-only) |
 
-WPO's weight multiplies *any* registered pairwise loss (``base=``), and :func:`ld_pair_logps` turns
-per-token log-probs into length-desensitised [`PairLogps`][prefopt.types.PairLogps] for any pairwise loss,
-so both compose (WPO + IPO, WPO + SimPO, LD + IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²``
-for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for TDPO) come from the chunked LM head on a model —
-[`token_stats`][prefopt.logprobs.token_stats] (``log_sum_sq_probs=True``) and
-[`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no ``(b, t, V)`` tensor kept. The
-full-logits implementations here, :func:`log_sum_sq_probs` and :func:`token_kl`, keep a ``(…, V)`` tensor: use
-them on small models or as oracles.
+WPO's weight multiplies *any* registered pairwise loss (``base=``), and
+[`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps] turns per-token log-probs into length-desensitised
+[`PairLogps`][prefopt.types.PairLogps] for any pairwise loss, so both compose (WPO + IPO, WPO + SimPO, LD +
+IPO, ...). The full-vocabulary statistics (``log Σ_v π_v²`` for WPO, the per-position ``KL(π_ref ‖ π_θ)`` for
+TDPO) come from the chunked LM head on a model — [`token_stats`][prefopt.logprobs.token_stats]
+(``log_sum_sq_probs=True``) and [`token_kl_to_reference`][prefopt.logprobs.token_kl_to_reference] — with no
+``(b, t, V)`` tensor kept. The full-logits implementations here,
+[`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs] and
+[`token_kl`][prefopt.losses.weighted.token_kl], keep a ``(…, V)`` tensor: use them on small models or as
+oracles.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _masked_row_sum(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def log_sum_sq_probs(logits: Tensor) -> Tensor:
-    r"""``log Σ_v π_v²`` with ``π = softmax(z)`` over the last dim: ``logsumexp(2z) − 2·logsumexp(z)``.
+    r"""\(\log\sum_v \pi_v^2\) with \(\pi = \mathrm{softmax}(z)\) over the last dim:
+    ``logsumexp(2z) − 2·logsumexp(z)``.
 
     The WPO per-token normaliser (``Σ_v π_v² = E_{v∼π}[π_v]``, the expected probability of the policy's own
     sample). Full-logits reference implementation: ``(…, V)`` → ``(…)``, computed without gradient (WPO
@@ -98,7 +100,8 @@ def log_sum_sq_probs(logits: Tensor) -> Tensor:
 
 
 def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    r"""Per-position forward KL ``KL(π_ref,t ‖ π_θ,t) = Σ_v π_ref(v)·(log π_ref(v) − log π_θ(v))``.
+    r"""Per-position forward KL
+    \(\mathrm{KL}(\pi_{ref,t} \,\|\, \pi_{\theta,t}) = \sum_v \pi_{ref}(v)\,(\log\pi_{ref}(v) - \log\pi_\theta(v))\).
 
     TDPO's sequential KL term (Zeng et al. 2024, arXiv 2404.11999), evaluated along a given response. Full-logits reference implementation: ``(…, V)`` each → ``(…)``; the gradient flows into
     ``policy_logits`` only (the reference is detached). Computed in at least float32; ``≥ 0``, ``= 0`` where
@@ -118,7 +121,9 @@ def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, completion_mask: Tensor) -> Tensor:
-    r"""WPO's per-sequence factor ``w(y) = exp((1/|y|)·Σ_t m_t (ℓ_t − log Σ_v π_θ(v|x,y_<t)²))``, detached.
+    r"""WPO's per-sequence factor
+    \(w(y) = \exp\big(\frac{1}{|y|}\sum_t m_t(\ell_t - \log\sum_v \pi_\theta(v \mid x, y_{<t})^2)\big)\),
+    detached.
 
     Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (arXiv 2406.11827),
     Eq. (2), with the length-normalised, "aligned" per-token log-probs of TRL 1.16 ``use_weighting``.
@@ -127,7 +132,8 @@ def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, completion_mask: 
 
     Args:
         token_logps: ``(n, T)`` per-token log-probs ``ℓ_t`` of the sampled tokens (any rows, e.g. ``2B``).
-        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²`` (:func:`log_sum_sq_probs`).
+        log_sum_sq_probs: ``(n, T)`` per-position ``log Σ_v π_v²``
+            ([`log_sum_sq_probs`][prefopt.losses.weighted.log_sum_sq_probs]).
         completion_mask: ``(n, T)`` bool.
 
     Returns: ``(n,)`` detached weights (``|y|`` clamped at 1, so an empty row gives ``w = 1``).
@@ -196,16 +202,16 @@ def wpo(
 ) -> LossOutput:
     r"""WPO: any pairwise loss weighted by the (detached) on-policy-ness of both responses.
 
-    .. math::
+    $$
+    L = \min\big(w(y_w)\,w(y_l),\ c\big)\cdot L_{\text{base}},\qquad
+    w(y) = \operatorname{sg}\exp\Big(\frac{1}{|y|}\sum_t m_t\big(ℓ_t − \log\textstyle\sum_v π_θ(v|x,y_{<t})^2\big)\Big)
+    $$
 
-        L = \min\big(w(y_w)\,w(y_l),\ c\big)\cdot L_{\text{base}},\qquad
-        w(y) = \operatorname{sg}\exp\Big(\frac{1}{|y|}\sum_t m_t\big(ℓ_t − \log\textstyle\sum_v π_θ(v|x,y_{<t})^2\big)\Big)
-
-    (:func:`wpo_weights`; no ``min`` when ``clamp=None``). Zhou et al. 2024 (arXiv 2406.11827), Eq. (2)
-    with the aligned, length-normalised weight of Sec. 3. TRL 1.16: ``DPOConfig(use_weighting=True)`` with
-    any ``loss_type`` (TRL does not clamp: ``clamp=None``, the default); the authors' released
-    ``scripts/run_wpo.py`` clamps the product at 1 (``clamp=1.0``). Paper/authors' β for DPO: 0.01
-    (``base_kwargs={"beta": 0.01}``).
+    ([`wpo_weights`][prefopt.losses.weighted.wpo_weights]; no ``min`` when ``clamp=None``). Zhou et al. 2024
+    (arXiv 2406.11827), Eq. (2) with the aligned, length-normalised weight of Sec. 3. TRL 1.16:
+    ``DPOConfig(use_weighting=True)`` with any ``loss_type`` (TRL does not clamp: ``clamp=None``, the
+    default); the authors' released ``scripts/run_wpo.py`` clamps the product at 1 (``clamp=1.0``).
+    Paper/authors' β for DPO: 0.01 (``base_kwargs={"beta": 0.01}``).
 
     Args:
         logps: ``(b,)`` pair log-probs for the base loss (with reference fields if the base needs them).
@@ -313,19 +319,21 @@ def ld_dpo(
     beta: float = 0.1,
     ld_alpha: float = 0.5,
 ) -> LossOutput:
-    r"""LD-DPO: ``L = −log σ(β·(ρ^{LD}_w − ρ^{LD}_l))`` with ``ρ^{LD} = S^{LD} − S^{LD}_{ref}``.
+    r"""LD-DPO: \(L = -\log\sigma(\beta(\rho^{LD}_w - \rho^{LD}_l))\) with
+    \(\rho^{LD} = S^{LD} - S^{LD}_{ref}\).
 
-    ``S^{LD}`` (:func:`ld_pair_logps`) counts the tokens beyond the shorter response's length with weight
-    ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16 ``DPOConfig(ld_alpha=α)`` with
-    ``loss_type="sigmoid"`` (TRL applies it to every loss type; for another base loss call it on
-    ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
+    ``S^{LD}`` ([`ld_pair_logps`][prefopt.losses.weighted.ld_pair_logps]) counts the tokens beyond the shorter
+    response's length with weight ``α``. Liu et al. 2024 (arXiv 2409.06411); TRL 1.16
+    ``DPOConfig(ld_alpha=α)`` with ``loss_type="sigmoid"`` (TRL applies it to every loss type; for another
+    base loss call it on ``ld_pair_logps(...)``). ``α = 1``, or equal lengths, is DPO exactly.
 
     Args:
         policy_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
         ref_logps: ``(2B, T)`` per-token log-probs, chosen rows first.
         completion_mask: ``(2B, T)`` bool.
-        beta: ``β > 0`` (default 0.1, TRL's). ld_alpha: ``α ∈ [0, 1]`` (default 0.5, the paper's suggested
-            starting point; TRL's default ``None`` means off, i.e. ``α = 1``).
+        beta: ``β > 0`` (default 0.1, TRL's).
+        ld_alpha: ``α ∈ [0, 1]`` (default 0.5, the paper's suggested starting point; TRL's default ``None``
+            means off, i.e. ``α = 1``).
 
     Returns: ``loss`` ``(B,)``; the DPO metrics computed on the LD log-probs (``logps/*`` are ``S^{LD}``).
     """
@@ -342,7 +350,8 @@ def ld_dpo(
 
 
 def alpha_reward(mean_logp: Tensor, alpha: float) -> Tensor:
-    r"""AlphaPO's reward ``r_α = (1 − p^{−α})/α`` of the length-normalised probability ``p = exp(Ā)``.
+    r"""AlphaPO's reward \(r_\alpha = (1 - p^{-\alpha})/\alpha\) of the length-normalised probability
+    \(p = \exp(\bar A)\).
 
     Computed as ``−expm1(−α·Ā)/α`` (exact as ``α → 0``, where ``r_α → Ā``, SimPO's reward); ``α = 0``
     returns ``Ā``. ``dr_α/dĀ = p^{−α}``. Overflow guard: the exponent ``−α·Ā`` is clamped at 40 (for
@@ -371,19 +380,20 @@ def alphapo(
     gamma: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    r"""AlphaPO: SimPO with the α-reward, ``L = −log σ(β·(r_α(Ā_w) − r_α(Ā_l)) − γ)``.
+    r"""AlphaPO: SimPO with the α-reward, \(L = -\log\sigma(\beta(r_\alpha(\bar A_w) - r_\alpha(\bar A_l)) - \gamma)\).
 
-    ``r_α(Ā) = (1 − e^{−αĀ})/α`` (:func:`alpha_reward`), ``Ā = S/|y|``. Gupta et al. 2025, "AlphaPO: Reward
-    Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number not verified: the paper body was
-    not available to us). TRL 1.16
+    ``r_α(Ā) = (1 − e^{−αĀ})/α`` ([`alpha_reward`][prefopt.losses.weighted.alpha_reward]), ``Ā = S/|y|``.
+    Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment" (arXiv 2501.03884; equation number
+    not verified: the paper body was not available to us). TRL 1.16
     ``experimental.cpo.CPOConfig(loss_type="alphapo", alpha=α)`` (= ``simpo`` with ``cpo_alpha=0``; TRL's
     ``simpo_gamma`` is this ``γ``); ``label_smoothing = ε`` gives TRL's ``−(1−ε) log σ(z) − ε log σ(−z)``.
     ``α = 0`` is SimPO exactly; ``α > 0`` up-weights low-probability responses (``dr_α/dĀ = e^{−αĀ}``).
 
     Args:
         logps: ``(b,)``; needs lengths, no reference.
-        beta: ``β > 0`` (default 2.5), alpha: any finite ``α`` (default 0.25), gamma: margin ``γ``
-            (default 0.1) — the paper's Mistral-Instruct setting (TRL's defaults: β 0.1, α 0, γ 0.5).
+        beta: ``β > 0`` (default 2.5, the paper's Mistral-Instruct setting; TRL's default 0.1).
+        alpha: any finite ``α`` (default 0.25, the paper's Mistral-Instruct setting; TRL's default 0).
+        gamma: margin ``γ`` (default 0.1, the paper's Mistral-Instruct setting; TRL's default 0.5).
         label_smoothing: ``ε ∈ [0, 0.5]`` (default 0).
 
     Returns: ``loss`` ``(b,)``; rewards metrics ``β·r_α`` (as TRL).
@@ -421,7 +431,8 @@ def tdpo(
 ) -> LossOutput:
     r"""TDPO: DPO with the sequential token-level forward KL of each response.
 
-    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from :func:`token_kl`):
+    With ``D(y) = Σ_t m_t·KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t))`` (per-token values from
+    [`token_kl`][prefopt.losses.weighted.token_kl]):
 
     - TDPO1: ``L = −log σ(β·(h − (D(y_l) − D(y_w))))``
     - TDPO2: ``L = −log σ(β·(h − α·(D(y_l) − sg D(y_w))))`` (no gradient through the chosen KL)
@@ -435,8 +446,9 @@ def tdpo(
         token_kl: ``(2b, T)`` per-position ``KL(π_ref ‖ π_θ)`` (with gradient into the policy), chosen rows
             first.
         completion_mask: ``(2b, T)`` bool.
-        beta: ``β > 0`` (0.1). alpha: TDPO2's KL weight (0.5; unused by TDPO1). variant: ``"tdpo2"`` |
-            ``"tdpo1"``.
+        beta: ``β > 0`` (default 0.1).
+        alpha: TDPO2's KL weight (default 0.5; unused by TDPO1).
+        variant: ``"tdpo2"`` (default) or ``"tdpo1"``.
 
     Returns: ``loss`` ``(b,)``; rewards metrics ``β·(ρ + D)`` (the authors' logging), ``kl/chosen`` and
     ``kl/rejected`` (``D``), all ``(b,)`` detached.
