@@ -22,7 +22,8 @@ zero, so the first loss is not trivially ``log 2``); a float64 checksum of all a
 checked equal across configurations.
 
 Measurements, each configuration in a FRESH subprocess, configurations alternated for ``--rounds`` rounds:
-time = median wall-clock seconds of the steps after the first (the first, cold step is not timed);
+time = median wall-clock seconds of the steps after the first (the first, cold step is not timed), and the
+median process CPU seconds of the same steps (less sensitive to other jobs on a shared machine);
 memory = peak RSS during the steps minus the RSS just before the first step: the kernel's high-water mark is
 reset with ``/proc/self/clear_refs`` (``5``) after model, data and trainer are set up, and ``VmHWM`` is read after
 the last step (fallback where clear_refs is refused: ``ru_maxrss`` delta, which under-reports if set-up peaked
@@ -205,11 +206,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     reset = _reset_peak()
     base = _rss_kib("VmRSS")
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if reset:
         peak_delta = _rss_kib("VmHWM") - base
     else:
@@ -218,6 +220,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "impl": args.impl,
         "time_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
         "cold_time_s": times[0],
+        "cpu_time_s": statistics.median(cpu_times[1:]) if len(cpu_times) > 1 else cpu_times[0],
         "peak_delta_mib": peak_delta / 1024.0,
         "peak_method": "clear_refs+VmHWM" if reset else "ru_maxrss delta",
         "losses": losses,
@@ -267,7 +270,8 @@ def main() -> None:
             res = json.loads(line[7:]) | {"round": r}
             runs.append(res)
             print(
-                f"round {r} {impl:15s} step {res['time_s']:.2f}s (cold {res['cold_time_s']:.2f}s) "
+                f"round {r} {impl:15s} step {res['time_s']:.2f}s (cpu {res['cpu_time_s']:.2f}s, "
+                f"cold {res['cold_time_s']:.2f}s, load {os.getloadavg()[0]:.1f}) "
                 f"peak +{res['peak_delta_mib']:.0f} MiB  losses {[f'{x:.6f}' for x in res['losses']]}",
                 flush=True,
             )
@@ -279,18 +283,20 @@ def main() -> None:
     first = {impl: next(x for x in runs if x["impl"] == impl) for impl in configs}
     summary: dict[str, Any] = {"configs": configs, "adapter_checksums": checks}
     for impl in configs:
-        summary[impl] = {"time_s": med(impl, "time_s"), "peak_delta_mib": med(impl, "peak_delta_mib")}
+        summary[impl] = {k: med(impl, k) for k in ("time_s", "cpu_time_s", "peak_delta_mib")}
     if "trl" in configs:
         for impl in (c for c in configs if c != "trl"):
             diffs = [abs(a - b) for a, b in zip(first[impl]["losses"], first["trl"]["losses"])]
             summary[f"{impl}_vs_trl"] = {
                 "time_ratio": med(impl, "time_s") / med("trl", "time_s"),
+                "cpu_time_ratio": med(impl, "cpu_time_s") / med("trl", "cpu_time_s"),
                 "memory_ratio": med(impl, "peak_delta_mib") / med("trl", "peak_delta_mib"),
                 "loss_abs_diff": max(diffs),
                 "loss_abs_diff_step1": diffs[0],
             }
         head = summary.get("prefopt_vs_trl") or next(v for k, v in summary.items() if k.endswith("_vs_trl"))
         summary |= {k: head[k] for k in ("time_ratio", "memory_ratio", "loss_abs_diff")}
+    summary["load_after"] = list(os.getloadavg())
     summary["runs"] = runs
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("impl", "json")}
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs",)}, indent=2))
