@@ -53,7 +53,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from prefopt.logprobs import position_kwargs
+from prefopt.value_head import ValueHead, final_hidden_states
+from prefopt.value_head import config_hidden_size as config_hidden_size  # re-export (old import path)
 
 __all__ = [
     "ANCHOR_ADAPTER",
@@ -178,15 +179,6 @@ def ema_low_rank(
     return b_new, a_new, sq[..., keep:].sum(-1), sq.sum(-1)
 
 
-def config_hidden_size(config: Any, *, why: str = "a value or reward head") -> int:
-    """The width of a transformers model's final hidden state: ``hidden_size`` (or ``n_embd`` / ``d_model``)."""
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    raise ValueError(f"{why} needs model.config.hidden_size (or n_embd / d_model)")
-
-
 def _tuner(peft_model: peft.PeftModel) -> Any:
     """The peft ``LoraModel`` inside a ``PeftModel`` (typed ``Any``: mypy sees ``Tensor | Module``)."""
     return peft_model.base_model
@@ -288,13 +280,14 @@ class LoraPolicy(nn.Module):
     """
 
     model: peft.PeftModel
-    value_head: nn.Linear | None
+    value_head: ValueHead | None
 
     def __init__(
         self,
         model: nn.Module,
         lora_config: peft.LoraConfig | None = None,
         *,
+        anchor: bool = True,
         anchor_rank: int | None = None,
         value_head: bool = False,
         value_adapter: bool = False,
@@ -313,6 +306,12 @@ class LoraPolicy(nn.Module):
         was_training = model.training
         cfg = default_lora_config() if lora_config is None else copy.deepcopy(lora_config)
         _check_config(cfg)
+        if not isinstance(anchor, bool):
+            raise TypeError(f"anchor must be a bool, got {type(anchor).__name__}")
+        if not anchor and anchor_rank is not None:
+            raise ValueError(
+                f"anchor_rank={anchor_rank!r} needs anchor=True (anchor=False adds no anchor adapter)"
+            )
         if anchor_rank is not None and (
             isinstance(anchor_rank, bool) or not isinstance(anchor_rank, int) or anchor_rank < 1
         ):
@@ -325,7 +324,10 @@ class LoraPolicy(nn.Module):
             raise ValueError("value_adapter=True needs value_head=True")
         _check_target_names(model, cfg)
         policy_rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
-        self.anchor_rank: int = 2 * policy_rank if anchor_rank is None else anchor_rank
+        self.has_anchor: bool = anchor
+        self.anchor_rank: int | None = (
+            None if not anchor else 2 * policy_rank if anchor_rank is None else anchor_rank
+        )
 
         try:
             with warnings.catch_warnings():
@@ -342,22 +344,10 @@ class LoraPolicy(nn.Module):
         try:
             self.lora_config: peft.LoraConfig = peft_model.peft_config[POLICY_ADAPTER]  # type: ignore[assignment]
             self._check_layers(peft_model, (POLICY_ADAPTER,))
-            anchor_cfg = peft.LoraConfig(
-                r=self.anchor_rank,
-                lora_alpha=self.anchor_rank,
-                use_rslora=False,
-                lora_dropout=0.0,
-                bias="none",
-                target_modules=copy.deepcopy(self.lora_config.target_modules),
-                exclude_modules=copy.deepcopy(self.lora_config.exclude_modules),
-                layers_to_transform=copy.deepcopy(self.lora_config.layers_to_transform),
-                layers_pattern=copy.deepcopy(self.lora_config.layers_pattern),
-                fan_in_fan_out=self.lora_config.fan_in_fan_out,
-                init_lora_weights=True,
-                inference_mode=True,
-            )
-            peft_model.add_adapter(ANCHOR_ADAPTER, anchor_cfg)
-            adapters: tuple[str, ...] = (POLICY_ADAPTER, ANCHOR_ADAPTER)
+            adapters: tuple[str, ...] = (POLICY_ADAPTER,)
+            if self.anchor_rank is not None:
+                self._add_anchor_adapter(peft_model, self.anchor_rank)
+                adapters += (ANCHOR_ADAPTER,)
             if value_adapter:
                 peft_model.add_adapter(VALUE_ADAPTER, copy.deepcopy(self.lora_config))
                 adapters += (VALUE_ADAPTER,)
@@ -372,16 +362,14 @@ class LoraPolicy(nn.Module):
             (name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLinear)
         ]
         with torch.no_grad():
-            for _, layer in self._layers:
+            for _, layer in self._layers if anchor else ():
                 layer.lora_A[ANCHOR_ADAPTER].weight.zero_()
                 layer.lora_B[ANCHOR_ADAPTER].weight.zero_()
                 layer.scaling[ANCHOR_ADAPTER] = 1.0
         self.value_head = None
         if value_head:
-            hidden = self._hidden_size()
-            ref_param = next(peft_model.parameters())
-            head_dtype = torch.promote_types(ref_param.dtype, torch.float32)  # fp32, or fp64 for fp64 models
-            self.value_head = nn.Linear(hidden, 1, device=ref_param.device, dtype=head_dtype)
+            # float32, or float64 for a float64 model
+            self.value_head = ValueHead.for_model(peft_model.get_base_model(), why="value_head=True")
         self.value_adapter = value_adapter
         # Flags: backbone and anchor frozen; policy adapter, critic adapter and value head trainable.
         trainable = (f".{POLICY_ADAPTER}.", f".{VALUE_ADAPTER}.")
@@ -394,6 +382,32 @@ class LoraPolicy(nn.Module):
         self.train(was_training)
 
     # ------------------------------------------------------------------------------------------------ checks
+    @staticmethod
+    def _add_anchor_adapter(peft_model: peft.PeftModel, rank: int) -> None:
+        """Add the frozen anchor adapter: rank `rank`, scale 1, no dropout, on the policy's layers."""
+        policy_cfg: Any = peft_model.peft_config[POLICY_ADAPTER]
+        anchor_cfg = peft.LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            use_rslora=False,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=copy.deepcopy(policy_cfg.target_modules),
+            exclude_modules=copy.deepcopy(policy_cfg.exclude_modules),
+            layers_to_transform=copy.deepcopy(policy_cfg.layers_to_transform),
+            layers_pattern=copy.deepcopy(policy_cfg.layers_pattern),
+            fan_in_fan_out=policy_cfg.fan_in_fan_out,
+            init_lora_weights=True,
+            inference_mode=True,
+        )
+        peft_model.add_adapter(ANCHOR_ADAPTER, anchor_cfg)
+
+    def _require_anchor(self, what: str) -> None:
+        if not self.has_anchor:
+            raise RuntimeError(
+                f"{what} needs the anchor adapter, but this policy was built with LoraPolicy(..., anchor=False)"
+            )
+
     @staticmethod
     def _check_layers(peft_model: peft.PeftModel, adapters: tuple[str, ...]) -> None:
         tuner_layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -412,9 +426,6 @@ class LoraPolicy(nn.Module):
                     raise ValueError(
                         f"lora_config: layer {name!r} uses a LoRA variant; only plain LoRA works"
                     )
-
-    def _hidden_size(self) -> int:
-        return config_hidden_size(getattr(self.model.get_base_model(), "config", None), why="value_head=True")
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -470,6 +481,7 @@ class LoraPolicy(nn.Module):
         Same contract as :meth:`reference` (``no_grad`` default True, flags untouched, restored on
         exceptions, no nesting). The anchor adapter has no dropout, so anchor forwards are deterministic.
         """
+        self._require_anchor("anchor()")
         return self._switch("anchor", no_grad)
 
     @contextlib.contextmanager
@@ -490,6 +502,8 @@ class LoraPolicy(nn.Module):
         names = (POLICY_ADAPTER, ANCHOR_ADAPTER)
         if adapter not in names:
             raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
+        if adapter == ANCHOR_ADAPTER:
+            self._require_anchor('merged("anchor")')
         with self._switch("merged", True):
             swapped: list[tuple[nn.Module, nn.Parameter]] = []
             try:
@@ -536,20 +550,10 @@ class LoraPolicy(nn.Module):
             raise ValueError("attention_mask must be a tensor with the shape of input_ids")
         if self.value_adapter and self._mode != "policy":
             raise RuntimeError(f"values() with a critic adapter called inside {self._mode}()")
-        base = self.model.get_base_model()
-        backbone: Any = base.base_model
         critic = self._switch("critic", False) if self.value_adapter else contextlib.nullcontext()
         with critic, contextlib.nullcontext() if backbone_grad else torch.no_grad():
-            if backbone is not base:
-                pos = position_kwargs(backbone, attention_mask)
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **pos).last_hidden_state
-            else:
-                pos = position_kwargs(base, attention_mask)
-                out = base(
-                    input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **pos
-                )
-                hidden = out.hidden_states[-1]
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            hidden = final_hidden_states(self.model.get_base_model(), input_ids, attention_mask)
+        return self.value_head(hidden)
 
     # ------------------------------------------------------------------------------------------------ anchor
     @torch.no_grad()
@@ -572,6 +576,7 @@ class LoraPolicy(nn.Module):
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self._require_anchor("update_anchor_()")
         if self._mode != "policy":
             raise RuntimeError(f"update_anchor_() called inside {self._mode}()")
         n_layers = len(self._layers)
@@ -616,7 +621,7 @@ class LoraPolicy(nn.Module):
                 )
             scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
             scale = scale.to(b_p.device).view(-1, 1, 1)
-            r_p, r_a = a_p.shape[-2], self.anchor_rank
+            r_p, r_a = a_p.shape[-2], int(self.anchor_rank or 0)
             if decay == 0.0 and r_a >= r_p:
                 b_new = torch.cat([scale * b_p, b_p.new_zeros(*b_p.shape[:-1], r_a - r_p)], dim=-1)
                 a_new = torch.cat([a_p, a_p.new_zeros(a_p.shape[0], r_a - r_p, a_p.shape[-1])], dim=-2)
@@ -649,6 +654,8 @@ class LoraPolicy(nn.Module):
     def delta_weights(self, adapter: str = POLICY_ADAPTER) -> dict[str, Tensor]:
         """Materialized ``ΔW`` per adapted layer (``(out, in)``, ``nn.Linear`` layout, float32, detached):
         ``scale·B·A`` of ``adapter`` (``"default"``, ``"anchor"`` or ``"critic"``). For inspection and tests; ``O(m·n)`` each."""
+        if adapter == ANCHOR_ADAPTER:
+            self._require_anchor('delta_weights("anchor")')
         names = (POLICY_ADAPTER, ANCHOR_ADAPTER, *((VALUE_ADAPTER,) if self.value_adapter else ()))
         if adapter not in names:
             raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
@@ -679,7 +686,8 @@ class LoraPolicy(nn.Module):
         if self._mode != "policy":
             raise RuntimeError(f"merged_model() called inside {self._mode}()")
         clone = copy.deepcopy(self.model)
-        _tuner(clone).delete_adapter(ANCHOR_ADAPTER)
+        if self.has_anchor:
+            _tuner(clone).delete_adapter(ANCHOR_ADAPTER)
         if self.value_adapter:
             _tuner(clone).delete_adapter(VALUE_ADAPTER)
         return clone.merge_and_unload(adapter_names=[POLICY_ADAPTER])
@@ -727,6 +735,7 @@ class LoraPolicy(nn.Module):
                 lora_config = json.load(f)
             meta = {
                 "format_version": _FORMAT_VERSION,
+                "anchor": self.has_anchor,
                 "anchor_rank": self.anchor_rank,
                 "value_head": self.value_head is not None,
                 "value_adapter": self.value_adapter,
@@ -787,7 +796,8 @@ class LoraPolicy(nn.Module):
         if version not in (1, _FORMAT_VERSION):
             raise ValueError(f"{meta_path}: unsupported format_version {version!r}")
         try:
-            anchor_rank = int(meta["anchor_rank"])
+            anchor = bool(meta.get("anchor", True))  # checkpoints before anchor=False always had one
+            anchor_rank = int(meta["anchor_rank"]) if anchor else None
             value_head = bool(meta["value_head"])
             value_adapter = bool(meta.get("value_adapter", False))
             if version == 1:
@@ -811,7 +821,12 @@ class LoraPolicy(nn.Module):
         if check_base and "base_model" in meta:
             _check_base(base_model, meta["base_model"], meta_path)
         policy = cls(
-            base_model, cfg, anchor_rank=anchor_rank, value_head=value_head, value_adapter=value_adapter
+            base_model,
+            cfg,
+            anchor=anchor,
+            anchor_rank=anchor_rank,
+            value_head=value_head,
+            value_adapter=value_adapter,
         )
         try:
             expected = policy._saved_state()
