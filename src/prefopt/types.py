@@ -26,6 +26,7 @@ __all__ = [
     "check_finite",
     "check_mask",
     "check_tensor",
+    "unpack_pair_batch",
 ]
 
 
@@ -384,6 +385,33 @@ class PairBatch(_TensorFields):
             completion_len=self.completion_len[rows],
             row_index=self.row_index[idx],
         )
+
+
+def unpack_pair_batch(batch: PairBatch | Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """The three tensors a forward on a duplicated-layout preference batch needs.
+
+    The one place that reads a [`PairBatch`][prefopt.types.PairBatch] *or* a plain mapping with its keys
+    (TRL-style dicts, hand-made batches); the shapes are checked by the caller.
+
+    Args:
+        batch: a `PairBatch`, or a mapping with `input_ids` and `completion_mask` and optionally
+            `attention_mask`.
+
+    Returns:
+        `(input_ids, attention_mask, completion_mask)`; `attention_mask` is `None` when a mapping has none.
+
+    Raises:
+        KeyError: a mapping without `input_ids` or `completion_mask` (the message names the key).
+        TypeError: anything else than a `PairBatch` or a mapping.
+    """
+    if isinstance(batch, PairBatch):
+        return batch.input_ids, batch.attention_mask, batch.completion_mask
+    if isinstance(batch, Mapping):
+        for key in ("input_ids", "completion_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        return batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
+    raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from prefopt.diagnostics.pergrad import Method, per_row_gradients, resolve_params
 from prefopt.policy import eval_mode
 from prefopt.registry import get_loss
-from prefopt.types import PairBatch, PairLogps
+from prefopt.types import PairBatch, PairLogps, unpack_pair_batch
 
 __all__ = [
     "EntanglementReport",
@@ -126,16 +126,7 @@ def check_pair_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor, int]:
     Raises ``TypeError``/``KeyError``/``ValueError`` naming the offending key: not a dict, a missing key, an
     odd or zero row count, a non-bool completion mask, a shape mismatch, or a row with no completion token.
     """
-    am: Tensor | None
-    if isinstance(batch, PairBatch):
-        ids, cm, am = batch.input_ids, batch.completion_mask, batch.attention_mask
-    elif isinstance(batch, dict):
-        for key in ("input_ids", "completion_mask"):
-            if key not in batch:
-                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-        ids, cm, am = batch["input_ids"], batch["completion_mask"], batch.get("attention_mask")
-    else:
-        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
+    ids, am, cm = unpack_pair_batch(batch)
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ValueError("batch['input_ids'] must be a (2B, T) tensor")
     rows = ids.shape[0]
