@@ -119,7 +119,7 @@ class PairLogps(_TensorFields):
         rejected_len: `|y_l|`.
 
     Shapes and dtypes are checked on construction; finiteness only on request
-    ([`check_finite`][prefopt.types.PairLogps.check_finite], or `check_finite=True` when calling a loss) because it synchronizes the device.
+    (`check_finite()`, or `check_finite=True` when calling a loss) because it synchronizes the device.
     """
 
     chosen: Tensor
