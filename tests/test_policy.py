@@ -974,3 +974,87 @@ def test_merged_restores_on_exception_refuses_nesting_and_bad_adapter():
         pass
     with pytest.raises(ValueError, match="adapter"), policy.merged("critic"):
         pass
+
+
+# ------------------------------------------------------------------------------------------- anchor=False
+def test_no_anchor_policy_has_no_anchor_weights_and_same_policy_function():
+    base = make_llama()
+    with_anchor = LoraPolicy(copy.deepcopy(base), cfg(r=2), value_head=True)
+    without = LoraPolicy(copy.deepcopy(base), cfg(r=2), value_head=True, anchor=False)
+    assert without.has_anchor is False and without.anchor_rank is None and with_anchor.has_anchor
+    assert not any(f".{ANCHOR_ADAPTER}." in n for n, _ in without.named_parameters())
+    anchor_elems = sum(p.numel() for n, p in with_anchor.named_parameters() if f".{ANCHOR_ADAPTER}." in n)
+    assert anchor_elems > 0
+    a, b = with_anchor.parameter_counts(), without.parameter_counts()
+    assert b.trainable == a.trainable and b.total == a.total - anchor_elems
+    # the same adapter weights give the same policy, reference and values (the anchor adapter is inert)
+    with torch.no_grad():
+        without.load_state_dict(
+            {k: v for k, v in with_anchor.state_dict().items() if f".{ANCHOR_ADAPTER}." not in k}
+        )
+    randomize_policy(with_anchor)
+    randomize_policy(without)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(without.model(input_ids=ids).logits, with_anchor.model(input_ids=ids).logits)
+        assert torch.equal(without.values(ids), with_anchor.values(ids))
+        with without.reference():
+            ref = without.model(input_ids=ids).logits
+        torch.testing.assert_close(ref, base(input_ids=ids).logits, rtol=0, atol=0)
+    merged = without.merged_model()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, without.model(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_no_anchor_policy_refuses_anchor_methods_naming_the_argument():
+    policy = LoraPolicy(make_llama(), cfg(r=2), anchor=False)
+    for call in (
+        lambda: policy.anchor(),
+        lambda: policy.update_anchor_(0.5),
+        lambda: policy.merged("anchor").__enter__(),
+        lambda: policy.delta_weights(ANCHOR_ADAPTER),
+    ):
+        with pytest.raises(RuntimeError, match=r"anchor=False"):
+            call()
+    assert policy.mode == "policy"
+    with policy.merged():  # the policy merge still works
+        pass
+    with pytest.raises(ValueError, match="anchor_rank=4 needs anchor=True"):
+        LoraPolicy(make_llama(), cfg(r=2), anchor=False, anchor_rank=4)
+    with pytest.raises(TypeError, match="anchor must be a bool"):
+        LoraPolicy(make_llama(), cfg(r=2), anchor=1)
+
+
+def test_no_anchor_policy_save_load_roundtrip(tmp_path):
+    model = make_llama()
+    base = copy.deepcopy(model)
+    policy = LoraPolicy(model, cfg(r=2), value_head=True, anchor=False)
+    randomize_policy(policy)
+    policy.save(tmp_path)
+    loaded = LoraPolicy.load(base, tmp_path)
+    assert loaded.has_anchor is False and loaded.anchor_rank is None
+    assert policy.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), loaded.state_dict().values()))
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(policy.values(ids), loaded.values(ids))
+
+
+def test_checkpoint_without_anchor_flag_loads_with_anchor(tmp_path):
+    """A checkpoint written before `anchor=False` existed has no "anchor" field: it had an anchor."""
+    import json
+
+    model = make_llama()
+    base = copy.deepcopy(model)
+    policy = LoraPolicy(model, cfg(r=2), anchor_rank=3)
+    policy.save(tmp_path)
+    meta_path = tmp_path / "prefopt_policy.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["anchor"] is True
+    del meta["anchor"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = LoraPolicy.load(base, tmp_path)
+    assert loaded.has_anchor and loaded.anchor_rank == 3
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), loaded.state_dict().values()))

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from prefopt.losses.reward import bradley_terry, reward_classification
 from prefopt.reward_model import RewardModel, last_token_index
 from prefopt.testing import tiny_causal_lm
+from prefopt.value_head import ValueHead
 
 VOCAB = 128
 
@@ -171,8 +172,71 @@ def test_left_padded_rows_score_like_unpadded_rows_on_gpt2(kind):
     torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)
     if kind == "lora":
         policy = rm.policy
-        policy.value_head = torch.nn.Linear(model.config.n_embd, 1)
+        policy.value_head = ValueHead(model.config.n_embd)
         with torch.no_grad():
             v_alone = policy.values(seq, torch.ones_like(seq))
             v_left = policy.values(padded, mask)
         torch.testing.assert_close(v_left[:, 3:], v_alone, rtol=0, atol=1e-5)
+
+
+def test_lora_reward_model_has_no_anchor_adapter(tmp_path):
+    rm = RewardModel.lora(tiny_causal_lm("llama", vocab_size=VOCAB, seed=5), cfg())
+    assert rm.policy.has_anchor is False
+    assert not any(".anchor." in n for n, _ in rm.named_parameters())
+    # every weight outside the frozen backbone is trainable: adapter and head, nothing else
+    backbone = sum(p.numel() for n, p in rm.named_parameters() if "lora_" not in n and "value_head" not in n)
+    assert rm.policy.parameter_counts().total == backbone + sum(p.numel() for p in rm.trainable_parameters())
+    rm.save(tmp_path)
+    again = RewardModel.load(tiny_causal_lm("llama", vocab_size=VOCAB, seed=5), tmp_path)
+    assert again.policy.has_anchor is False
+    assert rm.state_dict().keys() == again.state_dict().keys()
+
+
+def test_reward_model_checkpoint_of_old_format_with_dummy_anchor_loads(tmp_path):
+    """Reward models saved before anchor=False carried a rank-1 anchor: they load (anchor kept)."""
+    from prefopt.policy import LoraPolicy
+
+    policy = LoraPolicy(
+        tiny_causal_lm("llama", vocab_size=VOCAB, seed=6), cfg(), value_head=True, anchor_rank=1
+    )
+    policy.save(tmp_path)
+    rm = RewardModel.load(tiny_causal_lm("llama", vocab_size=VOCAB, seed=6), tmp_path)
+    assert rm.policy.has_anchor and rm.policy.anchor_rank == 1
+
+
+def test_training_checkpoint_of_a_policy_without_anchor(tmp_path):
+    from prefopt.checkpoint import load_training_state, save_training_state
+    from prefopt.policy import LoraPolicy
+
+    policy = LoraPolicy(tiny_causal_lm("llama", vocab_size=VOCAB, seed=7), cfg(), anchor=False)
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
+    ids, mask = right_padded(ROWS)
+    policy(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    opt.step()
+    save_training_state(tmp_path, policy=policy, optimizer=opt, step=1)
+    state = load_training_state(tmp_path, tiny_causal_lm("llama", vocab_size=VOCAB, seed=7))
+    assert state.step == 1 and state.policy.has_anchor is False
+    assert all(
+        torch.equal(a, b) for a, b in zip(policy.state_dict().values(), state.policy.state_dict().values())
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_reward_model_on_float64_model_has_float64_head(arch):
+    base = tiny_causal_lm(arch, vocab_size=VOCAB, seed=8).double()
+    oracle_model = copy.deepcopy(base)
+    rm = RewardModel.full(base)
+    assert (
+        rm.head is not None and rm.head.weight.dtype == torch.float64 and float(rm.head.bias.detach()) == 0.0
+    )
+    with torch.no_grad():
+        rm.head.weight.normal_()
+        rm.head.bias.fill_(0.25)
+    ids, mask = right_padded(ROWS)
+    got = rm(ids, mask).detach()
+    assert got.dtype == torch.float64
+    for i, r in enumerate(ROWS):
+        h = oracle_model.base_model(input_ids=torch.tensor([r])).last_hidden_state[0, -1]
+        expected = float(h @ rm.head.weight[0]) + 0.25
+        assert abs(float(got[i]) - expected) < 1e-10 * (1 + abs(expected))
+    assert RewardModel.full(tiny_causal_lm(arch, vocab_size=VOCAB)).head.weight.dtype == torch.float32

@@ -7,7 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from prefopt.types import LossOutput, PairLogps, UnpairedLogps, check_finite, check_tensor
+from prefopt.types import (
+    LossOutput,
+    PairBatch,
+    PairLogps,
+    UnpairedLogps,
+    check_finite,
+    check_tensor,
+    unpack_pair_batch,
+)
 
 Z = torch.zeros(3)
 
@@ -173,3 +181,27 @@ def test_pair_logps_rejects_negative_or_nan_lengths(dtype):
     if dtype.is_floating_point:
         with pytest.raises(ValueError, match="rejected_len must hold token counts"):
             PairLogps(z, z, chosen_len=good, rejected_len=torch.tensor([1.0, float("nan"), 2.0]))
+
+
+def test_unpack_pair_batch_reads_dataclass_and_mapping_alike():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 8, 0, 0]])
+    am = (ids != 0).long()
+    cm = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    batch = PairBatch(
+        input_ids=ids,
+        attention_mask=am,
+        completion_mask=cm,
+        prompt_len=torch.tensor([1, 1]),
+        completion_len=torch.tensor([2, 1]),
+        row_index=torch.tensor([0]),
+    )
+    got = unpack_pair_batch(batch)
+    assert got[0] is ids and got[1] is am and got[2] is cm
+    got = unpack_pair_batch({"input_ids": ids, "attention_mask": am, "completion_mask": cm})
+    assert got[0] is ids and got[1] is am and got[2] is cm
+    ids2, am2, cm2 = unpack_pair_batch({"input_ids": ids, "completion_mask": cm})
+    assert ids2 is ids and am2 is None and cm2 is cm
+    with pytest.raises(KeyError, match="batch is missing 'completion_mask'"):
+        unpack_pair_batch({"input_ids": ids})
+    with pytest.raises(TypeError, match="batch must be a PairBatch"):
+        unpack_pair_batch([ids, am, cm])

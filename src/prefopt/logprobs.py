@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.masked import seq_len, seq_sum
-from prefopt.types import PairBatch, PairLogps, SharedPromptBatch, check_mask, check_tensor
+from prefopt.types import PairBatch, PairLogps, SharedPromptBatch, check_mask, check_tensor, unpack_pair_batch
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -1315,21 +1315,14 @@ def pair_seq_logps(
         for a float64 model) and ``chosen_len``/``rejected_len`` ``= |y|`` (int64), no reference fields.
     """
     attention_mask: Tensor | None
-    if isinstance(batch, PairBatch):
-        ids, attention_mask, mask = batch.input_ids, batch.attention_mask, batch.completion_mask
-    elif isinstance(batch, Mapping):
-        for key in ("input_ids", "completion_mask"):
-            if key not in batch:
-                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-        ids, attention_mask, mask = batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
+    ids, attention_mask, mask = unpack_pair_batch(batch)
+    if not isinstance(batch, PairBatch):  # a PairBatch checked its shapes when it was built
         check_tensor("batch.input_ids", ids, ndim=2, floating=False)
         if ids.shape[0] % 2 or ids.shape[0] == 0:
             raise ValueError(
                 f"batch.input_ids must have an even, non-zero number of rows (B chosen then B rejected), "
                 f"got {ids.shape[0]}"
             )
-    else:
-        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
     logp = token_logps(model, ids, attention_mask, mask, chunk_size=chunk_size, temperature=temperature)
     s = seq_sum(logp, mask)
     n = seq_len(mask)

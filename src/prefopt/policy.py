@@ -1,36 +1,35 @@
 r"""One backbone for a LoRA policy, its frozen reference and a moving (EMA) anchor.
 
-:class:`LoraPolicy` wraps a Hugging Face causal LM with peft LoRA and serves three distributions from a single
-set of backbone weights ``W0`` (per adapted linear layer, in ``nn.Linear`` layout ``(out, in)``):
+[`LoraPolicy`][prefopt.policy.LoraPolicy] wraps a Hugging Face causal LM with peft LoRA and serves three distributions from a single
+set of backbone weights `W0` (per adapted linear layer, in `nn.Linear` layout `(out, in)`):
 
-=================================  ===========================================================================
-``policy.model(...)``              the trainable policy, ``W = W0 + s·B_p·A_p`` (peft adapter ``"default"``,
-                                   ``s = lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA)
-``with policy.reference(): ...``   all adapters disabled, exactly ``W = W0`` (requires ``bias="none"``)
-``with policy.anchor(): ...``      a frozen second adapter ``"anchor"``: ``W = W0 + ΔW_a``, ``ΔW_a = B_a·A_a``
-=================================  ===========================================================================
+| call | weights |
+|---|---|
+| `policy.model(...)` | the trainable policy, `W = W0 + s·B_p·A_p` (peft adapter `"default"`, `s = lora_alpha / r`, or `lora_alpha / √r` with rsLoRA) |
+| `with policy.reference(): ...` | all adapters disabled, exactly `W = W0` (requires `bias="none"`) |
+| `with policy.anchor(): ...` | a frozen second adapter `"anchor"`: `W = W0 + ΔW_a`, `ΔW_a = B_a·A_a` (absent with `anchor=False`) |
 
 The anchor is an exponential moving average of the policy's *effective weight change*
-``ΔW_p = s·B_p·A_p`` (never of ``A`` and ``B`` separately: the product of averages is not the average of
-products). :meth:`LoraPolicy.update_anchor_` applies, per adapted layer,
+`ΔW_p = s·B_p·A_p` (never of `A` and `B` separately: the product of averages is not the average of
+products). [`LoraPolicy.update_anchor_`][prefopt.policy.LoraPolicy.update_anchor_] applies, per adapted layer,
 
-.. math::
+$$
+\Delta W_a \leftarrow d\,\Delta W_a + (1-d)\,\Delta W_p
+  = \underbrace{[\,d\,B_a,\ (1-d)\,s\,B_p\,]}_{m\times k}\ \underbrace{\begin{bmatrix}A_a\\A_p\end{bmatrix}}_{k\times n},
+  \qquad k = r_a + r_p,
+$$
 
-    ΔW_a \leftarrow d\,ΔW_a + (1-d)\,ΔW_p
-                 = \underbrace{[\,d\,B_a,\ (1-d)\,s\,B_p\,]}_{m×k}\ \underbrace{\begin{bmatrix}A_a\\A_p\end{bmatrix}}_{k×n},
-    \qquad k = r_a + r_p,
-
-which is exact at rank ``k`` and is re-compressed to ``r_a`` (``anchor_rank``) with a thin QR of both stacked
-factors and an SVD of the small ``k×k`` core (:func:`ema_low_rank`). Truncating the SVD is the best rank-``r_a``
+which is exact at rank `k` and is re-compressed to `r_a` (`anchor_rank`) with a thin QR of both stacked
+factors and an SVD of the small `k×k` core ([`ema_low_rank`][prefopt.policy.ema_low_rank]). Truncating the SVD is the best rank-`r_a`
 approximation (Eckart–Young); its relative Frobenius error is read off the discarded singular values and
 returned. With J-BOND's notation (Sessa et al. 2024, arXiv 2407.14622, Algorithm 2:
-``θ_anchor ← (1−η)·θ_anchor + η·θ``) the decay is ``d = 1 − η``; for LoRA the EMA is taken on ``ΔW``, which is
+`θ_anchor ← (1−η)·θ_anchor + η·θ`) the decay is `d = 1 − η`; for LoRA the EMA is taken on `ΔW`, which is
 what the full-weight EMA of the paper means for a frozen backbone.
 
 PE-RLHF (Sidahmed et al. 2024, arXiv 2403.10704) puts adapters on every attention projection; the
-default here is ``target_modules="all-linear"`` instead (every linear / ``Conv1D`` layer except the output
-head), because it needs no per-architecture module names (Llama ``q_proj``… vs GPT-2 ``c_attn``…) and is the
-more common choice for preference tuning. Pass a ``LoraConfig`` to choose the attention-only layout.
+default here is `target_modules="all-linear"` instead (every linear / `Conv1D` layer except the output
+head), because it needs no per-architecture module names (Llama `q_proj`… vs GPT-2 `c_attn`…) and is the
+more common choice for preference tuning. Pass a `LoraConfig` to choose the attention-only layout.
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from prefopt.logprobs import position_kwargs
+from prefopt.value_head import ValueHead, final_hidden_states
+from prefopt.value_head import config_hidden_size as config_hidden_size  # re-export (old import path)
 
 __all__ = [
     "ANCHOR_ADAPTER",
@@ -82,8 +82,8 @@ _SAFE_INITS = (True, False, "gaussian")
 
 
 def default_lora_config() -> peft.LoraConfig:
-    """The default policy adapter: ``r=8, lora_alpha=16`` (scale 2), ``target_modules="all-linear"``,
-    ``lora_dropout=0``, ``bias="none"``, ``task_type="CAUSAL_LM"``."""
+    """The default policy adapter: `r=8, lora_alpha=16` (scale 2), `target_modules="all-linear"`,
+    `lora_dropout=0`, `bias="none"`, `task_type="CAUSAL_LM"`."""
     return peft.LoraConfig(
         r=8,
         lora_alpha=16,
@@ -96,12 +96,12 @@ def default_lora_config() -> peft.LoraConfig:
 
 @dataclass(frozen=True)
 class AnchorUpdate:
-    """What :meth:`LoraPolicy.update_anchor_` discarded when re-compressing the anchor to ``anchor_rank``.
+    """What [`LoraPolicy.update_anchor_`][prefopt.policy.LoraPolicy.update_anchor_] discarded when re-compressing the anchor to `anchor_rank`.
 
-    ``max_relative_error``: ``max_l ‖discarded_l‖_F / ‖ΔW_l‖_F`` over adapted layers ``l`` (0 where
-    ``ΔW_l = 0``). ``total_relative_error``: ``sqrt(Σ_l ‖discarded_l‖²_F / Σ_l ‖ΔW_l‖²_F)``. Here ``ΔW_l`` is
+    `max_relative_error`: `max_l ‖discarded_l‖_F / ‖ΔW_l‖_F` over adapted layers `l` (0 where
+    `ΔW_l = 0`). `total_relative_error`: `sqrt(Σ_l ‖discarded_l‖²_F / Σ_l ‖ΔW_l‖²_F)`. Here `ΔW_l` is
     the exact (untruncated) EMA of this step, so both are errors of *this* update only; they add up over
-    updates at most linearly (each old error is damped by ``decay`` at every later step).
+    updates at most linearly (each old error is damped by `decay` at every later step).
     """
 
     max_relative_error: float
@@ -111,8 +111,8 @@ class AnchorUpdate:
 
 @dataclass(frozen=True)
 class ParameterCounts:
-    """``trainable``: elements of parameters with ``requires_grad`` (policy adapter, critic adapter, value
-    head); ``total``: all elements (backbone, all adapters, value head); ``fraction = trainable / total``."""
+    """`trainable`: elements of parameters with `requires_grad` (policy adapter, critic adapter, value
+    head); `total`: all elements (backbone, all adapters, value head); `fraction = trainable / total`."""
 
     trainable: int
     total: int
@@ -129,22 +129,22 @@ def ema_low_rank(
     scale: float | Tensor = 1.0,
     rank: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""Rank-``rank`` factors of ``decay·B_a·A_a + (1−decay)·scale·B_p·A_p`` (one EMA step on ``ΔW``).
+    r"""Rank-`rank` factors of `decay·B_a·A_a + (1−decay)·scale·B_p·A_p` (one EMA step on `ΔW`).
 
-    Shapes (leading batch dimensions ``...`` allowed, shared by all inputs): ``b_anchor (..., m, r_a)``,
-    ``a_anchor (..., r_a, n)``, ``b_policy (..., m, r_p)``, ``a_policy (..., r_p, n)``; ``scale`` a float or a
-    tensor broadcastable to ``(..., 1, 1)``.
+    Shapes (leading batch dimensions `...` allowed, shared by all inputs): `b_anchor (..., m, r_a)`,
+    `a_anchor (..., r_a, n)`, `b_policy (..., m, r_p)`, `a_policy (..., r_p, n)`; `scale` a float or a
+    tensor broadcastable to `(..., 1, 1)`.
 
-    Method: with ``L = [decay·B_a, (1−decay)·scale·B_p]`` ``(m, k)`` and ``R = [A_a; A_p]`` ``(k, n)``,
-    ``k = r_a + r_p``, ``L R`` is the exact EMA. Thin QR ``L = Q_1 R_1``, ``Rᵀ = Q_2 R_2``, SVD of the small core
-    ``R_1 R_2ᵀ = U S Vᵀ`` give ``L R = (Q_1 U) S (Q_2 V)ᵀ``; keeping the leading ``rank`` singular triplets is
-    the best rank-``rank`` approximation in Frobenius norm (Eckart–Young). The kept part is split evenly,
-    ``B = Q_1 U_{:r} S_{:r}^{1/2}``, ``A = S_{:r}^{1/2} V_{:r}ᵀ Q_2ᵀ``. Cost ``O((m + n) k² + k³)``, no
-    ``m×n`` matrix is formed.
+    Method: with `L = [decay·B_a, (1−decay)·scale·B_p]` `(m, k)` and `R = [A_a; A_p]` `(k, n)`,
+    `k = r_a + r_p`, `L R` is the exact EMA. Thin QR `L = Q_1 R_1`, `Rᵀ = Q_2 R_2`, SVD of the small core
+    `R_1 R_2ᵀ = U S Vᵀ` give `L R = (Q_1 U) S (Q_2 V)ᵀ`; keeping the leading `rank` singular triplets is
+    the best rank-`rank` approximation in Frobenius norm (Eckart–Young). The kept part is split evenly,
+    `B = Q_1 U_{:r} S_{:r}^{1/2}`, `A = S_{:r}^{1/2} V_{:r}ᵀ Q_2ᵀ`. Cost `O((m + n) k² + k³)`, no
+    `m×n` matrix is formed.
 
-    Returns ``(b_new (..., m, rank), a_new (..., rank, n), discarded_sq (...), total_sq (...))`` where
-    ``discarded_sq = Σ_{i>rank} S_i²`` and ``total_sq = Σ_i S_i² = ‖exact EMA‖²_F``. If fewer than ``rank``
-    singular values exist (``min(m, n, k) < rank``) the factors are zero-padded. Computed in the inputs' dtype
+    Returns `(b_new (..., m, rank), a_new (..., rank, n), discarded_sq (...), total_sq (...))` where
+    `discarded_sq = Σ_{i>rank} S_i²` and `total_sq = Σ_i S_i² = ‖exact EMA‖²_F`. If fewer than `rank`
+    singular values exist (`min(m, n, k) < rank`) the factors are zero-padded. Computed in the inputs' dtype
     (pass float32/float64).
     """
     if not 0.0 <= decay <= 1.0:
@@ -178,17 +178,8 @@ def ema_low_rank(
     return b_new, a_new, sq[..., keep:].sum(-1), sq.sum(-1)
 
 
-def config_hidden_size(config: Any, *, why: str = "a value or reward head") -> int:
-    """The width of a transformers model's final hidden state: ``hidden_size`` (or ``n_embd`` / ``d_model``)."""
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    raise ValueError(f"{why} needs model.config.hidden_size (or n_embd / d_model)")
-
-
 def _tuner(peft_model: peft.PeftModel) -> Any:
-    """The peft ``LoraModel`` inside a ``PeftModel`` (typed ``Any``: mypy sees ``Tensor | Module``)."""
+    """The peft `LoraModel` inside a `PeftModel` (typed `Any`: mypy sees `Tensor | Module`)."""
     return peft_model.base_model
 
 
@@ -226,7 +217,7 @@ def _check_config(cfg: Any) -> None:
 
 
 def _check_target_names(model: nn.Module, cfg: peft.LoraConfig) -> None:
-    """Every name in a list/set ``target_modules`` must match at least one module (peft only needs one)."""
+    """Every name in a list/set `target_modules` must match at least one module (peft only needs one)."""
     targets = cfg.target_modules
     if targets is None or isinstance(targets, str):
         return  # None: peft's per-architecture default; a str is "all-linear" or a regex (peft checks it)
@@ -241,14 +232,14 @@ def _check_target_names(model: nn.Module, cfg: peft.LoraConfig) -> None:
 
 
 def _full(t: Tensor) -> Tensor:
-    """The whole tensor behind a (possibly FSDP2-sharded) parameter: ``DTensor.full_tensor()`` (a collective
-    all-gather that every rank must reach in the same order) or ``t`` itself."""
+    """The whole tensor behind a (possibly FSDP2-sharded) parameter: `DTensor.full_tensor()` (a collective
+    all-gather that every rank must reach in the same order) or `t` itself."""
     full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else t
 
 
 def _write_(dst: Tensor, src: Tensor) -> None:
-    """Copy the whole tensor ``src`` into ``dst``; a sharded ``DTensor`` keeps only its own shard."""
+    """Copy the whole tensor `src` into `dst`; a sharded `DTensor` keeps only its own shard."""
     if hasattr(dst, "device_mesh") and hasattr(dst, "placements"):
         from torch.distributed.tensor import distribute_tensor
 
@@ -260,41 +251,48 @@ class LoraPolicy(nn.Module):
     """A LoRA policy whose backbone also serves the reference model and an EMA anchor (see module docstring).
 
     Args:
-        model: a Hugging Face causal LM (``PreTrainedModel``). It is wrapped **in place** (peft swaps its
-            linear layers for LoRA layers); keep no other reference to it. An existing ``PeftModel`` (or a
-            model with injected adapters) is refused: merge it (``merge_and_unload()``) or pass its base model.
-            The wrapper takes ``model``'s train/eval mode (new LoRA dropout modules follow it).
-        lora_config: the policy adapter's ``peft.LoraConfig`` (copied, never mutated);
-            ``None`` → :func:`default_lora_config`. Must have ``bias="none"``, no ``modules_to_save``, plain
+        model: a Hugging Face causal LM (`PreTrainedModel`). It is wrapped **in place** (peft swaps its
+            linear layers for LoRA layers); keep no other reference to it. An existing `PeftModel` (or a
+            model with injected adapters) is refused: merge it (`merge_and_unload()`) or pass its base model.
+            The wrapper takes `model`'s train/eval mode (new LoRA dropout modules follow it).
+        lora_config: the policy adapter's `peft.LoraConfig` (copied, never mutated);
+            `None` → [`default_lora_config`][prefopt.policy.default_lora_config]. Must have `bias="none"`, no `modules_to_save`, plain
             LoRA (no DoRA/variants) and an initialization that leaves the backbone untouched.
-        anchor_rank: rank ``r_a`` of the anchor adapter; default ``2 × r`` (``r`` = largest policy rank,
-            ``rank_pattern`` included). With ``r_a ≥ 2r`` the anchor EMA stays accurate for a policy that
-            drifts smoothly (see ``docs/policy.md``).
-        value_head: add an ``nn.Linear(hidden_size, 1)`` (float32; float64 for a float64 model) on the
-            backbone's final hidden state for :meth:`values` (shares the backbone; by default also the
-            policy adapter).
-        value_adapter: give the value model its own LoRA adapter ``"critic"`` (same config as the policy,
+        anchor: add the EMA anchor adapter (default). `anchor=False` adds none (a reward model, DPO
+            against the frozen reference, PPO): no anchor weights in memory or checkpoints, and `anchor()`,
+            `update_anchor_`, `merged("anchor")` and `delta_weights("anchor")` raise `RuntimeError` naming
+            `anchor=False`.
+        anchor_rank: rank `r_a` of the anchor adapter; default `2 × r` (`r` = largest policy rank,
+            `rank_pattern` included). With `r_a ≥ 2r` the anchor EMA stays accurate for a policy that
+            drifts smoothly (see `docs/policy.md`). Must be `None` with `anchor=False`.
+        value_head: add a [`ValueHead`][prefopt.value_head.ValueHead] (`nn.Linear(hidden_size, 1)`,
+            float32; float64 for a float64 model) on the backbone's final hidden state for
+            [`values`][prefopt.policy.LoraPolicy.values] (shares the backbone; by default also the policy
+            adapter).
+        value_adapter: give the value model its own LoRA adapter `"critic"` (same config as the policy,
             trainable, initialized like it), as in PE-RLHF where the value model is a LoRA model of the same
-            size and rank. :meth:`values` then runs the backbone with ``W0 + s·B_v·A_v`` and the value loss
-            trains only the critic adapter and the head. Needs ``value_head=True``.
+            size and rank. [`values`][prefopt.policy.LoraPolicy.values] then runs the backbone with `W0 + s·B_v·A_v` and the value loss
+            trains only the critic adapter and the head. Needs `value_head=True`.
 
-    Attributes: ``model`` (the ``peft.PeftModel``; its forward is the policy), ``value_head``
-    (``nn.Linear`` or ``None``), ``anchor_rank``, ``lora_config`` (the resolved policy config).
+    Attributes: `model` (the `peft.PeftModel`; its forward is the policy), `value_head`
+    (a [`ValueHead`][prefopt.value_head.ValueHead] or `None`), `has_anchor`, `anchor_rank` (`None` without
+    an anchor), `lora_config` (the resolved policy config).
 
-    The anchor adapter has ``lora_dropout=0`` and scale 1 (``lora_alpha = r_a``), and starts at ``ΔW_a = 0``
+    The anchor adapter has `lora_dropout=0` and scale 1 (`lora_alpha = r_a`), and starts at `ΔW_a = 0`
     (anchor == reference). Only the policy adapter (and the critic adapter and value head, if any) has
-    ``requires_grad=True``.
+    `requires_grad=True`.
     Not thread-safe: the contexts switch layer state of the shared backbone.
     """
 
     model: peft.PeftModel
-    value_head: nn.Linear | None
+    value_head: ValueHead | None
 
     def __init__(
         self,
         model: nn.Module,
         lora_config: peft.LoraConfig | None = None,
         *,
+        anchor: bool = True,
         anchor_rank: int | None = None,
         value_head: bool = False,
         value_adapter: bool = False,
@@ -313,6 +311,12 @@ class LoraPolicy(nn.Module):
         was_training = model.training
         cfg = default_lora_config() if lora_config is None else copy.deepcopy(lora_config)
         _check_config(cfg)
+        if not isinstance(anchor, bool):
+            raise TypeError(f"anchor must be a bool, got {type(anchor).__name__}")
+        if not anchor and anchor_rank is not None:
+            raise ValueError(
+                f"anchor_rank={anchor_rank!r} needs anchor=True (anchor=False adds no anchor adapter)"
+            )
         if anchor_rank is not None and (
             isinstance(anchor_rank, bool) or not isinstance(anchor_rank, int) or anchor_rank < 1
         ):
@@ -325,7 +329,10 @@ class LoraPolicy(nn.Module):
             raise ValueError("value_adapter=True needs value_head=True")
         _check_target_names(model, cfg)
         policy_rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
-        self.anchor_rank: int = 2 * policy_rank if anchor_rank is None else anchor_rank
+        self.has_anchor: bool = anchor
+        self.anchor_rank: int | None = (
+            None if not anchor else 2 * policy_rank if anchor_rank is None else anchor_rank
+        )
 
         try:
             with warnings.catch_warnings():
@@ -342,22 +349,10 @@ class LoraPolicy(nn.Module):
         try:
             self.lora_config: peft.LoraConfig = peft_model.peft_config[POLICY_ADAPTER]  # type: ignore[assignment]
             self._check_layers(peft_model, (POLICY_ADAPTER,))
-            anchor_cfg = peft.LoraConfig(
-                r=self.anchor_rank,
-                lora_alpha=self.anchor_rank,
-                use_rslora=False,
-                lora_dropout=0.0,
-                bias="none",
-                target_modules=copy.deepcopy(self.lora_config.target_modules),
-                exclude_modules=copy.deepcopy(self.lora_config.exclude_modules),
-                layers_to_transform=copy.deepcopy(self.lora_config.layers_to_transform),
-                layers_pattern=copy.deepcopy(self.lora_config.layers_pattern),
-                fan_in_fan_out=self.lora_config.fan_in_fan_out,
-                init_lora_weights=True,
-                inference_mode=True,
-            )
-            peft_model.add_adapter(ANCHOR_ADAPTER, anchor_cfg)
-            adapters: tuple[str, ...] = (POLICY_ADAPTER, ANCHOR_ADAPTER)
+            adapters: tuple[str, ...] = (POLICY_ADAPTER,)
+            if self.anchor_rank is not None:
+                self._add_anchor_adapter(peft_model, self.anchor_rank)
+                adapters += (ANCHOR_ADAPTER,)
             if value_adapter:
                 peft_model.add_adapter(VALUE_ADAPTER, copy.deepcopy(self.lora_config))
                 adapters += (VALUE_ADAPTER,)
@@ -367,21 +362,19 @@ class LoraPolicy(nn.Module):
             _tuner(peft_model).unload()  # give the caller back an un-wrapped model
             raise
         self.model = peft_model
-        # typed Any: peft's layers expose ModuleDicts that mypy sees as ``Tensor | Module``
+        # typed Any: peft's layers expose ModuleDicts that mypy sees as `Tensor | Module`
         self._layers: list[tuple[str, Any]] = [
             (name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLinear)
         ]
         with torch.no_grad():
-            for _, layer in self._layers:
+            for _, layer in self._layers if anchor else ():
                 layer.lora_A[ANCHOR_ADAPTER].weight.zero_()
                 layer.lora_B[ANCHOR_ADAPTER].weight.zero_()
                 layer.scaling[ANCHOR_ADAPTER] = 1.0
         self.value_head = None
         if value_head:
-            hidden = self._hidden_size()
-            ref_param = next(peft_model.parameters())
-            head_dtype = torch.promote_types(ref_param.dtype, torch.float32)  # fp32, or fp64 for fp64 models
-            self.value_head = nn.Linear(hidden, 1, device=ref_param.device, dtype=head_dtype)
+            # float32, or float64 for a float64 model
+            self.value_head = ValueHead.for_model(peft_model.get_base_model(), why="value_head=True")
         self.value_adapter = value_adapter
         # Flags: backbone and anchor frozen; policy adapter, critic adapter and value head trainable.
         trainable = (f".{POLICY_ADAPTER}.", f".{VALUE_ADAPTER}.")
@@ -394,6 +387,32 @@ class LoraPolicy(nn.Module):
         self.train(was_training)
 
     # ------------------------------------------------------------------------------------------------ checks
+    @staticmethod
+    def _add_anchor_adapter(peft_model: peft.PeftModel, rank: int) -> None:
+        """Add the frozen anchor adapter: rank `rank`, scale 1, no dropout, on the policy's layers."""
+        policy_cfg: Any = peft_model.peft_config[POLICY_ADAPTER]
+        anchor_cfg = peft.LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            use_rslora=False,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=copy.deepcopy(policy_cfg.target_modules),
+            exclude_modules=copy.deepcopy(policy_cfg.exclude_modules),
+            layers_to_transform=copy.deepcopy(policy_cfg.layers_to_transform),
+            layers_pattern=copy.deepcopy(policy_cfg.layers_pattern),
+            fan_in_fan_out=policy_cfg.fan_in_fan_out,
+            init_lora_weights=True,
+            inference_mode=True,
+        )
+        peft_model.add_adapter(ANCHOR_ADAPTER, anchor_cfg)
+
+    def _require_anchor(self, what: str) -> None:
+        if not self.has_anchor:
+            raise RuntimeError(
+                f"{what} needs the anchor adapter, but this policy was built with LoraPolicy(..., anchor=False)"
+            )
+
     @staticmethod
     def _check_layers(peft_model: peft.PeftModel, adapters: tuple[str, ...]) -> None:
         tuner_layers = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -413,12 +432,9 @@ class LoraPolicy(nn.Module):
                         f"lora_config: layer {name!r} uses a LoRA variant; only plain LoRA works"
                     )
 
-    def _hidden_size(self) -> int:
-        return config_hidden_size(getattr(self.model.get_base_model(), "config", None), why="value_head=True")
-
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The policy forward (same as ``self.model(*args, **kwargs)``)."""
+        """The policy forward (same as `self.model(*args, **kwargs)`)."""
         return self.model(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -455,41 +471,44 @@ class LoraPolicy(nn.Module):
             self._mode = "policy"
 
     def reference(self, *, no_grad: bool = True) -> contextlib.AbstractContextManager[None]:
-        """Context in which ``self.model`` is exactly the base model (all adapters off, ``W = W0``).
+        """Context in which `self.model` is exactly the base model (all adapters off, `W = W0`).
 
-        ``no_grad=True`` (default) also enters ``torch.no_grad()``: reference forwards are meant to be
-        constants. With ``no_grad=False`` and gradient checkpointing, do the backward inside the context
-        (a recomputation outside it would use the policy). ``requires_grad`` flags are unchanged inside and
-        after; the state is restored on exceptions. The contexts do not nest (``RuntimeError``).
+        `no_grad=True` (default) also enters `torch.no_grad()`: reference forwards are meant to be
+        constants. With `no_grad=False` and gradient checkpointing, do the backward inside the context
+        (a recomputation outside it would use the policy). `requires_grad` flags are unchanged inside and
+        after; the state is restored on exceptions. The contexts do not nest (`RuntimeError`).
         """
         return self._switch("reference", no_grad)
 
     def anchor(self, *, no_grad: bool = True) -> contextlib.AbstractContextManager[None]:
-        """Context in which ``self.model`` is the EMA anchor, ``W = W0 + B_a·A_a`` (adapter ``"anchor"``).
+        """Context in which `self.model` is the EMA anchor, `W = W0 + B_a·A_a` (adapter `"anchor"`).
 
-        Same contract as :meth:`reference` (``no_grad`` default True, flags untouched, restored on
+        Same contract as [`reference`][prefopt.policy.LoraPolicy.reference] (`no_grad` default True, flags untouched, restored on
         exceptions, no nesting). The anchor adapter has no dropout, so anchor forwards are deterministic.
         """
+        self._require_anchor("anchor()")
         return self._switch("anchor", no_grad)
 
     @contextlib.contextmanager
     def merged(self, adapter: str = POLICY_ADAPTER) -> Iterator[None]:
-        """Context in which every adapted layer computes with ONE merged weight ``W0 + s·B·A`` of ``adapter``
-        (``"default"``, the policy, or ``"anchor"``) and the adapters are off: the same function as the
+        """Context in which every adapted layer computes with ONE merged weight `W0 + s·B·A` of `adapter`
+        (`"default"`, the policy, or `"anchor"`) and the adapters are off: the same function as the
         policy (or anchor) up to float rounding, at the speed of the plain model — for sampling, where the
         many small decode steps pay the adapters' extra matmuls every time.
 
         The merged weights are *new* tensors swapped in for the base weights; on exit (also on exceptions)
-        the original weight tensors are put back, so the reference stays exactly ``W0`` — nothing is
-        merged into and subtracted from ``W0``, which would not round-trip in floating point. Costs one
-        extra copy of the adapted weights while inside. Runs under ``torch.no_grad()``; ``self.mode`` is
-        ``"merged"``; no nesting with the other contexts (``RuntimeError``). Not for sharded (FSDP)
+        the original weight tensors are put back, so the reference stays exactly `W0` — nothing is
+        merged into and subtracted from `W0`, which would not round-trip in floating point. Costs one
+        extra copy of the adapted weights while inside. Runs under `torch.no_grad()`; `self.mode` is
+        `"merged"`; no nesting with the other contexts (`RuntimeError`). Not for sharded (FSDP)
         weights. Log-probs for the losses should still come from the unmerged policy (that is the function
-        being trained); :class:`prefopt.sampling.HFSampler` does exactly that with ``merged=True``.
+        being trained); [`HFSampler`][prefopt.sampling.HFSampler] does exactly that with `merged=True`.
         """
         names = (POLICY_ADAPTER, ANCHOR_ADAPTER)
         if adapter not in names:
             raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
+        if adapter == ANCHOR_ADAPTER:
+            self._require_anchor('merged("anchor")')
         with self._switch("merged", True):
             swapped: list[tuple[nn.Module, nn.Parameter]] = []
             try:
@@ -508,19 +527,19 @@ class LoraPolicy(nn.Module):
 
     @property
     def mode(self) -> str:
-        """``"policy"``, ``"reference"``, ``"anchor"`` or ``"merged"`` (``"critic"`` only inside
-        :meth:`values`): which weights ``self.model`` computes with now."""
+        """`"policy"`, `"reference"`, `"anchor"` or `"merged"` (`"critic"` only inside
+        [`values`][prefopt.policy.LoraPolicy.values]): which weights `self.model` computes with now."""
         return self._mode
 
     def values(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, backbone_grad: bool = True
     ) -> Tensor:
-        """Value estimates ``(b, t)`` in the head's dtype (float32; float64 for a float64 model): ``values[:, i] = w·h_i + c`` with ``h_i`` the backbone's final
-        hidden state at position ``i`` (after the last norm, having read ``input_ids[:, :i+1]``).
+        """Value estimates `(b, t)` in the head's dtype (float32; float64 for a float64 model): `values[:, i] = w·h_i + c` with `h_i` the backbone's final
+        hidden state at position `i` (after the last norm, having read `input_ids[:, :i+1]`).
 
         Without a critic adapter the backbone runs with the current mode's weights (the policy outside the
-        contexts), so a value loss also trains the policy adapter unless ``backbone_grad=False`` (hidden
-        states computed under ``no_grad``; only the head gets gradients). With ``value_adapter=True`` it runs
+        contexts), so a value loss also trains the policy adapter unless `backbone_grad=False` (hidden
+        states computed under `no_grad`; only the head gets gradients). With `value_adapter=True` it runs
         with the critic adapter (and must be called outside the contexts); the value loss then trains the
         critic adapter and the head only. Positions are not masked; apply your completion mask.
         """
@@ -536,35 +555,25 @@ class LoraPolicy(nn.Module):
             raise ValueError("attention_mask must be a tensor with the shape of input_ids")
         if self.value_adapter and self._mode != "policy":
             raise RuntimeError(f"values() with a critic adapter called inside {self._mode}()")
-        base = self.model.get_base_model()
-        backbone: Any = base.base_model
         critic = self._switch("critic", False) if self.value_adapter else contextlib.nullcontext()
         with critic, contextlib.nullcontext() if backbone_grad else torch.no_grad():
-            if backbone is not base:
-                pos = position_kwargs(backbone, attention_mask)
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **pos).last_hidden_state
-            else:
-                pos = position_kwargs(base, attention_mask)
-                out = base(
-                    input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **pos
-                )
-                hidden = out.hidden_states[-1]
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            hidden = final_hidden_states(self.model.get_base_model(), input_ids, attention_mask)
+        return self.value_head(hidden)
 
     # ------------------------------------------------------------------------------------------------ anchor
     @torch.no_grad()
     def update_anchor_(self, decay: float) -> AnchorUpdate:
-        r"""One EMA step of the anchor on every adapted layer: ``ΔW_a ← decay·ΔW_a + (1−decay)·s·B_p·A_p``.
+        r"""One EMA step of the anchor on every adapted layer: `ΔW_a ← decay·ΔW_a + (1−decay)·s·B_p·A_p`.
 
-        ``decay=1`` leaves the anchor bit-for-bit unchanged; ``decay=0`` copies the policy (exactly, by
-        writing ``[s·B_p, 0]`` and ``[A_p; 0]``, when ``anchor_rank ≥ r``). Otherwise see
-        :func:`ema_low_rank` (float32 or better; the result is cast back to the adapter dtype). Layers with
-        equal shapes are processed as one batch. J-BOND's ``η`` is ``1 − decay``.
+        `decay=1` leaves the anchor bit-for-bit unchanged; `decay=0` copies the policy (exactly, by
+        writing `[s·B_p, 0]` and `[A_p; 0]`, when `anchor_rank ≥ r`). Otherwise see
+        [`ema_low_rank`][prefopt.policy.ema_low_rank] (float32 or better; the result is cast back to the adapter dtype). Layers with
+        equal shapes are processed as one batch. J-BOND's `η` is `1 − decay`.
 
-        Returns an :class:`AnchorUpdate` with the relative Frobenius norm of what the rank truncation dropped.
+        Returns an [`AnchorUpdate`][prefopt.policy.AnchorUpdate] with the relative Frobenius norm of what the rank truncation dropped.
 
         All or nothing: the new factors of every layer are computed and checked first; if a policy or anchor
-        factor holds NaN/inf, or a new factor is not finite in the adapter's dtype, ``ValueError`` is raised
+        factor holds NaN/inf, or a new factor is not finite in the adapter's dtype, `ValueError` is raised
         and no anchor layer has been written.
         """
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
@@ -572,6 +581,7 @@ class LoraPolicy(nn.Module):
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self._require_anchor("update_anchor_()")
         if self._mode != "policy":
             raise RuntimeError(f"update_anchor_() called inside {self._mode}()")
         n_layers = len(self._layers)
@@ -616,7 +626,7 @@ class LoraPolicy(nn.Module):
                 )
             scale = torch.tensor([float(layer.scaling[POLICY_ADAPTER]) for layer in layers], dtype=dtype)
             scale = scale.to(b_p.device).view(-1, 1, 1)
-            r_p, r_a = a_p.shape[-2], self.anchor_rank
+            r_p, r_a = a_p.shape[-2], int(self.anchor_rank or 0)
             if decay == 0.0 and r_a >= r_p:
                 b_new = torch.cat([scale * b_p, b_p.new_zeros(*b_p.shape[:-1], r_a - r_p)], dim=-1)
                 a_new = torch.cat([a_p, a_p.new_zeros(a_p.shape[0], r_a - r_p, a_p.shape[-1])], dim=-2)
@@ -647,8 +657,10 @@ class LoraPolicy(nn.Module):
         return AnchorUpdate(float(torch.cat(ratios).max()), total_rel, n_layers)
 
     def delta_weights(self, adapter: str = POLICY_ADAPTER) -> dict[str, Tensor]:
-        """Materialized ``ΔW`` per adapted layer (``(out, in)``, ``nn.Linear`` layout, float32, detached):
-        ``scale·B·A`` of ``adapter`` (``"default"``, ``"anchor"`` or ``"critic"``). For inspection and tests; ``O(m·n)`` each."""
+        """Materialized `ΔW` per adapted layer (`(out, in)`, `nn.Linear` layout, float32, detached):
+        `scale·B·A` of `adapter` (`"default"`, `"anchor"` or `"critic"`). For inspection and tests; `O(m·n)` each."""
+        if adapter == ANCHOR_ADAPTER:
+            self._require_anchor('delta_weights("anchor")')
         names = (POLICY_ADAPTER, ANCHOR_ADAPTER, *((VALUE_ADAPTER,) if self.value_adapter else ()))
         if adapter not in names:
             raise ValueError(f"adapter must be one of {names}, got {adapter!r}")
@@ -661,25 +673,26 @@ class LoraPolicy(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ params
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad`` (policy adapter, critic adapter, value head), in
-        ``named_parameters`` order: hand these to the optimizer (split them for separate learning rates)."""
+        """Parameters with `requires_grad` (policy adapter, critic adapter, value head), in
+        `named_parameters` order: hand these to the optimizer (split them for separate learning rates)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> ParameterCounts:
-        """Element counts; see :class:`ParameterCounts`."""
+        """Element counts; see [`ParameterCounts`][prefopt.policy.ParameterCounts]."""
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.trainable_parameters())
         return ParameterCounts(trainable, total, trainable / total if total else 0.0)
 
     # ------------------------------------------------------------------------------------------------ export
     def merged_model(self) -> nn.Module:
-        """A plain (non-peft) copy of the model with the policy adapter merged, ``W0 + s·B_p·A_p``.
+        """A plain (non-peft) copy of the model with the policy adapter merged, `W0 + s·B_p·A_p`.
 
         Costs one deep copy of the backbone; this policy is left untouched and usable."""
         if self._mode != "policy":
             raise RuntimeError(f"merged_model() called inside {self._mode}()")
         clone = copy.deepcopy(self.model)
-        _tuner(clone).delete_adapter(ANCHOR_ADAPTER)
+        if self.has_anchor:
+            _tuner(clone).delete_adapter(ANCHOR_ADAPTER)
         if self.value_adapter:
             _tuner(clone).delete_adapter(VALUE_ADAPTER)
         return clone.merge_and_unload(adapter_names=[POLICY_ADAPTER])
@@ -693,21 +706,21 @@ class LoraPolicy(nn.Module):
         }
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the policy to ``directory`` **atomically**: after a crash at any point (process killed,
-        power lost once the OS has flushed what was fsynced) :meth:`load` finds either the previous
-        checkpoint in ``directory`` or the new one, complete — never a mix, never a broken file.
+        """Write the policy to `directory` **atomically**: after a crash at any point (process killed,
+        power lost once the OS has flushed what was fsynced) [`load`][prefopt.policy.LoraPolicy.load] finds either the previous
+        checkpoint in `directory` or the new one, complete — never a mix, never a broken file.
 
-        Files: ``prefopt_policy.json`` (the commit record: format version, anchor rank, value-head flags,
-        the LoRA config, the name of the tensor file and a fingerprint of the base model, see :meth:`load`),
-        ``prefopt_policy-<id>.safetensors`` (policy, anchor and critic adapters and the value head, exact),
-        and a plain peft export of the policy adapter (``adapter_config.json``,
-        ``adapter_model.safetensors``; loadable with ``peft.PeftModel.from_pretrained``).
+        Files: `prefopt_policy.json` (the commit record: format version, anchor rank, value-head flags,
+        the LoRA config, the name of the tensor file and a fingerprint of the base model, see [`load`][prefopt.policy.LoraPolicy.load]),
+        `prefopt_policy-<id>.safetensors` (policy, anchor and critic adapters and the value head, exact),
+        and a plain peft export of the policy adapter (`adapter_config.json`,
+        `adapter_model.safetensors`; loadable with `peft.PeftModel.from_pretrained`).
 
-        Method: everything is written into a fresh hidden folder inside ``directory`` and fsynced; the tensor
-        file moves in under a new unique name (nothing is overwritten); then ``prefopt_policy.json`` is
-        replaced with one ``os.replace`` — the commit point — and the folder is fsynced. Only after the commit
+        Method: everything is written into a fresh hidden folder inside `directory` and fsynced; the tensor
+        file moves in under a new unique name (nothing is overwritten); then `prefopt_policy.json` is
+        replaced with one `os.replace` — the commit point — and the folder is fsynced. Only after the commit
         are the peft export files replaced (each atomically) and the previous tensor file and leftovers of
-        interrupted saves deleted. Other files in ``directory`` are left alone. Two processes must not save
+        interrupted saves deleted. Other files in `directory` are left alone. Two processes must not save
         into the same directory at the same time.
         """
         from safetensors.torch import save_file
@@ -727,6 +740,7 @@ class LoraPolicy(nn.Module):
                 lora_config = json.load(f)
             meta = {
                 "format_version": _FORMAT_VERSION,
+                "anchor": self.has_anchor,
                 "anchor_rank": self.anchor_rank,
                 "value_head": self.value_head is not None,
                 "value_adapter": self.value_adapter,
@@ -762,19 +776,19 @@ class LoraPolicy(nn.Module):
     def load(
         cls, base_model: nn.Module, directory: str | os.PathLike[str], *, check_base: bool = True
     ) -> LoraPolicy:
-        """Rebuild a policy saved with :meth:`save` on ``base_model`` (wrapped in place). Every saved tensor
+        """Rebuild a policy saved with [`save`][prefopt.policy.LoraPolicy.save] on `base_model` (wrapped in place). Every saved tensor
         is restored exactly.
 
-        ``base_model`` must be the backbone the policy was trained on: :meth:`save` records every base
-        parameter's name and shape and four sampled values of each, and ``load`` compares them (values to
+        `base_model` must be the backbone the policy was trained on: [`save`][prefopt.policy.LoraPolicy.save] records every base
+        parameter's name and shape and four sampled values of each, and `load` compares them (values to
         1% relative, so a float32 checkpoint loads onto the same model in bfloat16); a different
-        architecture or different weights raise ``ValueError`` saying what differs. ``check_base=False``
+        architecture or different weights raise `ValueError` saying what differs. `check_base=False`
         skips this check (e.g. a quantized base).
 
-        Every file is read and checked before ``base_model`` is touched, and if wrapping or restoring fails
-        the peft layers are removed again, so ``base_model`` is given back as it was and a retry works.
-        A missing ``prefopt_policy.json`` raises ``FileNotFoundError``; a corrupt or truncated file, a
-        missing field or a missing or unexpected tensor raises ``ValueError`` naming the file.
+        Every file is read and checked before `base_model` is touched, and if wrapping or restoring fails
+        the peft layers are removed again, so `base_model` is given back as it was and a retry works.
+        A missing `prefopt_policy.json` raises `FileNotFoundError`; a corrupt or truncated file, a
+        missing field or a missing or unexpected tensor raises `ValueError` naming the file.
         """
         if not isinstance(check_base, bool):
             raise TypeError(f"check_base must be a bool, got {type(check_base).__name__}")
@@ -787,7 +801,8 @@ class LoraPolicy(nn.Module):
         if version not in (1, _FORMAT_VERSION):
             raise ValueError(f"{meta_path}: unsupported format_version {version!r}")
         try:
-            anchor_rank = int(meta["anchor_rank"])
+            anchor = bool(meta.get("anchor", True))  # checkpoints before anchor=False always had one
+            anchor_rank = int(meta["anchor_rank"]) if anchor else None
             value_head = bool(meta["value_head"])
             value_adapter = bool(meta.get("value_adapter", False))
             if version == 1:
@@ -811,7 +826,12 @@ class LoraPolicy(nn.Module):
         if check_base and "base_model" in meta:
             _check_base(base_model, meta["base_model"], meta_path)
         policy = cls(
-            base_model, cfg, anchor_rank=anchor_rank, value_head=value_head, value_adapter=value_adapter
+            base_model,
+            cfg,
+            anchor=anchor,
+            anchor_rank=anchor_rank,
+            value_head=value_head,
+            value_adapter=value_adapter,
         )
         try:
             expected = policy._saved_state()
@@ -847,13 +867,14 @@ _FINGERPRINT_RTOL = 1e-2
 def ema_update_(
     anchor: Tensor | Iterable[Tensor], policy: Tensor | Iterable[Tensor], *, decay: float
 ) -> None:
-    """In place: ``anchor ← decay·anchor + (1 − decay)·policy``, the tensor-level EMA anchor.
+    """In place: `anchor ← decay·anchor + (1 − decay)·policy`, the tensor-level EMA anchor.
 
-    The same parametrisation as :meth:`LoraPolicy.update_anchor_`, for anchors kept as full weights; J-BOND's
-    ``η`` (Sessa et al., Alg. 2) is ``1 − decay``. ``decay = 0`` copies the policy into the anchor, ``decay =
-    1`` leaves the anchor fixed (non-iterative BOND with ``N = 2``). Accepts one tensor or matching iterables of tensors (e.g. parameter lists), floating
-    point, pairwise on one device. All or nothing: if any policy tensor holds NaN/inf (``ValueError``) or
-    any pair is malformed (``TypeError``/``ValueError`` naming its index), no anchor tensor is written.
+    The same parametrisation as [`LoraPolicy.update_anchor_`][prefopt.policy.LoraPolicy.update_anchor_], for anchors kept as full weights; J-BOND's
+    `η` (Sessa et al., Alg. 2) is `1 − decay`. `decay = 0` copies the policy into the anchor, `decay = 1`
+    leaves the anchor fixed (non-iterative BOND with `N = 2`). Accepts one tensor or matching iterables of
+    tensors (e.g. parameter lists), floating
+    point, pairwise on one device. All or nothing: if any policy tensor holds NaN/inf (`ValueError`) or
+    any pair is malformed (`TypeError`/`ValueError` naming its index), no anchor tensor is written.
     """
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 <= decay <= 1):
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
@@ -884,13 +905,13 @@ def ema_update_(
 
 
 def is_lora_policy(obj: Any) -> bool:
-    """``True`` if ``obj`` is a :class:`LoraPolicy` (the one check every module uses to tell it from a model)."""
+    """`True` if `obj` is a [`LoraPolicy`][prefopt.policy.LoraPolicy] (the one check every module uses to tell it from a model)."""
     return isinstance(obj, LoraPolicy)
 
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` and all its submodules in eval mode (dropout off: deterministic forwards) inside; each
+    """`module` and all its submodules in eval mode (dropout off: deterministic forwards) inside; each
     submodule's own train/eval flag is restored afterwards, also on an exception."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -904,27 +925,31 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 def reference_sync_(
     policy: LoraPolicy, step: int, *, alpha: float = 0.6, every: int | None = 512
 ) -> AnchorUpdate | None:
-    r"""TR-DPO's moving reference on one backbone: the anchor adapter is the reference, synced every ``every`` steps.
+    r"""TR-DPO's moving reference on one backbone: the anchor adapter is the reference, synced every `every` steps.
 
-    Call after optimizer step ``step`` (counted from 1, TRL's ``global_step``); when ``step % every == 0``::
+    Call after optimizer step `step` (counted from 1, TRL's `global_step`); when `step % every == 0`,
 
-        ΔW_ref ← (1 − α)·ΔW_ref + α·ΔW_θ        i.e. policy.update_anchor_(decay=1 − α)
+    $$
+    \Delta W_{\text{ref}} \leftarrow (1 - \alpha)\,\Delta W_{\text{ref}} + \alpha\,\Delta W_\theta,
+    $$
+
+    i.e. `policy.update_anchor_(decay=1 − α)`.
 
     (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment", arXiv 2404.09656, §3: soft
-    update α < 1, hard update α = 1; TRL's ``sync_ref_model`` with ``ref_model_mixup_alpha`` (0.6) and
-    ``ref_model_sync_steps`` (512), which TRL refuses with PEFT). Use the anchor as the reference:
-    ``pair_logps(policy, batch, reference="anchor")`` for DPO-style losses, ``with policy.anchor():
-    token_logps(...)`` for the KL term of GRPO/PPO.
+    update α < 1, hard update α = 1; TRL's `sync_ref_model` with `ref_model_mixup_alpha` (0.6) and
+    `ref_model_sync_steps` (512), which TRL refuses with PEFT). Use the anchor as the reference:
+    `pair_logps(policy, batch, reference="anchor")` for DPO-style losses,
+    `with policy.anchor(): token_logps(...)` for the KL term of GRPO/PPO.
 
-    Properties (tested): ``every=None`` (never) leaves the anchor at its start ``ΔW = 0``, so the loss equals the
-    frozen-reference loss bitwise; a hard sync (``α = 1``) copies the policy adapter exactly (``anchor_rank ≥ r``)
+    Properties (tested): `every=None` (never) leaves the anchor at its start `ΔW = 0`, so the loss equals the
+    frozen-reference loss bitwise; a hard sync (`α = 1`) copies the policy adapter exactly (`anchor_rank ≥ r`)
     and the reference log-probs then equal the policy's (to float rounding); a soft sync is the closed-form EMA
-    of the two low-rank updates — exact while ``anchor_rank`` holds its rank (``2r`` for the first sync with
-    the default ``anchor_rank = 2r``), otherwise the best rank-``r_a`` approximation (the returned
-    :class:`AnchorUpdate` reports what was dropped).
+    of the two low-rank updates — exact while `anchor_rank` holds its rank (`2r` for the first sync with
+    the default `anchor_rank = 2r`), otherwise the best rank-`r_a` approximation (the returned
+    [`AnchorUpdate`][prefopt.policy.AnchorUpdate] reports what was dropped).
 
     Returns:
-        the :class:`AnchorUpdate` of a sync, or ``None`` when ``step`` is not a sync step.
+        the [`AnchorUpdate`][prefopt.policy.AnchorUpdate] of a sync, or `None` when `step` is not a sync step.
     """
     if not isinstance(policy, LoraPolicy):
         raise TypeError(f"policy must be a LoraPolicy, got {type(policy).__name__}")
@@ -948,7 +973,7 @@ def _fsync_file(path: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    """Make renames inside ``path`` durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    """Make renames inside `path` durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -984,7 +1009,7 @@ def _read_tensors(path: str) -> dict[str, Tensor]:
 
 
 def _base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The base model's parameters under their original names (peft's ``.base_layer`` and adapters removed)."""
+    """The base model's parameters under their original names (peft's `.base_layer` and adapters removed)."""
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
@@ -992,7 +1017,7 @@ def _base_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Names, shapes and ``_FINGERPRINT_SAMPLES`` evenly spaced values of every base parameter (float64).
+    """Names, shapes and `_FINGERPRINT_SAMPLES` evenly spaced values of every base parameter (float64).
     Sharded (DTensor) and meta-device parameters contribute their shape only."""
     shapes: dict[str, list[int]] = {}
     picks: list[tuple[str, Tensor]] = []

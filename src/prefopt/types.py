@@ -1,7 +1,7 @@
 """Small frozen dataclasses of tensors that flow between prefopt's layers.
 
-Vocabulary (see ``docs/glossary.md``): ``logp`` per token ``(b, t)``; ``seq_logp`` per sequence ``(b,)``;
-prefixes ``ref_``, ``old_``, ``anchor_``; ``chosen`` / ``rejected`` for pairs. All log-probs are natural logs.
+Vocabulary (see `docs/glossary.md`): `logp` per token `(b, t)`; `seq_logp` per sequence `(b,)`;
+prefixes `ref_`, `old_`, `anchor_`; `chosen` / `rejected` for pairs. All log-probs are natural logs.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ __all__ = [
     "check_finite",
     "check_mask",
     "check_tensor",
+    "unpack_pair_batch",
 ]
 
 
 def check_tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool = True) -> Tensor:
-    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``x`` is a tensor of the expected kind."""
+    """Raise a `TypeError`/`ValueError` naming `name` unless `x` is a tensor of the expected kind."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.ndim != ndim:
@@ -41,8 +42,8 @@ def check_tensor(name: str, x: Any, *, ndim: int | None = None, floating: bool =
 
 
 def check_mask(name: str, mask: Any, shape: tuple[int, ...], like: str) -> Tensor:
-    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``mask`` is a bool tensor of ``shape``
-    (the shape of the tensor called ``like``). The one mask convention: True = "this element counts"."""
+    """Raise a `TypeError`/`ValueError` naming `name` unless `mask` is a bool tensor of `shape`
+    (the shape of the tensor called `like`). The one mask convention: True = "this element counts"."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -53,7 +54,7 @@ def check_mask(name: str, mask: Any, shape: tuple[int, ...], like: str) -> Tenso
 
 
 def check_finite(name: str, x: Tensor | None) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds a NaN or an infinity (synchronizes the device)."""
+    """Raise `ValueError` naming `name` if `x` holds a NaN or an infinity (synchronizes the device)."""
     if x is None:
         return
     if torch.is_floating_point(x) and not bool(torch.isfinite(x).all()):
@@ -81,7 +82,7 @@ class _TensorFields:
         ]
 
     def check_finite(self) -> None:
-        """Raise ``ValueError`` naming the first field that holds a NaN or an infinity."""
+        """Raise `ValueError` naming the first field that holds a NaN or an infinity."""
         for name, value in self._tensor_items():
             check_finite(name, value)
 
@@ -93,7 +94,7 @@ class _TensorFields:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def to(self, device: torch.device | str):  # type: ignore[no-untyped-def]
-        """A copy with every tensor field moved to ``device`` (nested batches too)."""
+        """A copy with every tensor field moved to `device` (nested batches too)."""
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
@@ -106,19 +107,19 @@ class _TensorFields:
 class PairLogps(_TensorFields):
     """Sequence log-probabilities of preference pairs, the input of every pairwise loss.
 
-    Shapes: every field is ``(b,)``, one entry per pair.
+    Shapes: every field is `(b,)`, one entry per pair.
 
     Attributes:
-        chosen: policy ``S(y_w) = Σ_t m_t log π_θ(y_w,t | x, y_w,<t)`` summed over completion tokens.
-        rejected: policy ``S(y_l)``.
-        ref_chosen: reference ``S_ref(y_w)``; ``None`` for reference-free losses.
-        ref_rejected: reference ``S_ref(y_l)``; ``None`` for reference-free losses.
-        chosen_len: number of completion tokens ``|y_w|`` (float or integer tensor, ``>= 0``; checked on
-            construction for CPU tensors, not on a GPU, where it would synchronize); ``None`` if unused.
-        rejected_len: ``|y_l|``.
+        chosen: policy `S(y_w) = Σ_t m_t log π_θ(y_w,t | x, y_w,<t)` summed over completion tokens.
+        rejected: policy `S(y_l)`.
+        ref_chosen: reference `S_ref(y_w)`; `None` for reference-free losses.
+        ref_rejected: reference `S_ref(y_l)`; `None` for reference-free losses.
+        chosen_len: number of completion tokens `|y_w|` (float or integer tensor, `>= 0`; checked on
+            construction for CPU tensors, not on a GPU, where it would synchronize); `None` if unused.
+        rejected_len: `|y_l|`.
 
     Shapes and dtypes are checked on construction; finiteness only on request
-    (:meth:`check_finite`, or ``check_finite=True`` when calling a loss) because it synchronizes the device.
+    (`check_finite()`, or `check_finite=True` when calling a loss) because it synchronizes the device.
     """
 
     chosen: Tensor
@@ -176,14 +177,14 @@ class PairLogps(_TensorFields):
 class UnpairedLogps(_TensorFields):
     """Sequence log-probabilities of unpaired, labelled completions (KTO).
 
-    Shapes: ``(b,)`` each.
+    Shapes: `(b,)` each.
 
     Attributes:
-        logp: policy ``S(y_i)`` of completion ``i`` given its own prompt.
-        ref_logp: reference ``S_ref(y_i)``.
-        desirable: bool ``(b,)``, True where the completion is desirable (thumbs up).
-        kl_logp: policy log-prob of *mismatched* (prompt, completion) pairs ``S(y'_j; x_i)``, used for
-            the batch KL reference point ``z0``; ``None`` gives ``z0 = 0``.
+        logp: policy `S(y_i)` of completion `i` given its own prompt.
+        ref_logp: reference `S_ref(y_i)`.
+        desirable: bool `(b,)`, True where the completion is desirable (thumbs up).
+        kl_logp: policy log-prob of *mismatched* (prompt, completion) pairs `S(y'_j; x_i)`, used for
+            the batch KL reference point `z0`; `None` gives `z0 = 0`.
         kl_ref_logp: reference log-prob of the same mismatched pairs.
         length: completion token counts (optional).
     """
@@ -226,11 +227,11 @@ class LossOutput:
     """What every prefopt loss returns.
 
     Attributes:
-        loss: **unreduced** loss, one value per pair / sequence ``(b,)`` or per token ``(b, t)``.
-            Reduce it yourself (``prefopt.masked`` has reductions that are invariant to how a batch is
+        loss: **unreduced** loss, one value per pair / sequence `(b,)` or per token `(b, t)`.
+            Reduce it yourself (`prefopt.masked` has reductions that are invariant to how a batch is
             split across micro-batches or ranks).
         metrics: detached tensors with documented meanings (per example unless the loss documents
-            otherwise), e.g. ``rewards/chosen``, ``rewards/margins``, ``logps/chosen``.
+            otherwise), e.g. `rewards/chosen`, `rewards/margins`, `logps/chosen`.
     """
 
     loss: Tensor
@@ -254,15 +255,15 @@ class LossOutput:
 class BestOfNSamples(_TensorFields):
     """Per-sample inputs of the Best-of-N distillation losses (BOND, J-BOND and the rest of the family).
 
-    One row per policy sample ``y_i`` of prompt ``x_i``. The *pool* is ``k`` samples of the same prompt from
+    One row per policy sample `y_i` of prompt `x_i`. The *pool* is `k` samples of the same prompt from
     the distribution being distilled: the frozen reference for BOND, the EMA anchor for J-BOND.
 
     Attributes:
-        logp: ``(b,)`` policy log-prob ``S_θ(y_i)`` of its own sample (with grad).
-        ref_logp: ``(b,)`` log-prob of the same sample under the pool's distribution (reference or anchor).
-        reward: ``(b,)`` reward ``r(x_i, y_i)`` of the policy sample (any real dtype).
-        ref_rewards: ``(b, k)`` rewards of the pool's ``k`` samples (any real dtype).
-        best_logp: ``(b,)`` policy log-prob of the pool's best sample (with grad); ``None`` for losses that
+        logp: `(b,)` policy log-prob `S_θ(y_i)` of its own sample (with grad).
+        ref_logp: `(b,)` log-prob of the same sample under the pool's distribution (reference or anchor).
+        reward: `(b,)` reward `r(x_i, y_i)` of the policy sample (any real dtype).
+        ref_rewards: `(b, k)` rewards of the pool's `k` samples (any real dtype).
+        best_logp: `(b,)` policy log-prob of the pool's best sample (with grad); `None` for losses that
             do not use it.
 
     Shapes are checked on construction (no device synchronization).
@@ -300,7 +301,7 @@ class BestOfNSamples(_TensorFields):
 
     @property
     def pool_size(self) -> int:
-        """``k``, the number of pool samples per row."""
+        """`k`, the number of pool samples per row."""
         return int(self.ref_rewards.shape[1])
 
 
@@ -317,7 +318,7 @@ def _check_ids(name: str, x: Any, ndim: int = 2) -> Tensor:
 
 
 def _check_ids_and_mask(ids_name: str, ids: Any, mask_name: str, mask: Any) -> Tensor:
-    """Check integer ``ids`` ``(rows, T)`` and an integer attention ``mask`` of the same shape; return ``ids``."""
+    """Check integer `ids` `(rows, T)` and an integer attention `mask` of the same shape; return `ids`."""
     _check_ids(ids_name, ids)
     _check_ids(mask_name, mask)
     if mask.shape != ids.shape:
@@ -336,16 +337,16 @@ def _check_rows(name: str, x: Any, rows: int, like: str) -> Tensor:
 
 @dataclass(frozen=True)
 class PairBatch(_TensorFields):
-    """A preference batch in the **duplicated** layout: ``2B`` rows ``prompt ++ completion``, chosen rows
-    ``0..B-1``, rejected rows ``B..2B-1`` (row ``B + i`` is the rejected twin of row ``i``), right-padded.
+    """A preference batch in the **duplicated** layout: `2B` rows `prompt ++ completion`, chosen rows
+    `0..B-1`, rejected rows `B..2B-1` (row `B + i` is the rejected twin of row `i`), right-padded.
 
     Attributes:
-        input_ids: ``(2B, T)`` long token ids.
-        attention_mask: ``(2B, T)`` long, 1 on real tokens.
-        completion_mask: ``(2B, T)`` bool, True on the completion tokens that count (never at position 0).
-        prompt_len: ``(2B,)`` long prompt tokens per row.
-        completion_len: ``(2B,)`` long completion tokens per row.
-        row_index: ``(B,)`` long position of each kept pair in the list given to the collator.
+        input_ids: `(2B, T)` long token ids.
+        attention_mask: `(2B, T)` long, 1 on real tokens.
+        completion_mask: `(2B, T)` bool, True on the completion tokens that count (never at position 0).
+        prompt_len: `(2B,)` long prompt tokens per row.
+        completion_len: `(2B,)` long completion tokens per row.
+        row_index: `(B,)` long position of each kept pair in the list given to the collator.
     """
 
     input_ids: Tensor
@@ -367,12 +368,12 @@ class PairBatch(_TensorFields):
 
     @property
     def num_pairs(self) -> int:
-        """``B``, the number of pairs."""
+        """`B`, the number of pairs."""
         return int(self.input_ids.shape[0]) // 2
 
     def select(self, pairs: Tensor | Sequence[int] | slice) -> PairBatch:
-        """The batch of the pairs ``pairs`` (indices into ``0..B-1``): their chosen rows, then their rejected
-        rows, with ``row_index`` kept. Columns are not trimmed."""
+        """The batch of the pairs `pairs` (indices into `0..B-1`): their chosen rows, then their rejected
+        rows, with `row_index` kept. Columns are not trimmed."""
         b = self.num_pairs
         idx = torch.arange(b, device=self.input_ids.device)[pairs]
         rows = torch.cat([idx, idx + b])
@@ -386,19 +387,46 @@ class PairBatch(_TensorFields):
         )
 
 
+def unpack_pair_batch(batch: PairBatch | Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """The three tensors a forward on a duplicated-layout preference batch needs.
+
+    The one place that reads a [`PairBatch`][prefopt.types.PairBatch] *or* a plain mapping with its keys
+    (TRL-style dicts, hand-made batches); the shapes are checked by the caller.
+
+    Args:
+        batch: a `PairBatch`, or a mapping with `input_ids` and `completion_mask` and optionally
+            `attention_mask`.
+
+    Returns:
+        `(input_ids, attention_mask, completion_mask)`; `attention_mask` is `None` when a mapping has none.
+
+    Raises:
+        KeyError: a mapping without `input_ids` or `completion_mask` (the message names the key).
+        TypeError: anything else than a `PairBatch` or a mapping.
+    """
+    if isinstance(batch, PairBatch):
+        return batch.input_ids, batch.attention_mask, batch.completion_mask
+    if isinstance(batch, Mapping):
+        for key in ("input_ids", "completion_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
+        return batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
+    raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
+
+
 @dataclass(frozen=True)
 class SharedPromptBatch(_TensorFields):
-    """A batch in the **shared-prompt** layout: each of the ``B`` prompts once, ``k·B`` completion rows (row
-    ``r`` continues prompt ``r mod B``; for pairs ``k = 2``, chosen rows first), all right-padded.
+    """A batch in the **shared-prompt** layout: each of the `B` prompts once, `k·B` completion rows (row
+    `r` continues prompt `r mod B`; for pairs `k = 2`, chosen rows first), all right-padded.
 
     Attributes:
-        prompt_ids: ``(B, P)`` long. prompt_mask: ``(B, P)`` long, ones then zeros. prompt_len: ``(B,)`` long.
-        completion_ids: ``(kB, C)`` long. completion_attention_mask: ``(kB, C)`` long, the real completion
-            tokens. completion_mask: ``(kB, C)`` bool, the completion tokens that count.
-        completion_len: ``(kB,)`` long.
-        row_index: ``(B,)`` long position of each kept row in the list given to the collator.
-        duplicated: the same batch in the duplicated layout (``SharedPromptCollator(keep_duplicated=True)``),
-            else ``None``.
+        prompt_ids: `(B, P)` long. prompt_mask: `(B, P)` long, ones then zeros. prompt_len: `(B,)` long.
+        completion_ids: `(kB, C)` long. completion_attention_mask: `(kB, C)` long, the real completion
+            tokens. completion_mask: `(kB, C)` bool, the completion tokens that count.
+        completion_len: `(kB,)` long.
+        row_index: `(B,)` long position of each kept row in the list given to the collator.
+        duplicated: the same batch in the duplicated layout (`SharedPromptCollator(keep_duplicated=True)`),
+            else `None`.
     """
 
     prompt_ids: Tensor
@@ -431,24 +459,24 @@ class SharedPromptBatch(_TensorFields):
 
     @property
     def num_prompts(self) -> int:
-        """``B``, the number of prompts."""
+        """`B`, the number of prompts."""
         return int(self.prompt_ids.shape[0])
 
     @property
     def completions_per_prompt(self) -> int:
-        """``k`` (2 for preference pairs)."""
+        """`k` (2 for preference pairs)."""
         return int(self.completion_ids.shape[0]) // self.num_prompts
 
 
 @dataclass(frozen=True)
 class UnpairedBatch(_TensorFields):
-    """Labelled single completions (KTO, pointwise reward models): ``B`` rows ``prompt ++ completion``,
+    """Labelled single completions (KTO, pointwise reward models): `B` rows `prompt ++ completion`,
     right-padded.
 
     Attributes:
-        input_ids, attention_mask: ``(B, T)`` long. completion_mask: ``(B, T)`` bool.
-        prompt_len, completion_len, row_index: ``(B,)`` long.
-        label: ``(B,)`` float32 labels (bool → 1.0 / 0.0). desirable: ``(B,)`` bool, ``label >= threshold``.
+        input_ids, attention_mask: `(B, T)` long. completion_mask: `(B, T)` bool.
+        prompt_len, completion_len, row_index: `(B,)` long.
+        label: `(B,)` float32 labels (bool → 1.0 / 0.0). desirable: `(B,)` bool, `label >= threshold`.
     """
 
     input_ids: Tensor
@@ -474,11 +502,11 @@ class UnpairedBatch(_TensorFields):
 
 @dataclass(frozen=True)
 class PromptBatch(_TensorFields):
-    """Prompts for sampling: ``B`` rows, LEFT-padded, so ``input_ids[:, -1]`` is every prompt's last token.
+    """Prompts for sampling: `B` rows, LEFT-padded, so `input_ids[:, -1]` is every prompt's last token.
 
     Attributes:
-        input_ids, attention_mask: ``(B, P)`` long. prompt_len, row_index: ``(B,)`` long.
-        prompt: the ``B`` prompt strings (empty strings when built from token ids).
+        input_ids, attention_mask: `(B, P)` long. prompt_len, row_index: `(B,)` long.
+        prompt: the `B` prompt strings (empty strings when built from token ids).
     """
 
     input_ids: Tensor

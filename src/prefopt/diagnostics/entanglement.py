@@ -1,26 +1,27 @@
 r"""Gradient entanglement of pairwise preference losses: per-pair gradient geometry and first-order predictions.
 
 Yuan, Zeng, Wu, Wang, Wang & Leqi 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
-Entanglement" (arXiv 2410.13828). Notation: ``S_w = log π_θ(y_w|x)``, ``S_l = log π_θ(y_l|x)`` (sums over
-completion tokens), ``∇_w = ∇_θ S_w``, ``∇_l = ∇_θ S_l``. For any pairwise loss ``L(S_w, S_l, ...)`` define the
+Entanglement" (arXiv 2410.13828). Notation: `S_w = log π_θ(y_w|x)`, `S_l = log π_θ(y_l|x)` (sums over
+completion tokens), `∇_w = ∇_θ S_w`, `∇_l = ∇_θ S_l`. For any pairwise loss `L(S_w, S_l, ...)` define the
 weights at the current point
 
-.. math::
+$$
+d_w = -\partial L/\partial S_w, \qquad d_l = \partial L/\partial S_l
+$$
 
-    d_w = -\partial L/\partial S_w, \qquad d_l = \partial L/\partial S_l
+(DPO: `d_w = d_l = β σ(−β h)`). One SGD step of size `η` on this pair alone,
+`θ⁺ = θ − η ∇_θ L = θ + η (d_w ∇_w − d_l ∇_l)`, changes the two log-probs to first order by
 
-(DPO: ``d_w = d_l = β σ(−β h)``). One SGD step of size ``η`` on this pair alone, ``θ⁺ = θ − η ∇_θ L =
-θ + η (d_w ∇_w − d_l ∇_l)``, changes the two log-probs to first order by
+$$
+\delta S_w \approx \eta\,\big(d_w \|\nabla_w\|^2 - d_l \langle\nabla_w,\nabla_l\rangle\big), \qquad
+\delta S_l \approx \eta\,\big(d_w \langle\nabla_w,\nabla_l\rangle - d_l \|\nabla_l\|^2\big).
+$$
 
-.. math::
-
-    δS_w ≈ η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩), \qquad δS_l ≈ η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²).
-
-So the chosen log-prob falls iff ``⟨∇_w,∇_l⟩ > (d_w/d_l) ‖∇_w‖²`` and the rejected one rises iff
-``⟨∇_w,∇_l⟩ > (d_l/d_w) ‖∇_l‖²``; for ``d_w = d_l`` the step is "ideal" iff
-``⟨∇_w,∇_l⟩ ≤ min(‖∇_w‖², ‖∇_l‖²)`` (the ``ratio`` field below ``≤ 1``). Both failures at once would need
-``⟨∇_w,∇_l⟩² > ‖∇_w‖²‖∇_l‖²``, impossible by Cauchy–Schwarz. (These conditions are derived here — see
-``docs/entanglement.md`` — and checked numerically by :func:`entanglement` with ``verify=True``.)
+So the chosen log-prob falls iff `⟨∇_w,∇_l⟩ > (d_w/d_l) ‖∇_w‖²` and the rejected one rises iff
+`⟨∇_w,∇_l⟩ > (d_l/d_w) ‖∇_l‖²`; for `d_w = d_l` the step is "ideal" iff
+`⟨∇_w,∇_l⟩ ≤ min(‖∇_w‖², ‖∇_l‖²)` (the `ratio` field below `≤ 1`). Both failures at once would need
+`⟨∇_w,∇_l⟩² > ‖∇_w‖²‖∇_l‖²`, impossible by Cauchy–Schwarz. (These conditions are derived here — see
+`docs/entanglement.md` — and checked numerically by [`entanglement`][prefopt.diagnostics.entanglement.entanglement] with `verify=True`.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from prefopt.diagnostics.pergrad import Method, per_row_gradients, resolve_params
 from prefopt.policy import eval_mode
 from prefopt.registry import get_loss
-from prefopt.types import PairBatch, PairLogps
+from prefopt.types import PairBatch, PairLogps, unpack_pair_batch
 
 __all__ = [
     "EntanglementReport",
@@ -62,9 +63,9 @@ def first_order_changes(
     *,
     eta: float,
 ) -> tuple[Tensor, Tensor]:
-    r"""``(δS_w, δS_l)`` to first order after ``θ⁺ = θ + η (d_w ∇_w − d_l ∇_l)``; all inputs ``(b,)``.
+    r"""`(δS_w, δS_l)` to first order after `θ⁺ = θ + η (d_w ∇_w − d_l ∇_l)`; all inputs `(b,)`.
 
-    ``δS_w = η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)``, ``δS_l = η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²)``.
+    `δS_w = η (d_w ‖∇_w‖² − d_l ⟨∇_w,∇_l⟩)`, `δS_l = η (d_w ⟨∇_w,∇_l⟩ − d_l ‖∇_l‖²)`.
     """
     dw = eta * (chosen_weight * chosen_sqnorm - rejected_weight * inner)
     dl = eta * (chosen_weight * inner - rejected_weight * rejected_sqnorm)
@@ -72,10 +73,10 @@ def first_order_changes(
 
 
 def loss_weights(loss_fn: Any, logps: PairLogps) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_w, d_l, loss)`` = ``(−∂L/∂S_w, ∂L/∂S_l, L)`` of a pairwise loss at ``logps``, per pair ``(b,)``.
+    """`(d_w, d_l, loss)` = `(−∂L/∂S_w, ∂L/∂S_l, L)` of a pairwise loss at `logps`, per pair `(b,)`.
 
-    Computed by autograd on the loss as a function of detached leaf copies of ``S_w`` and ``S_l`` (float64),
-    so it works for any registered pairwise loss whose pair ``i`` depends on pair ``i`` only.
+    Computed by autograd on the loss as a function of detached leaf copies of `S_w` and `S_l` (float64),
+    so it works for any registered pairwise loss whose pair `i` depends on pair `i` only.
     """
     s_w = logps.chosen.detach().double().requires_grad_(True)
     s_l = logps.rejected.detach().double().requires_grad_(True)
@@ -106,8 +107,8 @@ def loss_weights(loss_fn: Any, logps: PairLogps) -> tuple[Tensor, Tensor, Tensor
 
 
 def resolve_model(policy_or_model: Any) -> tuple[nn.Module, Any]:
-    """``(model, policy)``: a ``LoraPolicy``-like object (``.model`` + ``.reference()``) gives its peft model
-    and itself; a plain ``nn.Module`` gives ``(module, None)``."""
+    """`(model, policy)`: a `LoraPolicy`-like object (`.model` + `.reference()`) gives its peft model
+    and itself; a plain `nn.Module` gives `(module, None)`."""
     if hasattr(policy_or_model, "reference") and isinstance(
         getattr(policy_or_model, "model", None), nn.Module
     ):
@@ -121,21 +122,12 @@ def resolve_model(policy_or_model: Any) -> tuple[nn.Module, Any]:
 
 def check_pair_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor, int]:
     """Validate a [`PairBatch`][prefopt.types.PairBatch] (or a dict with its keys); return
-    ``(input_ids, attention_mask, completion_mask, B)``.
+    `(input_ids, attention_mask, completion_mask, B)`.
 
-    Raises ``TypeError``/``KeyError``/``ValueError`` naming the offending key: not a dict, a missing key, an
+    Raises `TypeError`/`KeyError`/`ValueError` naming the offending key: not a dict, a missing key, an
     odd or zero row count, a non-bool completion mask, a shape mismatch, or a row with no completion token.
     """
-    am: Tensor | None
-    if isinstance(batch, PairBatch):
-        ids, cm, am = batch.input_ids, batch.completion_mask, batch.attention_mask
-    elif isinstance(batch, dict):
-        for key in ("input_ids", "completion_mask"):
-            if key not in batch:
-                raise KeyError(f"batch is missing {key!r} (has {sorted(batch)})")
-        ids, cm, am = batch["input_ids"], batch["completion_mask"], batch.get("attention_mask")
-    else:
-        raise TypeError(f"batch must be a PairBatch (or a dict of tensors), got {type(batch).__name__}")
+    ids, am, cm = unpack_pair_batch(batch)
     if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ValueError("batch['input_ids'] must be a (2B, T) tensor")
     rows = ids.shape[0]
@@ -176,34 +168,34 @@ def _seq_logps(model: nn.Module, ids: Tensor, am: Tensor | None, cm: Tensor) -> 
 
 @dataclass(frozen=True)
 class EntanglementReport:
-    r"""Per-pair gradient geometry of a batch; every tensor field is ``(B,)`` float64 (flags: bool).
+    r"""Per-pair gradient geometry of a batch; every tensor field is `(B,)` float64 (flags: bool).
 
     Attributes:
-        inner: ``⟨∇_w, ∇_l⟩``.
-        chosen_sqnorm / rejected_sqnorm: ``‖∇_w‖²`` / ``‖∇_l‖²``.
-        cosine: ``⟨∇_w,∇_l⟩ / (‖∇_w‖ ‖∇_l‖)`` (NaN if a gradient is exactly zero).
-        ratio: ``⟨∇_w,∇_l⟩ / min(‖∇_w‖², ‖∇_l‖²)``; ``> 1`` means entangled for equal weights (NaN if the
+        inner: `⟨∇_w, ∇_l⟩`.
+        chosen_sqnorm / rejected_sqnorm: `‖∇_w‖²` / `‖∇_l‖²`.
+        cosine: `⟨∇_w,∇_l⟩ / (‖∇_w‖ ‖∇_l‖)` (NaN if a gradient is exactly zero).
+        ratio: `⟨∇_w,∇_l⟩ / min(‖∇_w‖², ‖∇_l‖²)`; `> 1` means entangled for equal weights (NaN if the
             smaller norm is 0).
-        chosen_weight / rejected_weight: ``d_w = −∂L/∂S_w`` and ``d_l = ∂L/∂S_l`` at the current point.
-        pred_dchosen / pred_drejected: first-order ``δS_w``, ``δS_l`` after one SGD step of size ``eta`` on
+        chosen_weight / rejected_weight: `d_w = −∂L/∂S_w` and `d_l = ∂L/∂S_l` at the current point.
+        pred_dchosen / pred_drejected: first-order `δS_w`, `δS_l` after one SGD step of size `eta` on
             the pair's own loss (see the module docstring).
-        chosen_falls / rejected_rises: ``pred_dchosen < 0`` / ``pred_drejected > 0``.
-        chosen_logp / rejected_logp: ``S_w``, ``S_l`` at the current point; ref_chosen / ref_rejected the
-            reference values used for the loss (zeros when ``reference == "none"``).
+        chosen_falls / rejected_rises: `pred_dchosen < 0` / `pred_drejected > 0`.
+        chosen_logp / rejected_logp: `S_w`, `S_l` at the current point; ref_chosen / ref_rejected the
+            reference values used for the loss (zeros when `reference == "none"`).
         loss: the per-pair loss value.
-        measured_dchosen / measured_drejected: with ``verify=True``, the change actually measured after
+        measured_dchosen / measured_drejected: with `verify=True`, the change actually measured after
             taking the step (per pair, from the same point); else None.
         eta: the step size of the predicted change.
         loss_name: the registered loss the report differentiates.
-        reference: ``"policy"``, ``"given"`` or ``"none"``.
+        reference: `"policy"`, `"given"` or `"none"`.
         num_params: elements differentiated.
         fallback: parameter names whose per-row gradients used the slow loop.
-        gram: ``(2B, 2B)`` inner products of all per-row gradients (rows ``0..B−1`` chosen, then rejected):
+        gram: `(2B, 2B)` inner products of all per-row gradients (rows `0..B−1` chosen, then rejected):
             the cross-pair entries say how a step on one pair moves another.
-        pred_batch_dchosen / pred_batch_drejected: first-order ``δS`` of every row after ONE SGD step of size
-            ``eta`` on the batch-mean loss ``(1/B) Σ_j L_j`` — what a training step does, other pairs
-            included: ``δS = gram · c`` with ``c = (η/B)·[d_w; −d_l]``.
-        measured_batch_dchosen / measured_batch_drejected: with ``verify=True``, the changes measured after
+        pred_batch_dchosen / pred_batch_drejected: first-order `δS` of every row after ONE SGD step of size
+            `eta` on the batch-mean loss `(1/B) Σ_j L_j` — what a training step does, other pairs
+            included: `δS = gram · c` with `c = (η/B)·[d_w; −d_l]`.
+        measured_batch_dchosen / measured_batch_drejected: with `verify=True`, the changes measured after
             that batch step; else None.
     """
 
@@ -255,10 +247,10 @@ class EntanglementReport:
         measured_batch_dchosen: Tensor | None = None,
         measured_batch_drejected: Tensor | None = None,
     ) -> EntanglementReport:
-        """Assemble a report from the ``(2B, 2B)`` Gram matrix of per-row gradients (rows ``0..B−1`` chosen,
-        ``B..2B−1`` rejected), the pair log-probs and the loss weights ``d_w``, ``d_l`` at the current point:
+        """Assemble a report from the `(2B, 2B)` Gram matrix of per-row gradients (rows `0..B−1` chosen,
+        `B..2B−1` rejected), the pair log-probs and the loss weights `d_w`, `d_l` at the current point:
         inner products and norms are read off the Gram matrix, cosine/ratio and the first-order predictions
-        (:func:`first_order_changes`) derived from them."""
+        ([`first_order_changes`][prefopt.diagnostics.entanglement.first_order_changes]) derived from them."""
         b = gram.shape[0] // 2
         idx = torch.arange(b, device=gram.device)
         inner = gram[idx, idx + b]
@@ -304,12 +296,12 @@ class EntanglementReport:
 
     @property
     def chosen_grad_norm(self) -> Tensor:
-        """``‖∇_w‖`` ``(B,)`` — the input ``chosen_grad_norm`` of the ``pairwise_normalized`` loss."""
+        """`‖∇_w‖` `(B,)` — the input `chosen_grad_norm` of the `pairwise_normalized` loss."""
         return self.chosen_sqnorm.sqrt()
 
     @property
     def rejected_grad_norm(self) -> Tensor:
-        """``‖∇_l‖`` ``(B,)``."""
+        """`‖∇_l‖` `(B,)`."""
         return self.rejected_sqnorm.sqrt()
 
     def summary(self) -> dict[str, float]:
@@ -371,26 +363,26 @@ def entanglement(
     r"""Per-pair gradient inner products, norms and first-order log-prob changes for a preference batch.
 
     Args:
-        policy_or_model: a :class:`prefopt.LoraPolicy` (reference log-probs from ``policy.reference()``) or a
-            causal LM ``nn.Module`` (peft or plain).
-        batch: ``input_ids`` ``(2B, T)``, ``attention_mask`` ``(2B, T)`` (optional), bool ``completion_mask``
-            ``(2B, T)``; rows ``0..B−1`` chosen, ``B..2B−1`` rejected.
-        loss: a registered pairwise loss name (default ``"dpo"``); ``loss_hparams`` are its hyperparameters.
-        eta: SGD step size ``η > 0`` of the prediction (and of the verification step).
-        params: parameters (or names) to differentiate; default every parameter with ``requires_grad``
-            (the LoRA adapter of a ``LoraPolicy``).
-        verify: also take the step, pair by pair, and measure ``δS_w``, ``δS_l``, and the SGD step on the
+        policy_or_model: a [`LoraPolicy`][prefopt.policy.LoraPolicy] (reference log-probs from `policy.reference()`) or a
+            causal LM `nn.Module` (peft or plain).
+        batch: `input_ids` `(2B, T)`, `attention_mask` `(2B, T)` (optional), bool `completion_mask`
+            `(2B, T)`; rows `0..B−1` chosen, `B..2B−1` rejected.
+        loss: a registered pairwise loss name (default `"dpo"`); `loss_hparams` are its hyperparameters.
+        eta: SGD step size `η > 0` of the prediction (and of the verification step).
+        params: parameters (or names) to differentiate; default every parameter with `requires_grad`
+            (the LoRA adapter of a `LoraPolicy`).
+        verify: also take the step, pair by pair, and measure `δS_w`, `δS_l`, and the SGD step on the
             batch-mean loss and measure every row's change (parameters are restored exactly afterwards).
             Costs one forward+backward and one forward per pair, plus one of each for the batch.
-        ref_logps: reference sequence log-probs for a plain model: a ``PairLogps`` (its ``chosen`` /
-            ``rejected``), a ``(2B,)`` tensor or a ``(ref_chosen, ref_rejected)`` tuple. Without it and without
-            a policy, ``S_ref = 0`` (reference-free; ``reference="none"`` in the report).
-        method: per-row gradient method (see :func:`prefopt.diagnostics.pergrad.per_row_gradients`).
+        ref_logps: reference sequence log-probs for a plain model: a `PairLogps` (its `chosen` /
+            `rejected`), a `(2B,)` tensor or a `(ref_chosen, ref_rejected)` tuple. Without it and without
+            a policy, `S_ref = 0` (reference-free; `reference="none"` in the report).
+        method: per-row gradient method (see [`per_row_gradients`][prefopt.diagnostics.pergrad.per_row_gradients]).
 
-    Cost: one forward and one backward of the ``2B`` rows (per-row gradients by hooks on ``nn.Linear``
-    layers), plus one reference forward. The model runs in ``eval()`` mode (dropout off) and is left as found.
+    Cost: one forward and one backward of the `2B` rows (per-row gradients by hooks on `nn.Linear`
+    layers), plus one reference forward. The model runs in `eval()` mode (dropout off) and is left as found.
 
-    Returns: :class:`EntanglementReport`.
+    Returns: [`EntanglementReport`][prefopt.diagnostics.entanglement.EntanglementReport].
     """
     model, policy = resolve_model(policy_or_model)
     ids, am, cm, b = check_pair_batch(batch)
@@ -458,8 +450,8 @@ def _step_change(
     pairs: Tensor,
     eta: float,
 ) -> Tensor:
-    """Take ``θ ← θ − η ∇_θ mean_{i ∈ pairs} L_i`` and return the measured ``δS`` of the rows of ``pairs``
-    (``(2k,)``: chosen rows, then rejected). The caller restores ``θ``."""
+    """Take `θ ← θ − η ∇_θ mean_{i ∈ pairs} L_i` and return the measured `δS` of the rows of `pairs`
+    (`(2k,)`: chosen rows, then rejected). The caller restores `θ`."""
     b = ids.shape[0] // 2
     rows = torch.cat([pairs, pairs + b])
     sub_ids, sub_cm = ids[rows], cm[rows]
@@ -494,8 +486,8 @@ def _verify(
     logps: PairLogps,
     eta: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Measured ``δS_w, δS_l`` after ``θ ← θ − η ∇_θ L_i`` for each pair ``i`` alone, then after one step on the
-    batch mean ``(1/B) Σ_j L_j``; ``θ`` is restored bit-exactly after each step (and on errors)."""
+    """Measured `δS_w, δS_l` after `θ ← θ − η ∇_θ L_i` for each pair `i` alone, then after one step on the
+    batch mean `(1/B) Σ_j L_j`; `θ` is restored bit-exactly after each step (and on errors)."""
     params = [p for _, p in named]
     saved = [p.detach().clone() for p in params]
     b = ids.shape[0] // 2

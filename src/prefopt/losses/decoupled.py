@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.registry import ge, gt, register_loss
-from prefopt.types import LossOutput, PairBatch, PairLogps, check_mask, check_tensor
+from prefopt.types import LossOutput, PairBatch, PairLogps, check_mask, check_tensor, unpack_pair_batch
 
 __all__ = [
     "decoupled",
@@ -256,12 +256,7 @@ def shared_token_mask(batch: PairBatch | dict[str, Tensor]) -> Tensor:
 
     Raises ``ValueError``/``TypeError`` naming the key: odd rows, non-bool completion mask, empty completion.
     """
-    if isinstance(batch, PairBatch):
-        ids, cm = batch.input_ids, batch.completion_mask
-    elif not isinstance(batch, dict) or "input_ids" not in batch or "completion_mask" not in batch:
-        raise KeyError("batch must be a PairBatch or a dict with 'input_ids' and 'completion_mask'")
-    else:
-        ids, cm = batch["input_ids"], batch["completion_mask"]
+    ids, _, cm = unpack_pair_batch(batch)
     check_tensor("batch['input_ids']", ids, ndim=2, floating=False)
     check_tensor("batch['completion_mask']", cm, ndim=2, floating=False)
     if cm.dtype != torch.bool or cm.shape != ids.shape:
