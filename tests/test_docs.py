@@ -106,7 +106,7 @@ def _text(html: str) -> str:
 def test_mkdocs_build_strict(site: Path) -> None:
     api_losses = (site / "api" / "losses" / "index.html").read_text()
     assert "prefopt.losses.margin.dpo" in api_losses  # the API reference is generated from the docstrings
-    # RST ``.. math::`` blocks of the docstrings become MathJax display math (docs/api/griffe_rst_math.py)
+    # ``$$`` display math of the docstrings is typeset by MathJax (arithmatex)
     assert 'class="arithmatex"' in (site / "api" / "policy" / "index.html").read_text()
     assert ".. math::" not in api_losses
     # every public module has a place in the API reference
@@ -120,8 +120,8 @@ def test_mkdocs_build_strict(site: Path) -> None:
 
 @pytest.mark.slow
 def test_api_pages_have_no_raw_rst(site: Path) -> None:
-    """The roles, ``.. math::`` blocks and simple tables of the docstrings are rendered, not shown raw
-    (docs/api/griffe_rst_markup.py, docs/api/griffe_rst_math.py)."""
+    """No Sphinx role, ``.. math::`` block, RST table or literal-block marker shows raw on an API page
+    (the docstrings are Markdown; tests/test_docs_notation.py checks the sources)."""
     pages = sorted((site / "api").glob("*/index.html"))
     assert len(pages) >= 10
     raw = re.compile(
@@ -205,149 +205,3 @@ def test_docstring_examples_pass() -> None:
             assert result.failed == 0 or failures
     assert not failures, "".join(failures)
     assert examples >= 1  # there is at least the prefopt package example
-
-
-def _docs_extension(name: str) -> Any:
-    """A griffe extension module of ``docs/api`` (skipped without griffe)."""
-    if importlib.util.find_spec("griffe") is None:
-        pytest.skip("griffe (from mkdocstrings[python]) is not installed")
-    sys.path.insert(0, str(DOCS / "api"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
-def test_rst_math_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_math")
-    text = "Intro,\n\n.. math::\n\n    a = b\n    + c\n\nafter\n"
-    assert mod.rst_math_to_dollars(text) == "Intro,\n\n$$\na = b\n+ c\n$$\n\nafter\n"
-    indented = "    x\n\n    .. math::\n\n        y = 1\n\n    z\n"
-    assert mod.rst_math_to_dollars(indented) == "    x\n\n    $$\n    y = 1\n    $$\n\n    z\n"
-    assert mod.rst_math_to_dollars("no math here\n") == "no math here\n"
-
-
-def test_rst_role_parts() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    assert mod.role_parts("prefopt.types.PairLogps") == ("prefopt.types.PairLogps", "prefopt.types.PairLogps")
-    assert mod.role_parts("~prefopt.types.PairLogps") == ("PairLogps", "prefopt.types.PairLogps")
-    assert mod.role_parts("the pairs <prefopt.types.PairLogps>") == ("the pairs", "prefopt.types.PairLogps")
-    assert mod.role_parts(".dpo") == ("dpo", "dpo")
-    assert mod.role_parts("!LoraPolicy") == ("LoraPolicy", "LoraPolicy")
-
-
-def test_rst_roles_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    known = {"prefopt.types.PairLogps": "prefopt.types.PairLogps", "LoraPolicy": "prefopt.policy.LoraPolicy"}
-    text = (
-        "Takes a :class:`~prefopt.types.PairLogps` or :py:class:`LoraPolicy`\\ s; see :func:`dpo` and\n"
-        ":mod:`prefopt.rl`, :meth:`LoraPolicy.save`, :attr:`x.y`, :data:`REASONS`, :exc:`ValueError`."
-    )
-    assert mod.rst_roles_to_markdown(text, known.get) == (
-        "Takes a [`PairLogps`][prefopt.types.PairLogps] or [`LoraPolicy`][prefopt.policy.LoraPolicy]s; see "
-        "`dpo` and\n`prefopt.rl`, `LoraPolicy.save`, `x.y`, `REASONS`, `ValueError`."
-    )
-    # ``:math:`` is no cross-reference, code spans and plain text are left alone
-    untouched = "``:class:`` in a literal? no: ``a:b`` and :math:`x` stay; so does `code` and a:`b`"
-    assert mod.rst_roles_to_markdown(untouched, known.get) == untouched
-
-
-def test_rst_inline_math_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    assert mod.rst_inline_math(r"with :math:`\beta > 0` and :math:`h = \rho_w - \rho_l`.") == (
-        r"with \(\beta > 0\) and \(h = \rho_w - \rho_l\)."
-    )
-    assert mod.rst_inline_math("no math") == "no math"
-
-
-def test_rst_literal_marker_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    assert mod.rst_literal_markers("the reference::\n\n    l = x\n") == "the reference:\n\n    l = x\n"
-    assert mod.rst_literal_markers("a\nb ::\n\n    code\n") == "a\nb\n\n    code\n"
-    assert mod.rst_literal_markers("x\n\n::\n\n    code\n") == "x\n\n\n    code\n"
-    assert mod.rst_literal_markers("    so::\n\n        code\n") == "    so:\n\n        code\n"
-    for text in (".. math::\n\n    a\n", "no block::\nnext\n", "end::"):  # not a literal block
-        assert mod.rst_literal_markers(text) == text
-
-
-def test_rst_simple_table_with_header_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    text = (
-        "Intro:\n"
-        "\n"
-        "    ======  ========  ===========\n"
-        "    name    formula   note\n"
-        "    ======  ========  ===========\n"
-        "    :func:`ln`  ``a|b``   c | d\n"
-        "            second    line\n"
-        "    x       y         z\n"
-        "    ======  ========  ===========\n"
-        "\n"
-        "After.\n"
-    )
-    assert mod.rst_simple_tables_to_markdown(text) == (
-        "Intro:\n"
-        "\n"
-        "    | name | formula | note |\n"
-        "    |---|---|---|\n"
-        "    | :func:`ln` | ``a|b`` second | c \\| d line |\n"
-        "    | x | y | z |\n"
-        "\n"
-        "After.\n"
-    )
-
-
-def test_rst_simple_table_without_header_rewrite() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    two = "Kinds:\n=====  =====\n``a``  first\n``b``  second\n       more\n=====  =====\nEnd"
-    assert mod.rst_simple_tables_to_markdown(two) == (
-        "Kinds:\n\n``a``\n:   first\n\n``b``\n:   second more\n\nEnd"
-    )
-    three = "===  ===  ===\n1    2    3\n===  ===  ===\n"
-    assert mod.rst_simple_tables_to_markdown(three) == "|  |  |  |\n|---|---|---|\n| 1 | 2 | 3 |\n"
-    # a Markdown heading underline, a lone border and ``==`` in text are no tables
-    for text in ("Title\n=====\n\ntext\n", "a == b\n", "=====  =====\nno end\n"):
-        assert mod.rst_simple_tables_to_markdown(text) == text
-
-
-def test_rst_markup_resolves_against_the_package() -> None:
-    """Role targets resolve in the documented object's scope, lazily exported names through the unique
-    object of that name; what the API pages do not render stays a code span (no broken link)."""
-    mod = _docs_extension("griffe_rst_markup")
-    import griffe
-
-    pkg = griffe.load("prefopt", search_paths=[str(ROOT / "src")])
-    resolve = mod._Resolver(pkg, mod.rendered_modules())
-    assert resolve("prefopt.types.PairLogps", pkg["losses.margin"]) == "prefopt.types.PairLogps"
-    assert resolve("LoraPolicy", pkg["policy"]) == "prefopt.policy.LoraPolicy"
-    assert resolve("LoraPolicy.update_anchor_", pkg["policy"]) == "prefopt.policy.LoraPolicy.update_anchor_"
-    assert resolve("prefopt.LoraPolicy", pkg) == "prefopt.policy.LoraPolicy"  # lazy attribute of prefopt
-    assert resolve("prefopt.get_loss", pkg) == "prefopt.registry.get_loss"  # alias -> where it is defined
-    assert resolve("dpo", pkg["losses.unpaired"]) == "prefopt.losses.margin.dpo"  # unique name elsewhere
-    assert resolve("prefopt.masked", pkg) == "prefopt.masked"
-    assert resolve("torch.autograd.Function", pkg["logprobs"]) is None  # external
-    assert resolve("prefopt.models._convert", pkg) is None  # private: not rendered
-    assert resolve("no_such_name", pkg) is None
-    rewritten = mod.rewrite_docstring(
-        ":class:`~prefopt.types.PairLogps` :math:`x`", lambda n: resolve(n, pkg)
-    )
-    assert rewritten == r"[`PairLogps`][prefopt.types.PairLogps] \(x\)"
-
-
-def test_rst_markup_leaves_code_blocks_alone() -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    code = "```text\n=====  =====\na      b\n=====  =====\n:func:`x`\n```\n\n>>> print(':class:`y`')\n:class:`y`\n"
-    table = "=====  =====\na      b\n=====  =====\n\n"
-    assert mod.rewrite_docstring(table + code + "\n" + table, lambda n: None) == (
-        "a\n:   b\n\n" + code + "\n" + "a\n:   b\n\n"
-    )
-
-
-def test_rendered_modules(tmp_path: Path) -> None:
-    mod = _docs_extension("griffe_rst_markup")
-    (tmp_path / "a.md").write_text(
-        "# A\n\n::: pkg.a\n\n::: pkg.b\n    options:\n      members: [x]\n\n::: pkg.c\n"
-    )
-    (tmp_path / "b.md").write_text("text ::: pkg.d\n::: pkg.e")
-    assert mod.rendered_modules(tmp_path) == {"pkg.a", "pkg.c", "pkg.e"}
-    assert {"prefopt.models", "prefopt.losses.margin", "prefopt.types"} <= mod.rendered_modules()

@@ -20,14 +20,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 SRC = ROOT / "src" / "prefopt"
 
-# Files still written with RST markup, rendered by the griffe extensions of docs/api/ until they are
-# converted. This set only shrinks; it must end up empty.
-ALLOWED = {
-    "src/prefopt/policy.py",
-    "src/prefopt/reward_model.py",
-    "src/prefopt/types.py",
-    "src/prefopt/diagnostics/entanglement.py",
-}
+# Files allowed to keep RST markup: none (every docstring is Markdown). Keep it empty.
+ALLOWED: set[str] = set()
 
 CHECKS: dict[str, re.Pattern[str]] = {
     "Sphinx role": re.compile(
