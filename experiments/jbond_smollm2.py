@@ -1,52 +1,58 @@
-"""J-BOND on SmolLM2-135M-Instruct with ONE backbone: LoRA policy, EMA anchor adapter, reference = adapters off.
+r"""J-BOND vs REINFORCE (RLOO) vs Best-of-N on SmolLM2-135M-Instruct, with ONE backbone: reward quantile
+against \(\mathrm{KL}(\pi \| \pi_{\mathrm{ref}})\).
+
+The study behind `docs/bond_experiments.md` §1. The readable J-BOND loop alone, what to copy, is
+`examples/jbond.py`; this script trains the same J-BOND (its reward, prompts and quantile are the same; the
+example keeps its own copy of them) next to its baselines, and plots the comparison.
 
 J-BOND (Sessa et al. 2024, "BOND: Aligning LLMs with Best-of-N Distillation", arXiv 2407.14622, Algorithm 2;
-the conventions are those of ``prefopt.losses.bond.jbond`` and ``docs/bond.md`` §6). One step, per prompt::
+the conventions of [`jbond`][prefopt.losses.bond.jbond] and `docs/bond.md` §6). One step, per prompt:
+one policy sample \(y \sim \pi_\theta\) (LoRA adapter `"default"`), two anchor samples
+\(y'_1, y'_2 \sim \pi_a\) (adapter `"anchor"`, an EMA of the policy's \(\Delta W\)),
+\(r_J(y) = -\log 16 \cdot \mathbf{1}[r(y) < \min(r(y'_1), r(y'_2))]\) and
+$$ \ell = (1 - w)\,\bigl(-\log \pi_\theta(y'_{\mathrm{best}})\bigr)
+   + w\,\bigl(-(r_J - \log\tfrac{\pi_\theta(y)}{\pi_a(y)} - B)\,\log \pi_\theta(y)\bigr), $$
+\(B\) the leave-one-out batch baseline; an Adam step on the policy adapter, then
+`policy.update_anchor_(decay=1 - eta)`.
 
-    y ~ π_θ                     1 policy sample           (LoRA adapter "default")
-    y'_1, y'_2 ~ π_anchor       2 anchor samples          (LoRA adapter "anchor", an EMA of the policy's ΔW)
-    r_J(y) = −log 16·1[r(y) < min(r(y'_1), r(y'_2))]
-    loss = (1−β)·(−log π_θ(y'_best)) + β·(−(r_J − KL_anchor − LOO baseline)·log π_θ(y))
-    Adam step on the policy adapter, then  policy.update_anchor_(decay = 1 − η)
+The reference \(\pi_{\mathrm{ref}}\) (adapters disabled, exactly the base model) is used only to *measure*:
+reward quantiles are taken against a pool of reference samples per eval prompt, and
+\(\mathrm{KL}(\pi \| \pi_{\mathrm{ref}})\) is estimated from policy samples as the mean of
+\(\sum_t (\log \pi - \log \pi_{\mathrm{ref}})\) (the k1 estimator, temperature 1).
 
-The reference ``π_ref`` (adapters disabled, exactly the base model) is used only to *measure*: reward
-quantiles are taken against a pool of reference samples per eval prompt, and ``KL(π‖π_ref)`` is estimated
-from policy samples as the mean of ``Σ_t (log π − log π_ref)`` (the k1 estimator, temperature 1).
+The baselines of the comparison plot:
 
-The same script runs the two baselines of the comparison plot:
+- REINFORCE with a leave-one-out baseline (RLOO, 2 samples per prompt) and the KL to the reference in the
+  reward, \(R = r - c \sum_t (\log \pi - \log \pi_{\mathrm{ref}})\)
+  ([`kl_penalized_rewards`][prefopt.rl.kl_penalized_rewards] and `rloo`), for several coefficients \(c\);
+- Best-of-N on the reference, \(N \in \{2, 4, 8, 16\}\): its expected quantile is computed exactly on the
+  empirical distribution of a pool of reference samples (`bon_expected_quantile`); its KL is bounded by
+  \(\log N - (N-1)/N\) ([`bon_kl_bound`][prefopt.bon.bon_kl_bound]) and drawn at the bound.
 
-* REINFORCE with a leave-one-out baseline (RLOO, 2 samples per prompt) and the KL to the reference in the
-  reward, ``R = r − β_KL·Σ_t(log π − log π_ref)`` (``prefopt.rl.kl_penalized_rewards`` + ``rloo``), for several
-  ``β_KL``;
-* Best-of-N on the reference, N ∈ {2, 4, 8, 16}: its expected quantile is computed exactly on the empirical
-  distribution of a pool of reference samples (:func:`bon_expected_quantile`), its KL is bounded by
-  ``log N − (N−1)/N`` (``prefopt.bon.bon_kl_bound``) and drawn at the bound.
+The reward (`reward`; cheap, programmatic, deterministic) scores a *friendly, on-topic reply*: the tone
+\(\#\text{positive words}(y) - \#\text{negative words}(y)\) (an integer) plus the relevance
+\(|\text{content}(x) \cap \text{words}(y)| / |\text{content}(x)| \in [0, 1]\). Words are lower-cased
+`[a-z']+` runs; the two small lexicons are `POSITIVE` and `NEGATIVE`; content words of the question are
+those of length ≥ 4 not in `STOPWORDS`. Under SmolLM2 at temperature 1 with 16 new tokens about 60 % of
+replies have tone 0, and relevance breaks most of those ties, so the reward has spread under the reference
+and the quantiles are informative. It is a toy reward (it can be gamed by stuffing "happy to help" into
+every answer) — exactly what a small BOND/RLHF demo needs.
 
-The reward (:func:`reward`, cheap, programmatic, deterministic): a *friendly, on-topic reply*::
-
-    r(x, y) = #positive words(y) − #negative words(y)  +  |content words(x) ∩ words(y)| / |content words(x)|
-              └──────── tone (integer) ────────────┘     └──────── relevance ∈ [0, 1] ─────────────────┘
-
-Words are lower-cased ``[a-z']+`` runs; the two small lexicons are :data:`POSITIVE` and :data:`NEGATIVE`;
-content words of the question are those of length ≥ 4 not in :data:`STOPWORDS`. Under SmolLM2 at temperature
-1 with 16 new tokens about 60 % of replies have tone 0, and relevance breaks most of those ties, so the
-reward has spread under the reference and the quantiles are informative. It is a toy reward (it can be
-gamed by stuffing "happy to help" into every answer) — exactly what a small BOND/RLHF demo needs.
-
-Prompts: single-turn HH-RLHF dialogues (``--data``, via ``prefopt.data.load_preferences``), the human turn
+Prompts: single-turn HH-RLHF dialogues (`--data`, via `prefopt.data.load_preferences`), the human turn
 rendered with the model's chat template and a one-line system prompt (shorter than SmolLM2's default one,
-which would double the prompt length on CPU). Questions of at most ``--max-question-words`` words; the first
-``--eval-prompts`` of them (after a seeded shuffle) are the fixed eval set, the rest are for training.
+which would double the prompt length on CPU). Questions of at most `--max-question-words` words; the first
+`--eval-prompts` of them (after a seeded shuffle) are the fixed eval set, the rest are for training.
 
-    python examples/jbond.py --out runs/jbond                              # all methods, SmolLM2, CPU
-    python examples/jbond.py --methods jbond --steps 30 --eta 0.1
-    python examples/jbond.py --smoke --out /tmp/jbond                      # tiny random model, 2 steps
+    python experiments/jbond_smollm2.py --out runs/jbond          # all methods, SmolLM2, CPU
+    python experiments/jbond_smollm2.py --methods jbond --steps 30 --eta 0.1
+    python experiments/jbond_smollm2.py --smoke --out /tmp/jbond  # tiny random model, 2 steps
 
-Each trained policy is saved like the other examples' (``LoraPolicy.save``: the policy adapter, for J-BOND
-also its anchor) to ``OUT/adapters/<run>`` (``jbond``, ``reinforce_0.05``, …). ``--save-every N`` also writes
-training checkpoints to ``OUT/adapters/<run>/checkpoints`` (:mod:`prefopt.checkpoint`), and ``--resume OUT``
-continues every run from its latest one, reproducing the uninterrupted run exactly. An existing, non-empty
-``--out`` is refused unless ``--overwrite``.
+Writes `OUT/jbond.json` and `OUT/jbond.png` after every evaluation. Each trained policy is saved with
+[`LoraPolicy.save`][prefopt.policy.LoraPolicy.save] (the policy adapter, for J-BOND also its anchor) to
+`OUT/adapters/<run>` (`jbond`, `reinforce_0.05`, …). `--save-every N` also writes training checkpoints to
+`OUT/adapters/<run>/checkpoints` ([`prefopt.checkpoint`][prefopt.checkpoint]), and `--resume OUT` continues
+every run from its latest one, reproducing the uninterrupted run exactly. An existing, non-empty `--out` is
+refused unless `--overwrite`. `--merge` combines the `jbond.json` of several runs into one plot.
 """
 
 from __future__ import annotations
@@ -111,7 +117,7 @@ def words(text: str) -> list[str]:
 
 
 def content_words(question: str) -> set[str]:
-    """Distinct words of length ≥ 4 of ``question`` that are not in :data:`STOPWORDS`."""
+    """Distinct words of length ≥ 4 of ``question`` that are not in `STOPWORDS`."""
     return {w for w in words(question) if len(w) >= 4 and w not in STOPWORDS}
 
 
@@ -129,7 +135,7 @@ class RewardParts:
 
 
 def reward_parts(question: str, reply: str) -> RewardParts:
-    """The two terms of :func:`reward` (see the module docstring)."""
+    """The two terms of `reward` (see the module docstring)."""
     ws = words(reply)
     tone = sum(w in POSITIVE for w in ws) - sum(w in NEGATIVE for w in ws)
     topic = content_words(question)
@@ -189,7 +195,7 @@ def bon_expected_quantile(pool: Tensor, n: int) -> Tensor:
 
     Per prompt, ``π̂_ref`` is uniform over the ``M`` pool members; ``π̂_BoN = bon_distribution(π̂_ref, r, n)``
     (exact, first-drawn wins among tied maxima, ``prefopt.sampling.best_of_n``); each member is scored by its
-    :func:`loo_mid_quantile` among the other members (so the reference, ``n = 1``, scores exactly ½ on
+    `loo_mid_quantile` among the other members (so the reference, ``n = 1``, scores exactly ½ on
     average). Returns ``(E,)`` float64 ``Σ_j π̂_BoN(j)·q_j``. Drawing with replacement from ``M`` samples
     under-estimates the true Best-of-``n`` when ``n`` is not small compared with ``M`` (repeated draws).
     """
@@ -239,7 +245,7 @@ def sample(
 ) -> Rollout:
     """``n`` samples per prompt of a LEFT-padded prompt batch from ``mode`` ∈ {policy, anchor, reference}
     (temperature 1, no top-k/top-p: the exact distribution the losses and the KL are about). Returns an
-    unscored right-padded :class:`prefopt.sampling.Rollout` (EOS cut by ``pack_rollout``)."""
+    unscored right-padded [`Rollout`][prefopt.sampling.Rollout] (EOS cut by ``pack_rollout``)."""
     ctx = {"policy": None, "anchor": policy.anchor, "reference": policy.reference}[mode]
     ids = batch.input_ids.repeat_interleave(n, 0)
     am = batch.attention_mask.repeat_interleave(n, 0)
