@@ -362,6 +362,30 @@ def test_example_smoke_run_in_process(tmp_path, capsys):
     assert anchor_b and any(float(v.abs().max()) > 0 for v in anchor_b)
 
 
+def test_example_draws_every_sample_through_its_sampler(tmp_path, monkeypatch):
+    """The example draws the reference pool, the policy samples and the anchor samples all with the one
+    sampler, inside `policy.reference()` / `policy.anchor()`: the contract `VLLMSampler` follows
+    (`which=None` samples the weights of the policy's current context), so `--sampler vllm` serves all
+    three from the engine."""
+    calls = []
+
+    def recording_sampler(args, policy, tok):
+        inner = make_sampler(args, policy, tok)
+
+        class Recording:
+            def generate(self, prompts, n=1):
+                calls.append((policy.mode, n))
+                return inner.generate(prompts, n)
+
+        return Recording()
+
+    make_sampler = ex.make_sampler
+    monkeypatch.setattr(ex, "make_sampler", recording_sampler)
+    ex.main(["--smoke", "--steps", "1", "--data", str(tmp_path / "absent.gz"), "--out", str(tmp_path / "o")])
+    # pool (4 per eval prompt), eval at step 0, then step 1: 1 policy + 2 anchor samples, eval at step 1
+    assert calls == [("reference", 4), ("policy", 2), ("policy", 1), ("anchor", 2), ("policy", 2)]
+
+
 def test_example_sampler_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
