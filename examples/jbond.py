@@ -30,7 +30,9 @@ Replace `reward` with your reward model. Prompts: single-turn HH-RLHF questions 
 
     python examples/jbond.py --out runs/jbond_example                # SmolLM2, CPU
     python examples/jbond.py --smoke --out /tmp/jbond_example        # tiny random model, 2 steps
-    python examples/jbond.py --smoke --sampler vllm --out /tmp/jbv   # the same with vLLM
+    python examples/jbond.py --sampler vllm --out runs/jbond_vllm   # SmolLM2, samples from vLLM
+
+(`--smoke --sampler vllm` does not run on vLLM's CPU build: its attention kernels have no head size 8.)
 
 Writes `OUT/jbond.json` (settings and the eval history) and the policy and anchor adapters
 ([`LoraPolicy.save`][prefopt.policy.LoraPolicy.save]) to `OUT`; `--save-every N` and `--resume OUT`
