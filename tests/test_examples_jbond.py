@@ -1,8 +1,10 @@
-"""examples/jbond.py (J-BOND on one backbone) and benchmarks/jbond_memory.py.
+"""examples/jbond.py (the J-BOND loop on one backbone), experiments/jbond_smollm2.py (J-BOND vs RLOO vs
+Best-of-N) and benchmarks/jbond_memory.py.
 
-The pieces of the example that compute numbers (reward, quantiles, the Best-of-N estimate on a pool, row
-stacking, prompt extraction) are checked against hand-derived values and slow loops; the whole script and
-the memory benchmark run end to end on tiny models in subprocesses.
+The pieces of the experiment that compute numbers (reward, quantiles, the Best-of-N estimate on a pool, row
+stacking, prompt extraction) are checked against hand-derived values and slow loops; the example's own copies
+of the reward and the quantile are checked against them. Both scripts and the memory benchmark run end to end
+on tiny models.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +39,8 @@ def _load(name: str, path: Path):
     return mod
 
 
-jb = _load("examples_jbond", ROOT / "examples" / "jbond.py")
+jb = _load("experiments_jbond_smollm2", ROOT / "experiments" / "jbond_smollm2.py")
+ex = _load("examples_jbond", ROOT / "examples" / "jbond.py")
 
 # ------------------------------------------------------------------------------------------------ reward
 
@@ -56,12 +60,30 @@ def test_reward_hand_computed():
     assert jb.reward("Is it?", "great great") == 2.0  # no content words: relevance 0
 
 
-def test_rewards_vector_and_bad_input():
-    r = jb.rewards(["a question here", "why rain"], ["question good", "no"])
+@pytest.mark.parametrize("mod", [jb, ex], ids=["experiment", "example"])
+def test_rewards_vector_and_bad_input(mod):
+    r = mod.rewards(["a question here", "why rain"], ["question good", "no"])
     assert r.dtype == torch.float64
     assert r.tolist() == [1.0 + 1 / 2, -1.0]  # content {question, here}; {rain}
     with pytest.raises(ValueError, match="replies"):
-        jb.rewards(["a"], ["x", "y"])
+        mod.rewards(["a"], ["x", "y"])
+
+
+def test_example_reward_is_the_experiments():
+    """The example keeps a copy of the reward (examples are single files): the same lexicons, and the same
+    value on the hand-computed cases and on random replies drawn from both lexicons, stopwords and question
+    words, with punctuation, capitals and curly apostrophes."""
+    assert (ex.POSITIVE, ex.NEGATIVE, ex.STOPWORDS) == (jb.POSITIVE, jb.NEGATIVE, jb.STOPWORDS)
+    q = "How do I bake a pumpkin pie?"
+    assert ex.reward(q, "Sure, I'd be happy to help you bake it! Sorry, not pumpkin.") == 2.0
+    assert ex.reward(q, "I can’t BAKE.") == pytest.approx(-1 + 0.5)
+    assert ex.reward("Is it?", "great great") == 2.0
+    vocab = [*sorted(jb.POSITIVE | jb.NEGATIVE | jb.STOPWORDS), "Bake", "PUMPKIN", "can’t", "pie,", "x"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        pick = lambda k: [vocab[int(i)] for i in torch.randint(len(vocab), (k,), generator=gen)]  # noqa: E731
+        question, reply = " ".join(pick(5)) + "?", " ".join(pick(8)) + "."
+        assert ex.reward(question, reply) == jb.reward(question, reply), (question, reply)
 
 
 # ------------------------------------------------------------------------------------------------ quantiles
@@ -93,15 +115,19 @@ small_ints = st.integers(-3, 3)
 )
 def test_mid_quantile_matches_loop(data):
     values, pool = (torch.tensor(x, dtype=torch.float64) for x in data)
-    torch.testing.assert_close(jb.mid_quantile(values, pool), _mid_loop(values, pool), rtol=0, atol=1e-15)
+    for mod in (jb, ex):  # the example keeps its own copy
+        torch.testing.assert_close(
+            mod.mid_quantile(values, pool), _mid_loop(values, pool), rtol=0, atol=1e-15
+        )
 
 
-def test_mid_quantile_hand_values_and_errors():
+@pytest.mark.parametrize("mod", [jb, ex], ids=["experiment", "example"])
+def test_mid_quantile_hand_values_and_errors(mod):
     pool = torch.tensor([[1.0, 2.0, 2.0, 5.0]])
-    got = jb.mid_quantile(torch.tensor([[0.0, 2.0, 9.0, 1.0]]), pool)
+    got = mod.mid_quantile(torch.tensor([[0.0, 2.0, 9.0, 1.0]]), pool)
     assert got.tolist() == [[0.0, (1 + 0.5 * 2) / 4, 1.0, 0.5 / 4]]
     with pytest.raises(ValueError, match="pool"):
-        jb.mid_quantile(torch.zeros(2, 3), torch.zeros(3, 4))
+        mod.mid_quantile(torch.zeros(2, 3), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="pool"):
         jb.loo_mid_quantile(torch.zeros(2, 1))
 
@@ -205,6 +231,34 @@ def test_hh_questions_single_turn_short_deduplicated(tmp_path):
     assert jb.hh_questions(path, max_words=3) == ["What is rain?"]
 
 
+def test_example_questions_are_the_experiments(tmp_path):
+    """The example's prompt extraction (its own copy) gives the experiment's questions in the experiment's
+    seeded order."""
+    rows = [
+        {"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}", "rejected": f"\n\nHuman: {q}\n\nAssistant: no"}
+        for q, a in [
+            ("How do I bake bread?", "Knead."),
+            ("How do I bake bread?", "Yeast."),
+            ("What is rain?", "Water."),
+            ("Why is the sky blue?", "Light."),
+            ("word " * 20, "a"),
+        ]
+    ]
+    rows.append(
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Tell me a joke\n\nAssistant: Ha",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Tell me a joke\n\nAssistant: No",
+        }
+    )
+    path = tmp_path / "hh.jsonl.gz"
+    _write_hh(path, rows)
+    for seed in (0, 1, 2):
+        want = jb.hh_questions(path, max_words=16)
+        random.Random(seed).shuffle(want)
+        got = ex.questions(ex.parse_args(["--data", str(path), "--eval-prompts", "1", "--seed", str(seed)]))
+        assert got == want and len(got) == 3
+
+
 @pytest.mark.data
 def test_hh_questions_real_file():
     if not HH.is_file():
@@ -266,12 +320,13 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_example_smoke_without_data(tmp_path):
-    """``--smoke`` runs end to end (tiny model, char tokenizer, 2 steps) with the built-in prompts."""
+def test_experiment_smoke_without_data(tmp_path):
+    """``experiments/jbond_smollm2.py --smoke`` runs end to end (tiny model, char tokenizer, 2 steps) with the
+    built-in prompts."""
     proc = _run(
         [
             sys.executable,
-            "examples/jbond.py",
+            "experiments/jbond_smollm2.py",
             "--smoke",
             "--no-progress",
             "--data",
@@ -287,6 +342,59 @@ def test_example_smoke_without_data(tmp_path):
     assert [h["step"] for h in res["runs"]["jbond"]] == [0, 1, 2]
     assert [b["n"] for b in res["bon"]] == [2, 4, 8, 16]
     assert (tmp_path / "jbond.png").stat().st_size > 10_000
+
+
+def test_example_smoke_run_in_process(tmp_path, capsys):
+    """``examples/jbond.py --smoke``: 2 J-BOND steps on the tiny model; every step evaluated; the saved
+    adapters carry the anchor, which moved off the reference (η > 0)."""
+    res = ex.main(["--smoke", "--data", str(tmp_path / "absent.gz"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "smoke ok" in out and "reference pool: 4 samples x 2 prompts" in out
+    hist = res["history"]
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    assert all(0 <= h["quantile"] <= 1 and math.isfinite(h["kl"]) for h in hist)
+    assert json.loads((tmp_path / "out" / "jbond.json").read_text())["history"] == hist
+    from safetensors.torch import load_file
+
+    meta = json.loads((tmp_path / "out" / "prefopt_policy.json").read_text())
+    tensors = load_file(str(tmp_path / "out" / meta["tensor_file"]))
+    anchor_b = [v for k, v in tensors.items() if ".anchor." in k and "lora_B" in k]
+    assert anchor_b and any(float(v.abs().max()) > 0 for v in anchor_b)
+
+
+def test_example_draws_every_sample_through_its_sampler(tmp_path, monkeypatch):
+    """The example draws the reference pool, the policy samples and the anchor samples all with the one
+    sampler, inside `policy.reference()` / `policy.anchor()`: the contract `VLLMSampler` follows
+    (`which=None` samples the weights of the policy's current context), so `--sampler vllm` serves all
+    three from the engine."""
+    calls = []
+
+    def recording_sampler(args, policy, tok):
+        inner = make_sampler(args, policy, tok)
+
+        class Recording:
+            def generate(self, prompts, n=1):
+                calls.append((policy.mode, n))
+                return inner.generate(prompts, n)
+
+        return Recording()
+
+    make_sampler = ex.make_sampler
+    monkeypatch.setattr(ex, "make_sampler", recording_sampler)
+    ex.main(["--smoke", "--steps", "1", "--data", str(tmp_path / "absent.gz"), "--out", str(tmp_path / "o")])
+    # pool (4 per eval prompt), eval at step 0, then step 1: 1 policy + 2 anchor samples, eval at step 1
+    assert calls == [("reference", 4), ("policy", 2), ("policy", 1), ("anchor", 2), ("policy", 2)]
+
+
+def test_example_sampler_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(SystemExit) as exc:
+        ex.main(["--smoke", "--sampler", "vllm", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --sampler vllm needs vLLM: pip install 'prefopt-rlhf[vllm]'" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.slow

@@ -309,10 +309,43 @@ def test_grpo_example_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_jbond_example_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    """In-process (the script's ``main``): J-BOND, whose checkpoint carries the EMA anchor adapter."""
+    """``examples/jbond.py`` in process (its ``main``): J-BOND, whose checkpoint carries the EMA anchor
+    adapter (and the reference pool and the prompt RNG in ``extra``)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("jbond_resume_example", ROOT / "examples" / "jbond.py")
+    assert spec is not None and spec.loader is not None
+    jb = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = jb
+    spec.loader.exec_module(jb)
+    common = ["--smoke", "--data", str(tmp_path / "absent.gz"), "--eval-every", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    a = jb.main([*common, "--steps", "4", "--out", str(full)])
+    jb.main([*common, "--steps", "2", "--save-every", "2", "--out", str(part)])
+    assert (part / "checkpoints" / "step-00000002").is_dir()
+    b = jb.main([*common, "--steps", "4", "--save-every", "2", "--out", str(part), "--resume", str(part)])
+    assert [r["step"] for r in a["history"]] == [0, 3, 4]
+    assert a["history"] == b["history"]  # quantiles, KL, rewards: exact
+    assert len({r["kl"] for r in a["history"]}) == 3  # the policy moved
+    from safetensors.torch import load_file
+
+    def tensors(out: Path) -> dict[str, torch.Tensor]:
+        meta = json.loads((out / "prefopt_policy.json").read_text())
+        return load_file(str(out / meta["tensor_file"]))
+
+    ta, tb = tensors(full), tensors(part)
+    assert ta.keys() == tb.keys() and any(".anchor." in k for k in ta)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_jbond_experiment_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """``experiments/jbond_smollm2.py`` in process (its ``main``): each run resumes from its own checkpoints."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "jbond_resume_experiment", ROOT / "experiments" / "jbond_smollm2.py"
+    )
     assert spec is not None and spec.loader is not None
     jb = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = jb  # its dataclasses need the module registered
