@@ -43,7 +43,7 @@ import torch
 from prefopt.lab import Lab, LabConfig, evaluate_policy, lab_sampler, mean_ci95, reference_pool
 from prefopt.logprobs import token_logps
 from prefopt.masked import aggregate, seq_sum
-from prefopt.policy import LoraPolicy
+from prefopt.policy import ANCHOR_ADAPTER, LoraPolicy
 from prefopt.registry import get_loss
 from prefopt.rl import rloo_advantages
 
@@ -152,6 +152,8 @@ def train_memory(v: Variant, lab: Lab, rows: torch.Tensor, k: int, beta: float) 
     activations = sum(n for ptr, n in seen.items() if ptr not in weight_ptrs)
     out = {
         "weights": nbytes(params),
+        # LoraPolicy always holds an EMA-anchor adapter (J-BOND's); REINFORCE never uses it, but it is in memory
+        "anchor_adapter": nbytes(p for n, p in v.policy.named_parameters() if f".{ANCHOR_ADAPTER}." in n),
         "reference_copy": nbytes(ref_params),
         "trainable_weights": trainable,
         "gradients": trainable,
@@ -190,7 +192,9 @@ def run(variant: str, seed: int, lab: Lab, pool: Any, args: argparse.Namespace) 
 
     evaluate(0, None)
     stats: dict[str, float] = {}
+    train_seconds = 0.0
     for step in range(1, args.steps + 1):
+        t_step = time.perf_counter()
         prompts = lab.sample_prompts(args.batch, generator=g)
         v.policy.eval()
         rows = v.sample(lab, prompts, args.k)
@@ -200,6 +204,7 @@ def run(variant: str, seed: int, lab: Lab, pool: Any, args: argparse.Namespace) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        train_seconds += time.perf_counter() - t_step
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step, stats)
     return {
@@ -210,6 +215,7 @@ def run(variant: str, seed: int, lab: Lab, pool: Any, args: argparse.Namespace) 
         "memory_bytes": memory,
         "evals": evals,
         "seconds": time.perf_counter() - t0,
+        "train_seconds": train_seconds,  # sampling + update, evaluations excluded
     }
 
 
@@ -254,6 +260,7 @@ def probe(args: argparse.Namespace) -> int:
         loss, _ = rloo_loss(v, lab, rows, args.k, args.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(v.trainable(), 1.0)
         opt.step()
     print(
         "PROBE "

@@ -54,6 +54,9 @@ def test_reinforce_lora_full_reduced(tmp_path: Path) -> None:
         )  # float32 weights, grads, 2 Adam moments
         assert m["activations"] > 0
     assert lora["memory_bytes"]["reference_copy"] == 0
+    # LoraPolicy's unused EMA-anchor adapter has rank 2r on the same layers: twice the policy adapter's bytes
+    assert lora["memory_bytes"]["anchor_adapter"] == 2 * lora["memory_bytes"]["trainable_weights"]
+    assert full["memory_bytes"]["anchor_adapter"] == 0
     assert full["memory_bytes"]["reference_copy"] == full["memory_bytes"]["weights"]
     assert lora["memory_bytes"]["trainable_state"] < full["memory_bytes"]["trainable_state"]
     assert (tmp_path / "out.png").stat().st_size > 10_000
