@@ -346,6 +346,10 @@ def summarise(runs: list[dict[str, Any]], variants: list[str], fraction: float) 
             "seeds": len(rs),
             **{key: last[key] for key in ("gold", "gold_ci", "kl", "kl_ci", "quantile", "quantile_ci")},
         }
+        # the highest gold reward each seed reached at any evaluation (a run may peak before its last step)
+        final[v]["best_gold"], final[v]["best_gold_ci"] = mean_ci95(
+            [max(e["reward"] for e in r["evals"]) for r in rs]
+        )
     out: dict[str, Any] = {"curves": curves, "final": final}
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["variant"], r["seed"]): r for r in runs}
