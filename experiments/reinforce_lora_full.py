@@ -15,8 +15,9 @@ advantages from ``prefopt.rl.rloo_advantages`` and the registry's ``rloo`` loss,
 Every ``--eval-every`` steps ``prefopt.lab.evaluate_policy`` measures the gold reward, its quantile under the
 reference and KL(π‖π_ref), each with a standard error.
 
-    python experiments/reinforce_lora_full.py --json runs/reinforce_lora.json      # the run in docs/lab_reward_lora.md
-    python experiments/reinforce_lora_full.py --lab default --seeds 3 --json runs/reinforce_lora_default.json
+    # the two runs in docs/lab_reward_lora.md
+    python experiments/reinforce_lora_full.py --lab default --seeds 3 --eval-every 4 --rss-repeats 2 --json runs/reinforce_lora_default.json
+    python experiments/reinforce_lora_full.py --lab tiny --json runs/reinforce_lora_tiny.json
 
 The learning rates (LoRA 3e-3, full 1e-3) were picked once on the tiny lab: for each variant the largest of a
 small grid (LoRA 3e-3, 1e-2; full 3e-4, 1e-3, 3e-3) whose gold reward rose at every evaluation of a 30-step,
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lab",
         default="tiny",
         choices=sorted(LABS),
-        help="tiny: LabConfig.tiny() (the run in the docs); default: LabConfig()",
+        help="tiny: LabConfig.tiny(); default: LabConfig()",
     )
     ap.add_argument("--tiny", action="store_true", help="the same as --lab tiny")
     ap.add_argument(
