@@ -4,10 +4,8 @@ time) and the memory count against a hand count."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,29 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_reinforce_lora_full_reduced(tmp_path: Path) -> None:
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "reinforce_lora_full", ROOT / "experiments" / "reinforce_lora_full.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reinforce_lora_full_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (dev/plot extra)")
     out = tmp_path / "out.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "reinforce_lora_full.py"),
-        "--lab", "tiny", "--seeds", "1", "--threads", "1", "--steps", "8", "--eval-every", "8",
-        "--batch", "32", "--eval-prompts", "8", "--eval-samples", "32", "--pool", "256",
-        "--rss-steps", "0", "--json", str(out), "--plot", str(tmp_path / "out.png"),
-    ]  # fmt: skip
-    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))  # pre-trains the tiny lab (seconds)
+    # in-process (the script's main) rather than a subprocess: saves a second interpreter's imports
+    rc = _script().main(
+        [
+            "--lab", "tiny", "--seeds", "1", "--threads", "1", "--steps", "8", "--eval-every", "8",
+            "--batch", "32", "--eval-prompts", "8", "--eval-samples", "32", "--pool", "256",
+            "--rss-steps", "0", "--json", str(out), "--plot", str(tmp_path / "out.png"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
     res = json.loads(out.read_text())
     runs = {r["variant"]: r for r in res["runs"]}
     assert set(runs) == {"lora", "full"}
