@@ -121,3 +121,25 @@ def test_continuous_curve_spans_the_plot(bf: ModuleType) -> None:
     assert kl[0] == 0.0 and q[0] == 0.5
     assert kl[-1] == pytest.approx(6.5, rel=1e-9)
     assert all(x < y for x, y in itertools.pairwise(q)) and all(x < y for x, y in itertools.pairwise(kl))
+
+
+def test_merge_tolerance_accepts_a_re_pretrained_reference_and_records_the_difference(
+    bf: ModuleType, tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (dev/plot extra)")
+    a = _result([("bond4", 0, [(0.5, 0.0), (0.7, 0.5)])])
+    b = _result([("vbon", 0, [(0.5, 0.0), (0.7, 0.5)])])
+    b["reference"]["nll_per_token"] += 2e-7
+    b["best_of_n"][1]["kl"] += 3e-6
+    pa, pb = Path(_write(tmp_path / "a.json", a)), Path(_write(tmp_path / "b.json", b))
+    with pytest.raises(ValueError, match="differs by 2e-07 > --merge-tol 0"):
+        bf.merge([pa, pb])
+    with pytest.raises(ValueError, match=r"differ by 3e-06 > --merge-tol 1e-06"):
+        bf.merge([pa, pb], tol=1e-6)
+    res = bf.merge([pa, pb], tol=1e-5)
+    assert res["merge_check"]["tolerance"] == 1e-5
+    assert res["merge_check"]["nll_per_token"] == pytest.approx(2e-7, rel=1e-6)
+    assert res["merge_check"]["best_of_n"] == pytest.approx(3e-6, rel=1e-6)
+    assert res["best_of_n"] == a["best_of_n"] and res["sources"][1]["best_of_n"] == b["best_of_n"]
+    with pytest.raises(ValueError, match="--merge-tol must be"):
+        bf.merge([pa, pb], tol=-1.0)
