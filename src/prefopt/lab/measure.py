@@ -21,6 +21,18 @@ $$
 
 With distinct rewards these tend to ``N/(N+1)`` and ``log N − (N−1)/N`` as ``M`` grows.
 
+**The continuous Best-of-N curve.** For a reward without atoms the quantile ``u`` of a reference sample is
+uniform, and Best-of-N gives it the density ``N u^{N−1}``, so
+
+$$
+\bar q_N = \frac{N}{N+1}, \qquad \mathrm{KL}_N = \log N - \frac{N-1}{N}
+$$
+
+(``E[\log u] = −1/N`` under ``N u^{N−1}``; the KL is ``prefopt.bon.bon_kl_bound``, Sessa et al. 2024). The density ``N u^{N−1}`` is also the KL-regularised optimum for the reward
+``log u`` with coefficient ``1/(N−1)``, so the same formulas trace a curve for every real ``N ≥ 1``:
+[`continuous_best_of_n`][prefopt.lab.measure.continuous_best_of_n] gives its point at ``N``, and
+[`best_of_n_frontier`][prefopt.lab.measure.best_of_n_frontier] gives the ``N`` and the quantile at a given KL.
+
 **A policy** is evaluated from ``S`` fresh samples per prompt: its mean quantile and gold reward, and the
 Monte-Carlo estimate ``KL(π‖π_ref) ≈ mean_i Σ_t (log π − log π_ref)(y_{i,t})`` — each with its standard error
 over the ``P·S`` samples.
@@ -42,7 +54,9 @@ __all__ = [
     "BestOfNPoint",
     "PolicyEval",
     "ReferencePool",
+    "best_of_n_frontier",
     "best_of_n_point",
+    "continuous_best_of_n",
     "evaluate_policy",
     "lab_sampler",
     "mean_ci95",
@@ -178,6 +192,58 @@ def best_of_n_point(pool: ReferencePool, n: int) -> BestOfNPoint:
     quantile = (bon * q).sum(dim=1).mean()
     kl = torch.where(bon > 0, bon * torch.log(bon * m), torch.zeros_like(bon)).sum(dim=1).mean()
     return BestOfNPoint(n=n, quantile=float(quantile), kl=float(kl))
+
+
+def _check_real(name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def continuous_best_of_n(n: float) -> tuple[float, float]:
+    r"""The continuous Best-of-N point for a real ``n ≥ 1``: ``(KL, quantile)`` with
+    \( \mathrm{KL} = \log N - (N-1)/N \) and quantile \( N/(N+1) \) (see the module docstring).
+
+    Args:
+        n: ``N ≥ 1``, any real number (``N = 1`` is the reference: ``(0, ½)``).
+
+    Returns:
+        ``(kl, quantile)``: ``KL(π_N‖π_ref)`` in nats and the mean reference quantile of ``π_N``.
+    """
+    n = _check_real("n", n, 1.0)
+    return math.log(n) - (n - 1.0) / n, n / (n + 1.0)
+
+
+def best_of_n_frontier(kl: float) -> tuple[float, float]:
+    r"""The continuous Best-of-N curve at a given KL: the real \( N \ge 1 \) with
+    \( \log N - (N-1)/N = \mathrm{KL} \), and its quantile \( N/(N+1) \).
+
+    ``log N − 1 + 1/N`` is increasing in ``N ≥ 1`` (its derivative is ``(N−1)/N² ≥ 0``) and lies between
+    ``log N − 1`` and ``log N``, so ``log N ∈ [KL, KL + 1]``; the root is found by bisection on ``log N`` to
+    machine precision.
+
+    Args:
+        kl: ``KL ≥ 0`` in nats.
+
+    Returns:
+        ``(n, quantile)``.
+    """
+    kl = _check_real("kl", kl, 0.0)
+    lo, hi = kl, kl + 1.0
+    if kl == 0.0:
+        return 1.0, 0.5
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if mid - 1.0 + math.exp(-mid) < kl:
+            lo = mid
+        else:
+            hi = mid
+    n = math.exp(0.5 * (lo + hi))
+    return n, n / (n + 1.0)
 
 
 # Two-sided 95% quantiles of Student's t, degrees of freedom 1..30 (standard tables).
