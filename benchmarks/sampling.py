@@ -364,6 +364,18 @@ def plot_steps(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _version(dist: str) -> str | None:
+    """Installed version of a package, None if absent (vLLM runs only in some environments)."""
+    import importlib.metadata
+
+    for name in (dist, f"{dist}-cpu"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -388,8 +400,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-5, help="--step grpo: AdamW learning rate")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     parser.add_argument("--plot", type=str, default=None, help="--step grpo: bar chart of the step split")
+    parser.add_argument(
+        "--replot", type=str, default=None, help="draw --plot from this --json of an earlier run; run nothing"
+    )
     parser.add_argument("--_worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH")
+        with open(args.replot) as f:
+            plot_steps(json.load(f), args.plot)
+        return
     if args.n < 2 and args.step == "grpo":
         parser.error("--step grpo needs --n >= 2 (group advantages)")
     if args.skip_gen and args.step == "none":
@@ -413,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
             del argv[i : i + 2]
     argv = [a for a in argv if not a.startswith(("--json=", "--plot="))]
 
+    machine = {"cpus": os.cpu_count(), "processor": platform.processor(), "python": platform.python_version()}
+    versions = {name: _version(name) for name in ("torch", "transformers", "peft", "vllm")}
+
     def results(complete: bool) -> dict[str, Any]:
         summary = {m: _summary(r) for m, r in per_mode.items()}
         out: dict[str, Any] = {
@@ -423,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
             "ratios": {},
             "records": per_mode,
             "workers": workers,
+            "machine": machine,
+            "versions": versions,
         }
         if "hf" in summary:
             ref = summary["hf"]
@@ -488,12 +514,6 @@ def main(argv: list[str] | None = None) -> None:
         "engine_startup_s": startups,
         "load_avg_1min_before": load_before,
         "load_avg_1min_after": os.getloadavg()[0],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-        },
-        "torch": torch.__version__,
     }
     text = json.dumps(result, indent=2)
     brief = {k: result[k] for k in ("summary", "ratios", "engine_startup_s", "workers")}

@@ -62,7 +62,8 @@ def test_step_summary_and_ratios_hand_computed(tmp_path):
         "machine": {"cpus": 2},
         "workers": [{"load_before": [3.0, 2.0, 1.0], "load_after": [4.0, 2.0, 1.0]}],
     }
-    bench.plot_steps(result, str(tmp_path / "s.png"))
+    (tmp_path / "s.json").write_text(json.dumps(result))
+    bench.main(["--replot", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
@@ -76,6 +77,7 @@ def test_diversity_reward_hand_computed():
         (["--skip-gen"], "--skip-gen needs --step grpo"),
         (["--plot", "x.png"], "--plot needs --step grpo"),
         (["--step", "grpo", "--n", "1"], "--n >= 2"),
+        (["--replot", "x.json"], "--replot needs --plot PATH"),
     ],
 )
 def test_flags_that_need_step_are_refused(extra, message, capsys):
@@ -117,6 +119,7 @@ def test_tiny_grpo_step_run_writes_every_field(tmp_path):
     assert step["ratios"]["hf-merged"]["step_time_vs_hf"] == pytest.approx(
         step["summary"]["hf-merged"]["total_s"] / step["summary"]["hf"]["total_s"]
     )
+    assert res["versions"]["torch"] and res["machine"]["cpus"] == os.cpu_count()
     (w,) = res["workers"]
     assert w["kind"] == "hf" and len(w["load_before"]) == 3 and len(w["load_after"]) == 3
     assert png.stat().st_size > 10_000
