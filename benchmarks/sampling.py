@@ -90,10 +90,17 @@ QUESTIONS = [
 def _policy(args: argparse.Namespace) -> tuple[Any, Any]:
     import peft
 
-    from prefopt.models import load_smollm2
     from prefopt.policy import LoraPolicy
 
-    model, tok = load_smollm2()
+    if args.tiny:  # tests: a tiny random Llama and a character tokenizer (HF worker only)
+        from prefopt.testing import char_tokenizer, tiny_causal_lm
+
+        tok = char_tokenizer()
+        model = tiny_causal_lm("llama", vocab_size=len(tok), seed=0)
+    else:
+        from prefopt.models import load_smollm2
+
+        model, tok = load_smollm2()
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, bias="none")
     policy = LoraPolicy(model, cfg)
     g = torch.Generator().manual_seed(1)
@@ -393,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument(
+        "--tiny", action="store_true", help="tiny random model instead of SmolLM2 (tests; needs --skip-vllm)"
+    )
+    parser.add_argument(
         "--step", choices=("none", "grpo"), default="none", help="also time whole training steps"
     )
     parser.add_argument("--skip-gen", action="store_true", help="with --step: time only the steps")
@@ -413,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.n < 2 and args.step == "grpo":
         parser.error("--step grpo needs --n >= 2 (group advantages)")
+    if args.tiny and not args.skip_vllm:
+        parser.error("--tiny needs --skip-vllm")
     if args.skip_gen and args.step == "none":
         parser.error("--skip-gen needs --step grpo")
     if args.plot and args.step == "none":
