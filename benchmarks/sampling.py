@@ -347,7 +347,7 @@ def plot_steps(result: dict[str, Any], path: str) -> None:
         "reward_s": "tab:gray",
         "loss_backward_s": "tab:green",
     }
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     bottom = [0.0] * len(names)
     for part in STEP_PARTS:
         vals = [summary[m][part] for m in names]
@@ -359,13 +359,13 @@ def plot_steps(result: dict[str, Any], path: str) -> None:
     cfg = result["config"]
     loads = [w["load_before"][0] for w in result["workers"]] + [w["load_after"][0] for w in result["workers"]]
     ax.set_ylabel("seconds per GRPO step (median of each part)")
-    ax.set_ylim(0, max(bottom) * 1.25)
+    ax.set_ylim(0, max(bottom) * 1.2)
     ax.set_title(
         f"GRPO LoRA step, SmolLM2-135M, {cfg['prompts']} prompts × {cfg['n']} × {cfg['max_new_tokens']} tokens\n"
         f"{result['machine']['cpus']} CPUs, 1-min load {min(loads):.1f}–{max(loads):.1f}",
         fontsize=10,
     )
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
