@@ -302,8 +302,11 @@ def test_ld_alpha_and_use_weighting_match_trl(
     assert g_ours.keys() == g_trl.keys() and len(g_trl) > 0
     scale = max(float(g.abs().max()) for g in g_trl.values())
     assert scale > 1e-4, "degenerate case: no gradient to compare"
+    # The gradients inherit the loss's float32 summation-order difference: with transformers 5.24 the worst
+    # element seen was 1.04e-6 at scale 0.60 (1.7e-6 x scale). 5e-6 x scale is 1e-4 of the largest gradient,
+    # far below what a wrong weight or a wrong alpha produces (order 1e-2 here).
     for k in g_trl:
-        torch.testing.assert_close(g_ours[k], g_trl[k], rtol=1e-5, atol=1e-6 * scale, msg=k)
+        torch.testing.assert_close(g_ours[k], g_trl[k], rtol=1e-5, atol=5e-6 * scale, msg=k)
     # and the options change the loss (the comparison is not vacuous)
     plain, _ = _loss_and_grads(setup["make"](PrefoptDPOTrainer, loss=name, loss_kwargs={"beta": BETA}), batch)
     assert abs(float(plain) - float(l_ours)) > 1e-6
